@@ -1,0 +1,1 @@
+"""The transformer, its heads, Hugging Face checkpoint I/O, sampling, LoRA, quantisation, sharding."""
