@@ -310,9 +310,6 @@ class Transformer(nn.Module):
                 logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
                                   kernel_init=nn.initializers.normal(0.02), name="lm_head")(x)
             logits = logits.astype(jnp.float32)
-        elif not cfg.tie_embeddings and self.is_initializing():
-            # Create lm_head params even when init is called without logits.
-            nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, name="lm_head")(x[:, :1])
         return Output(logits=logits, hidden_states=x.astype(jnp.float32), cache=new_cache)
 
 

@@ -1,0 +1,78 @@
+"""Reward model: Bradley-Terry training from a Hugging Face (SFT) checkpoint.
+
+  python -m experiments.run --config configs/rm.py --workdir W \
+      --config.model.init_from=HF_DIR --config.data.train_files=A.jsonl \
+      --config.data.eval_files=B.jsonl --config.train.steps=300
+
+Variant: `configs/rm.py:size=tiny` (short run, small batches, short sequences; CPU seconds).
+"""
+
+import ml_collections
+
+from configs.common import mesh_config, parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, size="base")
+    c = ml_collections.ConfigDict()
+    c.trainer = "rm"
+    c.seed = 0  # data order, head init and step rngs
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from = ""  # Hugging Face folder (config.json + *.safetensors), usually an SFT checkpoint
+    c.model.tokenizer = ""  # tokenizer folder; empty = the one in init_from
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.param_dtype = "float32"  # parameter dtype: float32 | bfloat16
+    c.model.remat = False  # jax.checkpoint each transformer block (less memory, more compute)
+    c.model.remat_policy = "nothing_saveable"  # what remat may keep: nothing_saveable | dots_saveable | ...
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""  # preference files, comma-separated (.jsonl/.json/.parquet) or a hub name
+    c.data.eval_files = ""  # held-out preference files (a `subset` column gives per-subset accuracy)
+    c.data.max_length = 512  # tokens of prompt + response; longer pairs lose prompt tokens from the left
+    c.data.on_bad_row = "error"  # 'error': stop naming file/row/key; 'skip': count and report
+    c.data.bucket = 64  # pad batches to a multiple of this many tokens (fewer compilations); 0 = max_length
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000  # optimizer steps
+    c.train.batch_size = 32  # preference pairs per step (all micro-batches together)
+    c.train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
+    c.train.learning_rate = 1e-5  # peak AdamW learning rate
+    c.train.warmup_steps = 50  # linear warmup steps
+    c.train.min_lr_ratio = 0.0  # cosine decays to this fraction of the peak
+    c.train.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only)
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    c.train.center_coef = 0.0  # coefficient of mean((r_c + r_r)^2), keeps rewards centred (~0.01)
+    c.train.use_margin = True  # subtract the data's `margin` column inside the sigmoid when present
+    c.train.log_every = 10  # steps between train metrics lines
+    c.train.eval_every = 100  # steps between evaluations (0 = only at the end)
+    c.train.save_every = 100  # steps between checkpoints (one is always written at the end)
+    c.train.keep_checkpoints = 2  # most recent checkpoints kept on disk
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 32  # pairs per eval batch
+    c.eval.n_bins = 10  # bins of the ECE and the reliability diagram
+    c.eval.normalize_on = "eval"  # responses whose rewards get mean 0 / std 1: 'eval', 'train' or files
+
+    c.mesh = mesh_config()
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.inject_nan_at_step = -1  # make the loss NaN at this step (tests the NaN guard); -1 = off
+
+    if args["size"] == "tiny":
+        c.data.max_length = 64
+        c.data.bucket = 16
+        c.train.steps = 60
+        c.train.batch_size = 16
+        c.train.learning_rate = 1e-3
+        c.train.warmup_steps = 5
+        c.train.log_every = 5
+        c.train.eval_every = 20
+        c.train.save_every = 20
+        c.eval.batch_size = 32
+    elif args["size"] != "base":
+        raise ValueError(f"size={args['size']!r}; expected 'base' or 'tiny'")
+    return c

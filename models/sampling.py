@@ -1,0 +1,254 @@
+"""Batched autoregressive generation with a KV cache, compiled as one XLA program.
+
+`generate(params, config, prompt_ids, prompt_mask, rng, max_new_tokens=N, ...)` takes LEFT-padded
+prompts [B, P] of different lengths and returns prompt + response, the response mask and the
+log-probs of the sampled tokens (`SampleOutput`).
+
+How it runs (all inside one `jax.jit`, no Python loop per token):
+  1. prefill: the first P-1 prompt slots go through the model in one forward pass, filling a
+     KV cache of S = P + N slots (no logits are computed for the prompt);
+  2. decode: a `lax.while_loop` feeds one token per step. Step t writes slot P-1+t (step 0 feeds
+     the last prompt token, whose logits give the first new token) and samples the token that
+     will sit in slot P+t. The loop stops when every row is done or after N steps.
+Positions continue each row's own count: a row with L real prompt tokens gives its first new
+token position L, whatever its padding. The valid-slot mask is [prompt_mask, 1 ... 1]; future
+slots are hidden by the model's causal (slot-order) mask, so it never changes during decoding.
+
+Stopping: a row is done once it emits `eos_token_id` or any of `stop_token_ids`; that token
+is kept (mask 1), later tokens are `pad_token_id` with mask 0 and log-prob 0.
+
+Sampling order (as in Hugging Face): logits / temperature -> top-k -> top-p (nucleus) ->
+categorical draw with `fold_in(rng, t)` at step t, so a fixed rng gives fixed samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.transformer import Transformer, TransformerConfig, init_cache, positions_from_mask
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """Result of `generate`. N = max_new_tokens; positions after a row's stop are padding.
+
+    logprobs: log-prob of each sampled token under softmax(logits / temperature), i.e. the
+      tempered model distribution BEFORE top-k / top-p filtering (for greedy or temperature 0:
+      under softmax(logits), temperature 1). 0 where response_mask is 0. They are what the
+      sampler saw, computed with the KV cache in the config's dtype; PPO recomputes log-probs
+      with a full forward pass anyway.
+    """
+
+    sequences: jax.Array  # [B, P + N] int32: prompt (left-padded, unchanged) then response
+    response_ids: jax.Array  # [B, N] int32: new tokens, pad after the stop token
+    response_mask: jax.Array  # [B, N] int32: 1 up to and including the stop token, 0 after
+    response_lengths: jax.Array  # [B] int32: number of real response tokens (stop token included)
+    ended_with_eos: jax.Array  # [B] bool: the row emitted eos_token_id or one of stop_token_ids
+    logprobs: jax.Array  # [B, N] float32, see above
+
+
+# ----------------------------------------------------------------------------- filters
+
+def top_k_filter(logits: jax.Array, *, k: int) -> jax.Array:
+    """Keep the k largest logits of each row, set the rest to -inf. k <= 0 (or >= V) is a no-op.
+
+    Tokens tied with the k-th largest logit are all kept. logits [..., V].
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = jax.lax.top_k(logits, k)[0][..., -1:]  # [..., 1]
+    return jnp.where(logits >= kth_largest, logits, -jnp.inf)
+
+
+def top_p_filter(logits: jax.Array, *, p: float) -> jax.Array:
+    """Nucleus filter: keep the smallest set of most likely tokens whose total prob is >= p.
+
+    The most likely token is always kept (so p <= 0 is greedy-like); p >= 1 is a no-op.
+    Probabilities are softmax(logits); tokens tied with the least likely kept token are kept
+    too. Returns logits with the dropped entries set to -inf. logits [..., V].
+    """
+    if p >= 1.0:
+        return logits
+    logits = logits.astype(jnp.float32)
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # [..., V] descending
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Mass of the strictly more likely tokens: keep a token while that mass is still < p.
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep = mass_before < p
+    keep = keep.at[..., 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # [..., 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row from logits [B, V]. Returns (tokens [B] int32, logprobs [B] f32).
+
+    greedy (or temperature == 0) takes the argmax. logprobs are those of the tempered,
+    unfiltered distribution (see SampleOutput).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = greedy or temperature == 0
+    scaled = logits if greedy or temperature == 1.0 else logits / temperature
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        filtered = top_p_filter(top_k_filter(scaled, k=top_k), p=top_p)
+        tokens = jax.random.categorical(rng, filtered, axis=-1)
+    tokens = tokens.astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
+    return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- generation
+
+def _check_settings(config, max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+
+
+def make_generate_fn(config: TransformerConfig, *, max_new_tokens: int, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
+                     stop_token_ids: Sequence[int] = (), greedy: bool = False):
+    """Jitted `fn(params, prompt_ids [B, P], prompt_mask [B, P], rng) -> SampleOutput`.
+
+    Settings are compile-time constants; the function is cached per (config, settings), and
+    jax.jit caches one program per prompt shape. eos_token_id None -> config.eos_token_id;
+    pass -1 to disable EOS. Nothing is donated.
+    """
+    _check_settings(config, max_new_tokens, temperature, top_k, top_p)
+    if eos_token_id is None:
+        eos_token_id = config.eos_token_id
+    stops = {int(i) for i in stop_token_ids}
+    if eos_token_id is not None and eos_token_id >= 0:
+        stops.add(int(eos_token_id))
+    return _build_generate_fn(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p),
+                              tuple(sorted(stops)), bool(greedy or temperature == 0))
+
+
+@functools.lru_cache(maxsize=64)
+def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_ids, greedy):
+    model = Transformer(config)
+    n = max_new_tokens
+    pad_id = config.pad_token_id
+    if pad_id is None:
+        pad_id = stop_ids[0] if stop_ids else 0
+    stop_array = np.asarray(stop_ids, np.int32)  # [K], may be empty
+
+    def run(params, prompt_ids, prompt_mask, rng):
+        b, p = prompt_ids.shape
+        prompt_ids = prompt_ids.astype(jnp.int32)
+        prompt_mask = (prompt_mask > 0).astype(jnp.int32)
+        prompt_lengths = prompt_mask.sum(axis=-1)  # [B]
+        # Response slots are all "valid": the causal slot mask hides those not yet written.
+        kv_mask = jnp.concatenate([prompt_mask, jnp.ones((b, n), jnp.int32)], axis=1)  # [B, S]
+        cache = init_cache(config, b, p + n)
+        if p > 1:
+            positions = positions_from_mask(prompt_mask)  # [B, P]
+            cache = model.apply({"params": params}, prompt_ids[:, :-1], kv_mask, positions=positions[:, :-1],
+                                cache=cache, cache_index=0, return_logits=False).cache
+
+        def cond(state):
+            return (state["t"] < n) & ~jnp.all(state["done"])
+
+        def body(state):
+            t = state["t"]
+            positions = (prompt_lengths - 1 + t)[:, None]  # [B, 1]
+            out = model.apply({"params": params}, state["token"][:, None], kv_mask, positions=positions,
+                              cache=state["cache"], cache_index=p - 1 + t)
+            step_rng = None if greedy else jax.random.fold_in(rng, t)
+            token, logprob = sample_logits(out.logits[:, 0], step_rng, temperature=temperature,
+                                           top_k=top_k, top_p=top_p, greedy=greedy)  # [B], [B]
+            live = ~state["done"]
+            token = jnp.where(live, token, pad_id)
+            logprob = jnp.where(live, logprob, 0.0)
+            stopped = live & jnp.isin(token, stop_array) if stop_ids else jnp.zeros_like(live)
+            return dict(
+                t=t + 1,
+                cache=out.cache,
+                token=token,
+                done=state["done"] | stopped,
+                ended=state["ended"] | stopped,
+                lengths=state["lengths"] + live.astype(jnp.int32),
+                tokens=jax.lax.dynamic_update_slice(state["tokens"], token[:, None], (0, t)),
+                logprobs=jax.lax.dynamic_update_slice(state["logprobs"], logprob[:, None], (0, t)),
+            )
+
+        init = dict(
+            t=jnp.zeros((), jnp.int32),
+            cache=cache,
+            token=prompt_ids[:, -1],
+            done=jnp.zeros((b,), bool),
+            ended=jnp.zeros((b,), bool),
+            lengths=jnp.zeros((b,), jnp.int32),
+            tokens=jnp.full((b, n), pad_id, jnp.int32),
+            logprobs=jnp.zeros((b, n), jnp.float32),
+        )
+        final = jax.lax.while_loop(cond, body, init)
+        response_mask = (jnp.arange(n)[None, :] < final["lengths"][:, None]).astype(jnp.int32)  # [B, N]
+        return SampleOutput(
+            sequences=jnp.concatenate([prompt_ids, final["tokens"]], axis=1),
+            response_ids=final["tokens"],
+            response_mask=response_mask,
+            response_lengths=final["lengths"],
+            ended_with_eos=final["ended"],
+            logprobs=final["logprobs"],
+        )
+
+    return jax.jit(run)
+
+
+def _check_prompts(config, prompt_ids, prompt_mask, max_new_tokens):
+    """Shape checks always; left-padding checks when the arrays are concrete (not traced)."""
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must both be [B, P]")
+    if prompt_ids.shape[1] < 1:
+        raise ValueError("prompts are empty (P = 0); every row needs at least one token")
+    if isinstance(prompt_mask, jax.core.Tracer):
+        return
+    mask = np.asarray(prompt_mask) > 0
+    lengths = mask.sum(axis=1)
+    for row in range(mask.shape[0]):
+        if lengths[row] == 0:
+            raise ValueError(f"prompt row {row} has no real tokens (prompt_mask is all 0)")
+        if not mask[row, mask.shape[1] - lengths[row]:].all():
+            raise ValueError(f"prompt row {row} is not left-padded: prompt_mask must be 0...0 1...1, "
+                             f"got {mask[row].astype(int).tolist()}")
+    if config.is_gpt2 and lengths.max() + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings={config.max_position_embeddings} of this GPT-2 model")
+
+
+def generate(params, config: TransformerConfig, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
+             stop_token_ids: Sequence[int] = (), greedy: bool = False) -> SampleOutput:
+    """Sample up to max_new_tokens for each LEFT-padded prompt (see the module docstring).
+
+    params: the Transformer's parameters; prompt_ids, prompt_mask: [B, P] (mask 1 = real token);
+    rng: a PRNG key (may be None when greedy). temperature 0 or greedy=True -> argmax; top_k 0 and
+    top_p 1.0 switch those filters off. eos_token_id None -> config.eos_token_id, -1 -> no EOS;
+    stop_token_ids: extra ids that end a row like EOS. Returns SampleOutput.
+    """
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
+    _check_prompts(config, prompt_ids, prompt_mask, max_new_tokens)
+    if rng is None:
+        if not (greedy or temperature == 0):
+            raise ValueError("rng is None but sampling is not greedy; pass a key from jax.random.key(seed)")
+        rng = jax.random.key(0)  # unused by the greedy program
+    fn = make_generate_fn(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, eos_token_id=eos_token_id, stop_token_ids=stop_token_ids, greedy=greedy)
+    return fn(params, prompt_ids, prompt_mask, rng)

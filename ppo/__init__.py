@@ -1,0 +1,1 @@
+"""PPO for RLHF: rollouts, losses (GAE, KL estimators, clipped objectives), KL controllers."""

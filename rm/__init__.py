@@ -1,0 +1,9 @@
+"""Reward models: preference data, Bradley-Terry training, evaluation and export.
+
+Modules:
+  data.py      preference datasets (TRL formats) -> padded token batches
+  losses.py    Bradley-Terry pairwise loss (margin, centering, masking) and metrics
+  train.py     train(config, workdir)
+  evaluate.py  accuracy, ECE / Brier / reliability diagrams, gain-bias normalisation
+  export.py    export to a Hugging Face AutoModelForSequenceClassification folder
+"""

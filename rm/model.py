@@ -1,0 +1,142 @@
+"""Reward model = transformer backbone + scalar head read at the last real token.
+
+Params: {'backbone': transformer params (no lm_head), 'head': {'kernel' [d, 1], 'bias' [1]}}.
+The same module with `per_token=True` is the PPO value model (one scalar per position), so a
+value model initialises from a reward model by copying the tree.
+
+A trained reward model lives in a workdir (see `rm/train.py`):
+  workdir/model_config.json    the TransformerConfig fields
+  workdir/tokenizer/           the tokenizer files
+  workdir/checkpoints/         Orbax checkpoints; the latest one's extra holds the normalisation
+  workdir/normalization.json   {gain, bias} as well, for people reading the folder
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.heads import ScalarHead, gather_last
+from models.transformer import Transformer, TransformerConfig
+
+
+class RewardModel(nn.Module):
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, *, per_token: bool = False):
+        out = Transformer(self.config, name="backbone")(input_ids, attention_mask, return_logits=False)
+        hidden = out.hidden_states if per_token else gather_last(out.hidden_states, attention_mask)
+        return ScalarHead(param_dtype=self.config.param_dtype, name="head")(hidden)  # [B] or [B, T]
+
+
+def init_head(config: TransformerConfig, rng: jax.Array) -> dict:
+    """Fresh scalar head: kernel N(0, 1/sqrt(d+1)), bias 0."""
+    return ScalarHead(param_dtype=config.param_dtype).init(rng, jnp.zeros((1, config.d_model)))["params"]
+
+
+def rm_params_from_backbone(config: TransformerConfig, backbone: dict, rng: jax.Array) -> dict:
+    """Reward-model params from backbone params (an SFT / HF causal-LM checkpoint)."""
+    backbone = {k: v for k, v in backbone.items() if k != "lm_head"}
+    return {"backbone": backbone, "head": init_head(config, rng)}
+
+
+def compute_rewards(config: TransformerConfig, params: dict, input_ids, attention_mask) -> jax.Array:
+    """Scalar rewards [B] (raw, before normalisation)."""
+    return RewardModel(config).apply({"params": params}, input_ids, attention_mask)
+
+
+def compute_values(config: TransformerConfig, params: dict, input_ids, attention_mask) -> jax.Array:
+    """Per-token scalars [B, T] (value model)."""
+    return RewardModel(config).apply({"params": params}, input_ids, attention_mask, per_token=True)
+
+
+def save_model_config(workdir: str, config: TransformerConfig) -> None:
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def load_model_config(workdir: str, **overrides) -> TransformerConfig:
+    path = os.path.join(workdir, "model_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: {workdir} is not a workdir written by a trainer")
+    with open(path) as f:
+        fields = json.load(f)
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+@dataclasses.dataclass
+class LoadedRewardModel:
+    """A reward model ready to score: config, params, normalisation and tokenizer path."""
+
+    config: TransformerConfig
+    params: dict
+    gain: float = 1.0
+    bias: float = 0.0
+    tokenizer_path: Optional[str] = None
+    step: Optional[int] = None
+
+    def normalize(self, raw):
+        return self.gain * raw + self.bias
+
+
+def load_reward_model(path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
+                      step: Optional[int] = None) -> LoadedRewardModel:
+    """Load a reward model from an RM workdir (Orbax) or an exported HF sequence-classification folder."""
+    if os.path.exists(os.path.join(path, "model_config.json")):
+        return _load_from_workdir(path, dtype=dtype, param_dtype=param_dtype, step=step)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return _load_from_hf(path, dtype=dtype, param_dtype=param_dtype or "float32")
+    raise FileNotFoundError(f"{path} is neither an RM workdir (model_config.json) nor a HF folder (config.json)")
+
+
+def _load_from_workdir(workdir, *, dtype, param_dtype, step):
+    from common.checkpoint import CheckpointManager
+
+    overrides = {"dtype": dtype}
+    if param_dtype:
+        overrides["param_dtype"] = param_dtype
+    config = load_model_config(workdir, **overrides)
+    abstract = jax.eval_shape(lambda: RewardModel(config).init(
+        jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))["params"])
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+        params, extra = ckpt.restore_subtree("params", step=step, template=abstract)
+    finally:
+        ckpt.close()
+    norm = extra.get("normalization") or {}
+    tok = os.path.join(workdir, "tokenizer")
+    return LoadedRewardModel(config=config, params=params, gain=float(norm.get("gain", 1.0)),
+                             bias=float(norm.get("bias", 0.0)), tokenizer_path=tok if os.path.isdir(tok) else None,
+                             step=int(extra.get("step", -1)))
+
+
+def _load_from_hf(path, *, dtype, param_dtype):
+    from models.hf import load_hf_checkpoint
+
+    config, backbone, leftovers = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype, with_leftovers=True)
+    if "score.weight" not in leftovers:
+        raise ValueError(f"{path} has no score.weight: not a sequence-classification (reward) model")
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    kernel = jnp.asarray(leftovers["score.weight"], jnp.float32).T  # [d, 1]
+    if kernel.shape != (config.d_model, 1):
+        raise ValueError(f"{path}: score.weight has shape {leftovers['score.weight'].shape}, expected (1, {config.d_model})")
+    # The export folds gain into score.weight and (for GPT-2) the offset into ln_f's bias; what
+    # could not be folded is `reward_offset` (see rm/export.py).
+    head = {"kernel": kernel.astype(param_dtype),
+            "bias": jnp.asarray([hf_config.get("reward_offset", 0.0)], jnp.float32).astype(param_dtype)}
+    backbone = {k: v for k, v in backbone.items() if k != "lm_head"}
+    return LoadedRewardModel(config=config, params={"backbone": backbone, "head": head},
+                             tokenizer_path=path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else None)

@@ -1,0 +1,147 @@
+"""Score texts or preference pairs with a trained reward model.
+
+  python -m rm.score --workdir W --data FILE --out OUT.jsonl [--batch_size 32] [--max_length N]
+
+W is an RM workdir (Orbax checkpoint, normalisation from it) or an exported Hugging Face
+reward folder (`python -m rm.export`). FILE is JSONL/JSON/Parquet:
+  - preference rows (prompt/chosen/rejected, chosen/rejected, or conversational): each output
+    line has `chosen_score`, `rejected_score` (normalised) and `chosen_raw`, `rejected_raw`;
+  - single responses: `prompt` + `response` (or `completion`), or `text`, or `messages`
+    (a conversation): each output line has `score` and `raw`.
+Tokenisation is the training one: prompt tokens + response tokens + EOS.
+One output line per input row, in order (bad rows are an error: nothing is dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rm import data as rm_data
+from rm.model import LoadedRewardModel, compute_rewards, load_reward_model
+
+
+def _read_rows(path):
+    source = rm_data.resolve_sources(path)[0]
+    rows, _ = rm_data.read_table(source)
+    return rows
+
+
+def tokenize_single(tokenizer, rows, *, file, max_length):
+    """Token ids (prompt + response + EOS) of single-response rows, left-truncating prompts."""
+    eos, _ = rm_data.special_ids(tokenizer)
+    seqs, truncated = [], 0
+    for i, row in enumerate(rows):
+        if "messages" in row and row["messages"] is not None:
+            msgs = row["messages"]
+            prompt = rm_data.render_chat(tokenizer, msgs[:-1], add_generation_prompt=True)
+            full = rm_data.render_chat(tokenizer, msgs, add_generation_prompt=False)
+            prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0]
+            full_ids = rm_data.tokenize(tokenizer, [full])[0]
+            k = rm_data.common_prefix_length(prompt_ids, full_ids)
+            prompt_ids, response_ids = full_ids[:k], full_ids[k:]
+        elif "response" in row or "completion" in row:
+            response = row.get("response", row.get("completion"))
+            prompt = row.get("prompt", "") or ""
+            if not isinstance(response, str) or not response.strip():
+                raise rm_data.BadRowError(f"{file}: row {i} (0-based): key 'response': expected a non-empty string, "
+                                          f"got {rm_data.describe(response)}")
+            prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0] if prompt else []
+            response_ids = rm_data.tokenize(tokenizer, [response])[0]
+        elif "text" in row:
+            text = row["text"]
+            if not isinstance(text, str) or not text.strip():
+                raise rm_data.BadRowError(f"{file}: row {i} (0-based): key 'text': expected a non-empty string, "
+                                          f"got {rm_data.describe(text)}")
+            prompt_ids, response_ids = [], rm_data.tokenize(tokenizer, [text])[0]
+        else:
+            raise rm_data.BadRowError(f"{file}: row {i} (0-based): expected preference columns (chosen, rejected) or "
+                                      f"one of 'text', 'prompt'+'response', 'messages'; got {sorted(row)}")
+        response_ids = response_ids if response_ids and response_ids[-1] == eos else response_ids + [eos]
+        if len(prompt_ids) + len(response_ids) > max_length:
+            truncated += 1
+            keep = max(max_length - len(response_ids), 0)
+            prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep else []
+            response_ids = response_ids[:max_length]
+        seqs.append(prompt_ids + response_ids)
+    return seqs, truncated
+
+
+def pad_right(seqs, pad_id, width=None):
+    width = width or max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, np.int32)
+    mask = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def score_arrays(model: LoadedRewardModel, ids, mask, *, batch_size=32, bucket=32):
+    """Raw rewards of [N, L] right-padded arrays, in fixed-shape batches."""
+    fn = jax.jit(lambda p, i, m: compute_rewards(model.config, p, i, m))
+    out = np.zeros(len(ids), np.float32)
+    for start in range(0, len(ids), batch_size):
+        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+        n = len(b_ids)
+        width = min(ids.shape[1], -(-int(b_mask.sum(1).max()) // bucket) * bucket)
+        pad_rows = batch_size - n
+        b_ids = np.concatenate([b_ids[:, :width], np.repeat(b_ids[:1, :width], pad_rows, 0)])
+        b_mask = np.concatenate([b_mask[:, :width], np.repeat(b_mask[:1, :width], pad_rows, 0)])
+        out[start:start + n] = np.asarray(fn(model.params, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n]
+    return out
+
+
+def _training_max_length(path, default=512):
+    cfg = os.path.join(path, "config.json")
+    if os.path.exists(os.path.join(path, "model_config.json")) and os.path.exists(cfg):
+        with open(cfg) as f:
+            return int(json.load(f).get("data", {}).get("max_length", default))
+    return default
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, help="RM workdir or exported HF reward folder")
+    ap.add_argument("--data", required=True, help="JSONL/JSON/Parquet file to score")
+    ap.add_argument("--out", required=True, help="output JSONL, one line per input row")
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--max_length", type=int, default=None, help="default: the training run's data.max_length")
+    args = ap.parse_args(argv)
+
+    model = load_reward_model(args.workdir)
+    tokenizer = rm_data.load_tokenizer(model.tokenizer_path or args.workdir)
+    max_length = args.max_length or _training_max_length(args.workdir)
+    rows = _read_rows(args.data)
+    columns = set(rows[0]) if rows else set()
+    records = []
+    if {"chosen", "rejected"} <= columns:
+        pairs = rm_data.load_preference_data(args.data, tokenizer, max_length=max_length, on_bad_row="error")
+        chosen = score_arrays(model, pairs.chosen_ids, pairs.chosen_mask, batch_size=args.batch_size)
+        rejected = score_arrays(model, pairs.rejected_ids, pairs.rejected_mask, batch_size=args.batch_size)
+        for c, r in zip(chosen, rejected):
+            records.append({"chosen_score": float(model.normalize(c)), "rejected_score": float(model.normalize(r)),
+                            "chosen_raw": float(c), "rejected_raw": float(r)})
+        truncated = pairs.stats.get("truncated_prompt", 0) + pairs.stats.get("truncated_response", 0)
+    else:
+        seqs, truncated = tokenize_single(tokenizer, rows, file=args.data, max_length=max_length)
+        _, pad = rm_data.special_ids(tokenizer)
+        ids, mask = pad_right(seqs, pad)
+        raw = score_arrays(model, ids, mask, batch_size=args.batch_size)
+        records = [{"score": float(model.normalize(r)), "raw": float(r)} for r in raw]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    print(f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
+          f"bias={model.bias:.6g})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

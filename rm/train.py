@@ -1,0 +1,279 @@
+"""Reward-model training with the Bradley-Terry loss: `train(config, workdir)`.
+
+Launch (see configs/rm.py):
+  python -m experiments.run --config configs/rm.py --workdir W --config.model.init_from=HF_DIR \
+      --config.data.train_files=A.jsonl --config.data.eval_files=B.jsonl --config.train.steps=300
+
+The workdir gets config.json, model_config.json, tokenizer/, metrics.jsonl, checkpoints/,
+data_stats.json, normalization.json, reliability.png and eval_final.json. Re-running the same
+command resumes from the latest checkpoint; the data order depends only on (seed, step), so a
+killed-and-resumed run ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common.checkpoint import CheckpointManager
+from common.mesh import make_mesh, replicated, shard_batch
+from common.metrics import MetricsWriter, Progress, write_config_json
+from common.optim import accumulate_gradients, make_optimizer
+from common.run_utils import PreemptionHandler, check_finite
+from models.hf import load_hf_checkpoint
+from rm import data as rm_data
+from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
+from rm.losses import bradley_terry_loss
+from rm.model import compute_rewards, rm_params_from_backbone, save_model_config
+
+log = logging.getLogger(__name__)
+
+
+def split_files(value) -> list[str]:
+    """'a.jsonl,b.jsonl' or a list -> list of paths (empty string -> [])."""
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def trim_to_bucket(batch: dict, bucket: int) -> dict:
+    """Drop all-padding columns beyond the batch's longest sequence, rounded up to `bucket`.
+
+    Keeps the number of distinct shapes (and so jit compilations) small while not paying
+    for padding up to data.max_length on every batch.
+    """
+    if bucket <= 0:
+        return batch
+    longest = max(int(batch["chosen_mask"].sum(1).max()), int(batch["rejected_mask"].sum(1).max()))
+    width = batch["chosen_ids"].shape[1]
+    keep = min(width, -(-longest // bucket) * bucket)
+    return {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in batch.items()}
+
+
+def pair_rewards(model_config, params, batch):
+    """Rewards of chosen and rejected in one forward pass over [2B, T]."""
+    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+    rewards = compute_rewards(model_config, params, ids, mask)
+    b = batch["chosen_ids"].shape[0]
+    return rewards[:b], rewards[b:]
+
+
+def train_step(state, batch, *, model_config, tx, schedule, accum_steps, center_coef, use_margin, nan_step):
+    """One optimizer step (with gradient accumulation). Pure: (state, batch) -> (state, metrics)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+    def loss_fn(params, micro, _rng):
+        chosen, rejected = pair_rewards(model_config, params, micro)
+        margin = micro["margin"] if use_margin else None
+        return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef)
+
+    loss, aux, grads = accumulate_gradients(loss_fn, state["params"], batch, rng, accum_steps=accum_steps)
+    # Fault injection for testing the NaN guard (nan_step < 0: never).
+    loss = jnp.where(state["step"] == nan_step, jnp.nan, loss)
+    grads = jax.tree.map(lambda g: jnp.where(state["step"] == nan_step, jnp.nan, g), grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+    new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+    return new_state, metrics
+
+
+def evaluate(eval_fn, params, data, *, batch_size, bucket):
+    """Rewards of every pair in `data` -> (chosen [N], rejected [N])."""
+    chosen, rejected = np.zeros(len(data), np.float32), np.zeros(len(data), np.float32)
+    for batch in rm_data.eval_batches(data, batch_size=batch_size):
+        batch = trim_to_bucket(batch, bucket)
+        c, r = eval_fn(params, {k: batch[k] for k in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")})
+        valid = batch["valid"] > 0
+        chosen[batch["index"][valid]] = np.asarray(c)[valid]
+        rejected[batch["index"][valid]] = np.asarray(r)[valid]
+    return chosen, rejected
+
+
+def normalization_rewards(config, eval_fn, params, train_data, eval_data, tokenizer, *, batch_size, bucket):
+    """Rewards of the responses named by eval.normalize_on ('eval', 'train' or preference files)."""
+    source = config.eval.normalize_on
+    if source == "eval" and eval_data is not None:
+        data = eval_data
+    elif source in ("train", "eval"):
+        data = train_data
+    else:
+        data = rm_data.load_preference_data(split_files(source), tokenizer, max_length=config.data.max_length,
+                                            on_bad_row=config.data.on_bad_row)
+    chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
+    return np.concatenate([chosen, rejected])
+
+
+def _dump(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def train(config, workdir: str) -> dict:
+    """Train a reward model as configured; returns the final eval metrics."""
+    t0 = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    write_config_json(workdir, config)
+    if not config.model.init_from:
+        raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")
+    tokenizer = rm_data.load_tokenizer(config.model.tokenizer or config.model.init_from)
+
+    # ---- data
+    load = functools.partial(rm_data.load_preference_data, tokenizer=tokenizer, max_length=config.data.max_length,
+                             on_bad_row=config.data.on_bad_row)
+    train_files = split_files(config.data.train_files)
+    if not train_files:
+        raise ValueError("config.data.train_files is empty: give one or more preference files (comma-separated)")
+    train_data = load(train_files)
+    eval_files = split_files(config.data.eval_files)
+    eval_data = load(eval_files) if eval_files else None
+    stats = {"train": train_data.stats, "eval": eval_data.stats if eval_data else None}
+    _dump(os.path.join(workdir, "data_stats.json"), stats)
+
+    # ---- model
+    model_config, backbone = load_hf_checkpoint(config.model.init_from, dtype=config.model.dtype,
+                                                param_dtype=config.model.param_dtype)
+    model_config = model_config.replace(remat=config.model.remat, remat_policy=config.model.remat_policy)
+    if model_config.pad_token_id is None:
+        model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
+    save_model_config(workdir, model_config)
+    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    rng = jax.random.key(config.seed)
+    params = rm_params_from_backbone(model_config, backbone, jax.random.fold_in(rng, 1))
+    del backbone
+
+    tc = config.train
+    tx, schedule = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
+                                  weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm,
+                                  min_lr_ratio=tc.min_lr_ratio, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps)
+    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
+             "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
+    state = jax.device_put(state, replicated(mesh))
+
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
+                             max_to_keep=tc.keep_checkpoints)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(state)
+        start_step = int(extra["step"])
+        log.info("resumed from step %d", start_step)
+        print(f"Resuming from checkpoint at step {start_step} in {workdir}/checkpoints", flush=True)
+    metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else None)
+    if start_step == 0:
+        metrics_writer.write(0, _flat_stats(stats))
+
+    step_fn = jax.jit(functools.partial(
+        train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
+        center_coef=tc.center_coef, use_margin=bool(tc.use_margin and train_data.has_margin),
+        nan_step=config.debug.inject_nan_at_step), donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(pair_rewards, model_config))
+    eval_bs = config.eval.batch_size
+
+    def run_eval(step, params):
+        if eval_data is None:
+            return {}
+        chosen, rejected = evaluate(eval_fn, params, eval_data, batch_size=eval_bs, bucket=config.data.bucket)
+        m = preference_metrics(chosen, rejected, subsets=eval_data.subset, n_bins=config.eval.n_bins)
+        out = {f"eval/{k}": v for k, v in m.items()}
+        metrics_writer.write(step, out)
+        return out
+
+    last_saved = ckpt.latest_step()
+    pending = []  # device metrics not yet fetched (fetching every step would stall dispatch)
+
+    def flush(step):
+        """Fetch pending metrics, stop on NaN/Inf, log averages."""
+        nonlocal pending
+        if not pending:
+            return {}
+        fetched = jax.device_get(pending)
+        for i, m in enumerate(fetched):
+            check_finite(m["loss"], step=step - len(fetched) + i + 1, name="train/loss", workdir=workdir,
+                         last_checkpoint_step=last_saved)
+        avg = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        metrics_writer.write(step, avg)
+        pending = []
+        return avg
+
+    progress = Progress(tc.steps, initial=start_step, desc="rm")
+    batches = rm_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
+    step, shown, preempted, last = start_step, start_step, False, {}
+    with PreemptionHandler() as preemption:
+        while step < tc.steps:
+            _, batch = next(batches)
+            batch = shard_batch(trim_to_bucket(batch, config.data.bucket), mesh)
+            state, m = step_fn(state, batch)
+            pending.append(m)
+            step += 1
+            is_last = step == tc.steps
+            if step % tc.log_every == 0 or is_last or ckpt.should_save(step):
+                last = flush(step)
+                progress.update(step - shown, loss=last["train/loss"], acc=last["train/accuracy"])
+                shown = step
+            if tc.eval_every and step % tc.eval_every == 0 and not is_last:
+                run_eval(step, state["params"])
+            if not is_last and ckpt.save(step, state, {"step": step}):
+                last_saved = step
+            if preemption.sync_requested():
+                flush(step)
+                ckpt.save(step, state, {"step": step}, force=True)
+                preempted = True
+                break
+    progress.close()
+    if preempted:
+        print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
+        ckpt.close()
+        return {"preempted_at": step}
+
+    # ---- final evaluation, calibration plot and reward normalisation
+    final = run_eval(step, state["params"])
+    if eval_data is not None:
+        chosen, rejected = evaluate(eval_fn, state["params"], eval_data, batch_size=eval_bs, bucket=config.data.bucket)
+        plot_reliability_diagram(chosen, rejected, os.path.join(workdir, "reliability.png"), n_bins=config.eval.n_bins,
+                                 title=f"reward model, step {step}")
+    norm_rewards = normalization_rewards(config, eval_fn, state["params"], train_data, eval_data, tokenizer,
+                                         batch_size=eval_bs, bucket=config.data.bucket)
+    gain, bias = compute_normalization(norm_rewards)
+    normalization = {"gain": gain, "bias": bias, "source": str(config.eval.normalize_on), "n": int(norm_rewards.size)}
+    _dump(os.path.join(workdir, "normalization.json"), normalization)
+    ckpt.save(step, state, {"step": step, "normalization": normalization}, force=True)
+    ckpt.close()
+    summary = dict(final, step=step, wall_time_s=time.time() - t0, normalization=normalization,
+                   data=_flat_stats(stats))
+    _dump(os.path.join(workdir, "eval_final.json"), summary)
+    _report(summary, stats)
+    return summary
+
+
+def _flat_stats(stats):
+    out = {}
+    for split, s in stats.items():
+        for k, v in (s or {}).items():
+            if isinstance(v, (int, float)):
+                out[f"data/{split}/{k}"] = v
+    return out
+
+
+def _report(summary, stats):
+    lines = [f"done: step {summary['step']} in {summary['wall_time_s']:.1f}s"]
+    if "eval/accuracy" in summary:
+        lines.append(f"eval accuracy {summary['eval/accuracy']:.4f}  margin {summary['eval/margin']:.3f}  "
+                     f"ECE {summary['eval/ece']:.4f}  Brier {summary['eval/brier']:.4f}")
+    for split, s in stats.items():
+        if s:
+            skipped = {k: v for k, v in s.items() if k.startswith("skipped") and v}
+            lines.append(f"{split} data: {s.get('pairs')} pairs kept of {s.get('rows')} rows; skipped {skipped or 0}; "
+                         f"truncated prompts {s.get('truncated_prompt', 0)}, responses {s.get('truncated_response', 0)}")
+    print("\n".join(lines), flush=True)
