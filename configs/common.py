@@ -18,4 +18,5 @@ def mesh_config() -> ml_collections.ConfigDict:
     mesh = ml_collections.ConfigDict()
     mesh.shape = (-1, 1)  # devices per axis; -1 = all remaining devices
     mesh.axis_names = ("data", "model")  # data: batch / FSDP axis, model: tensor-parallel axis
+    mesh.fsdp_tp = True  # shard params/optimizer state by models.sharding.DEFAULT_RULES; False = replicate
     return mesh

@@ -64,7 +64,7 @@ def get_config(arg=None):
 
     if args["size"] == "tiny":
         c.data.max_length = 64
-        c.data.bucket = 16
+        c.data.bucket = 0  # one shape, one compilation
         c.train.steps = 60
         c.train.batch_size = 16
         c.train.learning_rate = 1e-3

@@ -24,11 +24,12 @@ import numpy as np
 import optax
 
 from common.checkpoint import CheckpointManager
-from common.mesh import make_mesh, replicated, shard_batch
+from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
 from common.run_utils import PreemptionHandler, check_finite
 from models.hf import load_hf_checkpoint
+from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 from rm import data as rm_data
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
 from rm.losses import bradley_terry_loss
@@ -84,7 +85,7 @@ def train_step(state, batch, *, model_config, tx, schedule, accum_steps, center_
     grads = jax.tree.map(lambda g: jnp.where(state["step"] == nan_step, jnp.nan, g), grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"]))
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics
 
@@ -154,13 +155,18 @@ def train(config, workdir: str) -> dict:
     del backbone
 
     tc = config.train
-    tx, schedule = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
+    tx, schedule = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps,
+                                  warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
                                   weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm,
                                   min_lr_ratio=tc.min_lr_ratio, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps)
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
+    rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
+    params = shard_params(params, mesh, rules)
+    opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32),
              "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
-    state = jax.device_put(state, replicated(mesh))
+    state_sharding = tree_shardings(state, mesh, rules)
+    state = jax.device_put(state, state_sharding)
 
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
                              max_to_keep=tc.keep_checkpoints)
@@ -170,14 +176,16 @@ def train(config, workdir: str) -> dict:
         start_step = int(extra["step"])
         log.info("resumed from step %d", start_step)
         print(f"Resuming from checkpoint at step {start_step} in {workdir}/checkpoints", flush=True)
-    metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else None)
+    metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
     if start_step == 0:
         metrics_writer.write(0, _flat_stats(stats))
 
     step_fn = jax.jit(functools.partial(
         train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
         center_coef=tc.center_coef, use_margin=bool(tc.use_margin and train_data.has_margin),
-        nan_step=config.debug.inject_nan_at_step), donate_argnums=(0,))
+        nan_step=config.debug.inject_nan_at_step),
+        in_shardings=(state_sharding, batch_sharding(mesh)), out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(pair_rewards, model_config))
     eval_bs = config.eval.batch_size
 

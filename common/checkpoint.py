@@ -1,0 +1,275 @@
+"""Orbax checkpoints of a training run: the array state plus a small JSON dict.
+
+Every checkpoint step holds two items:
+
+  'state'  a pytree of jax/numpy arrays and Python scalars (params, optimizer
+           state, step counter, PRNG keys ...), written with Orbax's pytree
+           handler (the format of StandardSave) so large sharded arrays are
+           saved/restored per shard.
+  'extra'  a JSON-serialisable dict of small bookkeeping values that are not
+           arrays: data-loader position, adaptive-KL coefficient, epoch, ...
+
+Typical resume order in a trainer::
+
+  ckpt = CheckpointManager(f'{workdir}/checkpoints', save_every=config.save_every)
+  state = init_state(...)                       # or jax.eval_shape(init_state, ...)
+  start_step, extra = 0, {}
+  if ckpt.latest_step() is not None:
+    state, extra = ckpt.restore(state)          # arrays get state's dtypes/shardings
+    start_step = int(extra['step'])
+  ...
+  ckpt.save(step, state, {'step': step, 'data_position': pos})   # every save_every
+  ckpt.save(step, state, {...}, force=True)     # at the end or on SIGTERM
+  ckpt.close()
+
+A subset of a checkpoint, e.g. only the params of a training state, is read with
+`ckpt.restore({'params': abstract_params}, partial=True)`.
+
+Saves are synchronous (they return once the checkpoint is committed), and Orbax
+writes each step into a temporary directory that is renamed only when complete, so
+a process killed at any moment leaves either a complete checkpoint or none.
+
+PRNG keys: typed keys (`jax.random.key`) round-trip through Orbax 0.12 directly.
+`rng_to_data` / `rng_from_data` convert to/from raw uint32 key data for code that
+prefers to keep raw keys in its state or in JSON.
+
+Multi-process: call every method on every process with the same arguments; the
+save decision depends only on `step`, so all processes agree, and Orbax
+coordinates which process writes what.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ['CheckpointManager', 'rng_to_data', 'rng_from_data']
+
+_ITEMS = ('state', 'extra')
+
+
+def rng_to_data(key: jax.Array) -> jax.Array:
+  """Returns the raw uint32 data of a typed PRNG key (raw keys pass through)."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  return key
+
+
+def rng_from_data(data: Any, *, impl: str | None = None) -> jax.Array:
+  """Wraps raw uint32 key data (e.g. from `rng_to_data`) back into a typed key.
+
+  Args:
+    data: uint32 array of shape [..., *key_shape] (key_shape is (2,) for the
+      default threefry implementation).
+    impl: PRNG implementation name; None means JAX's default.
+  """
+  data = jax.numpy.asarray(data, dtype=jax.numpy.uint32)
+  return jax.random.wrap_key_data(data, impl=impl)
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+  """Where a restored array goes when its template names no sharding."""
+  if jax.process_count() == 1:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # Across processes a single device would be unreachable from the others, so
+  # replicate over every device instead.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('all',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _abstract_leaf(leaf: Any) -> Any:
+  """Turns one template leaf into the abstract leaf Orbax restores into.
+
+  jax arrays become ShapeDtypeStructs carrying their sharding, so the restored
+  arrays land exactly where the template's arrays live; ShapeDtypeStructs without
+  a sharding get a default one; numpy arrays and Python scalars stay as they are
+  (Orbax restores them as numpy arrays / Python scalars).
+  """
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    if leaf.sharding is None:
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_default_sharding())
+    return leaf
+  return leaf
+
+
+class CheckpointManager:
+  """Periodic, atomic Orbax checkpoints of ('state' pytree, 'extra' JSON dict).
+
+  Args:
+    directory: where the step folders go, usually `<workdir>/checkpoints`;
+      created if missing.
+    save_every: `save(step, ...)` writes when `step % save_every == 0`
+      (or when forced). Must be >= 1.
+    max_to_keep: how many most recent checkpoints to keep on disk; older ones
+      are deleted after each save.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int,
+               max_to_keep: int = 2):
+    if int(save_every) < 1:
+      raise ValueError(f'CheckpointManager: save_every must be >= 1, got {save_every}.')
+    if int(max_to_keep) < 1:
+      raise ValueError(f'CheckpointManager: max_to_keep must be >= 1, got {max_to_keep}.')
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_every = int(save_every)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(max_to_keep),
+        create=True,
+        # Synchronous saves: when save() returns, the step is committed on disk,
+        # which is what a SIGTERM handler that saves and exits needs.
+        enable_async_checkpointing=False,
+    )
+    # PyTree (not Standard) handlers: same on-disk format, but restores may be
+    # partial, and one manager may mix full and partial restores.
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=_ITEMS, options=options,
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'extra': ocp.JsonCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    """Steps with a complete checkpoint on disk, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` without force would write."""
+    return int(step) % self.save_every == 0
+
+  def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None,
+           *, force: bool = False) -> bool:
+    """Saves `state` and `extra` as checkpoint `step` when due.
+
+    Args:
+      step: the training step this state corresponds to (steps completed).
+      state: pytree of jax/numpy arrays and Python scalars.
+      extra: JSON-serialisable dict (data position, KL coefficient, ...).
+      force: save even when `step % save_every != 0`.
+
+    Returns:
+      True if a checkpoint was written; False if not due, or if `step` is
+      already on disk (e.g. a forced final save right after a periodic one).
+    """
+    step = int(step)
+    if not (force or self.should_save(step)):
+      return False
+    if step in self._manager.all_steps():
+      return False
+    extra = dict(extra or {})
+    saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state),
+            extra=ocp.args.JsonSave(extra)),
+        force=True)  # The save_every decision is ours, made above.
+    self._manager.wait_until_finished()
+    return bool(saved)
+
+  def restore(self, state_template: Any, step: int | None = None, *,
+              partial: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Restores checkpoint `step` (default: the latest).
+
+    Args:
+      state_template: pytree with the structure of the saved state; its leaves
+        are concrete arrays or `jax.ShapeDtypeStruct`s (e.g. from
+        `jax.eval_shape`), optionally with `.sharding`. Restored arrays get
+        the template's dtypes and shardings (casting if the saved dtype
+        differs); leaves without a sharding go to the first local device.
+      step: which checkpoint; None means the latest.
+      partial: if True, the template may hold only some of the saved subtrees
+        (e.g. `{'params': ...}` out of a full training state); the rest is
+        not read. If False, the template must match the saved structure.
+
+    Returns:
+      (state, extra): the restored pytree and the JSON dict saved with it.
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint (or not that step).
+    """
+    available = self.all_steps()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'No checkpoint to restore in {self.directory}.')
+    elif int(step) not in available:
+      raise FileNotFoundError(
+          f'No checkpoint for step {step} in {self.directory}; '
+          f'available steps: {available}.')
+    abstract = jax.tree.map(_abstract_leaf, state_template)
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=partial),
+        extra=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(int(step), args=args)
+    except ValueError as e:
+      raise ValueError(f'Restoring step {step} from {self.directory} failed: {e}\n'
+                       '(CheckpointManager.restore(..., partial=True) reads a subset '
+                       'of the saved state.)') from e
+    extra = restored.extra if restored.extra is not None else {}
+    return restored.state, dict(extra)
+
+  def restore_subtree(self, key: str, step: int | None = None,
+                      template: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Restores only `state[key]` (e.g. 'params' without the optimizer state).
+
+    Shapes and dtypes come from the checkpoint's own metadata, so callers need not
+    rebuild the optimizer to load a trained model. Arrays land on the default
+    device (or `template`'s dtypes/shardings when given).
+
+    Returns:
+      (subtree, extra).
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'No checkpoint to restore in {self.directory}.')
+    metadata = self._manager.item_metadata(int(step))['state']
+    tree = metadata.tree if hasattr(metadata, 'tree') else metadata
+    if key not in tree:
+      raise KeyError(f'checkpoint {step} in {self.directory} has no {key!r}; keys: {sorted(tree)}')
+
+    def to_abstract(m):
+      return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_default_sharding()) if hasattr(m, 'shape') else m
+
+    abstract = jax.tree.map(to_abstract, dict(tree))
+    if template is not None:
+      abstract[key] = jax.tree.map(_abstract_leaf, template)
+    restored = self._manager.restore(
+        int(step),
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={key: abstract[key]},
+                restore_args=jax.tree.map(
+                    lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype)
+                    if isinstance(a, jax.ShapeDtypeStruct) else ocp.RestoreArgs(),
+                    {key: abstract[key]}),
+                partial_restore=True),
+            extra=ocp.args.JsonRestore()))
+    extra = restored.extra if restored.extra is not None else {}
+    return restored.state[key], dict(extra)
+
+  def wait(self) -> None:
+    """Blocks until any in-flight save has finished (saves are synchronous)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending work and releases Orbax's resources."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> 'CheckpointManager':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,1 @@
+"""Experiment entry point, sweeps, reproduction drivers and plots."""
