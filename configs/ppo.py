@@ -1,0 +1,97 @@
+"""PPO (RLHF) of a policy against a trained reward model, with a KL penalty to the reference.
+
+  python -m experiments.run --config configs/ppo.py --workdir W --config.policy.init_from=HF_DIR \
+      --config.reward.workdir=RM_WORKDIR --config.data.prompt_files=PROMPTS.jsonl --config.train.steps=50
+
+`--config.reward.init_from=HF_RM_DIR` (an exported reward folder) works in place of reward.workdir.
+Variant: `configs/ppo.py:size=tiny` (small batches, short responses; CPU seconds per step).
+Defaults follow published PPO reproductions (lr 3e-6, 4 epochs, clip 0.2, vf_coef 0.1, gamma 1,
+lam 0.95, temperature 0.7, 53 new tokens).
+"""
+
+import ml_collections
+
+from configs.common import mesh_config, parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, size="base")
+    c = ml_collections.ConfigDict()
+    c.trainer = "ppo"
+    c.seed = 0  # prompt order, sampling and minibatch shuffling
+
+    c.policy = ml_collections.ConfigDict()
+    c.policy.init_from = ""  # Hugging Face causal-LM folder (the SFT policy); also the frozen reference
+    c.policy.tokenizer = ""  # tokenizer folder; empty = the one in init_from
+    c.policy.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.policy.param_dtype = "float32"  # parameter dtype
+    c.policy.remat = False  # jax.checkpoint each block
+    c.policy.remat_policy = "nothing_saveable"
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.workdir = ""  # RM workdir written by configs/rm.py (normalisation read from its checkpoint)
+    c.reward.init_from = ""  # or: an exported HF reward folder (python -m rm.export)
+    c.reward.dtype = "float32"  # compute dtype of the frozen reward model
+    c.reward.missing_eos_penalty = 1.0  # subtracted from the score of responses that never emit EOS
+
+    c.value = ml_collections.ConfigDict()
+    c.value.init = "reward"  # 'reward': separate value model initialised from the RM; 'policy_head': head on the policy
+
+    c.data = ml_collections.ConfigDict()
+    c.data.prompt_files = ""  # JSONL/JSON/Parquet with `prompt` (string or message list), comma-separated
+    c.data.max_prompt_length = 64  # prompt tokens kept (from the right); prompts are left-padded to this
+    c.data.on_bad_row = "error"  # 'error' | 'skip'
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.max_new_tokens = 53  # response length limit
+    c.sampling.temperature = 0.7  # also divides the logits when computing PPO log-probs
+    c.sampling.top_k = 0  # 0 = off
+    c.sampling.top_p = 1.0  # 1.0 = off
+    c.sampling.stop_tokens = ""  # extra stop tokens (comma-separated token strings) besides EOS
+
+    c.kl = ml_collections.ConfigDict()
+    c.kl.kind = "adaptive"  # 'adaptive' (Ziegler et al.) | 'fixed'
+    c.kl.init_beta = 0.05  # initial KL coefficient
+    c.kl.target = 6.0  # adaptive target KL per sequence (nats)
+    c.kl.horizon = 10000  # adaptive horizon (rollouts)
+    c.kl.estimator = "k1"  # per-token KL estimator in the reward: k1 | k2 | k3
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100  # PPO iterations (rollout batch + update)
+    c.train.batch_size = 64  # rollouts per iteration
+    c.train.num_minibatches = 4  # minibatches per PPO epoch
+    c.train.grad_accum_steps = 1  # micro-batches per minibatch
+    c.train.ppo_epochs = 4  # passes over each rollout batch
+    c.train.learning_rate = 3e-6  # AdamW peak learning rate (policy and value)
+    c.train.warmup_steps = 0  # optimizer updates of linear warmup
+    c.train.min_lr_ratio = 1.0  # 1.0 = constant learning rate after warmup
+    c.train.weight_decay = 0.0
+    c.train.adam_eps = 1e-5
+    c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    c.train.clip_eps = 0.2  # policy ratio clip
+    c.train.vf_clip_eps = 0.2  # value clip
+    c.train.vf_coef = 0.1  # value loss weight
+    c.train.gamma = 1.0  # discount
+    c.train.lam = 0.95  # GAE lambda
+    c.train.whiten_rewards = False  # whiten per-token rewards before GAE
+    c.train.log_every = 1  # iterations between metrics lines
+    c.train.samples_every = 10  # iterations between samples.jsonl dumps (0 = never)
+    c.train.num_samples = 8  # samples written each time
+    c.train.save_every = 20  # iterations between checkpoints (one is always written at the end)
+    c.train.keep_checkpoints = 2
+
+    c.mesh = mesh_config()
+
+    if args["size"] == "tiny":
+        c.data.max_prompt_length = 16
+        c.sampling.max_new_tokens = 16
+        c.train.steps = 20
+        c.train.batch_size = 16
+        c.train.num_minibatches = 2
+        c.train.ppo_epochs = 2
+        c.train.learning_rate = 1e-3
+        c.train.samples_every = 5
+        c.train.save_every = 5
+    elif args["size"] != "base":
+        raise ValueError(f"size={args['size']!r}; expected 'base' or 'tiny'")
+    return c

@@ -1,0 +1,150 @@
+"""PPO rollouts: sample responses, score them, and compute per-token rewards and advantages.
+
+One rollout (all inside one jitted function, frozen models passed as arguments):
+  1. sample responses from the policy (models/sampling.py, KV cache, compiled decode loop);
+  2. one forward pass of the policy, the reference and the value model over prompt + response:
+     log-probs of the response tokens with logits / temperature (the distribution sampled
+     from), values at the positions that predict each response token, token entropies;
+  3. the reward model scores prompt + response truncated at the stop token (the response
+     mask ends there), normalised with the RM's gain/bias; responses that never emitted EOS
+     lose `missing_eos_penalty`;
+  4. per-token reward r_t = -beta * kl_t, plus the score at the last response token;
+     optional reward whitening; GAE advantages (whitened) and returns.
+
+Shapes: B rollouts, P prompt slots (left-padded), N = max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from models.heads import ScalarHead
+from models.sampling import make_generate_fn
+from models.transformer import Transformer, TransformerConfig
+from ppo import losses as L
+from rm.model import RewardModel, compute_rewards
+
+
+@flax.struct.dataclass
+class Rollout:
+    query_ids: jax.Array  # [B, P] left-padded prompts
+    query_mask: jax.Array  # [B, P]
+    response_ids: jax.Array  # [B, N]
+    response_mask: jax.Array  # [B, N] 1 up to and including the stop token
+    logprobs: jax.Array  # [B, N] policy log-probs (tempered) at sampling time
+    ref_logprobs: jax.Array  # [B, N]
+    values: jax.Array  # [B, N]
+    rewards: jax.Array  # [B, N] per-token rewards (KL penalty + score)
+    advantages: jax.Array  # [B, N] whitened
+    returns: jax.Array  # [B, N]
+    scores: jax.Array  # [B] normalised RM scores after the EOS penalty
+    raw_scores: jax.Array  # [B] RM scores before normalisation and penalty
+    kl: jax.Array  # [B, N] per-token KL estimate (masked)
+    entropy: jax.Array  # [B, N] per-token policy entropy (masked)
+    ended_with_eos: jax.Array  # [B] bool
+
+
+@flax.struct.dataclass
+class ModelSpecs:
+    """Static description of the models in a PPO run (hashable, closed over by jit)."""
+
+    policy: TransformerConfig = flax.struct.field(pytree_node=False)
+    reward: TransformerConfig = flax.struct.field(pytree_node=False)
+    value: TransformerConfig = flax.struct.field(pytree_node=False)  # unused when value_head_on_policy
+    value_head_on_policy: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query_mask, response_ids,
+                               response_mask):
+    """Policy logits [B, N, V] for the response tokens and values [B, N], one forward each."""
+    ids = jnp.concatenate([query_ids, response_ids], axis=1)  # [B, P+N]
+    mask = jnp.concatenate([query_mask, response_mask], axis=1)
+    p, n = query_ids.shape[1], response_ids.shape[1]
+    out = Transformer(specs.policy).apply({"params": params["policy"]}, ids, mask)
+    logits = out.logits[:, p - 1:p + n - 1]  # position t predicts token t+1
+    if specs.value_head_on_policy:
+        values = ScalarHead(param_dtype=specs.policy.param_dtype).apply(
+            {"params": params["value_head"]}, out.hidden_states)
+    else:
+        values = RewardModel(specs.value).apply({"params": params["value"]}, ids, mask, per_token=True)
+    return logits, values[:, p - 1:p + n - 1]
+
+
+def reference_logprobs(config: TransformerConfig, ref_params, query_ids, query_mask, response_ids, response_mask,
+                       *, temperature):
+    ids = jnp.concatenate([query_ids, response_ids], axis=1)
+    mask = jnp.concatenate([query_mask, response_mask], axis=1)
+    p, n = query_ids.shape[1], response_ids.shape[1]
+    logits = Transformer(config).apply({"params": ref_params}, ids, mask).logits[:, p - 1:p + n - 1]
+    return L.logprobs_from_logits(logits / temperature, response_ids)
+
+
+def make_rollout_fn(specs: ModelSpecs, settings):
+    """Jittable `fn(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng) -> Rollout`.
+
+    settings: a dict of static values: max_new_tokens, temperature, top_k, top_p, eos_token_id,
+    stop_token_ids, missing_eos_penalty, kl_estimator, gamma, lam, whiten_rewards.
+    norm: [2] array (gain, bias) of the reward model.
+    """
+    s = dict(settings)
+    generate = make_generate_fn(specs.policy, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
+                                top_k=s["top_k"], top_p=s["top_p"], eos_token_id=s["eos_token_id"],
+                                stop_token_ids=tuple(s["stop_token_ids"]))
+
+    def rollout(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng):
+        sample = generate(params["policy"], query_ids, query_mask, rng)
+        response_ids, response_mask = sample.response_ids, sample.response_mask
+        maskf = response_mask.astype(jnp.float32)
+
+        logits, values = response_logits_and_values(specs, params, query_ids, query_mask, response_ids, response_mask)
+        tempered = logits / s["temperature"]
+        logprobs = L.logprobs_from_logits(tempered, response_ids) * maskf
+        entropy = L.entropy_from_logits(tempered) * maskf
+        ref_logprobs = reference_logprobs(specs.policy, ref_params, query_ids, query_mask, response_ids,
+                                          response_mask, temperature=s["temperature"]) * maskf
+        values = values * maskf
+
+        # Reward-model score of prompt + response (the mask stops at the stop token).
+        ids = jnp.concatenate([query_ids, response_ids], axis=1)
+        mask = jnp.concatenate([query_mask, response_mask], axis=1)
+        raw_scores = compute_rewards(specs.reward, reward_params, ids, mask)  # [B]
+        scores = norm[0] * raw_scores + norm[1]
+        scores = jnp.where(sample.ended_with_eos, scores, scores - s["missing_eos_penalty"])
+
+        kl = L.kl_penalty(logprobs, ref_logprobs, estimator=s["kl_estimator"]) * maskf  # [B, N]
+        rewards = -beta * kl
+        last = jnp.maximum(sample.response_lengths - 1, 0)  # [B]
+        at_last = jax.nn.one_hot(last, response_ids.shape[1]) * (sample.response_lengths > 0)[:, None]
+        rewards = rewards + at_last * scores[:, None]
+        if s["whiten_rewards"]:
+            rewards = L.masked_whiten(rewards, maskf, shift_mean=False)
+        advantages, returns = L.gae(rewards, values, maskf, gamma=s["gamma"], lam=s["lam"])
+        advantages = L.masked_whiten(advantages, maskf)
+        return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                       response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                       rewards=rewards, advantages=advantages, returns=returns, scores=scores,
+                       raw_scores=raw_scores, kl=kl, entropy=entropy, ended_with_eos=sample.ended_with_eos)
+
+    return rollout
+
+
+def rollout_metrics(r: Rollout, beta) -> dict:
+    """Per-iteration statistics (TRL's names where they exist). KL and entropy are per-sequence sums."""
+    maskf = r.response_mask.astype(jnp.float32)
+    kl_sum = jnp.sum(r.kl, axis=1)
+    lengths = jnp.sum(maskf, axis=1)
+    return {
+        "objective/scores": jnp.mean(r.scores),
+        "objective/raw_scores": jnp.mean(r.raw_scores),
+        "objective/kl": jnp.mean(kl_sum),
+        "objective/non_score_reward": jnp.mean(-beta * kl_sum),
+        "objective/rlhf_reward": jnp.mean(r.scores - beta * kl_sum),
+        "objective/entropy": jnp.mean(jnp.sum(r.entropy, axis=1)),
+        "objective/entropy_per_token": L.masked_mean(r.entropy, maskf),
+        "rollout/eos_fraction": jnp.mean(r.ended_with_eos.astype(jnp.float32)),
+        "rollout/response_length": jnp.mean(lengths),
+        "val/mean": L.masked_mean(r.values, maskf),
+        "val/advantage_mean_raw_returns": L.masked_mean(r.returns, maskf),
+    }
