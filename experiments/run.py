@@ -12,7 +12,7 @@ import importlib
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 TRAINERS = {
@@ -58,6 +58,7 @@ def _parse_flags(argv):
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every manager at INFO.
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
