@@ -122,8 +122,11 @@ def best_of_n_curve(proxy, gold, ns):
     return rows
 
 
-def ppo_gold_curve(ppo_workdir, gold_fn):
-    """Per PPO step: proxy score, gold score (of that step's rollouts) and KL, from samples + metrics."""
+def ppo_gold_curve(ppo_workdir, gold_of):
+    """Per PPO step: proxy score, gold score (of that step's rollouts) and KL, from samples + metrics.
+
+    gold_of(prompts, responses) -> gold scores.
+    """
     metrics = {m["step"]: m for m in read_jsonl(os.path.join(ppo_workdir, "metrics.jsonl"))}
     by_step = {}
     for s in read_jsonl(os.path.join(ppo_workdir, "samples.jsonl")):
@@ -131,7 +134,7 @@ def ppo_gold_curve(ppo_workdir, gold_fn):
     rows = []
     for step in sorted(by_step):
         samples = by_step[step]
-        gold = gold_fn([s["prompt"] + s["response"] for s in samples])
+        gold = gold_of([s["prompt"] for s in samples], [s["response"] for s in samples])
         m = metrics.get(step, {})
         kl = max(float(m.get("objective/kl", np.nan)), 0.0)
         rows.append({"step": step, "kl": kl, "d": float(np.sqrt(kl)), "proxy": float(np.mean([s["score"] for s in samples])),

@@ -145,7 +145,7 @@ def run_stages(config, workdir):
     if not P.stage_done(ppo_dir):
         ppo_train(p_cfg, ppo_dir)
         P.mark_done(ppo_dir)
-    ppo_curve = P.ppo_gold_curve(ppo_dir, gold)
+    ppo_curve = P.ppo_gold_curve(ppo_dir, lambda ps, rs: gold([a + b for a, b in zip(ps, rs)]))
     times["ppo"] = time.time() - t
 
     before = bon["curve"][0]  # n = 1: plain SFT samples

@@ -1,0 +1,39 @@
+"""Reward-model over-optimisation (Gao et al. 2022): proxies at several label counts, best-of-n and PPO.
+
+  python -m experiments.run --config configs/overoptimization.py --workdir runs/overopt
+
+Writes points.json, fits.json (alpha, beta, R^2 per proxy and method), bon.png, rl.png and
+summary.json. Variant `:size=tiny` for tests. Shares the quickstart's world/policy settings.
+"""
+
+import ml_collections
+
+import configs.quickstart as quickstart
+from configs.common import parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, size="default")
+    c = quickstart.get_config("size=tiny" if args["size"] == "tiny" else None)
+    c.trainer = "overoptimization"
+    c.label_counts = (250, 1000, 4000)  # proxy reward models trained on these many labelled pairs
+    c.labels.n_eval_pairs = 300
+
+    c.gold = ml_collections.ConfigDict()
+    c.gold.kind = "scorer"  # 'scorer' (VADER + exact grammar fluency) or 'rm' (gold RM trained on gold labels)
+    c.gold.n_pairs = 20000  # labels for the gold RM (gold.kind='rm')
+    c.gold.steps = 1500  # gold RM training steps
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.beta = 0.002  # small fixed KL coefficient, so the policy travels far from the SFT policy
+    c.rl.steps = 150  # PPO iterations per proxy
+
+    c.bon.n_max = 128  # samples per prompt for best-of-n (n = 1 .. 128)
+    c.world.n_eval_prompts = 48
+    if args["size"] == "tiny":
+        c.label_counts = (16, 32, 64)
+        c.labels.n_eval_pairs = 16
+        c.rl.steps = 3
+        c.bon.n_max = 4
+        c.gold.n_pairs, c.gold.steps = 64, 5
+    return c
