@@ -26,6 +26,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models.lora import PROJECTIONS as _PROJECTIONS, LoRADense
+from models.quant import QuantDense
+
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
 
 _REMAT_POLICIES = {
@@ -65,8 +68,21 @@ class TransformerConfig:
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    # LoRA adapters (models/lora.py) and int8 weights (models/quant.py); see `_dense`.
+    lora_rank: int = 0  # adapter rank r; 0 = no adapters
+    lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
+    lora_targets: tuple = ("q_proj", "v_proj")  # module names that get adapters (q_proj ... down_proj)
+    lora_dropout: float = 0.0  # dropout on the adapter input; active only with a 'dropout' rng
+    quant: str = ""  # '' (float weights) or 'int8' (weight-only, per-output-channel)
 
     def __post_init__(self):
+        # Lists (from JSON / ConfigDicts) become tuples so the config stays hashable.
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = [t for t in self.lora_targets if t not in _PROJECTIONS]
+        if unknown or self.lora_rank < 0 or self.quant not in ("", "int8") or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_targets={self.lora_targets} (each one of {_PROJECTIONS}), lora_rank="
+                             f"{self.lora_rank} (>= 0), lora_dropout={self.lora_dropout} (in [0, 1)), "
+                             f"quant={self.quant!r} ('' or 'int8'): invalid value")
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.n_heads % self.n_kv_heads:
@@ -163,6 +179,15 @@ def _norm(config: TransformerConfig, name: str):
 
 
 def _dense(config: TransformerConfig, features: int, use_bias: bool, name: str):
+    """Projection `name`: int8 QuantDense (config.quant), LoRADense (named in lora_targets), or nn.Dense."""
+    lora = config.lora_rank > 0 and name in config.lora_targets
+    common = dict(features=features, use_bias=use_bias, dtype=jnp.dtype(config.dtype),
+                  param_dtype=jnp.dtype(config.param_dtype), kernel_init=nn.initializers.normal(0.02), name=name)
+    if config.quant == "int8":  # frozen int8 base, float adapters when also LoRA (QLoRA-style)
+        return QuantDense(lora_rank=config.lora_rank if lora else 0, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, **common)
+    if lora:
+        return LoRADense(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, **common)
     return nn.Dense(
         features,
         use_bias=use_bias,
