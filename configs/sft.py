@@ -43,8 +43,7 @@ def get_config(arg=None):
     c.model.tie_embeddings = False  # llama: lm head shares the token embedding (gpt2: always tied)
 
     c.data = ml_collections.ConfigDict()
-    c.data.train_files = ""  # SFT files, comma-separated (.jsonl/.json/.parquet) or a hub name: text,
-    #                          prompt+completion or messages columns (see sft/data.py)
+    c.data.train_files = ""  # SFT files (text | prompt+completion | messages), comma-separated, or a hub name
     c.data.eval_files = ""  # held-out SFT files for eval loss / perplexity
     c.data.eval_fraction = 0.0  # without eval_files: hold out this fraction of the training rows (0 = no eval)
     c.data.max_length = 512  # tokens per example; longer examples keep their first max_length tokens

@@ -1,0 +1,77 @@
+"""Export a trained SFT model as a Hugging Face causal-LM folder.
+
+  python -m sft.export --workdir W --out DIR [--step N]
+
+DIR (config.json, model.safetensors, tokenizer files) loads with
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`;
+its logits match ours in float32. It is what the reward-model and PPO trainers take as
+`init_from`. The SFT trainer writes the same folder to `W/hf` at the end of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import numpy as np
+
+from common.checkpoint import CheckpointManager
+from models.hf import save_hf_checkpoint
+from models.transformer import TransformerConfig
+from rm.model import load_model_config
+
+
+def _host_float32(params):
+    """Params as float32 numpy arrays on this host (gathered across processes if needed)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.device_get(params)
+    # float32 on disk: safetensors-from-numpy has no bfloat16, and fp32 is what parity is checked in.
+    def to_f32(x):
+        x = np.asarray(x)
+        return x.astype(np.float32) if x.dtype.kind == 'f' or x.dtype.name == 'bfloat16' else x
+
+    return jax.tree.map(to_f32, params)
+
+
+def save_causal_lm(config: TransformerConfig, params: dict, out: str, *, tokenizer_dir: str | None) -> str | None:
+    """Write `params` of the causal LM `config` as a HF folder `out` (process 0 writes; all must call)."""
+    host = _host_float32(params)
+    if jax.process_index() != 0:
+        return None
+    save_hf_checkpoint(config.replace(dtype='float32', param_dtype='float32', remat=False), host, out,
+                       tokenizer_dir=tokenizer_dir)
+    return out
+
+
+def export(workdir: str, out: str, *, step=None) -> str:
+    """Export the params of an SFT workdir's checkpoint (default: the latest) to the HF folder `out`."""
+    config = load_model_config(workdir, dtype='float32')
+    ckpt = CheckpointManager(os.path.join(workdir, 'checkpoints'), save_every=1)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: nothing to export')
+        params, _ = ckpt.restore_subtree('params', step=step)
+    finally:
+        ckpt.close()
+    if 'embed' not in params:
+        raise ValueError(f'{workdir} does not hold a causal LM (params keys: {sorted(params)}); '
+                         f'use the exporter of the trainer that wrote it')
+    tokenizer_dir = os.path.join(workdir, 'tokenizer')
+    save_causal_lm(config, params, out, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--workdir', required=True, help='SFT workdir (sft trainer output)')
+    ap.add_argument('--out', required=True, help='output folder')
+    ap.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+    args = ap.parse_args(argv)
+    print(f'exported causal LM to {export(args.workdir, args.out, step=args.step)}')
+
+
+if __name__ == '__main__':
+    main()

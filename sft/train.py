@@ -1,0 +1,371 @@
+"""Supervised fine-tuning with the next-token loss: `train(config, workdir)`.
+
+Launch (see configs/sft.py):
+  python -m experiments.run --config configs/sft.py --workdir W --config.data.train_files=A.jsonl \
+      --config.model.init_from=HF_DIR          # fine-tune a Hugging Face causal LM
+  python -m experiments.run --config configs/sft.py --workdir W --config.data.train_files=A.jsonl \
+      --config.model.init_from= --config.model.tokenizer=TOK_DIR   # random init from model.* fields
+
+The loss is the mean, over the batch's target tokens (sft/data.py's loss_mask), of
+-log p(token | previous tokens), in float32; with gradient accumulation every micro-batch
+divides by the whole batch's target count, so the result is the same per-token mean.
+The workdir gets config.json, model_config.json, tokenizer/, data_stats.json, metrics.jsonl
+(train/loss, train/accuracy, eval/loss, eval/perplexity, ...), checkpoints/, eval_final.json
+and, at the end, hf/: the model as a Hugging Face causal-LM folder, the `init_from` of the
+reward-model and PPO trainers. Re-running the same command resumes from the latest
+checkpoint; the data order depends only on (seed, step) and step rngs on fold_in(rng, step),
+so a killed-and-resumed run ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common.checkpoint import CheckpointManager
+from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
+from common.metrics import MetricsWriter, Progress, write_config_json
+from common.optim import accumulate_gradients, make_optimizer
+from common.run_utils import PreemptionHandler, check_finite
+from models.hf import load_hf_checkpoint
+from models.sharding import DEFAULT_RULES, REPLICATED_RULES, abstract_sharded, shard_params, tree_shardings
+from models.transformer import Transformer, TransformerConfig, init_params
+from rm import data as rm_data
+from rm.model import save_model_config
+from sft import data as sft_data
+from sft.export import save_causal_lm
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def next_token_nll(*, logits, input_ids, loss_mask):
+    """Per-position negative log-likelihood of the next token and its weight, in float32.
+
+    Args:
+      logits: [B, T, V] model outputs; logits[:, t] predict input_ids[:, t + 1].
+      input_ids: [B, T] int tokens.
+      loss_mask: [B, T] 1 where the token is a target (column 0 is never predicted).
+
+    Returns:
+      (nll, weights, correct), each [B, T-1]: the NLL of every next token times its weight,
+      the weights (loss_mask[:, 1:] as float32), and 1 where the argmax is the target (times
+      the weight).
+    """
+    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    targets = input_ids[:, 1:].astype(jnp.int32)  # [B, T-1]
+    weights = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T-1]
+    nll = (jax.nn.logsumexp(logits, axis=-1) - picked) * weights  # [B, T-1]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights  # [B, T-1]
+    return nll, weights, correct
+
+
+def next_token_loss(*, logits, input_ids, loss_mask, num_targets=None):
+    """Mean next-token cross-entropy over target tokens (float32 scalar).
+
+    `num_targets` overrides the denominator (the target count of the whole batch when
+    `logits` cover a micro-batch); by default it is this batch's count. A batch without
+    targets gives 0, not NaN.
+    """
+    nll, weights, _ = next_token_nll(logits=logits, input_ids=input_ids, loss_mask=loss_mask)
+    denominator = jnp.sum(weights) if num_targets is None else jnp.asarray(num_targets, jnp.float32)
+    return jnp.sum(nll) / jnp.maximum(denominator, 1.0)
+
+
+def lm_logits(model_config, params, input_ids, attention_mask):
+    """[B, T, V] float32 logits of the causal LM."""
+    return Transformer(model_config).apply({'params': params}, input_ids, attention_mask).logits
+
+
+def train_step(state, batch, *, model_config, tx, schedule, accum_steps, nan_step):
+    """One optimizer step (with gradient accumulation). Pure: (state, batch) -> (state, metrics)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    num_targets = jnp.maximum(jnp.sum(batch['loss_mask'][:, 1:]).astype(jnp.float32), 1.0)
+    rows = batch['input_ids'].shape[0]
+    # accumulate_gradients averages micro-batch losses; dividing each micro-batch's NLL sum
+    # by num_targets / accum_steps makes that average the exact per-token mean of the batch.
+    batch = dict(batch, denominator=jnp.full((rows,), num_targets / accum_steps, jnp.float32))
+
+    def loss_fn(params, micro, _rng):
+        logits = lm_logits(model_config, params, micro['input_ids'], micro['attention_mask'])  # [b, T, V]
+        nll, _, correct = next_token_nll(logits=logits, input_ids=micro['input_ids'], loss_mask=micro['loss_mask'])
+        denominator = micro['denominator'][0]
+        return jnp.sum(nll) / denominator, {'accuracy': jnp.sum(correct) / denominator}
+
+    loss, aux, grads = accumulate_gradients(loss_fn, state['params'], batch, rng, accum_steps=accum_steps)
+    # Fault injection for testing the NaN guard (nan_step < 0: never).
+    loss = jnp.where(state['step'] == nan_step, jnp.nan, loss)
+    grads = jax.tree.map(lambda g: jnp.where(state['step'] == nan_step, jnp.nan, g), grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state['step']),
+                   target_tokens=num_targets)
+    return dict(state, params=params, opt_state=opt_state, step=state['step'] + 1), metrics
+
+
+def eval_sums(model_config, params, batch):
+    """(NLL sum, target count, correct count) of one eval batch, float32 scalars."""
+    logits = lm_logits(model_config, params, batch['input_ids'], batch['attention_mask'])
+    nll, weights, correct = next_token_nll(logits=logits, input_ids=batch['input_ids'], loss_mask=batch['loss_mask'])
+    return jnp.sum(nll), jnp.sum(weights), jnp.sum(correct)
+
+
+def evaluate(eval_fn, params, data, *, batch_size, bucket) -> dict:
+    """Held-out loss (mean NLL per target token), perplexity exp(loss) and token accuracy."""
+    totals = np.zeros(3, np.float64)
+    for batch in sft_data.eval_batches(data, batch_size=batch_size):
+        batch = trim_to_bucket(batch, bucket)
+        sums = eval_fn(params, {k: batch[k] for k in sft_data.ARRAY_KEYS})
+        totals += np.asarray(jax.device_get(sums), np.float64)
+    nll, count, correct = totals
+    loss = nll / max(count, 1.0)
+    return {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)), 'accuracy': correct / max(count, 1.0),
+            'target_tokens': int(count)}
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def split_files(value) -> list[str]:
+    """'a.jsonl,b.jsonl' or a list -> list of paths (empty string -> [])."""
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(',') if v.strip()]
+
+
+def trim_to_bucket(batch: dict, bucket: int) -> dict:
+    """Drop all-padding columns beyond the longest sequence, rounded up to `bucket` (few jit shapes)."""
+    if bucket <= 0:
+        return batch
+    width = batch['input_ids'].shape[1]
+    keep = min(width, -(-int(batch['attention_mask'].sum(1).max()) // bucket) * bucket)
+    return {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in batch.items()}
+
+
+def scratch_model_config(mc, tokenizer) -> TransformerConfig:
+    """TransformerConfig of a from-scratch model: config.model's architecture, the tokenizer's vocab/ids."""
+    if mc.family not in ('gpt2', 'llama'):
+        raise ValueError(f"model.family={mc.family!r}: from-scratch models are 'gpt2' or 'llama'")
+    if mc.d_model % mc.n_heads:
+        raise ValueError(f'model.d_model={mc.d_model} must be a multiple of model.n_heads={mc.n_heads}')
+    n_kv = mc.n_kv_heads or mc.n_heads
+    gpt2 = mc.family == 'gpt2'
+    if gpt2 and n_kv != mc.n_heads:
+        raise ValueError(f'model.family=gpt2 has no grouped-query attention: n_kv_heads ({n_kv}) must equal '
+                         f'n_heads ({mc.n_heads}) or be 0')
+    eos, pad = rm_data.special_ids(tokenizer)
+    return TransformerConfig(
+        family=mc.family, vocab_size=len(tokenizer), d_model=mc.d_model, n_layers=mc.n_layers, n_heads=mc.n_heads,
+        n_kv_heads=n_kv, head_dim=mc.d_model // mc.n_heads, d_ff=mc.d_ff or 4 * mc.d_model,
+        max_position_embeddings=mc.max_position_embeddings, norm_eps=mc.norm_eps, rope_theta=float(mc.rope_theta),
+        tie_embeddings=True if gpt2 else bool(mc.tie_embeddings), qkv_bias=gpt2, o_bias=gpt2, mlp_bias=gpt2,
+        activation='gelu_new' if gpt2 else 'silu', dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
+        remat_policy=mc.remat_policy, pad_token_id=pad, eos_token_id=eos,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
+
+
+def build_model(config, tokenizer, mesh, rules, rng):
+    """(TransformerConfig, params placed on the mesh): from init_from, or random from the config."""
+    mc = config.model
+    if mc.init_from:
+        model_config, params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
+        model_config = model_config.replace(remat=mc.remat, remat_policy=mc.remat_policy)
+        if model_config.pad_token_id is None:
+            model_config = model_config.replace(pad_token_id=rm_data.special_ids(tokenizer)[1])
+        if not model_config.tie_embeddings and 'lm_head' not in params:
+            raise ValueError(f'{mc.init_from} has no lm_head weights: not a causal LM (a sequence-classification '
+                             f'export?); give a causal-LM folder')
+        params = shard_params(params, mesh, rules)
+    else:
+        model_config = scratch_model_config(mc, tokenizer)
+        init_fn = functools.partial(init_params, model_config, rng)
+        _, shardings = abstract_sharded(init_fn, mesh, rules)
+        params = jax.jit(init_fn, out_shardings=shardings)()  # created already sharded
+    if model_config.is_gpt2 and config.data.max_length > model_config.max_position_embeddings:
+        raise ValueError(f'config.data.max_length={config.data.max_length} exceeds the model\'s '
+                         f'{model_config.max_position_embeddings} learned positions (gpt2): lower data.max_length')
+    if len(tokenizer) > model_config.vocab_size:
+        raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model only {model_config.vocab_size} '
+                         f'embeddings: use the tokenizer the model was trained with')
+    return model_config, params
+
+
+def _dump(path, obj):
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def _flat_stats(stats):
+    return {f'data/{split}/{k}': v for split, s in stats.items() for k, v in (s or {}).items()
+            if isinstance(v, (int, float))}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(config, workdir: str) -> dict:
+    """Fine-tune (or train from scratch) a causal LM as configured; returns the final eval metrics."""
+    t0 = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    write_config_json(workdir, config)
+    mc, tc = config.model, config.train
+    if not (mc.init_from or mc.tokenizer):
+        raise ValueError('set config.model.init_from (a Hugging Face causal-LM folder) or, to train from scratch, '
+                         'config.model.tokenizer (a tokenizer folder) with the config.model architecture fields')
+    tokenizer = rm_data.load_tokenizer(mc.tokenizer or mc.init_from)
+
+    # ---- data
+    load = functools.partial(sft_data.load_sft_data, tokenizer=tokenizer, max_length=config.data.max_length,
+                             on_bad_row=config.data.on_bad_row)
+    train_files = split_files(config.data.train_files)
+    if not train_files:
+        raise ValueError('config.data.train_files is empty: give one or more SFT files (comma-separated)')
+    train_data = load(train_files)
+    eval_files = split_files(config.data.eval_files)
+    eval_data = load(eval_files) if eval_files else None
+    if eval_data is None and config.data.eval_fraction > 0:
+        train_data, eval_data = sft_data.split_heldout(train_data, fraction=config.data.eval_fraction, seed=config.seed)
+    stats = {'train': train_data.stats, 'eval': eval_data.stats if eval_data else None}
+    _dump(os.path.join(workdir, 'data_stats.json'), stats)
+
+    # ---- model, optimizer, state
+    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
+    rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
+    rng = jax.random.key(config.seed)
+    model_config, params = build_model(config, tokenizer, mesh, rules, jax.random.fold_in(rng, 1))
+    save_model_config(workdir, model_config)
+    tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+
+    tx, schedule = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps,
+                                  warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
+                                  weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm,
+                                  min_lr_ratio=tc.min_lr_ratio, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps)
+    opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
+    state = {'params': params, 'opt_state': opt_state, 'step': jnp.asarray(0, jnp.int32),
+             'rng': jax.random.key_data(jax.random.fold_in(rng, 2))}
+    state_sharding = tree_shardings(state, mesh, rules)
+    state = jax.device_put(state, state_sharding)
+
+    ckpt = CheckpointManager(os.path.join(workdir, 'checkpoints'), save_every=tc.save_every,
+                             max_to_keep=tc.keep_checkpoints)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(state)
+        start_step = int(extra['step'])
+        log.info('resumed from step %d', start_step)
+        print(f'Resuming from checkpoint at step {start_step} in {workdir}/checkpoints', flush=True)
+    metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
+    if start_step == 0:
+        metrics_writer.write(0, _flat_stats(stats))
+
+    step_fn = jax.jit(functools.partial(
+        train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
+        nan_step=config.debug.inject_nan_at_step),
+        in_shardings=(state_sharding, batch_sharding(mesh)), out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(eval_sums, model_config))
+
+    def run_eval(step, params, *, write=True):
+        if eval_data is None:
+            return {}
+        m = evaluate(eval_fn, params, eval_data, batch_size=config.eval.batch_size, bucket=config.data.bucket)
+        out = {f'eval/{k}': v for k, v in m.items()}
+        if write:
+            metrics_writer.write(step, out)
+        return out
+
+    last_saved = ckpt.latest_step()
+    pending = []  # device metrics not yet fetched (fetching every step would stall dispatch)
+
+    def flush(step):
+        """Fetch pending metrics, stop on NaN/Inf, log averages."""
+        nonlocal pending
+        if not pending:
+            return {}
+        fetched = jax.device_get(pending)
+        for i, m in enumerate(fetched):
+            check_finite(m['loss'], step=step - len(fetched) + i + 1, name='train/loss', workdir=workdir,
+                         last_checkpoint_step=last_saved)
+        avg = {f'train/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        metrics_writer.write(step, avg)
+        pending = []
+        return avg
+
+    if start_step == 0 and config.eval.at_start:
+        initial = run_eval(0, state['params'])
+        if initial:
+            print(f"initial eval loss {initial['eval/loss']:.4f}", flush=True)
+    progress = Progress(tc.steps, initial=start_step, desc='sft')
+    batches = sft_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
+    step, shown, preempted = start_step, start_step, False
+    with PreemptionHandler() as preemption:
+        while step < tc.steps:
+            _, batch = next(batches)
+            batch = shard_batch(trim_to_bucket(batch, config.data.bucket), mesh)
+            state, m = step_fn(state, batch)
+            pending.append(m)
+            step += 1
+            is_last = step == tc.steps
+            if step % tc.log_every == 0 or is_last or ckpt.should_save(step):
+                last = flush(step)
+                progress.update(step - shown, loss=last['train/loss'], acc=last['train/accuracy'])
+                shown = step
+            if tc.eval_every and step % tc.eval_every == 0 and not is_last:
+                run_eval(step, state['params'])
+            if not is_last and ckpt.save(step, state, {'step': step}):
+                last_saved = step
+            if preemption.sync_requested():
+                flush(step)
+                ckpt.save(step, state, {'step': step}, force=True)
+                preempted = True
+                break
+    progress.close()
+    if preempted:
+        print(f'SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.', flush=True)
+        ckpt.close()
+        return {'preempted_at': step}
+
+    # ---- final evaluation, checkpoint and Hugging Face export
+    # A re-run of a finished command logs nothing new (unless the first run died before the end).
+    already_done = start_step >= tc.steps and os.path.exists(os.path.join(workdir, 'eval_final.json'))
+    final = run_eval(step, state['params'], write=not already_done)
+    ckpt.save(step, state, {'step': step}, force=True)
+    ckpt.close()
+    metrics_writer.close()
+    hf_dir = None
+    if config.export.hf:
+        hf_dir = os.path.join(workdir, 'hf')
+        save_causal_lm(model_config, state['params'], hf_dir, tokenizer_dir=os.path.join(workdir, 'tokenizer'))
+    summary = dict(final, step=step, wall_time_s=time.time() - t0, hf_dir=hf_dir, data=_flat_stats(stats))
+    _dump(os.path.join(workdir, 'eval_final.json'), summary)
+    _report(summary, stats)
+    return summary
+
+
+def _report(summary, stats):
+    lines = [f"done: step {summary['step']} in {summary['wall_time_s']:.1f}s"]
+    if 'eval/loss' in summary:
+        lines.append(f"eval loss {summary['eval/loss']:.4f}  perplexity {summary['eval/perplexity']:.3f}  "
+                     f"token accuracy {summary['eval/accuracy']:.4f}")
+    for split, s in stats.items():
+        if s:
+            skipped = {k: v for k, v in s.items() if k.startswith('skipped') and v}
+            lines.append(f"{split} data: {s['examples']} examples kept of {s['rows']} rows ({s['target_tokens']} "
+                         f"target tokens); skipped {skipped or 0}; truncated {s['truncated']}")
+    if summary.get('hf_dir'):
+        lines.append(f"Hugging Face causal LM: {summary['hf_dir']}")
+    print('\n'.join(lines), flush=True)
