@@ -328,7 +328,9 @@ def value_loss(values, old_values, returns, mask, *, clip_eps: float) -> Tuple[A
   clipped = jnp.square(values_clipped - returns)  # [B, T]
   loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
   metrics = {
-      'vf_clipfrac': jax.lax.stop_gradient(
-          masked_mean((clipped > unclipped).astype(jnp.float32), mask)),
+      # Count only tokens whose value really moved past the clip range: in float32
+      # V_old + (V - V_old) can differ from V by rounding, which would flip the comparison.
+      'vf_clipfrac': jax.lax.stop_gradient(masked_mean(
+          ((jnp.abs(values - old_values) > clip_eps) & (clipped > unclipped)).astype(jnp.float32), mask)),
   }
   return loss, metrics
