@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.policy.max_position_embeddings = 128
 
     c.sft = ml_collections.ConfigDict()
-    c.sft.steps = 500  # optimizer steps
+    c.sft.steps = 400  # optimizer steps
     c.sft.batch_size = 32
     c.sft.learning_rate = 2e-3
     c.sft.warmup_steps = 30
@@ -61,12 +61,12 @@ def get_config(arg=None):
     c.rm.warmup_steps = 20
 
     c.ppo = ml_collections.ConfigDict()
-    c.ppo.steps = 60  # PPO iterations
+    c.ppo.steps = 50  # PPO iterations
     c.ppo.batch_size = 32  # rollouts per iteration
     c.ppo.num_minibatches = 2
     c.ppo.ppo_epochs = 4
-    c.ppo.learning_rate = 3e-4
-    c.ppo.init_beta = 0.02  # initial KL coefficient (adaptive controller)
+    c.ppo.learning_rate = 1e-4
+    c.ppo.init_beta = 0.05  # initial KL coefficient (adaptive controller)
     c.ppo.target = 6.0  # adaptive KL target (nats per response)
     c.ppo.horizon = 10000  # adaptive KL horizon (rollouts)
 
