@@ -1,0 +1,1 @@
+"""Side-by-side speed benchmarks against peer implementations (HF generate, TRL)."""
