@@ -206,8 +206,11 @@ def plot_quickstart(workdir, summary):
     bon = summary["best_of_n"]
     ax.plot([b["d"] for b in bon], [b["proxy"] for b in bon], "o--", color="C0", mfc="none", label="best-of-n proxy")
     ax.plot([b["d"] for b in bon], [b["gold"] for b in bon], "o-", color="C0", label="best-of-n gold")
-    ax.plot([r["d"] for r in ppo], [r["proxy"] for r in ppo], "s--", color="C1", mfc="none", ms=3, label="PPO proxy")
-    ax.plot([r["d"] for r in ppo], [r["gold"] for r in ppo], "s-", color="C1", ms=3, label="PPO gold")
+    # PPO: one point per iteration (KL does not grow monotonically, so no connecting lines).
+    ax.scatter([r["d"] for r in ppo], [r["proxy"] for r in ppo], marker="s", s=14, facecolors="none",
+               edgecolors="C1", label="PPO proxy (per step)")
+    ax.scatter([r["d"] for r in ppo], [r["gold"] for r in ppo], marker="s", s=14, color="C1",
+               label="PPO gold (per step)")
     ax.set(xlabel="d = sqrt(KL(policy || SFT))", ylabel="reward", title="gold vs proxy reward against KL")
     ax.legend()
     fig.tight_layout()
