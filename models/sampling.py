@@ -18,7 +18,8 @@ Stopping: a row is done once it emits `eos_token_id` or any of `stop_token_ids`;
 is kept (mask 1), later tokens are `pad_token_id` with mask 0 and log-prob 0.
 
 Sampling order (as in Hugging Face): logits / temperature -> top-k -> top-p (nucleus) ->
-categorical draw with `fold_in(rng, t)` at step t, so a fixed rng gives fixed samples.
+draw, with key `fold_in(rng, t)` at step t, so a fixed rng gives fixed samples (see
+`sample_logits` for how tokens are drawn cheaply on CPU).
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ class SampleOutput:
     logprobs: jax.Array  # [B, N] float32, see above
 
 
-# ----------------------------------------------------------------------------- filters
+# ----------------------------------------------------------------------------- filters and draws
+# CPU note: XLA:CPU sorts slowly (a [16, 2048] sort takes ~7 ms, longer than a small model's decode
+# step) and Gumbel-max draws B*V random numbers per step, so the nucleus threshold is found by
+# bisection and tokens are drawn by inverse CDF with one uniform per row. Both are exact up to
+# float32 rounding and cost a few O(V) reductions on any backend.
 
 def top_k_filter(logits: jax.Array, *, k: int) -> jax.Array:
     """Keep the k largest logits of each row, set the rest to -inf. k <= 0 (or >= V) is a no-op.
@@ -69,40 +74,77 @@ def top_k_filter(logits: jax.Array, *, k: int) -> jax.Array:
 def top_p_filter(logits: jax.Array, *, p: float) -> jax.Array:
     """Nucleus filter: keep the smallest set of most likely tokens whose total prob is >= p.
 
-    The most likely token is always kept (so p <= 0 is greedy-like); p >= 1 is a no-op.
-    Probabilities are softmax(logits); tokens tied with the least likely kept token are kept
-    too. Returns logits with the dropped entries set to -inf. logits [..., V].
+    Probabilities are softmax(logits). The most likely token is always kept; p >= 1 is a no-op.
+    Tokens tied with the least likely kept token are kept too. Returns logits with the dropped
+    entries set to -inf. logits [..., V].
+
+    The kept set is {prob >= q*} with q* the largest q whose set still holds mass >= p. The mass
+    is monotone in q, so q* is found by bisection over the bit patterns of non-negative float32
+    values (ordered like the values): 31 halvings pin it exactly, with no sort.
     """
     if p >= 1.0:
         return logits
     logits = logits.astype(jnp.float32)
-    sorted_logits = -jnp.sort(-logits, axis=-1)  # [..., V] descending
-    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Mass of the strictly more likely tokens: keep a token while that mass is still < p.
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep = mass_before < p
-    keep = keep.at[..., 0].set(True)
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # [..., 1]
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)  # [..., V]
+
+    def mass_reaches_p(bits):  # [..., 1] int32 -> [..., 1] bool
+        q = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        return jnp.sum(jnp.where(probs >= q, probs, 0.0), axis=-1, keepdims=True) >= p
+
+    def halve(_, bounds):  # invariant: mass(lo) >= p > mass(hi), except that p may be <= 0
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = mass_reaches_p(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    max_bits = jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1, keepdims=True), jnp.int32)
+    lo, _ = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(max_bits), max_bits + 1))
+    threshold = jax.lax.bitcast_convert_type(lo, jnp.float32)  # [..., 1] = q*
+    return jnp.where(probs >= threshold, logits, -jnp.inf)
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+def _inverse_cdf_draw(weights: jax.Array, uniform: jax.Array) -> jax.Array:
+    """Index i with probability weights[i] / sum(weights), per row. weights [B, V] >= 0 (row max > 0),
+    uniform [B] in [0, 1). Two levels (blocks of ~sqrt(V), then inside the chosen block) keep it
+    O(V) with short cumsums. Zero-weight tokens are never returned."""
+    b, v = weights.shape
+    block = max(16, 1 << int(np.ceil(np.log2(np.sqrt(v)))))
+    n_blocks = -(-v // block)
+    blocks = jnp.pad(weights, ((0, 0), (0, n_blocks * block - v))).reshape(b, n_blocks, block)
+    block_mass = blocks.sum(axis=-1)  # [B, nb]
+    block_cdf = jnp.cumsum(block_mass, axis=-1)  # [B, nb]
+    total = block_cdf[:, -1]
+    # Target mass in [0, total); `<=` below skips zero-weight entries at the boundary.
+    target = jnp.minimum(uniform * total, jnp.nextafter(total, 0.0))  # [B]
+    chosen = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), n_blocks - 1)  # [B]
+    inner = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
+    inner_cdf = jnp.cumsum(inner, axis=-1)
+    before = jnp.take_along_axis(block_cdf - block_mass, chosen[:, None], axis=1)[:, 0]
+    rest = jnp.clip(target - before, 0.0, jnp.nextafter(inner_cdf[:, -1], 0.0))
+    return chosen * block + jnp.sum(inner_cdf <= rest[:, None], axis=-1)
+
+
+def sample_logits(logits: jax.Array, rng: Optional[jax.Array], *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row from logits [B, V]. Returns (tokens [B] int32, logprobs [B] f32).
 
-    greedy (or temperature == 0) takes the argmax. logprobs are those of the tempered,
+    Order: logits / temperature -> top_k_filter -> top_p_filter -> draw (inverse CDF with
+    `jax.random.uniform(rng, [B])`; float32 resolution, so tokens with probability below ~1e-7
+    are drawn with a relative bias, as with JAX's default Gumbel sampler). greedy (or
+    temperature == 0) takes the argmax and ignores rng. logprobs are those of the tempered,
     unfiltered distribution (see SampleOutput).
     """
     logits = logits.astype(jnp.float32)
     greedy = greedy or temperature == 0
     scaled = logits if greedy or temperature == 1.0 else logits / temperature
+    log_probs = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
     if greedy:
         tokens = jnp.argmax(logits, axis=-1)
     else:
         filtered = top_p_filter(top_k_filter(scaled, k=top_k), p=top_p)
-        tokens = jax.random.categorical(rng, filtered, axis=-1)
+        weights = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))  # [B, V], max 1
+        tokens = _inverse_cdf_draw(weights, jax.random.uniform(rng, (logits.shape[0],)))
     tokens = tokens.astype(jnp.int32)
-    log_probs = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
     return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
 
 
