@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ['make_mesh', 'batch_sharding', 'replicated', 'shard_batch', 'data_axis_size']
+__all__ = ['make_mesh', 'batch_sharding', 'replicated', 'shard_batch', 'data_axis_size',
+           'local_rows', 'process_row_range']
 
 
 def _resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -123,3 +124,57 @@ def shard_batch(batch: Any, mesh: Mesh,
     return jax.device_put(leaf, sharding)
 
   return jax.tree_util.tree_map_with_path(place, batch)
+
+
+def process_row_range(num_rows: int, mesh: Mesh | None = None,
+                      data_axes: str | Sequence[str] = ('data',)) -> tuple[int, int]:
+  """Rows [start, stop) of a `num_rows` global batch that this process feeds.
+
+  Without a mesh: the process's equal contiguous share, [pid*B/P, (pid+1)*B/P).
+  With a mesh: the rows `batch_sharding(mesh)` puts on this process's devices
+  (the same block whenever the devices of process i come i-th along the data axis,
+  as on CPU and most GPU clusters, but also right when they do not), so the global
+  array `shard_batch` assembles equals the single-process batch row for row.
+  """
+  processes, pid = jax.process_count(), jax.process_index()
+  if mesh is None:
+    if num_rows % processes:
+      raise ValueError(f'local_rows: global batch of {num_rows} rows is not divisible by the '
+                       f'{processes} processes; make the batch size a multiple of {processes}.')
+    share = num_rows // processes
+    return pid * share, (pid + 1) * share
+  splits = data_axis_size(mesh, data_axes)
+  if num_rows % splits or num_rows % processes:
+    raise ValueError(f'local_rows: global batch of {num_rows} rows is not divisible by the '
+                     f'data-axis size {splits} and the {processes} processes; make the batch '
+                     f'size a multiple of {math.lcm(splits, processes)}.')
+  indices = batch_sharding(mesh, data_axes).addressable_devices_indices_map((num_rows,))
+  blocks = sorted({s[0].indices(num_rows)[:2] for s in indices.values()})
+  start, stop = blocks[0][0], max(b[1] for b in blocks)
+  if sum(b - a for a, b in blocks) != stop - start:  # Must be one contiguous block.
+    raise ValueError(f'local_rows: process {pid} holds non-contiguous batch rows {blocks} '
+                     'on this mesh; order the devices so each process owns one block.')
+  return start, stop
+
+
+def local_rows(batch: Any, mesh: Mesh | None = None,
+               data_axes: str | Sequence[str] = ('data',)) -> Any:
+  """This process's slice of a global batch, the input `shard_batch` expects.
+
+  Every process builds the same global batch (data order depends only on seed and
+  step) and keeps its own rows (see `process_row_range`). A single-process run
+  gets the batch back unchanged.
+
+  Args:
+    batch: pytree of arrays with the same leading (global batch) dimension.
+    mesh, data_axes: as passed to `shard_batch`; None uses equal shares by process id.
+  """
+  if jax.process_count() == 1:
+    return batch
+  leaves = jax.tree_util.tree_leaves_with_path(batch)
+  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None for _, leaf in leaves}
+  if len(sizes) != 1 or None in sizes:
+    shapes = {jax.tree_util.keystr(p) or '<batch>': np.shape(leaf) for p, leaf in leaves}
+    raise ValueError(f'local_rows: every batch leaf needs the same leading batch dimension; got {shapes}.')
+  start, stop = process_row_range(sizes.pop(), mesh, data_axes)
+  return jax.tree.map(lambda leaf: leaf[start:stop], batch)

@@ -1,4 +1,4 @@
-"""Helpers shared by config files (argument parsing, the mesh section)."""
+"""Helpers shared by config files (argument parsing, the mesh and distributed sections)."""
 
 import ml_collections
 
@@ -20,3 +20,13 @@ def mesh_config() -> ml_collections.ConfigDict:
     mesh.axis_names = ("data", "model")  # data: batch / FSDP axis, model: tensor-parallel axis
     mesh.fsdp_tp = True  # shard params/optimizer state by models.sharding.DEFAULT_RULES; False = replicate
     return mesh
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    """Multi-process (multi-host) settings read by common.distributed.initialize; all unset = one process."""
+    d = ml_collections.ConfigDict()
+    d.coordinator_address = ""  # HOST:PORT of process 0's coordinator; '' = env JAX_COORDINATOR_ADDRESS (or none)
+    d.num_processes = 0  # processes in the run; 0 = env JAX_NUM_PROCESSES (or auto-detected)
+    d.process_id = -1  # this process's index in [0, num_processes); -1 = env JAX_PROCESS_ID (or auto-detected)
+    d.auto = False  # True: let JAX detect unset values from the cluster (SLURM, Open MPI, Cloud TPU, k8s)
+    return d

@@ -11,7 +11,7 @@ lam 0.95, temperature 0.7, 53 new tokens).
 
 import ml_collections
 
-from configs.common import mesh_config, parse_arg
+from configs.common import distributed_config, mesh_config, parse_arg
 
 
 def get_config(arg=None):
@@ -27,15 +27,27 @@ def get_config(arg=None):
     c.policy.param_dtype = "float32"  # parameter dtype
     c.policy.remat = False  # jax.checkpoint each block
     c.policy.remat_policy = "nothing_saveable"
+    c.policy.lora_rank = 0  # LoRA adapter rank; > 0 trains only the policy's adapters (base frozen); 0 = full
+    c.policy.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
+    c.policy.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
+    c.policy.quant = ""  # '' | 'int8': int8 weight-only frozen base under LoRA (QLoRA); needs lora_rank > 0
+    # Reference policy: 'copy' (separate frozen copy) | 'adapters_off' (the policy with its adapters ignored,
+    # no second base in memory; needs lora_rank > 0) | 'auto' (adapters_off when lora_rank > 0, else copy).
+    c.policy.reference = "auto"
+    c.policy.ref_quant = ""  # '' | 'int8': quantise the separate reference copy (reference='copy' only)
 
     c.reward = ml_collections.ConfigDict()
     c.reward.workdir = ""  # RM workdir written by configs/rm.py (normalisation read from its checkpoint)
     c.reward.init_from = ""  # or: an exported HF reward folder (python -m rm.export)
     c.reward.dtype = "float32"  # compute dtype of the frozen reward model
+    c.reward.quant = ""  # '' | 'int8': int8 weight-only frozen reward model (LoRA adapters merged first)
     c.reward.missing_eos_penalty = 1.0  # subtracted from the score of responses that never emit EOS
 
     c.value = ml_collections.ConfigDict()
     c.value.init = "reward"  # 'reward': separate value model initialised from the RM; 'policy_head': head on the policy
+    c.value.lora_rank = 0  # LoRA rank of the value model (init='reward'); 0 = full fine-tune
+    c.value.lora_alpha = 16.0  # value adapters' output scale is lora_alpha / lora_rank
+    c.value.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # value-model projections with adapters
 
     c.data = ml_collections.ConfigDict()
     c.data.prompt_files = ""  # JSONL/JSON/Parquet with `prompt` (string or message list), comma-separated
@@ -81,6 +93,7 @@ def get_config(arg=None):
     c.train.keep_checkpoints = 2
 
     c.mesh = mesh_config()
+    c.distributed = distributed_config()  # multi-process runs (see common/distributed.py); unset = one process
 
     if args["size"] == "tiny":
         c.data.max_prompt_length = 16

@@ -9,7 +9,7 @@ Variant: `configs/rm.py:size=tiny` (short run, small batches, short sequences; C
 
 import ml_collections
 
-from configs.common import mesh_config, parse_arg
+from configs.common import distributed_config, mesh_config, parse_arg
 
 
 def get_config(arg=None):
@@ -25,6 +25,10 @@ def get_config(arg=None):
     c.model.param_dtype = "float32"  # parameter dtype: float32 | bfloat16
     c.model.remat = False  # jax.checkpoint each transformer block (less memory, more compute)
     c.model.remat_policy = "nothing_saveable"  # what remat may keep: nothing_saveable | dots_saveable | ...
+    c.model.lora_rank = 0  # LoRA adapter rank; > 0 trains only adapters + head (base frozen); 0 = full fine-tune
+    c.model.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
+    c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
+    c.model.quant = ""  # '' | 'int8': int8 weight-only frozen base under LoRA (QLoRA); needs lora_rank > 0
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # preference files, comma-separated (.jsonl/.json/.parquet) or a hub name
@@ -58,6 +62,7 @@ def get_config(arg=None):
     c.eval.normalize_on = "eval"  # responses whose rewards get mean 0 / std 1: 'eval', 'train' or files
 
     c.mesh = mesh_config()
+    c.distributed = distributed_config()  # multi-process runs (see common/distributed.py); unset = one process
 
     c.debug = ml_collections.ConfigDict()
     c.debug.inject_nan_at_step = -1  # make the loss NaN at this step (tests the NaN guard); -1 = off

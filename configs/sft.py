@@ -14,7 +14,7 @@ Variant: `configs/sft.py:size=tiny` (tiny model, short run, short sequences; CPU
 
 import ml_collections
 
-from configs.common import mesh_config, parse_arg
+from configs.common import distributed_config, mesh_config, parse_arg
 
 
 def get_config(arg=None):
@@ -75,6 +75,7 @@ def get_config(arg=None):
     c.export.hf = True  # write the final model to workdir/hf as a Hugging Face causal-LM folder
 
     c.mesh = mesh_config()
+    c.distributed = distributed_config()  # multi-process runs (see common/distributed.py); unset = one process
 
     c.debug = ml_collections.ConfigDict()
     c.debug.inject_nan_at_step = -1  # make the loss NaN at this step (tests the NaN guard); -1 = off

@@ -6,6 +6,8 @@
 `config.trainer` is a key of TRAINERS or a dotted module path; the module's
 `train(config, workdir)` runs. Overrides must name existing config fields.
 Re-running the same command with the same workdir resumes from its checkpoint.
+Multi-process runs: start the same command once per process with JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID (or config.distributed.*); see common/distributed.py.
 """
 
 import importlib
@@ -14,6 +16,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from common import distributed
 
 TRAINERS = {
     'rm': 'rm.train',
@@ -65,6 +69,8 @@ def main(argv):
   if 'trainer' not in config:
     raise ValueError('The config has no `trainer` field; set it to one of '
                      f'{sorted(TRAINERS)} or a dotted module path.')
+  # Before anything touches a device: a multi-process run joins JAX's distributed runtime here.
+  distributed.initialize(config)
   module = importlib.import_module(trainer_module(config.trainer))
   if not callable(getattr(module, 'train', None)):
     raise AttributeError(f'{module.__name__} has no train(config, workdir) function.')

@@ -4,6 +4,8 @@
 
 DIR (config.json, model.safetensors, tokenizer files) loads with
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)`; its logits match ours in fp32.
+A LoRA policy (policy.lora_rank > 0, int8 base or not) is exported merged into a float model:
+W + (alpha / r) A B; the frozen base comes from the checkpoint's 'frozen' tree.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 
 from common.checkpoint import CheckpointManager
 from models.hf import save_hf_checkpoint
+from models.lora import combine_params, merge_lora
 from rm.model import load_model_config
 
 
@@ -21,11 +24,17 @@ def export(workdir: str, out: str, *, step=None) -> str:
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     try:
         params, extra = ckpt.restore_subtree("params", step=step)
+        try:  # LoRA runs keep the frozen bases apart from the trainable adapters (ppo/train.py)
+            frozen, _ = ckpt.restore_subtree("frozen", step=step)
+        except KeyError:
+            frozen = {}
     finally:
         ckpt.close()
+    params = combine_params(params, frozen)
     if "policy" not in params:
         raise ValueError(f"{workdir} does not hold a PPO policy (params keys: {sorted(params)})")
-    save_hf_checkpoint(config, params["policy"], out, tokenizer_dir=os.path.join(workdir, "tokenizer"))
+    policy, config = merge_lora(params["policy"], config)  # the HF folder is a plain float model
+    save_hf_checkpoint(config, policy, out, tokenizer_dir=os.path.join(workdir, "tokenizer"))
     return out
 
 

@@ -16,11 +16,14 @@ Shapes: B rollouts, P prompt slots (left-padded), N = max_new_tokens.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from models.heads import ScalarHead
+from models.lora import strip_lora
 from models.sampling import make_generate_fn
 from models.transformer import Transformer, TransformerConfig
 from ppo import losses as L
@@ -54,6 +57,17 @@ class ModelSpecs:
     reward: TransformerConfig = flax.struct.field(pytree_node=False)
     value: TransformerConfig = flax.struct.field(pytree_node=False)  # unused when value_head_on_policy
     value_head_on_policy: bool = flax.struct.field(pytree_node=False, default=False)
+    # The reference policy's config when it is a separate tree (e.g. an int8 copy); None = `policy`'s.
+    reference: Optional[TransformerConfig] = flax.struct.field(pytree_node=False, default=None)
+    # True: the reference is the policy's own params with the LoRA adapters ignored (its frozen
+    # base), so no second copy of the base is held and the rollout's `ref_params` is unused.
+    reference_adapters_off: bool = flax.struct.field(pytree_node=False, default=False)
+
+    def reference_config(self) -> TransformerConfig:
+        """Config the reference forward runs with."""
+        if self.reference_adapters_off:
+            return self.policy.replace(lora_rank=0)  # plain (or int8) projections read only the base
+        return self.reference or self.policy
 
 
 def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query_mask, response_ids,
@@ -84,6 +98,10 @@ def reference_logprobs(config: TransformerConfig, ref_params, query_ids, query_m
 def make_rollout_fn(specs: ModelSpecs, settings):
     """Jittable `fn(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng) -> Rollout`.
 
+    params: the full trainable + frozen tree {'policy', 'value' | 'value_head'}. ref_params is
+    ignored (pass None) when `specs.reference_adapters_off`: the reference is then
+    params['policy'] without its adapters.
+
     settings: a dict of static values: max_new_tokens, temperature, top_k, top_p, eos_token_id,
     stop_token_ids, missing_eos_penalty, kl_estimator, gamma, lam, whiten_rewards.
     norm: [2] array (gain, bias) of the reward model.
@@ -102,7 +120,8 @@ def make_rollout_fn(specs: ModelSpecs, settings):
         tempered = logits / s["temperature"]
         logprobs = L.logprobs_from_logits(tempered, response_ids) * maskf
         entropy = L.entropy_from_logits(tempered) * maskf
-        ref_logprobs = reference_logprobs(specs.policy, ref_params, query_ids, query_mask, response_ids,
+        ref_tree = strip_lora(params["policy"]) if specs.reference_adapters_off else ref_params
+        ref_logprobs = reference_logprobs(specs.reference_config(), ref_tree, query_ids, query_mask, response_ids,
                                           response_mask, temperature=s["temperature"]) * maskf
         values = values * maskf
 

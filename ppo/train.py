@@ -8,6 +8,13 @@ Each step: one rollout batch (ppo/rollout.py), then `ppo_epochs` passes over shu
 minibatches of it with gradient accumulation, all in one jitted update. Trainable state:
 {'policy', 'value'} (or {'policy', 'value_head'}); the reference policy and the reward model
 are frozen trees passed as arguments. Writes metrics.jsonl, samples.jsonl, checkpoints/.
+
+Memory options (configs/ppo.py): LoRA on the policy (policy.lora_rank) and on the value model
+(value.lora_rank) puts only adapters and heads in the train state (optimizer moments for them
+alone); the frozen bases (int8 with policy.quant) form a separate `frozen` tree, an argument of
+the update (not donated) that checkpoints also hold under 'frozen'. policy.reference=
+'adapters_off' makes the reference the policy's own base (no second copy); reward.quant and
+policy.ref_quant store the frozen reward model / reference copy as int8.
 """
 
 from __future__ import annotations
@@ -23,19 +30,22 @@ import numpy as np
 import optax
 
 from common.checkpoint import CheckpointManager
-from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
+from common.distributed import gather_to_host, is_main_process
+from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
 from common.run_utils import PreemptionHandler, check_finite
 from models.hf import load_hf_checkpoint
 from models.heads import ScalarHead
+from models.lora import combine_params, lora_trainable, merge_lora, partition_params, strip_lora
+from models.quant import quantize_params
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 from ppo import losses as L
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
 from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, response_logits_and_values, rollout_metrics
 from rm import data as rm_data
-from rm.model import load_reward_model, save_model_config
+from rm.model import add_lora_and_quant, load_reward_model, save_model_config
 
 UPDATE_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values", "advantages",
                "returns")
@@ -57,12 +67,19 @@ def ppo_loss(params, batch, _rng, *, specs, temperature, clip_eps, vf_clip_eps, 
                   "policy/entropy": entropy, "policy/ratio": pg_m["ratio_mean"]}
 
 
-def ppo_update(state, rollout: dict, *, tx, loss_fn, ppo_epochs, num_minibatches, accum_steps):
+def ppo_update(state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, num_minibatches, accum_steps):
     """All PPO epochs over shuffled minibatches of one rollout batch, as one pure function.
 
-    rollout: dict of UPDATE_KEYS arrays with leading dim B. Returns (state, mean metrics).
+    rollout: dict of UPDATE_KEYS arrays with leading dim B. frozen: the non-trainable part of
+    the params (LoRA bases; None or {} without LoRA), joined with state['params'] inside the
+    loss so gradients are taken w.r.t. the trainable part only. Returns (state, mean metrics).
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    frozen = frozen or {}
+
+    def trainable_loss(params, batch, micro_rng):
+        return loss_fn(combine_params(params, frozen), batch, micro_rng)
+
     b = rollout["query_ids"].shape[0]
     mb = b // num_minibatches
     perms = jax.vmap(lambda k: jax.random.permutation(k, b))(jax.random.split(jax.random.fold_in(rng, 1), ppo_epochs))
@@ -71,7 +88,7 @@ def ppo_update(state, rollout: dict, *, tx, loss_fn, ppo_epochs, num_minibatches
     def one_minibatch(carry, idx):
         params, opt_state, i = carry
         batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rollout)
-        _, aux, grads = accumulate_gradients(loss_fn, params, batch, jax.random.fold_in(rng, i),
+        _, aux, grads = accumulate_gradients(trainable_loss, params, batch, jax.random.fold_in(rng, i),
                                              accum_steps=accum_steps)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -84,6 +101,8 @@ def ppo_update(state, rollout: dict, *, tx, loss_fn, ppo_epochs, num_minibatches
 
 
 def _dump(path, obj):
+    if not is_main_process():  # multi-process runs: one writer
+        return
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
 
@@ -111,6 +130,63 @@ def _load_models(config, tokenizer):
     return policy_config, policy_params, reward
 
 
+def _frozen_reward(config, reward):
+    """(reward config, reward params, float config, float params) of the loaded reward model.
+
+    A LoRA reward model is merged first (an int8 base dequantised), giving the plain float
+    model the value model starts from; with reward.quant='int8' the scoring copy is then
+    quantised (weight-only, models/quant.py), which the QuantDense path reads directly.
+    """
+    quant = config.reward.quant
+    if quant not in ("", "int8"):
+        raise ValueError(f"config.reward.quant={quant!r}; expected '' or 'int8'")
+    rm_params, rm_config = merge_lora(reward.params, reward.config)
+    if not quant:
+        return rm_config, rm_params, rm_config, rm_params
+    params, qconfig = quantize_params(rm_params, rm_config)
+    return qconfig, params, rm_config, rm_params
+
+
+def _reference(pc, policy_config, policy_params):
+    """(adapters_off, reference config or None, reference params or None) from config.policy.
+
+    'adapters_off': the rollout runs the policy's own params with lora_rank=0 (the frozen base),
+    so nothing is held here. 'copy': a separate frozen copy of the initial policy without
+    adapters, quantised to int8 with policy.ref_quant.
+    """
+    mode = pc.reference
+    if mode == "auto":
+        mode = "adapters_off" if pc.lora_rank > 0 else "copy"
+    if mode not in ("copy", "adapters_off"):
+        raise ValueError(f"config.policy.reference={mode!r}; expected 'auto', 'copy' or 'adapters_off'")
+    if pc.ref_quant not in ("", "int8"):
+        raise ValueError(f"config.policy.ref_quant={pc.ref_quant!r}; expected '' or 'int8'")
+    if mode == "adapters_off":
+        if policy_config.lora_rank <= 0:
+            raise ValueError("config.policy.reference='adapters_off' needs config.policy.lora_rank > 0: without "
+                             "adapters the policy has no frozen base to serve as the reference")
+        if pc.ref_quant:
+            raise ValueError("config.policy.ref_quant quantises a separate reference copy (reference='copy'); with "
+                             "reference='adapters_off' the reference is the policy's base: set config.policy.quant")
+        return True, None, None
+    ref_config = policy_config.replace(lora_rank=0)
+    ref_params = jax.tree.map(jnp.array, strip_lora(policy_params))  # a copy: the policy's leaves get donated
+    if pc.ref_quant and not ref_config.quant:  # (an int8 policy base is copied as int8 already)
+        ref_params, ref_config = quantize_params(ref_params, ref_config)
+    return False, ref_config, ref_params
+
+
+def _trainable_predicate(*, policy_lora: bool, value_lora: bool):
+    """Path predicate for partition_params: a LoRA'd model trains only adapters and heads."""
+    def trainable(path: str) -> bool:
+        top = path.split("/", 1)[0]
+        if (top == "policy" and policy_lora) or (top == "value" and value_lora):
+            return lora_trainable(path)
+        return True
+
+    return trainable
+
+
 def train(config, workdir: str) -> dict:
     """Run PPO as configured; returns the last metrics."""
     t0 = time.time()
@@ -125,21 +201,40 @@ def train(config, workdir: str) -> dict:
     _dump(os.path.join(workdir, "data_stats.json"), prompts.stats)
 
     policy_config, policy_params, reward = _load_models(config, tokenizer)
-    save_model_config(workdir, policy_config)
-    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     rng = jax.random.key(config.seed)
-    head_on_policy = config.value.init == "policy_head"
-    if config.value.init not in ("reward", "policy_head"):
-        raise ValueError(f"config.value.init={config.value.init!r}; expected 'reward' or 'policy_head'")
-    specs = ModelSpecs(policy=policy_config, reward=reward.config, value=reward.config,
-                       value_head_on_policy=head_on_policy)
+    pc, vc = config.policy, config.value
+    policy_config, policy_params = add_lora_and_quant(
+        policy_config, policy_params, lora_rank=pc.lora_rank, lora_alpha=pc.lora_alpha, lora_targets=pc.lora_targets,
+        quant=pc.quant, rng=jax.random.fold_in(rng, 4), where="policy")
+    if is_main_process():
+        save_model_config(workdir, policy_config)  # records lora_* / quant: ppo.export merges the adapters
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    head_on_policy = vc.init == "policy_head"
+    if vc.init not in ("reward", "policy_head"):
+        raise ValueError(f"config.value.init={vc.init!r}; expected 'reward' or 'policy_head'")
+    reward_config, reward_params, rm_config, rm_params = _frozen_reward(config, reward)
+    ref_adapters_off, ref_config, ref_params = _reference(pc, policy_config, policy_params)
     if head_on_policy:
+        if vc.lora_rank:
+            raise ValueError("config.value.lora_rank applies to a separate value model (value.init='reward'); with "
+                             "value.init='policy_head' the value head sits on the policy (use policy.lora_rank)")
+        value_config = rm_config
         value_tree = {"value_head": ScalarHead(param_dtype=policy_config.param_dtype).init(
             jax.random.fold_in(rng, 3), jnp.zeros((1, policy_config.d_model)))["params"]}
-    else:
-        value_tree = {"value": jax.tree.map(jnp.array, reward.params)}  # a trainable copy of the RM
-    params = {"policy": policy_params, **value_tree}
-    ref_params = jax.tree.map(jnp.array, policy_params)
+    else:  # the value model starts as the (merged, float) reward model
+        value_config, value_params = add_lora_and_quant(
+            rm_config, rm_params, lora_rank=vc.lora_rank, lora_alpha=vc.lora_alpha, lora_targets=vc.lora_targets,
+            rng=jax.random.fold_in(rng, 5), where="value")
+        value_tree = {"value": value_params}
+    specs = ModelSpecs(policy=policy_config, reward=reward_config, value=value_config,
+                       value_head_on_policy=head_on_policy, reference=ref_config,
+                       reference_adapters_off=ref_adapters_off)
+    # Train state holds only the trainable part (everything without LoRA; adapters + heads with it).
+    trainable = _trainable_predicate(policy_lora=policy_config.lora_rank > 0,
+                                     value_lora=not head_on_policy and value_config.lora_rank > 0)
+    params, frozen = partition_params({"policy": policy_params, **value_tree}, trainable)
+    if "value" in params:  # the update donates trainable leaves: they must not alias the reward model's arrays
+        params["value"] = jax.tree.map(jnp.array, params["value"])
 
     tc = config.train
     if tc.batch_size % tc.num_minibatches or (tc.batch_size // tc.num_minibatches) % tc.grad_accum_steps:
@@ -153,13 +248,18 @@ def train(config, workdir: str) -> dict:
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
     params = shard_params(params, mesh, rules)
-    ref_params = shard_params(ref_params, mesh, rules)
-    reward_params = shard_params(reward.params, mesh, rules)
+    frozen_sharding = tree_shardings(frozen, mesh, rules)
+    frozen = shard_params(frozen, mesh, rules)  # placed as the params are (same rules)
+    ref_params = None if ref_params is None else shard_params(ref_params, mesh, rules)
+    reward_params = shard_params(reward_params, mesh, rules)
     opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
     state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32),
              "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
     state_sharding = tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_sharding)
+
+    def to_save(state):  # checkpoints also hold the frozen bases, so the workdir is self-contained
+        return dict(state, frozen=frozen) if frozen else state
 
     kl_ctl = make_kl_controller(kind=config.kl.kind, init_beta=config.kl.init_beta, target=config.kl.target,
                                 horizon=config.kl.horizon)
@@ -167,7 +267,9 @@ def train(config, workdir: str) -> dict:
                              max_to_keep=tc.keep_checkpoints)
     start_step = 0
     if ckpt.latest_step() is not None:
-        state, extra = ckpt.restore(state)
+        restored, extra = ckpt.restore(to_save(state))
+        state = {k: v for k, v in restored.items() if k != "frozen"}
+        frozen = restored.get("frozen", frozen)
         start_step = int(extra["step"])
         kl_ctl.load_state_dict(extra["kl"])
         print(f"Resuming from checkpoint at step {start_step} in {workdir}/checkpoints", flush=True)
@@ -186,7 +288,7 @@ def train(config, workdir: str) -> dict:
                                 vf_clip_eps=tc.vf_clip_eps, vf_coef=tc.vf_coef)
     update_fn = jax.jit(functools.partial(ppo_update, tx=tx, loss_fn=loss_fn, ppo_epochs=tc.ppo_epochs,
                                           num_minibatches=tc.num_minibatches, accum_steps=tc.grad_accum_steps),
-                        in_shardings=(state_sharding, batch_sharding(mesh)),
+                        in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
                         out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
     norm = jnp.asarray([reward.gain, reward.bias], jnp.float32)
 
@@ -197,15 +299,16 @@ def train(config, workdir: str) -> dict:
     with PreemptionHandler() as preemption:
         while step < tc.steps:
             _, batch = next(batches)
-            batch = shard_batch({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mesh)
+            batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            batch = shard_batch(local_rows(batch, mesh), mesh)
             beta = kl_ctl.value
             t1 = time.time()
             roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-            rollout = rollout_fn(state["params"], ref_params, reward_params, norm, jnp.float32(beta),
-                                 batch["input_ids"], batch["attention_mask"], roll_rng)
+            rollout = rollout_fn(combine_params(state["params"], frozen), ref_params, reward_params, norm,
+                                 jnp.float32(beta), batch["input_ids"], batch["attention_mask"], roll_rng)
             rmetrics = jax.device_get(rollout_metrics(rollout, beta))
             t2 = time.time()
-            state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in UPDATE_KEYS})
+            state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in UPDATE_KEYS}, frozen)
             umetrics = jax.device_get(umetrics)
             t3 = time.time()
             timing["rollout"] += t2 - t1
@@ -223,10 +326,10 @@ def train(config, workdir: str) -> dict:
             last = metrics
             progress.update(1, score=metrics["objective/scores"], kl=metrics["objective/kl"])
             extra = {"step": step, "kl": kl_ctl.state_dict()}
-            if ckpt.save(step, state, extra, force=step == tc.steps):
+            if ckpt.save(step, to_save(state), extra, force=step == tc.steps):
                 last_saved = step
             if preemption.sync_requested():
-                ckpt.save(step, state, extra, force=True)
+                ckpt.save(step, to_save(state), extra, force=True)
                 preempted = True
                 break
     progress.close()
@@ -242,7 +345,7 @@ def train(config, workdir: str) -> dict:
 
 
 def _truncate_samples(path, step):
-    if not os.path.exists(path):
+    if not is_main_process() or not os.path.exists(path):
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
@@ -251,13 +354,13 @@ def _truncate_samples(path, step):
 
 
 def _write_samples(path, step, tokenizer, rollout: Rollout, n):
-    if jax.process_index() != 0:
+    # All processes call this: the rollout's rows live on every process and are gathered first.
+    first = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask, rollout.scores)
+    q, qm, r, rmask, scores = gather_to_host(jax.tree.map(lambda x: x[:n], first))
+    if not is_main_process():
         return
-    q, qm = np.asarray(rollout.query_ids), np.asarray(rollout.query_mask)
-    r, rmask = np.asarray(rollout.response_ids), np.asarray(rollout.response_mask)
-    scores = np.asarray(rollout.scores)
     with open(path, "a") as f:
         for i in range(min(n, len(q))):
-            prompt = tokenizer.decode(q[i][qm[i] > 0])
-            response = tokenizer.decode(r[i][rmask[i] > 0])
+            prompt = tokenizer.decode(q[i][qm[i] > 0], skip_special_tokens=True)
+            response = tokenizer.decode(r[i][rmask[i] > 0], skip_special_tokens=True)
             f.write(json.dumps({"step": step, "prompt": prompt, "response": response, "score": float(scores[i])}) + "\n")

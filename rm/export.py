@@ -14,6 +14,7 @@ How our head maps onto HF's (whose `score` Linear has no bias):
     written as `reward_offset` in config.json, and score = logit + config.reward_offset.
   config.json also records `reward_normalization` {gain, bias, head_bias} for provenance.
   --no-normalize exports raw scores (gain 1, c 0).
+A LoRA (or int8 + LoRA) reward model is exported merged: W + (alpha / r) A B, in float.
 
 Padding: HF reads the score at the last token that is not `pad_token_id`. When the training
 tokenizer pads with EOS (GPT-2 style), the export adds a distinct '<|rm_pad|>' token (and
@@ -31,6 +32,7 @@ import os
 import numpy as np
 
 from models.hf import save_hf_checkpoint
+from models.lora import merge_lora
 from rm import data as rm_data
 from rm.model import load_reward_model
 
@@ -50,7 +52,9 @@ def _append_eos_postprocessor(tokenizer):
 
 def export(workdir: str, out: str, *, normalize: bool = True) -> str:
     model = load_reward_model(workdir)
-    config, params = model.config, model.params
+    # LoRA adapters are folded into the base weights (an int8 base is dequantised first), so
+    # the folder is a plain float model that transformers loads without PEFT.
+    params, config = merge_lora(model.params, model.config)
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
     gain, c = (model.gain, model.bias) if normalize else (1.0, 0.0)
     w = np.asarray(params["head"]["kernel"], np.float64)[:, 0]  # [d]

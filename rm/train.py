@@ -24,7 +24,8 @@ import numpy as np
 import optax
 
 from common.checkpoint import CheckpointManager
-from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
+from common.distributed import is_main_process
+from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
 from common.run_utils import PreemptionHandler, check_finite
@@ -33,7 +34,8 @@ from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_
 from rm import data as rm_data
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
 from rm.losses import bradley_terry_loss
-from rm.model import compute_rewards, rm_params_from_backbone, save_model_config
+from models.lora import combine_params
+from rm.model import add_lora_and_quant, compute_rewards, rm_params_from_backbone, save_model_config, split_trainable
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,19 @@ def pair_rewards(model_config, params, batch):
     return rewards[:b], rewards[b:]
 
 
-def train_step(state, batch, *, model_config, tx, schedule, accum_steps, center_coef, use_margin, nan_step):
-    """One optimizer step (with gradient accumulation). Pure: (state, batch) -> (state, metrics)."""
+def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_steps, center_coef, use_margin,
+               nan_step):
+    """One optimizer step (with gradient accumulation). Pure: (state, batch, frozen) -> (state, metrics).
+
+    state['params'] is the trainable tree only (all params, or LoRA adapters + head); `frozen`
+    is the rest (the frozen, possibly int8, base; None or {} without LoRA). Gradients and
+    optimizer moments exist only for the trainable tree; the two are joined inside the loss.
+    """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    frozen = frozen or {}
 
     def loss_fn(params, micro, _rng):
-        chosen, rejected = pair_rewards(model_config, params, micro)
+        chosen, rejected = pair_rewards(model_config, combine_params(params, frozen), micro)
         margin = micro["margin"] if use_margin else None
         return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef)
 
@@ -117,6 +126,8 @@ def normalization_rewards(config, eval_fn, params, train_data, eval_data, tokeni
 
 
 def _dump(path, obj):
+    if not is_main_process():  # multi-process runs: one writer
+        return
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
 
@@ -148,11 +159,19 @@ def train(config, workdir: str) -> dict:
     model_config = model_config.replace(remat=config.model.remat, remat_policy=config.model.remat_policy)
     if model_config.pad_token_id is None:
         model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
-    save_model_config(workdir, model_config)
-    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     rng = jax.random.key(config.seed)
     params = rm_params_from_backbone(model_config, backbone, jax.random.fold_in(rng, 1))
     del backbone
+    mc = config.model
+    model_config, params = add_lora_and_quant(model_config, params, lora_rank=mc.lora_rank, lora_alpha=mc.lora_alpha,
+                                              lora_targets=mc.lora_targets, quant=mc.quant,
+                                              rng=jax.random.fold_in(rng, 3), where="model")
+    if is_main_process():
+        save_model_config(workdir, model_config)  # records lora_* and quant: the loader rebuilds the same tree
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    # Only the trainable half goes into the train state (optimizer moments for it alone); the
+    # frozen base is a separate argument of the step and lives in checkpoints under 'frozen'.
+    params, frozen = split_trainable(model_config, params)
 
     tc = config.train
     tx, schedule = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps,
@@ -162,17 +181,27 @@ def train(config, workdir: str) -> dict:
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
     params = shard_params(params, mesh, rules)
+    frozen_sharding = tree_shardings(frozen, mesh, rules)
+    frozen = shard_params(frozen, mesh, rules)  # placed as the params are (same rules)
     opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
     state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32),
              "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
     state_sharding = tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_sharding)
 
+    def to_save(state):  # the checkpoint also holds the frozen base, so the workdir is self-contained
+        return dict(state, frozen=frozen) if frozen else state
+
+    def full_params(state):
+        return combine_params(state["params"], frozen)
+
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
                              max_to_keep=tc.keep_checkpoints)
     start_step = 0
     if ckpt.latest_step() is not None:
-        state, extra = ckpt.restore(state)
+        restored, extra = ckpt.restore(to_save(state))
+        state = {k: v for k, v in restored.items() if k != "frozen"}
+        frozen = restored.get("frozen", frozen)
         start_step = int(extra["step"])
         log.info("resumed from step %d", start_step)
         print(f"Resuming from checkpoint at step {start_step} in {workdir}/checkpoints", flush=True)
@@ -184,9 +213,10 @@ def train(config, workdir: str) -> dict:
         train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
         center_coef=tc.center_coef, use_margin=bool(tc.use_margin and train_data.has_margin),
         nan_step=config.debug.inject_nan_at_step),
-        in_shardings=(state_sharding, batch_sharding(mesh)), out_shardings=(state_sharding, replicated(mesh)),
-        donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(pair_rewards, model_config))
+        in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
+        out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+    # Replicated outputs: every process can read all rewards (np.asarray) in a multi-process run.
+    eval_fn = jax.jit(functools.partial(pair_rewards, model_config), out_shardings=replicated(mesh))
     eval_bs = config.eval.batch_size
 
     def run_eval(step, params):
@@ -221,8 +251,8 @@ def train(config, workdir: str) -> dict:
     with PreemptionHandler() as preemption:
         while step < tc.steps:
             _, batch = next(batches)
-            batch = shard_batch(trim_to_bucket(batch, config.data.bucket), mesh)
-            state, m = step_fn(state, batch)
+            batch = shard_batch(local_rows(trim_to_bucket(batch, config.data.bucket), mesh), mesh)
+            state, m = step_fn(state, batch, frozen)
             pending.append(m)
             step += 1
             is_last = step == tc.steps
@@ -231,12 +261,12 @@ def train(config, workdir: str) -> dict:
                 progress.update(step - shown, loss=last["train/loss"], acc=last["train/accuracy"])
                 shown = step
             if tc.eval_every and step % tc.eval_every == 0 and not is_last:
-                run_eval(step, state["params"])
-            if not is_last and ckpt.save(step, state, {"step": step}):
+                run_eval(step, full_params(state))
+            if not is_last and ckpt.save(step, to_save(state), {"step": step}):
                 last_saved = step
             if preemption.sync_requested():
                 flush(step)
-                ckpt.save(step, state, {"step": step}, force=True)
+                ckpt.save(step, to_save(state), {"step": step}, force=True)
                 preempted = True
                 break
     progress.close()
@@ -246,17 +276,19 @@ def train(config, workdir: str) -> dict:
         return {"preempted_at": step}
 
     # ---- final evaluation, calibration plot and reward normalisation
-    final = run_eval(step, state["params"])
+    final = run_eval(step, full_params(state))
     if eval_data is not None:
-        chosen, rejected = evaluate(eval_fn, state["params"], eval_data, batch_size=eval_bs, bucket=config.data.bucket)
-        plot_reliability_diagram(chosen, rejected, os.path.join(workdir, "reliability.png"), n_bins=config.eval.n_bins,
-                                 title=f"reward model, step {step}")
-    norm_rewards = normalization_rewards(config, eval_fn, state["params"], train_data, eval_data, tokenizer,
+        chosen, rejected = evaluate(eval_fn, full_params(state), eval_data, batch_size=eval_bs,
+                                    bucket=config.data.bucket)
+        if is_main_process():
+            plot_reliability_diagram(chosen, rejected, os.path.join(workdir, "reliability.png"),
+                                     n_bins=config.eval.n_bins, title=f"reward model, step {step}")
+    norm_rewards = normalization_rewards(config, eval_fn, full_params(state), train_data, eval_data, tokenizer,
                                          batch_size=eval_bs, bucket=config.data.bucket)
     gain, bias = compute_normalization(norm_rewards)
     normalization = {"gain": gain, "bias": bias, "source": str(config.eval.normalize_on), "n": int(norm_rewards.size)}
     _dump(os.path.join(workdir, "normalization.json"), normalization)
-    ckpt.save(step, state, {"step": step, "normalization": normalization}, force=True)
+    ckpt.save(step, to_save(state), {"step": step, "normalization": normalization}, force=True)
     ckpt.close()
     summary = dict(final, step=step, wall_time_s=time.time() - t0, normalization=normalization,
                    data=_flat_stats(stats))

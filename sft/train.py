@@ -32,7 +32,8 @@ import numpy as np
 import optax
 
 from common.checkpoint import CheckpointManager
-from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
+from common.distributed import is_main_process
+from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
 from common.run_utils import PreemptionHandler, check_finite
@@ -205,6 +206,8 @@ def build_model(config, tokenizer, mesh, rules, rng):
 
 
 def _dump(path, obj):
+    if not is_main_process():  # multi-process runs: one writer
+        return
     with open(path, 'w') as f:
         json.dump(obj, f, indent=2, sort_keys=True)
 
@@ -247,8 +250,9 @@ def train(config, workdir: str) -> dict:
     rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
     rng = jax.random.key(config.seed)
     model_config, params = build_model(config, tokenizer, mesh, rules, jax.random.fold_in(rng, 1))
-    save_model_config(workdir, model_config)
-    tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+    if is_main_process():
+        save_model_config(workdir, model_config)
+        tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
 
     tx, schedule = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps,
                                   warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
@@ -277,7 +281,8 @@ def train(config, workdir: str) -> dict:
         nan_step=config.debug.inject_nan_at_step),
         in_shardings=(state_sharding, batch_sharding(mesh)), out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_sums, model_config))
+    # Replicated outputs: every process can read the sums in a multi-process run.
+    eval_fn = jax.jit(functools.partial(eval_sums, model_config), out_shardings=replicated(mesh))
 
     def run_eval(step, params, *, write=True):
         if eval_data is None:
@@ -315,7 +320,7 @@ def train(config, workdir: str) -> dict:
     with PreemptionHandler() as preemption:
         while step < tc.steps:
             _, batch = next(batches)
-            batch = shard_batch(trim_to_bucket(batch, config.data.bucket), mesh)
+            batch = shard_batch(local_rows(trim_to_bucket(batch, config.data.bucket), mesh), mesh)
             state, m = step_fn(state, batch)
             pending.append(m)
             step += 1
