@@ -1,0 +1,492 @@
+"""Reward-model training throughput: ours (JAX) vs TRL's RewardTrainer vs a plain PyTorch step.
+
+  python -m benchmarks.rm_throughput [--shapes tiny,small] [--reps 3] [--steps N] [--threads 2] \
+      [--lengths full|variable] [--out benchmarks/results/rm_throughput.json]
+
+About 10 minutes at the defaults on an idle 2-core machine (much longer on a busy one).
+
+What is measured
+  Non-pad tokens per second of one reward-model optimizer step: a forward pass of the
+  concatenated [2B, T] chosen+rejected batch, the Bradley-Terry loss
+  -mean(log_sigmoid(r_c - r_r)), the backward pass, global-norm gradient clipping at 1.0 and
+  an AdamW update (weight decay 0, lr 1e-5, fp32 everywhere). The time is the steady-state wall
+  time of the training loop after warm-up, so it includes what each loop does per step beyond
+  the maths (batch collation and host->device placement, TRL's per-step metric `.item()`s,
+  our periodic metric fetch):
+
+  ours        `rm.train.train_step`, jitted with `donate_argnums=(0,)` and built exactly as
+              `rm/train.py` builds it (load_hf_checkpoint -> rm_params_from_backbone ->
+              make_optimizer -> replicated state on a `make_mesh` mesh; each batch goes through
+              `trim_to_bucket` (bucket 64) and `shard_batch`; metrics are fetched every 10 steps as
+              the trainer's log_every does). Run twice: with the process's XLA_FLAGS
+              ("xla-default") and with `--xla_cpu_experimental_ynn_fusion_type=` appended
+              ("ynn-off"). The faster median is the headline "ours"; both are reported.
+  trl-default `trl.RewardTrainer` with `RewardConfig` at its defaults except what a fair fp32
+              CPU benchmark needs (bf16=False, use_cpu, no eval/saving/logging/tqdm, report_to
+              none, dataloader workers 0, sequential sampler so every framework sees the same
+              batches). RewardConfig turns gradient checkpointing ON by default (it overrides
+              TrainingArguments' False); the worker records args.gradient_checkpointing and the
+              model's is_gradient_checkpointing to show it. Optimizer: the Trainer's default
+              (adamw_torch_fused with torch >= 2.8), linear schedule. Step time = interval between
+              consecutive `on_step_end` callbacks (includes the dataloader + collator).
+  trl-no-gc   the same with gradient_checkpointing=False.
+  torch       the bar: AutoModelForSequenceClassification forward on the [2B, T] batch, BT
+              loss, backward, clip_grad_norm_, fused torch.optim.AdamW, zero_grad; eager mode,
+              tensors prepared ahead.
+
+Model and data
+  GPT-2 built from a random-weight Hugging Face checkpoint (GPT2ForSequenceClassification,
+  num_labels=1, dropout 0, vocab 1024, biases and LayerNorms perturbed as in
+  tests/hf_fixtures.py) saved once per shape; every framework loads the same file, and ours
+  takes its scalar head from score.weight (bias 0, as HF's GPT-2 score has none), so all
+  start from identical weights. The first-step loss of every run is printed as a check that
+  the same computation is being timed (they agree to ~1e-7).
+    tiny:  2 layers, d_model 64, 4 heads, seq 64
+    small: 4 layers, d_model 256, 4 heads, seq 128
+  Batch: 16 pairs (so 32 sequences a step). Token ids are uniform in [1, 1024) (pad id 0
+  never appears inside a sequence). --lengths full (default): every sequence is T tokens long,
+  so each step has exactly 2*B*T non-pad tokens and nobody pays for padding. --lengths
+  variable: lengths uniform in [T/2, T] with one full-length sequence per batch (so padded
+  shapes stay fixed); only non-pad tokens are counted.
+
+Fairness
+  Each (framework, repetition) runs in its own subprocess, so thread settings and allocator
+  state do not leak: torch uses torch.set_num_threads(--threads) and OMP_NUM_THREADS, XLA sizes
+  its pool from the cores it may use; with --threads below the machine's core count every
+  worker is pinned (sched_setaffinity) to that many cores. Repetitions are interleaved (ours,
+  ours-ynn-off, trl-default, trl-no-gc, torch, ours, ...) so slow drift of the machine hits
+  everybody alike. Ours reuses its compiled step across repetitions through JAX's persistent
+  compilation cache (compilation is never timed; this only saves wall time). Reported: median
+  tokens/s over repetitions (with min-max), the ratios ours/trl-default, ours/trl-no-gc and
+  ours/torch, tokens per CPU-second and the 1-min load average seen before each run.
+
+Reading the numbers on a shared machine
+  When other jobs keep the load above the thread count, wall-clock numbers with 2 threads mostly
+  measure how each runtime copes with oversubscription: torch's OpenMP pool (spinning barriers
+  after every small op) loses far more than XLA's thread pool, which flatters ours. The
+  load-robust comparison is `--threads 1`: one pinned thread each, where tokens per CPU-second
+  is the work each framework needs per token whatever else runs (CPU time of a single thread
+  does not include the time it spends descheduled).
+
+Output: a markdown table on stdout and a JSON file (--out) with every repetition.
+Internal: `--worker KIND --dir D ...` runs one measurement and prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SHAPES = {
+    "tiny": dict(layers=2, d_model=64, heads=4, seq=64, steps=30),
+    "small": dict(layers=4, d_model=256, heads=4, seq=128, steps=5),
+}
+BATCH_PAIRS = 16
+VOCAB = 1024
+WARMUP_STEPS = 2  # steps run before timing (the first includes jit compilation for ours)
+N_DISTINCT_BATCHES = 8  # batches cycled through; enough to defeat any caching, cheap to build
+LEARNING_RATE = 1e-5
+BUCKET = 64  # rm/configs default data.bucket
+LOG_EVERY = 10  # rm/configs default train.log_every: ours fetches metrics this often
+YNN_OFF_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+VARIANTS = ("ours", "ours-ynn-off", "trl-default", "trl-no-gc", "torch")
+
+
+# ----------------------------------------------------------------------------- data + model files
+
+def make_pairs(seq: int, *, lengths: str, seed: int = 0) -> dict:
+    """N_DISTINCT_BATCHES * B right-padded pairs: ids/mask [N, T] int32 for chosen and rejected."""
+    rng = np.random.default_rng(seed)
+    n = N_DISTINCT_BATCHES * BATCH_PAIRS
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids = rng.integers(1, VOCAB, size=(n, seq)).astype(np.int32)  # [N, T], never the pad id 0
+        if lengths == "full":
+            lens = np.full(n, seq)
+        elif lengths == "variable":
+            lens = rng.integers(seq // 2, seq + 1, size=n)
+            if side == "chosen":
+                lens[::BATCH_PAIRS] = seq  # one full row per batch keeps the padded width at T
+        else:
+            raise ValueError(f"--lengths must be 'full' or 'variable', got {lengths!r}")
+        mask = (np.arange(seq)[None, :] < lens[:, None]).astype(np.int32)  # [N, T]
+        out[f"{side}_ids"], out[f"{side}_mask"] = ids * mask, mask
+    return out
+
+
+def batch_at(pairs: dict, step: int) -> dict:
+    """Batch `step` (cycled) with the keys rm.data.train_batches yields."""
+    start = (step % N_DISTINCT_BATCHES) * BATCH_PAIRS
+    batch = {k: v[start:start + BATCH_PAIRS] for k, v in pairs.items()}
+    batch["margin"] = np.zeros(BATCH_PAIRS, np.float32)
+    return batch
+
+
+def tokens_in(pairs: dict, first: int, count: int) -> int:
+    """Non-pad tokens (chosen + rejected) of batches first .. first+count-1."""
+    return sum(int(batch_at(pairs, s)["chosen_mask"].sum() + batch_at(pairs, s)["rejected_mask"].sum())
+               for s in range(first, first + count))
+
+
+def _now() -> tuple[float, float]:
+    """(wall, process CPU) seconds. CPU time of all threads: with one thread it is the work done,
+    whatever else runs on the machine; with more it also counts spin-waiting."""
+    return time.perf_counter(), time.process_time()
+
+
+def worker_prepare(shape: dict, directory: str, lengths: str) -> dict:
+    """Random-weight GPT2ForSequenceClassification (safetensors) + the token pairs (npz)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=max(128, shape["seq"]), n_embd=shape["d_model"],
+                                  n_layer=shape["layers"], n_head=shape["heads"], resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0, num_labels=1)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    with torch.no_grad():  # non-trivial biases and norms, as tests/hf_fixtures.py does
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    np.savez(os.path.join(directory, "pairs.npz"), **make_pairs(shape["seq"], lengths=lengths))
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def _load_pairs(directory: str) -> dict:
+    with np.load(os.path.join(directory, "pairs.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+# ----------------------------------------------------------------------------- workers
+
+def worker_ours(directory: str, steps: int) -> dict:
+    """rm.train.train_step, jitted with donation as rm/train.py builds it."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from common.mesh import make_mesh, replicated, shard_batch
+    from common.optim import make_optimizer
+    from models.hf import load_hf_checkpoint
+    from rm.model import rm_params_from_backbone
+    from rm.train import train_step, trim_to_bucket
+
+    pairs = _load_pairs(directory)
+    model_config, backbone, leftovers = load_hf_checkpoint(directory, with_leftovers=True)
+    model_config = model_config.replace(remat=False, remat_policy="nothing_saveable")
+    rng = jax.random.key(0)
+    params = rm_params_from_backbone(model_config, backbone, jax.random.fold_in(rng, 1))
+    # Same head as the torch runs (HF GPT-2's score layer has no bias).
+    params["head"] = {"kernel": jnp.asarray(leftovers["score.weight"], jnp.float32).T,
+                      "bias": jnp.zeros((1,), jnp.float32)}
+    tx, schedule = make_optimizer(learning_rate=LEARNING_RATE, total_steps=10**6, warmup_steps=0, weight_decay=0.0,
+                                  max_grad_norm=1.0)
+    mesh = make_mesh((-1, 1), ("data", "model"))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
+             "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
+    state = jax.device_put(state, replicated(mesh))
+    step_fn = jax.jit(functools.partial(
+        train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=1, center_coef=0.0,
+        use_margin=False, nan_step=-1), donate_argnums=(0,))
+
+    def place(step):
+        return shard_batch(trim_to_bucket(batch_at(pairs, step), BUCKET), mesh)
+
+    t0 = time.perf_counter()
+    state, m = step_fn(state, place(0))
+    first_loss = float(m["loss"])
+    first_step_s = time.perf_counter() - t0  # compile + one step
+    for s in range(1, WARMUP_STEPS):
+        state, m = step_fn(state, place(s))
+    jax.block_until_ready(state)
+
+    pending = []
+    t0 = _now()
+    for s in range(WARMUP_STEPS, WARMUP_STEPS + steps):
+        state, m = step_fn(state, place(s))
+        pending.append(m)
+        if len(pending) == LOG_EVERY:  # the trainer fetches (and NaN-checks) metrics every log_every steps
+            jax.device_get(pending)
+            pending = []
+    jax.device_get(pending)
+    jax.block_until_ready(state)
+    t1 = _now()
+    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "steps": steps,
+            "tokens": tokens_in(pairs, WARMUP_STEPS, steps), "first_loss": first_loss, "compile_plus_first_step_s": first_step_s,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+
+
+def _torch_setup():
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.manual_seed(0)
+    return torch
+
+
+def _load_torch_model(directory: str):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
+    model.config.pad_token_id = 0
+    return model
+
+
+def worker_torch(directory: str, steps: int) -> dict:
+    """Plain eager PyTorch step: forward [2B, T], BT loss, backward, clip, fused AdamW."""
+    torch = _torch_setup()
+    pairs = _load_pairs(directory)
+    model = _load_torch_model(directory)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0, fused=True)
+    batches = []
+    for s in range(N_DISTINCT_BATCHES):
+        b = batch_at(pairs, s)
+        ids = torch.from_numpy(np.concatenate([b["chosen_ids"], b["rejected_ids"]])).long()  # [2B, T]
+        mask = torch.from_numpy(np.concatenate([b["chosen_mask"], b["rejected_mask"]])).long()  # [2B, T]
+        batches.append((ids, mask))
+
+    def step(s):
+        ids, mask = batches[s % N_DISTINCT_BATCHES]
+        rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1)  # [2B]
+        chosen, rejected = rewards.chunk(2)
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    first_loss = float(step(0).detach())
+    for s in range(1, WARMUP_STEPS):
+        step(s)
+    t0 = _now()
+    for s in range(WARMUP_STEPS, WARMUP_STEPS + steps):
+        step(s)
+    t1 = _now()
+    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "steps": steps,
+            "tokens": tokens_in(pairs, WARMUP_STEPS, steps),
+            "first_loss": first_loss, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def worker_trl(directory: str, steps: int, gradient_checkpointing: bool | None) -> dict:
+    """trl.RewardTrainer.train() on pre-tokenized pairs; None = RewardConfig's default."""
+    torch = _torch_setup()
+    import datasets
+    import tokenizers
+    import transformers
+    import trl
+
+    pairs = _load_pairs(directory)
+    n_steps = WARMUP_STEPS + steps
+    rows = [batch_at(pairs, s) for s in range(n_steps)]
+    chosen = [list(map(int, ids[m > 0])) for b in rows for ids, m in zip(b["chosen_ids"], b["chosen_mask"])]
+    rejected = [list(map(int, ids[m > 0])) for b in rows for ids, m in zip(b["rejected_ids"], b["rejected_mask"])]
+    dataset = datasets.Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
+    # A word-level tokenizer whose id 0 is the pad/eos token: TRL only needs it for pad_token_id.
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1")),
+        pad_token="t0", eos_token="t0")
+
+    ends, begins, first_loss = [], [], []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(_now())
+
+    class Trainer(trl.RewardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not first_loss:
+                first_loss.append(float((out[0] if return_outputs else out).detach()))
+            return out
+
+    kw = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = trl.RewardConfig(
+            output_dir=out_dir, max_steps=n_steps, per_device_train_batch_size=BATCH_PAIRS, learning_rate=LEARNING_RATE,
+            max_length=int(pairs["chosen_ids"].shape[1]), bf16=False, fp16=False, use_cpu=True, report_to="none",
+            logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+            dataloader_num_workers=0, dataloader_pin_memory=False, train_sampling_strategy="sequential", seed=0, **kw)
+        trainer = Trainer(model=_load_torch_model(directory), args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Timer()])
+        trainer.train()
+    if len(ends) != n_steps:
+        raise RuntimeError(f"TRL ran {len(ends)} optimizer steps, expected {n_steps}")
+    compute = [e[0] - b for b, e in zip(begins[WARMUP_STEPS:], ends[WARMUP_STEPS:])]
+    return {"seconds": ends[-1][0] - ends[WARMUP_STEPS - 1][0], "cpu_seconds": ends[-1][1] - ends[WARMUP_STEPS - 1][1],
+            "steps": steps,
+            "tokens": tokens_in(pairs, WARMUP_STEPS, steps), "first_loss": first_loss[0],
+            "compute_only_seconds": sum(compute), "gradient_checkpointing": bool(args.gradient_checkpointing),
+            "model_is_gradient_checkpointing": _is_checkpointing(trainer.model),
+            "optim": str(args.optim), "trl": trl.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def _is_checkpointing(model) -> bool:
+    """Whether the torch model recomputes activations (the attribute was renamed in transformers 5)."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+def run_worker(kind: str, directory: str, steps: int, shape: dict, lengths: str) -> dict:
+    if kind == "prepare":
+        return worker_prepare(shape, directory, lengths)
+    if kind in ("ours", "ours-ynn-off"):
+        return worker_ours(directory, steps)
+    if kind == "torch":
+        return worker_torch(directory, steps)
+    if kind in ("trl-default", "trl-no-gc"):
+        return worker_trl(directory, steps, None if kind == "trl-default" else False)
+    raise ValueError(f"unknown worker kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------- driver
+
+def spawn(kind: str, directory: str, steps: int, shape_name: str, lengths: str, threads: int) -> dict:
+    """Runs one worker in a fresh interpreter; returns its JSON result."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error",
+               HF_DATASETS_DISABLE_PROGRESS_BARS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    if kind == "ours-ynn-off":
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
+    if kind.startswith("ours"):
+        # Repetitions reuse the compiled step (compilation is never timed; this only saves wall time).
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(directory, "jax_cache"))
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    cmd = [sys.executable, "-m", "benchmarks.rm_throughput", "--worker", kind, "--dir", directory,
+           "--steps", str(steps), "--shapes", shape_name, "--lengths", lengths, "--threads", str(threads)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    load = os.getloadavg()[0]  # other work on the machine skews everything; kept with each run
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"worker {kind} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return dict(json.loads(lines[-1][len("RESULT "):]), load_avg_1min_before=load)
+
+
+def summarise(runs: list[dict]) -> dict:
+    rates = [r["tokens"] / r["seconds"] for r in runs]
+    step_ms = [1000 * r["seconds"] / r["steps"] for r in runs]
+    return {"tokens_per_s_median": statistics.median(rates), "tokens_per_s_min": min(rates),
+            "tokens_per_s_max": max(rates), "ms_per_step_median": statistics.median(step_ms),
+            "tokens_per_cpu_s_median": statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs),
+            "load_avg_median": statistics.median(r["load_avg_1min_before"] for r in runs),
+            "first_loss": runs[0]["first_loss"]}
+
+
+def benchmark_shape(name: str, *, reps: int, steps: int | None, lengths: str, threads: int) -> dict:
+    shape = SHAPES[name]
+    steps = steps or shape["steps"]
+    with tempfile.TemporaryDirectory(prefix=f"rm_throughput_{name}_") as directory:
+        info = spawn("prepare", directory, steps, name, lengths, threads)
+        runs = {v: [] for v in VARIANTS}
+        for rep in range(reps):
+            for variant in VARIANTS:
+                t0 = time.time()
+                result = spawn(variant, directory, steps, name, lengths, threads)
+                runs[variant].append(result)
+                print(f"[{name} rep {rep + 1}/{reps}] {variant:13s} {result['tokens'] / result['seconds']:10.0f} tok/s "
+                      f"({1000 * result['seconds'] / steps:.1f} ms/step, wall {time.time() - t0:.0f}s)",
+                      file=sys.stderr, flush=True)
+    summary = {v: summarise(r) for v, r in runs.items()}
+    best = max(("ours", "ours-ynn-off"), key=lambda v: summary[v]["tokens_per_s_median"])
+    headline = summary[best]["tokens_per_s_median"]
+    ratios = {f"ours/{v}": headline / summary[v]["tokens_per_s_median"] for v in ("trl-default", "trl-no-gc", "torch")}
+    losses = [s["first_loss"] for s in summary.values()]
+    return {"shape": dict(shape, steps=steps, batch_pairs=BATCH_PAIRS, vocab=VOCAB, lengths=lengths,
+                          warmup_steps=WARMUP_STEPS, params=info["params"], threads=threads),
+            "ours_best_variant": best, "summary": summary, "ratios": ratios,
+            "first_loss_spread": max(losses) - min(losses),
+            "targets_met": {"ours/trl-default>=1.2": ratios["ours/trl-default"] >= 1.2,
+                            "ours/trl-no-gc>=1.0": ratios["ours/trl-no-gc"] >= 1.0},
+            "runs": runs}
+
+
+def markdown(results: dict) -> str:
+    lines = ["| shape | run | tokens/s (median) | min-max | ms/step | ours / this | tokens/CPU-s | load | first loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, res in results.items():
+        sm, best = res["summary"], res["ours_best_variant"]
+        for v in VARIANTS:
+            s = sm[v]
+            label = {"ours": "ours (xla-default)", "ours-ynn-off": "ours (ynn-off)"}.get(v, v)
+            if v == best:
+                label += " *"
+            ratio = res["ratios"].get(f"ours/{v}")
+            lines.append(f"| {name} | {label} | {s['tokens_per_s_median']:,.0f} | {s['tokens_per_s_min']:,.0f}-"
+                         f"{s['tokens_per_s_max']:,.0f} | {s['ms_per_step_median']:.1f} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}x'} | {s['tokens_per_cpu_s_median']:,.0f} | "
+                         f"{s['load_avg_median']:.1f} | {s['first_loss']:.6f} |")
+    lines.append("")
+    threads = next(iter(results.values()))["shape"]["threads"]
+    lines.append(f"{threads} thread(s) per framework. `*` = faster ours setting, used for the ratios. load = median "
+                 "1-min load average before the runs (anything above the thread count means shared cores). "
+                 "Targets: ours/trl-default >= 1.2, ours/trl-no-gc >= 1.0.")
+    for name, res in results.items():
+        met = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in res["targets_met"].items())
+        lines.append(f"- {name}: {met}; first-step losses agree within {res['first_loss_spread']:.1e}; "
+                     f"TRL default gradient_checkpointing={res['runs']['trl-default'][0]['gradient_checkpointing']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="tiny,small", help=f"comma-separated, from {sorted(SHAPES)}")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per run (median reported)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: per shape)")
+    p.add_argument("--lengths", default="full", choices=("full", "variable"), help="sequence lengths, see docstring")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads (and, if fewer than this machine's cores, pinned cores) per framework")
+    p.add_argument("--out", default="benchmarks/results/rm_throughput.json", help="JSON results file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or not shapes:
+        p.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
+    if args.worker:
+        shape = SHAPES[shapes[0]]
+        cores = sorted(os.sched_getaffinity(0))
+        if args.worker != "prepare" and args.threads < len(cores):
+            # Before jax/torch start their thread pools: XLA sizes its pool from the affinity mask.
+            os.sched_setaffinity(0, cores[:args.threads])
+        result = run_worker(args.worker, args.dir, args.steps or shape["steps"], shape, args.lengths)
+        print("RESULT " + json.dumps(result), flush=True)
+        return None
+
+    if args.reps < 1 or args.threads < 1:
+        p.error("--reps and --threads must be >= 1")
+    t0 = time.time()
+    results = {name: benchmark_shape(name, reps=args.reps, steps=args.steps, lengths=args.lengths, threads=args.threads)
+               for name in shapes}
+    table = markdown(results)
+    print(table)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"results": results, "reps": args.reps, "wall_s": time.time() - t0, "table": table}, f, indent=2)
+    print(f"\nwrote {args.out} ({time.time() - t0:.0f}s)", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
