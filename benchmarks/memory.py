@@ -1,7 +1,7 @@
 """Memory of one reward-model train step and one PPO update step: fp32, bf16, LoRA, LoRA + int8.
 
   python -m benchmarks.memory [--out benchmarks/results/memory.json] [--variants fp32,lora_int8+remat]
-      [--depths 2,4 | --full-depth] [--scheduler memory|default] [--rss-steps 2] [--no-rss]
+      [--depths 2,4] [--scheduler memory|default] [--crosscheck] [--rss-steps 2]
 
 XLA figure (the headline). Each step is jitted as its trainer jits it (state donated) and compiled
 for abstract arguments (`jax.ShapeDtypeStruct`s from `jax.eval_shape` of the same builders the
@@ -43,11 +43,11 @@ Configurations, each without and with remat (jax.checkpoint on every block, noth
 
 Shapes
   1b     Llama-3.2-1B: d 2048, 16 layers, 32 heads, 8 KV heads, head_dim 64, d_ff 8192, vocab
-         128256, tied embeddings (1,235,814,400 parameters). Compiling 16 layers takes minutes
-         per step on 2 CPU cores, so each step is compiled at 2 and 4 layers (--depths) and
-         every byte count is extrapolated linearly to 16: parameters, moments and gradients
-         are exactly affine in the layer count, and so are the saved activations (with remat,
-         one block's recompute is a constant). --full-depth compiles 16 layers instead.
+         128256, tied embeddings (1,235,814,400 parameters). Compiled at all 16 layers (~25 s
+         an RM step, ~40-60 s a PPO step on an idle 2-core CPU). `--depths 2,4` compiles 2 and
+         4 layers and extrapolates every byte count linearly instead (~2x faster): exact for
+         the arguments and, with the default scheduler, for temps too, but the memory-optimised
+         scheduler is not affine in depth (temps 10-30% low at 16 layers), so it is a preview.
   small  4 layers, d 256, 4 heads, 2 KV heads, head_dim 64, d_ff 1024, vocab 32000, tied; RM 4
          pairs x 128, PPO 4 rollouts x (64 + 64). Compiled at full depth and run (RSS).
 """
@@ -140,18 +140,11 @@ def _init_key(seed):
     return jax.random.key(seed, impl="unsafe_rbg")
 
 
-def _tokens(key, shape, vocab):
-    return jax.random.randint(key, shape, 1, vocab, jnp.int32)
-
-
 # ----------------------------------------------------------------------------- the two steps
 
 def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
-    """(step_fn, args builder) of one reward-model train step, trees as rm/train.py makes them.
-
-    Returns (jitted step, build) where build() -> (state, batch, frozen) arrays; call it
-    directly for real arrays or under jax.eval_shape for shapes only.
-    """
+    """(jitted step, build) of one RM train step; build() -> (state, batch, frozen), trees as
+    rm/train.py makes them. Call build() for arrays or jax.eval_shape(build) for shapes only."""
     tx, schedule = make_tx()
     box = {}
 
@@ -166,7 +159,7 @@ def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
                  "rng": jax.random.key_data(jax.random.key(seed))}
         b, t = workload["rm_pairs"], workload["rm_len"]
-        ids = _tokens(keys[4], (2, b, t), dims["vocab_size"])
+        ids = jax.random.randint(keys[4], (2, b, t), 1, dims["vocab_size"], jnp.int32)
         ones = jnp.ones((b, t), jnp.int32)
         batch = {"chosen_ids": ids[0], "chosen_mask": ones, "rejected_ids": ids[1], "rejected_mask": ones}
         return state, batch, frozen
@@ -180,11 +173,10 @@ def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
 
 
 def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
-    """(step_fn, args builder) of one PPO update with all four models, trees as ppo/train.py makes them.
+    """(jitted step, build) of one PPO update with all four models, trees as ppo/train.py makes them.
 
-    build() -> (state, rollout, frozen, ref_params, reward_params). The step is
-    `ppo_update(state, rollout, frozen)`; ref_params and reward_params are extra, unread
-    arguments (kept by keep_unused=True) so that they count as resident memory.
+    build() -> (state, rollout, frozen, ref_params, reward_params). The step is `ppo_update(state,
+    rollout, frozen)`; ref and reward are unread arguments (keep_unused=True): resident memory.
     """
     tx, _ = make_tx()
     box = {}
@@ -219,7 +211,7 @@ def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
                  "rng": jax.random.key_data(jax.random.key(seed))}
         b, p, n = workload["ppo_rollouts"], workload["prompt_len"], workload["response_len"]
         normal = jax.random.normal(keys[6], (4, b, n), jnp.float32)
-        ids = _tokens(keys[7], (b, p + n), dims["vocab_size"])
+        ids = jax.random.randint(keys[7], (b, p + n), 1, dims["vocab_size"], jnp.int32)
         rollout = {"query_ids": ids[:, :p], "query_mask": jnp.ones((b, p), jnp.int32), "response_ids": ids[:, p:],
                    "response_mask": jnp.ones((b, n), jnp.int32), "logprobs": normal[0] - 3.0, "values": normal[1],
                    "advantages": normal[2], "returns": normal[3]}
@@ -256,7 +248,9 @@ def compiler_options(scheduler: str = "memory") -> dict | None:
     orders for concurrency and hoists the recomputation of rematerialised blocks to the start
     of the backward pass, where it keeps every block's activations alive at once and undoes
     remat (a toy 4-block chain: 302 MiB temp with remat vs 80 MiB with this scheduler). The
-    memory-optimised scheduler is the nearer stand-in for a memory-aware accelerator scheduler.
+    memory-optimised scheduler is the nearer stand-in for a memory-aware accelerator scheduler,
+    though even it keeps part of each block's activations in the RM step (temps well above one
+    block's worth), so remat rows are upper bounds of what remat can reach.
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r}; expected one of {SCHEDULERS}")
@@ -373,16 +367,12 @@ def rss_worker(kind: str, variant: Variant, shape: str, steps: int, scheduler: s
     loss = float(jax.device_get(metrics["loss"] if kind == "rm" else metrics["policy/pg_loss"]))
     jax.block_until_ready(state)
     return {"kind": kind, "variant": variant.name, "shape": shape, "steps": steps, "rss_peak": _peak_rss(),
-            "ru_maxrss": _ru_maxrss(),
-            "rss_baseline": baseline, "rss_built": built, "xla": stats, "step_s": (time.time() - t0) / steps,
-            "last_loss": loss}
+            "ru_maxrss": _ru_maxrss(), "rss_baseline": baseline, "rss_built": built, "xla": stats,
+            "step_s": (time.time() - t0) / steps, "last_loss": loss}
 
 
 def run_rss(jobs: list[tuple[str, Variant]], *, shape: str, steps: int, scheduler: str, results: dict) -> None:
-    """One fresh subprocess per (kind, variant), one at a time, into results[(kind, name)].
-
-    Runs in a thread beside the main process's abstract compiles, so two cores stay busy.
-    """
+    """One fresh subprocess per (kind, variant), one at a time, into results[(kind, name)] (a thread)."""
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for kind, v in jobs:
@@ -474,11 +464,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/memory.json")
     ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated names")
-    ap.add_argument("--depths", default="2,4", help="two layer counts to extrapolate the 1B shape from")
-    ap.add_argument("--full-depth", action="store_true", help="compile the 1B shape at its 16 layers instead")
+    ap.add_argument("--depths", default="", help="two layer counts to extrapolate the 1B shape from (preview); "
+                    "default: compile all 16 layers")
     ap.add_argument("--scheduler", default="memory", choices=SCHEDULERS, help="XLA:CPU scheduler (compiler_options)")
     ap.add_argument("--rss-steps", type=int, default=2, help="steps each RSS subprocess runs (0: no RSS runs)")
-    ap.add_argument("--no-crosscheck", action="store_true", help="skip the target ratio under the other scheduler")
+    ap.add_argument("--crosscheck", action="store_true", help="also the target ratio under the other scheduler")
     ap.add_argument("--worker", choices=sorted(SETUPS), help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="small", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -486,9 +476,9 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(rss_worker(args.worker, variants[0], args.shape, args.rss_steps, args.scheduler)), flush=True)
         return
-    depths = () if args.full_depth else tuple(int(d) for d in args.depths.split(","))
+    depths = tuple(int(d) for d in args.depths.split(",") if d.strip())
     report = run(variants, depths=depths, scheduler=args.scheduler, rss_steps=args.rss_steps,
-                 crosscheck=not args.no_crosscheck)
+                 crosscheck=args.crosscheck)
     print(markdown(report) if report["reference_ppo_peak"] else json.dumps(report["results"], indent=1))
     target = report.get("target")
     if target:
