@@ -30,6 +30,7 @@ def get_config(arg=None):
     c.policy.lora_rank = 0  # LoRA adapter rank; > 0 trains only the policy's adapters (base frozen); 0 = full
     c.policy.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
     c.policy.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
+    c.policy.lora_dropout = 0.0  # adapter-input dropout in PPO updates only (rollouts and log-probs run without)
     c.policy.quant = ""  # '' | 'int8': int8 weight-only frozen base under LoRA (QLoRA); needs lora_rank > 0
     # Reference policy: 'copy' (separate frozen copy) | 'adapters_off' (the policy with its adapters ignored,
     # no second base in memory; needs lora_rank > 0) | 'auto' (adapters_off when lora_rank > 0, else copy).
@@ -48,6 +49,8 @@ def get_config(arg=None):
     c.value.lora_rank = 0  # LoRA rank of the value model (init='reward'); 0 = full fine-tune
     c.value.lora_alpha = 16.0  # value adapters' output scale is lora_alpha / lora_rank
     c.value.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # value-model projections with adapters
+    c.value.lora_dropout = 0.0  # value adapters' input dropout in PPO updates only
+    c.value.quant = ""  # '' | 'int8': int8 frozen value-model base under its adapters (needs value.lora_rank > 0)
 
     c.data = ml_collections.ConfigDict()
     c.data.prompt_files = ""  # JSONL/JSON/Parquet with `prompt` (string or message list), comma-separated

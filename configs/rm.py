@@ -28,6 +28,7 @@ def get_config(arg=None):
     c.model.lora_rank = 0  # LoRA adapter rank; > 0 trains only adapters + head (base frozen); 0 = full fine-tune
     c.model.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
     c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
+    c.model.lora_dropout = 0.0  # dropout on the adapters' input, in training steps only (never in evaluation)
     c.model.quant = ""  # '' | 'int8': int8 weight-only frozen base under LoRA (QLoRA); needs lora_rank > 0
 
     c.data = ml_collections.ConfigDict()

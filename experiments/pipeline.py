@@ -96,7 +96,7 @@ class ProxyScorer:
         self.max_length = max_length
 
     def __call__(self, prompts, responses):
-        rows = [{"prompt": p, "response": r if r.strip() else " ."} for p, r in zip(prompts, responses)]
+        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]  # '' = EOS alone
         seqs, _ = tokenize_single(self.tokenizer, rows, file="<samples>", max_length=self.max_length)
         _, pad = rm_data.special_ids(self.tokenizer)
         ids, mask = pad_right(seqs, pad, width=self.max_length)

@@ -71,18 +71,27 @@ class ModelSpecs:
 
 
 def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query_mask, response_ids,
-                               response_mask):
-    """Policy logits [B, N, V] for the response tokens and values [B, N], one forward each."""
+                               response_mask, dropout_rng=None):
+    """Policy logits [B, N, V] for the response tokens and values [B, N], one forward each.
+
+    With `dropout_rng` (PPO updates), models with lora_dropout > 0 drop adapter inputs; rollouts
+    pass none, so the old log-probs and values come from the deterministic model."""
+    def rngs(config, i):
+        if dropout_rng is None or config.lora_dropout <= 0:
+            return None
+        return {"dropout": jax.random.fold_in(dropout_rng, i)}
+
     ids = jnp.concatenate([query_ids, response_ids], axis=1)  # [B, P+N]
     mask = jnp.concatenate([query_mask, response_mask], axis=1)
     p, n = query_ids.shape[1], response_ids.shape[1]
-    out = Transformer(specs.policy).apply({"params": params["policy"]}, ids, mask)
+    out = Transformer(specs.policy).apply({"params": params["policy"]}, ids, mask, rngs=rngs(specs.policy, 0))
     logits = out.logits[:, p - 1:p + n - 1]  # position t predicts token t+1
     if specs.value_head_on_policy:
         values = ScalarHead(param_dtype=specs.policy.param_dtype).apply(
             {"params": params["value_head"]}, out.hidden_states)
     else:
-        values = RewardModel(specs.value).apply({"params": params["value"]}, ids, mask, per_token=True)
+        values = RewardModel(specs.value).apply({"params": params["value"]}, ids, mask, per_token=True,
+                                                rngs=rngs(specs.value, 1))
     return logits, values[:, p - 1:p + n - 1]
 
 

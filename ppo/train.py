@@ -11,7 +11,7 @@ are frozen trees passed as arguments. Writes metrics.jsonl, samples.jsonl, check
 
 Memory options (configs/ppo.py): LoRA on the policy (policy.lora_rank) and on the value model
 (value.lora_rank) puts only adapters and heads in the train state (optimizer moments for them
-alone); the frozen bases (int8 with policy.quant) form a separate `frozen` tree, an argument of
+alone); the frozen bases (int8 with policy.quant / value.quant) form a separate `frozen` tree, an argument of
 the update (not donated) that checkpoints also hold under 'frozen'. policy.reference=
 'adapters_off' makes the reference the policy's own base (no second copy); reward.quant and
 policy.ref_quant store the frozen reward model / reference copy as int8.
@@ -50,10 +50,10 @@ UPDATE_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask", "logp
                "returns")
 
 
-def ppo_loss(params, batch, _rng, *, specs, temperature, clip_eps, vf_clip_eps, vf_coef):
-    """Clipped policy loss + vf_coef * clipped value loss on one micro-batch."""
+def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, vf_coef):
+    """Clipped policy loss + vf_coef * clipped value loss on one micro-batch (LoRA dropout uses `rng`)."""
     logits, values = response_logits_and_values(specs, params, batch["query_ids"], batch["query_mask"],
-                                                batch["response_ids"], batch["response_mask"])
+                                                batch["response_ids"], batch["response_mask"], dropout_rng=rng)
     maskf = batch["response_mask"].astype(jnp.float32)
     tempered = logits / temperature
     logprobs = L.logprobs_from_logits(tempered, batch["response_ids"])
@@ -204,7 +204,7 @@ def train(config, workdir: str) -> dict:
     pc, vc = config.policy, config.value
     policy_config, policy_params = add_lora_and_quant(
         policy_config, policy_params, lora_rank=pc.lora_rank, lora_alpha=pc.lora_alpha, lora_targets=pc.lora_targets,
-        quant=pc.quant, rng=jax.random.fold_in(rng, 4), where="policy")
+        lora_dropout=pc.lora_dropout, quant=pc.quant, rng=jax.random.fold_in(rng, 4), where="policy")
     if is_main_process():
         save_model_config(workdir, policy_config)  # records lora_* / quant: ppo.export merges the adapters
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
@@ -223,7 +223,7 @@ def train(config, workdir: str) -> dict:
     else:  # the value model starts as the (merged, float) reward model
         value_config, value_params = add_lora_and_quant(
             rm_config, rm_params, lora_rank=vc.lora_rank, lora_alpha=vc.lora_alpha, lora_targets=vc.lora_targets,
-            rng=jax.random.fold_in(rng, 5), where="value")
+            lora_dropout=vc.lora_dropout, quant=vc.quant, rng=jax.random.fold_in(rng, 5), where="value")
         value_tree = {"value": value_params}
     specs = ModelSpecs(policy=policy_config, reward=reward_config, value=value_config,
                        value_head_on_policy=head_on_policy, reference=ref_config,

@@ -79,6 +79,17 @@ def expect_text(row, key):
     return value
 
 
+def expect_response(row, key):
+    """The string in row[key], which may be empty: with an explicit prompt, an empty response is
+    a policy that answered with EOS alone, a real outcome a reward model must rank. Else RowIssue."""
+    value = row.get(key)
+    if value is None:
+        raise RowIssue(key, 'missing', f'expected a string (may be empty after a prompt), got {describe(value)}')
+    if not isinstance(value, str):
+        raise RowIssue(key, 'wrong_type', f'expected a string, got {describe(value)}')
+    return value
+
+
 def expect_messages(row, key):
     """row[key] as a clean list of {'role', 'content', ...} dicts, else RowIssue."""
     value = row.get(key)
@@ -268,7 +279,8 @@ def _detect_format(file, rows, columns):
 
 def _parse_text_pair(row, *, explicit):
     prompt = expect_text(row, 'prompt') if explicit else None
-    chosen, rejected = expect_text(row, 'chosen'), expect_text(row, 'rejected')
+    expect = expect_response if explicit else expect_text  # implicit rows are full texts: never empty
+    chosen, rejected = expect(row, 'chosen'), expect(row, 'rejected')
     if chosen == rejected:
         raise RowIssue('chosen', 'identical', "identical to 'rejected'")
     return ('split', prompt, chosen, rejected) if explicit else ('joint', chosen, rejected)

@@ -53,7 +53,8 @@ def rm_params_from_backbone(config: TransformerConfig, backbone: dict, rng: jax.
 
 
 def add_lora_and_quant(config: TransformerConfig, params: dict, *, lora_rank: int = 0, lora_alpha: float = 16.0,
-                       lora_targets=("q_proj", "v_proj"), quant: str = "", rng: Optional[jax.Array] = None,
+                       lora_targets=("q_proj", "v_proj"), lora_dropout: float = 0.0, quant: str = "",
+                       rng: Optional[jax.Array] = None,
                        where: str = "model") -> tuple[TransformerConfig, dict]:
     """Float params (a bare Transformer tree or one nested, e.g. {'backbone', 'head'}) -> LoRA / QLoRA.
 
@@ -76,9 +77,9 @@ def add_lora_and_quant(config: TransformerConfig, params: dict, *, lora_rank: in
         lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
     try:
         config = config.replace(lora_rank=int(lora_rank), lora_alpha=float(lora_alpha),
-                                lora_targets=tuple(lora_targets))
+                                lora_targets=tuple(lora_targets), lora_dropout=float(lora_dropout))
     except ValueError as e:
-        raise ValueError(f"config.{where}.lora_rank / lora_alpha / lora_targets: {e}") from e
+        raise ValueError(f"config.{where}.lora_rank / lora_alpha / lora_targets / lora_dropout: {e}") from e
     if quant:
         from models.quant import quantize_params
 
@@ -95,9 +96,11 @@ def split_trainable(config: TransformerConfig, params: dict) -> tuple[dict, dict
     return partition_params(params, lora_trainable)
 
 
-def compute_rewards(config: TransformerConfig, params: dict, input_ids, attention_mask) -> jax.Array:
-    """Scalar rewards [B] (raw, before normalisation)."""
-    return RewardModel(config).apply({"params": params}, input_ids, attention_mask)
+def compute_rewards(config: TransformerConfig, params: dict, input_ids, attention_mask,
+                    dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Scalar rewards [B] (raw, before normalisation). `dropout_rng` turns on LoRA dropout (training only)."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    return RewardModel(config).apply({"params": params}, input_ids, attention_mask, rngs=rngs)
 
 
 def compute_values(config: TransformerConfig, params: dict, input_ids, attention_mask) -> jax.Array:

@@ -49,9 +49,11 @@ def tokenize_single(tokenizer, rows, *, file, max_length):
         elif "response" in row or "completion" in row:
             response = row.get("response", row.get("completion"))
             prompt = row.get("prompt", "") or ""
-            if not isinstance(response, str) or not response.strip():
-                raise rm_data.BadRowError(f"{file}: row {i} (0-based): key 'response': expected a non-empty string, "
-                                          f"got {rm_data.describe(response)}")
+            # After a non-empty prompt an empty response is EOS alone (scored like a PPO rollout that
+            # stopped at once); without a prompt there would be nothing to score.
+            if not isinstance(response, str) or not (response.strip() or prompt.strip()):
+                raise rm_data.BadRowError(f"{file}: row {i} (0-based): key 'response': expected a string (non-empty "
+                                          f"without a prompt), got {rm_data.describe(response)}")
             prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0] if prompt else []
             response_ids = rm_data.tokenize(tokenizer, [response])[0]
         elif "text" in row:

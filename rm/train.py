@@ -63,11 +63,11 @@ def trim_to_bucket(batch: dict, bucket: int) -> dict:
     return {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in batch.items()}
 
 
-def pair_rewards(model_config, params, batch):
-    """Rewards of chosen and rejected in one forward pass over [2B, T]."""
+def pair_rewards(model_config, params, batch, dropout_rng=None):
+    """Rewards of chosen and rejected in one forward pass over [2B, T] (LoRA dropout on with `dropout_rng`)."""
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-    rewards = compute_rewards(model_config, params, ids, mask)
+    rewards = compute_rewards(model_config, params, ids, mask, dropout_rng)
     b = batch["chosen_ids"].shape[0]
     return rewards[:b], rewards[b:]
 
@@ -83,8 +83,9 @@ def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_s
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     frozen = frozen or {}
 
-    def loss_fn(params, micro, _rng):
-        chosen, rejected = pair_rewards(model_config, combine_params(params, frozen), micro)
+    def loss_fn(params, micro, micro_rng):
+        dropout_rng = micro_rng if model_config.lora_dropout > 0 else None
+        chosen, rejected = pair_rewards(model_config, combine_params(params, frozen), micro, dropout_rng)
         margin = micro["margin"] if use_margin else None
         return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef)
 
@@ -164,7 +165,8 @@ def train(config, workdir: str) -> dict:
     del backbone
     mc = config.model
     model_config, params = add_lora_and_quant(model_config, params, lora_rank=mc.lora_rank, lora_alpha=mc.lora_alpha,
-                                              lora_targets=mc.lora_targets, quant=mc.quant,
+                                              lora_targets=mc.lora_targets, lora_dropout=mc.lora_dropout,
+                                              quant=mc.quant,
                                               rng=jax.random.fold_in(rng, 3), where="model")
     if is_main_process():
         save_model_config(workdir, model_config)  # records lora_* and quant: the loader rebuilds the same tree

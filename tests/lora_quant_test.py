@@ -128,6 +128,26 @@ def test_lora_dropout_only_with_dropout_rng():
     assert np.abs(dropped - plain).max() > 1e-3
 
 
+def test_ppo_forward_uses_dropout_rng_only_for_models_with_lora_dropout():
+    from ppo.rollout import ModelSpecs, response_logits_and_values
+    from rm.model import init_head
+
+    policy = tiny_config(lora_rank=4, lora_dropout=0.5)
+    value = tiny_config(lora_rank=4, lora_dropout=0.0)
+    params = {"policy": randomize_b(init_params(policy, jax.random.key(0))),
+              "value": {"backbone": randomize_b(init_params(value, jax.random.key(1))),
+                        "head": init_head(value, jax.random.key(2))}}
+    specs = ModelSpecs(policy=policy, reward=value, value=value)
+    ids, mask = batch()
+    q, r = ids[:, :3], ids[:, 3:]
+    qm, rm_ = mask[:, :3], mask[:, 3:]
+    run = jax.jit(lambda p, key: response_logits_and_values(specs, p, q, qm, r, rm_, dropout_rng=key))
+    plain_logits, plain_values = response_logits_and_values(specs, params, q, qm, r, rm_)
+    logits_, values = run(params, jax.random.key(5))
+    assert np.abs(np.asarray(logits_) - np.asarray(plain_logits)).max() > 1e-3  # policy: dropout on
+    np.testing.assert_allclose(values, plain_values, atol=1e-5)  # value model: lora_dropout = 0, no dropout
+
+
 def test_config_fields_validated_and_lists_become_tuples():
     assert tiny_config(lora_targets=["q_proj", "k_proj"]).lora_targets == ("q_proj", "k_proj")
     with pytest.raises(ValueError, match="lora_targets"):

@@ -4,6 +4,7 @@ LoRA policy whose reference is the policy with its adapters switched off and an 
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -84,7 +85,7 @@ def lora_rm(setup):
 def qlora_rm(setup):
     workdir = str(setup["dir"] / "rm_qlora")
     c = rm_cfg(setup, lora_rank=4, lora_alpha=8.0, quant="int8")
-    c.train.steps = 5
+    c.train.steps, c.train.log_every = 5, 1
     return workdir, rm_train(c, workdir)
 
 
@@ -215,6 +216,80 @@ def test_ppo_lora_policy_adapters_off_reference_int8_reward(setup, qlora_rm):
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+def metrics_lines(workdir):
+    return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def rerun_from(workdir, step, train_fn, config):
+    """Copy a finished run, delete its checkpoints after `step` (as if it had been killed there) and
+    run the same config again: it resumes from `step`. Returns the copy's workdir."""
+    copy = workdir + f"_from{step}"
+    shutil.copytree(workdir, copy)
+    ckpt_dir = os.path.join(copy, "checkpoints")
+    removed = [n for n in os.listdir(ckpt_dir) if n.isdigit() and int(n) > step]
+    assert removed and str(step) in os.listdir(ckpt_dir)
+    for name in removed:
+        shutil.rmtree(os.path.join(ckpt_dir, name))
+    train_fn(config, copy)
+    return copy
+
+
+def assert_same_tree(a, b):
+    fa, fb = flat(a), flat(b)
+    assert set(fa) == set(fb)
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def test_qlora_rm_dropout_trains_only_and_resume_is_exact(setup, qlora_rm):
+    c = rm_cfg(setup, lora_rank=4, lora_alpha=8.0, quant="int8", lora_dropout=0.5)
+    c.train.steps, c.train.save_every, c.train.keep_checkpoints, c.train.log_every = 6, 3, 5, 1
+    workdir = str(setup["dir"] / "rm_qlora_dropout")
+    rm_train(c, workdir)
+    # Step 1 of this run and of the dropout-free QLoRA run: same batch, same init, B = 0, so the
+    # forward pass (and the loss) is the base model's in both; dropout changes A's input, so the
+    # gradient of B, and the gradient norm, differ. Evaluation runs without dropout.
+    plain, dropped = (next(m for m in metrics_lines(w) if m["step"] == 1 and "train/loss" in m)
+                      for w in (qlora_rm[0], workdir))
+    assert abs(plain["train/loss"] - dropped["train/loss"]) < 1e-6, (plain, dropped)
+    assert abs(plain["train/grad_norm"] - dropped["train/grad_norm"]) > 1e-3 * plain["train/grad_norm"]
+    assert json.load(open(os.path.join(workdir, "model_config.json")))["lora_dropout"] == 0.5
+    # Killed after step 3 and resumed: adapters, head, Adam moments and the int8 frozen base end
+    # bit-identical to the uninterrupted run (the dropout masks depend only on (seed, step)).
+    resumed = rerun_from(workdir, 3, rm_train, c)
+    for key in ("params", "opt_state", "frozen"):
+        assert_same_tree(restore(resumed, key), restore(workdir, key))
+    assert [m["step"] for m in metrics_lines(resumed) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ppo_lora_dropout_int8_value_base_resume_is_exact(setup, qlora_rm):
+    rm_workdir, _ = qlora_rm
+    c = ppo_config.get_config("size=tiny")
+    c.policy.init_from, c.reward.workdir, c.data.prompt_files = setup["hf"], rm_workdir, setup["prompts"]
+    c.policy.lora_rank, c.policy.lora_alpha, c.policy.lora_dropout, c.policy.quant = 8, 16.0, 0.2, "int8"
+    c.value.lora_rank, c.value.lora_dropout, c.value.quant = 4, 0.2, "int8"
+    c.train.steps, c.train.save_every, c.train.keep_checkpoints, c.train.samples_every = 4, 2, 5, 0
+    workdir = str(setup["dir"] / "ppo_qlora_dropout")
+    ppo_train(c, workdir)
+    frozen = flat(restore(workdir, "frozen"))
+    for top in ("policy", "value"):  # both frozen bases are int8 (QLoRA policy and QLoRA value model)
+        q = [k for k in frozen if k.startswith(top + "/") and k.endswith("qvalue")]
+        assert q and all(frozen[k].dtype == np.int8 for k in q), top
+        assert not any(k.startswith(top + "/") and k.endswith("/kernel") and "attn" in k for k in frozen), top
+    params = flat(restore(workdir, "params"))
+    assert all(is_adapter_or_head(k) for k in params)
+    assert max(np.abs(v).max() for k, v in params.items() if k.startswith("value/") and k.endswith("lora_b")) > 0
+    metrics = metrics_lines(workdir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(np.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
+    resumed = rerun_from(workdir, 2, ppo_train, c)
+    for key in ("params", "opt_state", "frozen"):
+        assert_same_tree(restore(resumed, key), restore(workdir, key))
+    again = metrics_lines(resumed)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    assert again[-1]["objective/kl"] == metrics[-1]["objective/kl"]
 
 
 def test_bad_lora_settings_are_clear_errors():

@@ -199,7 +199,7 @@ BAD_ROWS = [  # (replacement for row 2, key, reason, text expected in the messag
     ({'prompt': 'p', 'rejected': 'r'}, 'chosen', 'missing', 'got None'),
     ({'prompt': 'p', 'chosen': None, 'rejected': 'r'}, 'chosen', 'missing', 'got None'),
     ({'prompt': 'p', 'chosen': 7, 'rejected': 'r'}, 'chosen', 'wrong_type', 'got int 7'),
-    ({'prompt': 'p', 'chosen': 'c', 'rejected': '   '}, 'rejected', 'empty', 'non-empty string'),
+    ({'prompt': 'p', 'chosen': 'c', 'rejected': 5}, 'rejected', 'wrong_type', 'expected a string, got int 5'),
     ({'prompt': '', 'chosen': 'c', 'rejected': 'r'}, 'prompt', 'empty', 'non-empty string'),
     ({'prompt': 'p', 'chosen': 'same', 'rejected': 'same'}, 'chosen', 'identical', "identical to 'rejected'"),
     ({'prompt': 'p', 'chosen': 'c', 'rejected': 'r', 'margin': 'big'}, 'margin', 'wrong_type', 'expected a number'),
@@ -229,6 +229,22 @@ def test_bad_rows_error_and_skip(tok, tmp_path, bad, key, reason, text):
     for i, row in zip(range(3), [EXPLICIT[0], EXPLICIT[1], EXPLICIT[0]]):  # good rows, in order
         check_row(data, i, 'chosen', ids(tok, row['prompt']) + ids(tok, row['chosen']) + [tok.eos_token_id],
                   pad=tok.eos_token_id)
+
+
+def test_empty_response_after_prompt_is_eos_alone(tok_pad, tmp_path):
+    # Explicit prompt: an empty (or blank) response is a policy that stopped at once: prompt + EOS.
+    rows = [{'prompt': 'Hi there.', 'chosen': 'Hello.', 'rejected': ''},
+            {'prompt': 'Hi there.', 'chosen': ' ', 'rejected': 'Go away.'}]
+    data = rm_data.load_preference_data(write_jsonl(tmp_path / 'e.jsonl', rows), tok_pad, max_length=64)
+    eos, pad = tok_pad.eos_token_id, tok_pad.pad_token_id
+    assert data.stats['pairs'] == 2 and data.stats['skipped'] == 0
+    check_row(data, 0, 'rejected', ids(tok_pad, 'Hi there.') + [eos], pad=pad)
+    check_row(data, 1, 'chosen', ids(tok_pad, 'Hi there.') + ids(tok_pad, ' ') + [eos], pad=pad)
+    # Implicit prompt (full texts): an empty text is still an error naming the row and key.
+    path = write_jsonl(tmp_path / 'i.jsonl', [{'chosen': 'Hi. Hello.', 'rejected': 'Hi. Bye.'},
+                                               {'chosen': 'Hi. Hello.', 'rejected': ''}])
+    with pytest.raises(rm_data.BadRowError, match=r"i.jsonl: row 1 \(0-based\): key 'rejected': expected a non-empty"):
+        rm_data.load_preference_data(path, tok_pad, max_length=64)
 
 
 def test_bad_conversational_rows(tok, tmp_path):
