@@ -33,7 +33,7 @@ def get_config(arg=None):
     if args["size"] == "tiny":
         c.label_counts = (16, 32, 64)
         c.labels.n_eval_pairs = 16
-        c.rl.steps = 3
+        c.rl.steps = 6
         c.bon.n_max = 4
         c.gold.n_pairs, c.gold.steps = 64, 5
     return c

@@ -40,6 +40,16 @@ def _label_file(world, annotator, tokenizer, sft_hf, config, out_path, n_pairs, 
     return P.label_pairs(annotator, prompts, grouped, out_path)
 
 
+def _fit(fit, d, r, what):
+    """fit(d, r), or NaNs and the reason when the points cannot determine (alpha, beta) (e.g. a
+    short PPO run whose KL estimates are all <= 0): one bad fit must not lose a finished run."""
+    try:
+        return fit(d, r)
+    except ValueError as e:
+        P.log(f"{what}: no fit ({e})")
+        return {"alpha": float("nan"), "beta": float("nan"), "r2": float("nan"), "error": str(e)}
+
+
 def run(config, workdir):
     from ppo.train import train as ppo_train
     from rm.train import train as rm_train
@@ -142,12 +152,13 @@ def run(config, workdir):
             d = np.asarray(pts["d"])
             base_gold, base_proxy = pts["gold"][0], pts["proxy"][0]  # reward relative to the start (d ~ 0)
             fit_results[method][label] = {
-                "gold": fit(d, np.asarray(pts["gold"]) - base_gold),
-                "proxy": fit(d, np.asarray(pts["proxy"]) - base_proxy),
+                "gold": _fit(fit, d, np.asarray(pts["gold"]) - base_gold, f"{method} {label} gold"),
+                "proxy": _fit(fit, d, np.asarray(pts["proxy"]) - base_proxy, f"{method} {label} proxy"),
                 "gold_offset": base_gold, "proxy_offset": base_proxy,
             }
-            peak = (fits.peak_d_bon if method == "bon" else fits.peak_d_rl)(
-                fit_results[method][label]["gold"]["alpha"], fit_results[method][label]["gold"]["beta"])
+            g = fit_results[method][label]["gold"]
+            peak = (fits.peak_d_bon if method == "bon" else fits.peak_d_rl)(g["alpha"], g["beta"]) \
+                if np.isfinite(g["alpha"]) else float("nan")
             fit_results[method][label]["gold_peak_d"] = float(peak)
 
     with open(os.path.join(workdir, "points.json"), "w") as f:
