@@ -34,9 +34,9 @@ import optax
 from common.checkpoint import CheckpointManager
 from common.distributed import is_main_process
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.metrics import MetricsWriter, Progress, write_config_json
+from common.loop import run_train_loop
+from common.metrics import MetricsWriter, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
-from common.run_utils import PreemptionHandler, check_finite
 from models.hf import load_hf_checkpoint
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, abstract_sharded, shard_params, tree_shardings
 from models.transformer import Transformer, TransformerConfig, init_params
@@ -293,54 +293,19 @@ def train(config, workdir: str) -> dict:
             metrics_writer.write(step, out)
         return out
 
-    last_saved = ckpt.latest_step()
-    pending = []  # device metrics not yet fetched (fetching every step would stall dispatch)
-
-    def flush(step):
-        """Fetch pending metrics, stop on NaN/Inf, log averages."""
-        nonlocal pending
-        if not pending:
-            return {}
-        fetched = jax.device_get(pending)
-        for i, m in enumerate(fetched):
-            check_finite(m['loss'], step=step - len(fetched) + i + 1, name='train/loss', workdir=workdir,
-                         last_checkpoint_step=last_saved)
-        avg = {f'train/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        metrics_writer.write(step, avg)
-        pending = []
-        return avg
-
     if start_step == 0 and config.eval.at_start:
         initial = run_eval(0, state['params'])
         if initial:
             print(f"initial eval loss {initial['eval/loss']:.4f}", flush=True)
-    progress = Progress(tc.steps, initial=start_step, desc='sft')
     batches = sft_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
-    step, shown, preempted = start_step, start_step, False
-    with PreemptionHandler() as preemption:
-        while step < tc.steps:
-            _, batch = next(batches)
-            batch = shard_batch(local_rows(trim_to_bucket(batch, config.data.bucket), mesh), mesh)
-            state, m = step_fn(state, batch)
-            pending.append(m)
-            step += 1
-            is_last = step == tc.steps
-            if step % tc.log_every == 0 or is_last or ckpt.should_save(step):
-                last = flush(step)
-                progress.update(step - shown, loss=last['train/loss'], acc=last['train/accuracy'])
-                shown = step
-            if tc.eval_every and step % tc.eval_every == 0 and not is_last:
-                run_eval(step, state['params'])
-            if not is_last and ckpt.save(step, state, {'step': step}):
-                last_saved = step
-            if preemption.sync_requested():
-                flush(step)
-                ckpt.save(step, state, {'step': step}, force=True)
-                preempted = True
-                break
-    progress.close()
-    if preempted:
-        print(f'SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.', flush=True)
+    loop = run_train_loop(
+        step_fn=step_fn, state=state,
+        batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
+        start_step=start_step, total_steps=tc.steps, ckpt=ckpt, metrics_writer=metrics_writer, workdir=workdir,
+        log_every=tc.log_every, eval_every=tc.eval_every, run_eval=lambda s, st: run_eval(s, st['params']),
+        desc='sft', progress_keys=('loss', 'accuracy'))
+    state, step = loop.state, loop.step
+    if loop.preempted:
         ckpt.close()
         return {'preempted_at': step}
 
