@@ -230,7 +230,7 @@ def plot_overoptimization(points: Mapping[str, Mapping[str, np.ndarray]],
   if unknown:
     raise ValueError(f'plot_overoptimization: fits for labels with no points: {unknown}.')
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  fig, ax = plt.subplots(figsize=(9.0, 4.4))
   d_max = max([float(np.max(p['d'])) for p in points.values() if np.size(p['d'])] + [1e-3])
   grid = np.linspace(0.0, 1.05 * d_max, 200)
   for i, (label, p) in enumerate(points.items()):
@@ -250,7 +250,7 @@ def plot_overoptimization(points: Mapping[str, Mapping[str, np.ndarray]],
   ax.set_xlabel('d = sqrt(KL)')
   ax.set_ylabel('reward (relative to the initial policy)')
   ax.set_title(title or f'Over-optimisation ({"best-of-n" if method == "bon" else "RL"})')
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: points fill the axes
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
