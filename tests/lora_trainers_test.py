@@ -304,8 +304,11 @@ def test_bad_lora_settings_are_clear_errors():
     params = init_params(cfg, jax.random.key(0))
     with pytest.raises(ValueError, match=r"config.model.quant='int8' needs config.model.lora_rank > 0"):
         add_lora_and_quant(cfg, params, lora_rank=0, quant="int8", where="model")
-    with pytest.raises(ValueError, match=r"config.policy.lora_rank / lora_alpha / lora_targets:.*lora_targets"):
+    with pytest.raises(ValueError, match=r"config.policy.lora_rank / lora_alpha / lora_targets / lora_dropout:.*"
+                                         r"lora_targets=\('qproj',\)"):
         add_lora_and_quant(cfg, params, lora_rank=4, lora_targets=("qproj",), where="policy")
+    with pytest.raises(ValueError, match=r"config.value.lora_rank / .*lora_dropout=1.5 \(in \[0, 1\)\)"):
+        add_lora_and_quant(cfg, params, lora_rank=4, lora_dropout=1.5, where="value")
     pc = ml_collections.ConfigDict(dict(reference="adapters_off", ref_quant="", lora_rank=0))
     with pytest.raises(ValueError, match=r"reference='adapters_off' needs config.policy.lora_rank > 0"):
         _reference(pc, cfg, params)
