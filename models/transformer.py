@@ -113,9 +113,10 @@ class Output:
 
 
 def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype=None) -> list:
-    """Zero KV cache: one {'k','v'} of [B, S, Hkv, D] per layer."""
+    """Zero KV cache: one {'k','v'} of [B, Hkv, S, D] per layer (heads before slots: each decode
+    step's attention reads contiguous [S, D] blocks per head)."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
+    shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
 
 
@@ -225,15 +226,16 @@ class Attention(nn.Module):
             inv_freq = rope_inv_freq(cfg)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D], the cache layout
         if cache is not None:
             # Write the new keys/values at slots [cache_index, cache_index + T).
             zero = jnp.zeros((), jnp.int32)
-            start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+            start = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
             k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        s = k.shape[1]
+        s = k.shape[2]
 
         # Allowed: real key, not in the future, inside the sliding window.
         k_slots = jnp.arange(s)
@@ -244,10 +246,10 @@ class Attention(nn.Module):
 
         groups = h // kvh
         qg = q.reshape(b, t, kvh, groups, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / math.sqrt(hd)
+        scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) / math.sqrt(hd)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 
