@@ -13,13 +13,30 @@ It owns what every such run must get right, in one place:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 
+from common.checkpoint import CheckpointManager
 from common.metrics import MetricsWriter, Progress
 from common.run_utils import PreemptionHandler, check_finite
+
+
+def open_checkpoints(workdir: str, template: Any, *, save_every: int, keep: int):
+    """The run's CheckpointManager (workdir/checkpoints) and where to start from.
+
+    Returns (ckpt, tree, extra, start_step): with a checkpoint on disk, `tree` is the latest one
+    restored into `template`'s structure and shardings, `extra` its bookkeeping dict and
+    start_step its step; otherwise `template` itself, {} and 0."""
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=save_every, max_to_keep=keep)
+    if ckpt.latest_step() is None:
+        return ckpt, template, {}, 0
+    tree, extra = ckpt.restore(template)
+    start_step = int(extra["step"])
+    print(f"Resuming from checkpoint at step {start_step} in {workdir}/checkpoints", flush=True)
+    return ckpt, tree, extra, start_step
 
 
 @dataclasses.dataclass

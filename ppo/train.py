@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from common.checkpoint import CheckpointManager
 from common.distributed import gather_to_host, is_main_process
+from common.loop import open_checkpoints
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
@@ -262,16 +262,12 @@ def train(config, workdir: str) -> dict:
 
     kl_ctl = make_kl_controller(kind=config.kl.kind, init_beta=config.kl.init_beta, target=config.kl.target,
                                 horizon=config.kl.horizon)
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
-                             max_to_keep=tc.keep_checkpoints)
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        restored, extra = ckpt.restore(to_save(state))
-        state = {k: v for k, v in restored.items() if k != "frozen"}
-        frozen = restored.get("frozen", frozen)
-        start_step = int(extra["step"])
+    ckpt, restored, extra, start_step = open_checkpoints(workdir, to_save(state), save_every=tc.save_every,
+                                                         keep=tc.keep_checkpoints)
+    state = {k: v for k, v in restored.items() if k != "frozen"}
+    frozen = restored.get("frozen", frozen)
+    if start_step:
         kl_ctl.load_state_dict(extra["kl"])
-        print(f"Resuming from checkpoint at step {start_step} in {workdir}/checkpoints", flush=True)
     metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
     samples_path = os.path.join(workdir, "samples.jsonl")
     _truncate_samples(samples_path, start_step)

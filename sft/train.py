@@ -31,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common.checkpoint import CheckpointManager
 from common.distributed import is_main_process
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.loop import run_train_loop
+from common.loop import open_checkpoints, run_train_loop
 from common.metrics import MetricsWriter, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
 from models.hf import load_hf_checkpoint
@@ -264,14 +263,7 @@ def train(config, workdir: str) -> dict:
     state_sharding = tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_sharding)
 
-    ckpt = CheckpointManager(os.path.join(workdir, 'checkpoints'), save_every=tc.save_every,
-                             max_to_keep=tc.keep_checkpoints)
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        state, extra = ckpt.restore(state)
-        start_step = int(extra['step'])
-        log.info('resumed from step %d', start_step)
-        print(f'Resuming from checkpoint at step {start_step} in {workdir}/checkpoints', flush=True)
+    ckpt, state, _, start_step = open_checkpoints(workdir, state, save_every=tc.save_every, keep=tc.keep_checkpoints)
     metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
     if start_step == 0:
         metrics_writer.write(0, _flat_stats(stats))
