@@ -36,4 +36,5 @@ def get_config(arg=None):
         c.rl.steps = 6
         c.bon.n_max = 4
         c.gold.n_pairs, c.gold.steps = 64, 5
+        c.world.n_eval_prompts = 8  # best-of-n prompts
     return c
