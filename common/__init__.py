@@ -7,4 +7,6 @@ Import the submodules directly (this package imports nothing heavy on its own):
   common.optim       make_schedule, make_optimizer (AdamW + masks), accumulate_gradients
   common.mesh        make_mesh, batch_sharding, shard_batch, replicated
   common.run_utils   PreemptionHandler (SIGTERM), check_finite
+  common.loop        run_train_loop (the RM/SFT step loop), open_checkpoints (resume), write_json
+  common.distributed initialize (jax.distributed from config/env), is_main_process, gather_to_host
 """

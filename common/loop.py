@@ -13,6 +13,7 @@ It owns what every such run must get right, in one place:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Iterator
 
@@ -22,6 +23,21 @@ import numpy as np
 from common.checkpoint import CheckpointManager
 from common.metrics import MetricsWriter, Progress
 from common.run_utils import PreemptionHandler, check_finite
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes obj as indented, key-sorted JSON, on the main process only (multi-process runs have one writer)."""
+    from common.distributed import is_main_process
+    if not is_main_process():
+        return
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def flat_data_stats(stats: dict) -> dict:
+    """{'train': {'rows': 10, ...}, 'eval': None} -> {'data/train/rows': 10, ...} (numbers only), for metrics.jsonl."""
+    return {f"data/{split}/{k}": v for split, s in stats.items() for k, v in (s or {}).items()
+            if isinstance(v, (int, float))}
 
 
 def open_checkpoints(workdir: str, template: Any, *, save_every: int, keep: int):

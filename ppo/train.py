@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from common.distributed import gather_to_host, is_main_process
-from common.loop import open_checkpoints
+from common.loop import open_checkpoints, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
@@ -97,13 +97,6 @@ def ppo_update(state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, nu
     (params, opt_state, _), aux = jax.lax.scan(one_minibatch, (state["params"], state["opt_state"], 0), order)
     metrics = jax.tree.map(jnp.mean, aux)
     return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
-
-
-def _dump(path, obj):
-    if not is_main_process():  # multi-process runs: one writer
-        return
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
 
 
 def _load_models(config, tokenizer):
@@ -197,7 +190,7 @@ def train(config, workdir: str) -> dict:
     tokenizer = rm_data.load_tokenizer(config.policy.tokenizer or config.policy.init_from)
     prompts = load_prompts([f.strip() for f in str(config.data.prompt_files).split(",") if f.strip()], tokenizer,
                            max_prompt_length=config.data.max_prompt_length, on_bad_row=config.data.on_bad_row)
-    _dump(os.path.join(workdir, "data_stats.json"), prompts.stats)
+    write_json(os.path.join(workdir, "data_stats.json"), prompts.stats)
 
     policy_config, policy_params, reward = _load_models(config, tokenizer)
     rng = jax.random.key(config.seed)
@@ -333,7 +326,7 @@ def train(config, workdir: str) -> dict:
         print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
         return {"preempted_at": step}
     summary = dict(last, step=step, wall_time_s=time.time() - t0, **{f"time/total_{k}_s": v for k, v in timing.items()})
-    _dump(os.path.join(workdir, "summary.json"), summary)
+    write_json(os.path.join(workdir, "summary.json"), summary)
     print(f"done: step {step}; score {last.get('objective/scores', float('nan')):.4f}, "
           f"KL {last.get('objective/kl', float('nan')):.4f}, beta {last.get('kl/beta', float('nan')):.4g}", flush=True)
     return summary

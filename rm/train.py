@@ -13,7 +13,6 @@ killed-and-resumed run ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ import optax
 
 from common.distributed import is_main_process
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.loop import open_checkpoints, run_train_loop
+from common.loop import flat_data_stats, open_checkpoints, run_train_loop, write_json
 from common.metrics import MetricsWriter, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
 from models.hf import load_hf_checkpoint
@@ -125,13 +124,6 @@ def normalization_rewards(config, eval_fn, params, train_data, eval_data, tokeni
     return np.concatenate([chosen, rejected])
 
 
-def _dump(path, obj):
-    if not is_main_process():  # multi-process runs: one writer
-        return
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-
-
 def train(config, workdir: str) -> dict:
     """Train a reward model as configured; returns the final eval metrics."""
     t0 = time.time()
@@ -151,7 +143,7 @@ def train(config, workdir: str) -> dict:
     eval_files = split_files(config.data.eval_files)
     eval_data = load(eval_files) if eval_files else None
     stats = {"train": train_data.stats, "eval": eval_data.stats if eval_data else None}
-    _dump(os.path.join(workdir, "data_stats.json"), stats)
+    write_json(os.path.join(workdir, "data_stats.json"), stats)
 
     # ---- model
     model_config, backbone = load_hf_checkpoint(config.model.init_from, dtype=config.model.dtype,
@@ -202,7 +194,7 @@ def train(config, workdir: str) -> dict:
     frozen = restored.get("frozen", frozen)
     metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
     if start_step == 0:
-        metrics_writer.write(0, _flat_stats(stats))
+        metrics_writer.write(0, flat_data_stats(stats))
 
     step_fn = jax.jit(functools.partial(
         train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
@@ -247,23 +239,14 @@ def train(config, workdir: str) -> dict:
                                          batch_size=eval_bs, bucket=config.data.bucket)
     gain, bias = compute_normalization(norm_rewards)
     normalization = {"gain": gain, "bias": bias, "source": str(config.eval.normalize_on), "n": int(norm_rewards.size)}
-    _dump(os.path.join(workdir, "normalization.json"), normalization)
+    write_json(os.path.join(workdir, "normalization.json"), normalization)
     ckpt.save(step, to_save(state), {"step": step, "normalization": normalization}, force=True)
     ckpt.close()
     summary = dict(final, step=step, wall_time_s=time.time() - t0, normalization=normalization,
-                   data=_flat_stats(stats))
-    _dump(os.path.join(workdir, "eval_final.json"), summary)
+                   data=flat_data_stats(stats))
+    write_json(os.path.join(workdir, "eval_final.json"), summary)
     _report(summary, stats)
     return summary
-
-
-def _flat_stats(stats):
-    out = {}
-    for split, s in stats.items():
-        for k, v in (s or {}).items():
-            if isinstance(v, (int, float)):
-                out[f"data/{split}/{k}"] = v
-    return out
 
 
 def _report(summary, stats):

@@ -20,7 +20,6 @@ so a killed-and-resumed run ends with the same parameters as an uninterrupted on
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ import optax
 
 from common.distributed import is_main_process
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.loop import open_checkpoints, run_train_loop
+from common.loop import flat_data_stats, open_checkpoints, run_train_loop, write_json
 from common.metrics import MetricsWriter, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
 from models.hf import load_hf_checkpoint
@@ -204,18 +203,6 @@ def build_model(config, tokenizer, mesh, rules, rng):
     return model_config, params
 
 
-def _dump(path, obj):
-    if not is_main_process():  # multi-process runs: one writer
-        return
-    with open(path, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-
-
-def _flat_stats(stats):
-    return {f'data/{split}/{k}': v for split, s in stats.items() for k, v in (s or {}).items()
-            if isinstance(v, (int, float))}
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -242,7 +229,7 @@ def train(config, workdir: str) -> dict:
     if eval_data is None and config.data.eval_fraction > 0:
         train_data, eval_data = sft_data.split_heldout(train_data, fraction=config.data.eval_fraction, seed=config.seed)
     stats = {'train': train_data.stats, 'eval': eval_data.stats if eval_data else None}
-    _dump(os.path.join(workdir, 'data_stats.json'), stats)
+    write_json(os.path.join(workdir, 'data_stats.json'), stats)
 
     # ---- model, optimizer, state
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
@@ -266,7 +253,7 @@ def train(config, workdir: str) -> dict:
     ckpt, state, _, start_step = open_checkpoints(workdir, state, save_every=tc.save_every, keep=tc.keep_checkpoints)
     metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
     if start_step == 0:
-        metrics_writer.write(0, _flat_stats(stats))
+        metrics_writer.write(0, flat_data_stats(stats))
 
     step_fn = jax.jit(functools.partial(
         train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
@@ -312,8 +299,8 @@ def train(config, workdir: str) -> dict:
     if config.export.hf:
         hf_dir = os.path.join(workdir, 'hf')
         save_causal_lm(model_config, state['params'], hf_dir, tokenizer_dir=os.path.join(workdir, 'tokenizer'))
-    summary = dict(final, step=step, wall_time_s=time.time() - t0, hf_dir=hf_dir, data=_flat_stats(stats))
-    _dump(os.path.join(workdir, 'eval_final.json'), summary)
+    summary = dict(final, step=step, wall_time_s=time.time() - t0, hf_dir=hf_dir, data=flat_data_stats(stats))
+    write_json(os.path.join(workdir, 'eval_final.json'), summary)
     _report(summary, stats)
     return summary
 
