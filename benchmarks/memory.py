@@ -36,10 +36,9 @@ Configurations, each without and with remat (jax.checkpoint on every block, noth
   bf16       parameters (so Adam moments) and compute in bfloat16; everything trains.
   lora       as fp32, but policy, value model and RM train LoRA rank 16 (alpha 32) on q/k/v/o
              and the scalar heads; the float32 bases are frozen (no gradients, no moments).
-  lora_int8  lora with int8 weight-only projections in the bases the trainers can quantise:
-             the policy's (QLoRA; the reference is its adapters-off view), the reward model's,
-             the RM step's. Embeddings and norms stay float32, and so does the value model's
-             base (ppo/train.py has no value quantisation).
+  lora_int8  lora with int8 weight-only projections in every frozen base: the policy's (QLoRA;
+             the reference is its adapters-off view), the reward model's, the value model's
+             (value.quant=int8) and the RM step's. Embeddings and norms stay float32.
 
 Shapes
   1b     Llama-3.2-1B: d 2048, 16 layers, 32 heads, 8 KV heads, head_dim 64, d_ff 8192, vocab
@@ -197,7 +196,7 @@ def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
         # value.init='reward': the value model starts as the float reward model (+ adapters).
         value_config, value_params = add_lora_and_quant(
             cfg, rm_params, lora_rank=variant.rank, lora_alpha=variant.lora_alpha, lora_targets=LORA_TARGETS,
-            rng=keys[4], where="value")
+            quant=variant.quant, rng=keys[4], where="value")
         if lora:  # policy.reference='auto' -> 'adapters_off': no second copy of the base
             ref_config, ref_params = None, None
         else:  # 'copy': a separate frozen copy of the initial policy

@@ -97,7 +97,7 @@ def test_ppo_arguments_hold_all_four_models():
     t = small["trees"]
     int8_backbone = 4 * (N_BACKBONE - N_PROJ) + N_PROJ + 4 * N_SCALES
     assert t["trainable_params"] == 4 * (2 * N_LORA + N_HEAD)  # adapters of policy and value + value head
-    assert t["frozen"] == int8_backbone + 4 * N_BACKBONE  # int8 policy base + float value base
+    assert t["frozen"] == 2 * int8_backbone  # int8 policy base + int8 value base (value.quant)
     assert t["reference"] == 0  # adapters off: the policy's base is the reference
     assert t["reward"] == int8_backbone + 4 * N_HEAD
     assert small["argument"] == sum(t.values()) + STEP_AND_RNG
