@@ -70,7 +70,7 @@ def policy_quality(hf_dir: str, texts_file: str, *, max_length: int, batch_size:
     width = min(max_length, max(len(x) for x in ids))
 
     @jax.jit
-    def per_token(input_ids, mask):
+    def per_token(params, qparams, input_ids, mask):  # weights as arguments, not baked-in constants
         lp32 = jax.nn.log_softmax(Transformer(config).apply({"params": params}, input_ids, mask).logits, -1)
         lp8 = jax.nn.log_softmax(Transformer(qconfig).apply({"params": qparams}, input_ids, mask).logits, -1)
         kl = jnp.sum(jnp.exp(lp32) * (lp32 - lp8), -1)  # KL(p_fp32 || p_int8) per position
@@ -84,7 +84,7 @@ def policy_quality(hf_dir: str, texts_file: str, *, max_length: int, batch_size:
         mask = np.zeros((batch_size, width), np.int32)
         for i, x in enumerate(chunk):
             arr[i, :len(x)], mask[i, :len(x)] = x, 1
-        kl, err = jax.device_get(per_token(arr, mask))
+        kl, err = jax.device_get(per_token(params, qparams, arr, mask))
         # positions 0 .. len-2 predict a real next token
         valid = np.zeros_like(mask, bool)
         for i, x in enumerate(chunk):

@@ -24,19 +24,13 @@ from rm import data as rm_data
 from rm.model import load_reward_model, rm_params_from_backbone
 from rm.train import evaluate, pair_rewards
 from rm.train import train as rm_train
-from tests.fixtures import make_tiny_tokenizer
-from tests.hf_fixtures import make_tiny_hf_model
-from tests.rm_data_gen import NEUTRAL, corpus, make_rows, write_jsonl
+from tests.rm_data_gen import NEUTRAL, make_rows, make_tiny_policy, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
-    tok_dir = make_tiny_tokenizer(str(d / "tok"), texts=corpus(), vocab_size=300)
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    make_tiny_hf_model("gpt2", str(d / "hf"), tokenizer_dir=tok_dir, vocab_size=len(tok),
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make_tiny_policy(d)
     rng = np.random.default_rng(0)
     prompts = [{"prompt": "Review: " + " ".join(rng.choice(NEUTRAL, size=int(rng.integers(2, 5))))} for _ in range(32)]
     return {"dir": d, "hf": str(d / "hf"), "train": write_jsonl(d / "train.jsonl", make_rows(400, 0)),

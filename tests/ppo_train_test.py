@@ -22,9 +22,7 @@ from ppo.rollout import ModelSpecs, make_rollout_fn
 from ppo.train import train as ppo_train
 from rm.model import RewardModel, compute_rewards
 from rm.train import train as rm_train
-from tests.fixtures import make_tiny_tokenizer
-from tests.hf_fixtures import make_tiny_hf_model
-from tests.rm_data_gen import NEUTRAL, corpus, make_rows, write_jsonl
+from tests.rm_data_gen import NEUTRAL, make_rows, make_tiny_policy, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,11 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def setup(tmp_path_factory):
     """Tiny GPT-2 policy, and a reward model trained to like 'good' words."""
     d = tmp_path_factory.mktemp("ppo")
-    tok_dir = make_tiny_tokenizer(str(d / "tok"), texts=corpus(), vocab_size=300)
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    make_tiny_hf_model("gpt2", str(d / "hf"), tokenizer_dir=tok_dir, vocab_size=len(tok),
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make_tiny_policy(d)
     c = rm_config.get_config("size=tiny")
     c.model.init_from = str(d / "hf")
     c.data.train_files = write_jsonl(d / "train.jsonl", make_rows(300, 0))

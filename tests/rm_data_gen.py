@@ -51,3 +51,18 @@ def corpus():
     words = GOOD + BAD + NEUTRAL + ["Review:"]
     rng = np.random.default_rng(0)
     return [" ".join(rng.choice(words, size=12)) for _ in range(300)]
+
+
+def make_tiny_policy(d):
+    """A tokenizer trained on `corpus()` (d/tok) and a tiny random GPT-2 causal LM using it (d/hf),
+    saved as a Hugging Face folder. Returns the model folder's path."""
+    from transformers import AutoTokenizer
+
+    from tests.fixtures import make_tiny_tokenizer
+    from tests.hf_fixtures import make_tiny_hf_model
+
+    tok_dir = make_tiny_tokenizer(str(d / "tok"), texts=corpus(), vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    make_tiny_hf_model("gpt2", str(d / "hf"), tokenizer_dir=tok_dir, vocab_size=len(tok),
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return str(d / "hf")

@@ -14,9 +14,7 @@ import pytest
 import configs.rm as rm_config
 from common.checkpoint import CheckpointManager
 from rm.train import train
-from tests.fixtures import make_tiny_tokenizer
-from tests.hf_fixtures import make_tiny_hf_model
-from tests.rm_data_gen import corpus, make_rows, write_jsonl
+from tests.rm_data_gen import make_rows, make_tiny_policy, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,11 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("rm")
-    tok_dir = make_tiny_tokenizer(str(d / "tok"), texts=corpus(), vocab_size=300)
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    make_tiny_hf_model("gpt2", str(d / "hf"), tokenizer_dir=tok_dir, vocab_size=len(tok),
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make_tiny_policy(d)
     return {
         "dir": d, "hf": str(d / "hf"),
         "train": write_jsonl(d / "train.jsonl", make_rows(400, 0)),
