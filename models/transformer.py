@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models.attention import attend
 from models.lora import PROJECTIONS as _PROJECTIONS, LoRADense
 from models.quant import QuantDense
 
@@ -235,21 +236,8 @@ class Attention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        s = k.shape[2]
-
-        # Allowed: real key, not in the future, inside the sliding window.
-        k_slots = jnp.arange(s)
-        allowed = (k_slots[None, :] <= q_slots[:, None])[None]  # [1, T, S]
-        if cfg.sliding_window is not None:
-            allowed &= (q_slots[:, None] - k_slots[None, :] < cfg.sliding_window)[None]
-        allowed = allowed & (kv_mask[:, None, :] > 0)  # [B, T, S]
-
-        groups = h // kvh
-        qg = q.reshape(b, t, kvh, groups, hd)
-        scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) / math.sqrt(hd)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h * hd)
+        out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=1.0 / math.sqrt(hd),
+                     sliding_window=cfg.sliding_window).reshape(b, t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 
