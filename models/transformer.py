@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.attention import attend
+from models.attention import ATTENTION_IMPLS, attend, resolve_attention_impl
 from models.lora import PROJECTIONS as _PROJECTIONS, LoRADense
 from models.quant import QuantDense
 
@@ -66,6 +66,9 @@ class TransformerConfig:
     param_dtype: str = "float32"
     remat: bool = False  # jax.checkpoint each block (recompute activations in the backward pass)
     remat_policy: str = "nothing_saveable"  # key of _REMAT_POLICIES
+    # Attention implementation (models/attention.py): auto | xla | chunked | cudnn. 'auto' keeps the
+    # plain XLA path for short sequences off GPU, blockwise from 1024 tokens, cuDNN on GPUs (bf16).
+    attention: str = "auto"
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -88,6 +91,8 @@ class TransformerConfig:
             raise ValueError(f"family={self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}; one of {ATTENTION_IMPLS}")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; one of {sorted(_REMAT_POLICIES)}")
 
@@ -236,8 +241,10 @@ class Attention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        impl = resolve_attention_impl(cfg.attention, q_len=t, kv_len=k.shape[2], dtype=q.dtype, head_dim=hd,
+                                      softcap=None, self_attention=cache is None)
         out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=1.0 / math.sqrt(hd),
-                     sliding_window=cfg.sliding_window).reshape(b, t, h * hd)
+                     sliding_window=cfg.sliding_window, impl=impl).reshape(b, t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 
