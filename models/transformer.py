@@ -69,6 +69,9 @@ class TransformerConfig:
     # Attention implementation (models/attention.py): auto | xla | chunked | cudnn. 'auto' keeps the
     # plain XLA path for short sequences off GPU, blockwise from 1024 tokens, cuDNN on GPUs (bf16).
     attention: str = "auto"
+    # Log-probs / entropies / SFT loss from hidden states over chunks of this many positions
+    # (models/lm_head.py), so no [B, T, V] float32 logits are held; 0 = full logits.
+    logits_chunk: int = 128
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -93,6 +96,8 @@ class TransformerConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention={self.attention!r}; one of {ATTENTION_IMPLS}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk={self.logits_chunk}; >= 0 (0 = full logits)")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; one of {sorted(_REMAT_POLICIES)}")
 
