@@ -23,9 +23,16 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.memory import SHAPES, Variant, make_tx, model_config, ppo_setup, rm_setup
+from benchmarks.memory import (
+    SHAPES,
+    Variant,
+    make_tx,
+    model_config,
+    ppo_setup,
+    rm_setup,
+)
 from models.transformer import init_params
-from ppo.rollout import make_rollout_fn
+from ppo.rollout import ModelSpecs, make_rollout_fn
 from rm.model import rm_params_from_backbone
 from sft.train import train_step as sft_train_step
 
@@ -53,10 +60,7 @@ def sft_setup(dims, variant):
 
 def rollout_setup(dims, variant):
     """The PPO rollout (sampling, policy/reference/value forwards, RM score, GAE) as one jit."""
-    _, build_update = ppo_setup(dims, variant, WORKLOAD)
     cfg = model_config(dims, variant)
-    from ppo.rollout import ModelSpecs
-
     specs = ModelSpecs(policy=cfg, reward=cfg, value=cfg, reference=cfg)
     fn = jax.jit(make_rollout_fn(specs, ROLLOUT_SETTINGS))
     b, p = WORKLOAD["ppo_rollouts"], WORKLOAD["prompt_len"]

@@ -45,7 +45,14 @@ if __name__ == "__main__" and "--devices" in sys.argv and sys.argv[sys.argv.inde
 
 import jax  # noqa: E402
 
-from benchmarks.memory import Variant, _affine, compiler_options, memory_stats, ppo_setup, rm_setup  # noqa: E402
+from benchmarks.memory import (  # noqa: E402
+    Variant,
+    _affine,
+    compiler_options,
+    memory_stats,
+    ppo_setup,
+    rm_setup,
+)
 from common.mesh import batch_sharding, make_mesh  # noqa: E402
 from models.sharding import DEFAULT_RULES, tree_shardings  # noqa: E402
 
