@@ -32,12 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.transformer import (
-    Transformer,
-    TransformerConfig,
-    init_cache,
-    positions_from_mask,
-)
+from models.transformer import Transformer, TransformerConfig, init_cache, positions_from_mask
 
 
 @flax.struct.dataclass

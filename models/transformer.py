@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import ATTENTION_IMPLS, attend, resolve_attention_impl
-from models.lora import PROJECTIONS as _PROJECTIONS
-from models.lora import LoRADense
+from models.lora import PROJECTIONS as _PROJECTIONS, LoRADense
 from models.quant import QuantDense
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
