@@ -101,6 +101,9 @@ def measure(kind, dims, workload, mesh, depths) -> dict:
     points = {d: compiled_memory(kind, dict(dims, n_layers=d), workload, mesh) for d in depths}
     out = _affine(points, target)
     out["method"] = f"extrapolated linearly from {depths[0]} and {depths[1]} layers"
+    out["points"] = {str(d): p for d, p in points.items()}
+    # The depth-independent part (embedding, LM head, logits, losses): the fit at 0 layers.
+    out["at_0_layers"] = {k: v for k, v in _affine(points, 0).items() if k != "compile_s"}
     return out
 
 
@@ -131,9 +134,12 @@ def main(argv=None):
                 row = dict(shape=shape, mode=mode, kind=kind, devices=n, **m)
                 if kind == "ppo":
                     row["full_logits_f32_bytes_per_device"] = logits
+                    if "at_0_layers" in m:
+                        row["depth_independent_temp_below_logits"] = m["at_0_layers"]["temp"] < logits
                 rows.append(row)
-                print(f"{shape:12s} {mode:6s} {kind:3s} {n}dev: peak {m['peak'] / GIB:7.2f} GiB  temp "
-                      f"{m['temp'] / GIB:7.2f}  arg {m['argument'] / GIB:7.2f}  ({m['compile_s']:.0f} s compiling)",
+                extra = f"  temp@0 layers {m['at_0_layers']['temp'] / GIB:6.2f}" if "at_0_layers" in m else ""
+                print(f"{shape:12s} {mode:6s} {kind:3s} T={args.rm_len if kind == 'rm' else 2048} {n}dev: peak {m['peak'] / GIB:7.2f} GiB  temp "
+                      f"{m['temp'] / GIB:7.2f}  arg {m['argument'] / GIB:7.2f}  ({m['compile_s']:.0f} s compiling){extra}",
                       file=sys.stderr, flush=True)
     report = {"variant": VARIANT.name, "workload": workload, "modes": MODES, "devices": n, "depths": list(depths),
               "formula": "peak = argument + temp + output - alias, per device", "rows": rows}
