@@ -165,7 +165,9 @@ def config_to_hf_family(c: TransformerConfig, ids: dict):
                    use_sliding_window=c.sliding_window is not None, **sliding, **kw)
     if c.sliding_window is not None and c.layer_types is None:
         raise ValueError(f"{c.family} export with a sliding_window needs layer_types")
-    gemma = dict(hidden_activation=act, query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+    scalar = c.query_pre_attn_scalar or c.head_dim
+    scalar = int(scalar) if float(scalar).is_integer() else scalar  # HF's strict config wants an int
+    gemma = dict(hidden_activation=act, query_pre_attn_scalar=scalar,
                  attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap, **sliding)
     if c.family == "gemma2":
         return cls(rope_parameters=_hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling), **gemma, **kw)

@@ -14,7 +14,7 @@ FAMILY_KW = {
     "qwen3": dict(num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=4,
                   max_window_layers=1),  # layer 0 global, layer 1 sliding
     "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
-                   attn_logit_softcapping=1.5, final_logit_softcapping=3.0),
+                   attn_logit_softcapping=0.01, final_logit_softcapping=3.0),
     "gemma3_text": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
                         layer_types=["sliding_attention", "full_attention"],
                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
