@@ -47,12 +47,14 @@ if TYPE_CHECKING:  # lora.py is imported by transformer.py; keep the runtime gra
     from models.transformer import TransformerConfig
 
 __all__ = [
-    "LORA_LEAVES", "PROJECTIONS", "FAMILY_TARGET_ALIASES", "expand_lora_targets", "LoRADense", "lora_a_init", "lora_delta", "lora_trainable",
+    "LORA_LEAVES", "PROJECTIONS", "FAMILY_TARGET_ALIASES", "expand_lora_targets", "LoRADense", "lora_a_init",
+    "lora_delta", "lora_trainable",
     "add_lora_params", "strip_lora", "merge_lora", "count_lora_params", "partition_params", "combine_params",
 ]
 
 LORA_LEAVES = ("lora_a", "lora_b")
 # Module names `_dense` builds (models/transformer.py); valid entries of config.lora_targets.
+# The same names for every family: fused HF projections are split on load (models/families.py).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEAD_NAMES = ("head", "value_head")  # reward/value heads (rm/model.py, ppo/train.py)
 # Hugging Face module names of fused or differently named projections, per family, and the

@@ -98,9 +98,9 @@ def test_sft_rm_ppo_end_to_end(tmp_path, family):
         scores = cls(input_ids=torch.tensor(enc["input_ids"]),
                      attention_mask=torch.tensor(enc["attention_mask"])).logits[:, 0].numpy() + offset
     batch_ids = np.where(enc["attention_mask"] > 0, enc["input_ids"], 0)
-    batch = {k: jnp.asarray(v, jnp.int32) for k, v in (("chosen_ids", batch_ids), ("chosen_mask", enc["attention_mask"]),
-                                                        ("rejected_ids", batch_ids),
-                                                        ("rejected_mask", enc["attention_mask"]))}
+    seqs = (("chosen_ids", batch_ids), ("chosen_mask", enc["attention_mask"]), ("rejected_ids", batch_ids),
+            ("rejected_mask", enc["attention_mask"]))
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in seqs}
     raw, _ = pair_rewards(reward.config, reward.params, batch)
     np.testing.assert_allclose(scores, reward.normalize(np.asarray(raw)), atol=1e-4)
 
