@@ -19,6 +19,9 @@ GPT-2's Conv1D weights are already [in, out] and q/k/v are fused in c_attn):
   layers_i.mlp.down_proj        layers.i.mlp.down_proj                h.i.mlp.c_proj
   final_norm                    norm                                  ln_f
   lm_head.kernel                lm_head.weight (absent when tied)     (tied)
+
+qwen3, gemma2, gemma3_text, gpt_neox and phi3: see `models/families.py` (config through
+transformers' config classes, fused GPT-NeoX / Phi-3 projections split and re-fused).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import safetensors_io
+from models.families import (CAUSAL_LM, NEW_FAMILIES, config_from_hf_family, config_to_hf_family,
+                             params_from_hf_family, params_to_hf_family)
 from models.transformer import FAMILIES, TransformerConfig
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
@@ -57,6 +62,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
     common = dict(dtype=dtype, param_dtype=param_dtype, pad_token_id=ids("pad_token_id"),
                   bos_token_id=ids("bos_token_id"), eos_token_id=ids("eos_token_id"),
                   vocab_size=hf["vocab_size"])
+    if model_type in NEW_FAMILIES:
+        return config_from_hf_family(hf, common)
     if model_type == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx"):
             raise ValueError("gpt2 with scale_attn_by_inverse_layer_idx=True is not supported")
@@ -107,6 +114,8 @@ def config_to_hf(config: TransformerConfig, *, architecture: str, extra: Optiona
             n_head=c.n_heads, n_inner=c.d_ff, activation_function=c.activation, layer_norm_epsilon=c.norm_eps,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
             tie_word_embeddings=True, **ids)
+    elif c.family in NEW_FAMILIES:
+        hf = config_to_hf_family(c, ids)
     else:
         rope = {"rope_theta": c.rope_theta, "rope_type": "default"}
         rope.update(dict(c.rope_scaling or ()))
@@ -173,7 +182,7 @@ def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _strip_prefix(tensors: dict, family: str) -> dict:
-    prefixes = ("transformer.",) if family == "gpt2" else ("model.",)
+    prefixes = {"gpt2": ("transformer.",), "gpt_neox": ("gpt_neox.",)}.get(family, ("model.",))
     out = {}
     for name, value in tensors.items():
         for p in prefixes:
@@ -207,7 +216,10 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], *,
         return d
 
     params: dict[str, Any] = {}
-    if config.is_gpt2:
+    if config.family in NEW_FAMILIES:
+        params = params_from_hf_family(config, lambda name, transpose=False: take(name, transpose),
+                                       lambda name: name in t, used.add)
+    elif config.is_gpt2:
         params["embed"] = {"embedding": take("wte.weight")}
         params["pos_embed"] = {"embedding": take("wpe.weight")}
         d = config.d_model
@@ -323,6 +335,8 @@ def params_to_hf(config: TransformerConfig, params: dict, *, prefix: bool = True
     def np_(x):
         return np.ascontiguousarray(np.asarray(x))
 
+    if config.family in NEW_FAMILIES:
+        return params_to_hf_family(config, params, prefix=prefix, include_lm_head=include_lm_head)
     out = {}
     if config.is_gpt2:
         pre = "transformer." if prefix else ""
@@ -393,7 +407,7 @@ def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
     """
     os.makedirs(out_dir, exist_ok=True)
     default_arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "mistral": "MistralForCausalLM"}[config.family]
+                    "mistral": "MistralForCausalLM", **CAUSAL_LM}[config.family]
     architecture = architecture or default_arch
     causal = architecture.endswith("LMHeadModel") or architecture.endswith("ForCausalLM")
     tensors = params_to_hf(config, params, include_lm_head=causal)

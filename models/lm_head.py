@@ -84,7 +84,7 @@ def token_logprobs_from_hidden(config, params: dict, hidden, tokens, *, temperat
                                with_entropy: bool = False, final_softcap: Optional[float] = None) -> dict:
     """`chunked_token_stats` with the head, dtype and chunk length of a TransformerConfig."""
     if final_softcap is None:
-        final_softcap = getattr(config, "final_logit_softcap", None)
+        final_softcap = config.final_softcap
     return chunked_token_stats(hidden=hidden, kernel=lm_head_kernel(config, params), tokens=tokens,
                                compute_dtype=config.dtype, temperature=temperature, final_softcap=final_softcap,
                                chunk=config.logits_chunk or hidden.shape[1], with_entropy=with_entropy)
@@ -99,7 +99,7 @@ def next_token_nll_from_hidden(config, params: dict, hidden, input_ids, loss_mas
     targets = input_ids[:, 1:].astype(jnp.int32)  # [B, T-1]
     weights = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
     stats = chunked_token_stats(hidden=hidden[:, :-1], kernel=lm_head_kernel(config, params), tokens=targets,
-                                compute_dtype=config.dtype, final_softcap=getattr(config, "final_logit_softcap", None),
+                                compute_dtype=config.dtype, final_softcap=config.final_softcap,
                                 chunk=config.logits_chunk or hidden.shape[1], with_argmax=True)
     nll = -stats["logprobs"] * weights
     correct = (stats["argmax"] == targets).astype(jnp.float32) * weights
