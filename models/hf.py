@@ -34,9 +34,8 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from models import safetensors_io
 from models.families import (CAUSAL_LM, NEW_FAMILIES, config_from_hf_family, config_to_hf_family,
                              params_from_hf_family, params_to_hf_family)
 from models.transformer import FAMILIES, TransformerConfig
@@ -165,7 +164,11 @@ def _weight_files(path: str) -> list[str]:
 
 
 def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json dict, {tensor name: numpy array}) of a local HF folder."""
+    """(config.json dict, {tensor name: numpy array}) of a local HF folder.
+
+    The arrays are read-only memory-mapped views (models/safetensors_io.py): nothing is read
+    from disk until a tensor (or a slice of it) is used, and bfloat16 tensors keep their dtype
+    (ml_dtypes.bfloat16)."""
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -174,9 +177,7 @@ def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         hf_config = json.load(f)
     tensors = {}
     for file in _weight_files(path):
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        tensors.update(safetensors_io.lazy_tensors(file))
     return hf_config, tensors
 
 
@@ -192,8 +193,12 @@ def _strip_prefix(tensors: dict, family: str) -> dict:
     return out
 
 
-def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """Map HF tensors to our params. Returns (params, leftovers such as {'score.weight': ...})."""
+def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], *,
+                   cast: bool = True) -> tuple[dict, dict]:
+    """Map HF tensors to our params. Returns (params, leftovers such as {'score.weight': ...}).
+
+    cast=False returns NumPy views of `tensors` (transposed/sliced, not copied) instead of
+    jnp arrays of config.param_dtype, for `load_hf_checkpoint` to place one by one."""
     t = _strip_prefix(tensors, config.family)
     used = set()
 
@@ -202,8 +207,7 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray]) ->
             raise KeyError(f"checkpoint is missing tensor {name!r} (family {config.family})")
         used.add(name)
         x = t[name]
-        x = x.T if transpose else x
-        return np.ascontiguousarray(x)
+        return x.T if transpose else x  # a view: copied (or sliced per shard) only when placed
 
     def norm(prefix):
         d = {"scale": take(prefix + ".weight")}
@@ -256,8 +260,8 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray]) ->
         elif "lm_head.weight" in t:
             params["lm_head"] = {"kernel": take("lm_head.weight", transpose=True)}
     leftovers = {k: v for k, v in t.items() if k not in used}
-    cast = jnp.dtype(config.param_dtype)
-    params = _map(lambda x: jnp.asarray(x, dtype=cast), params)
+    if cast:
+        params = _map(lambda x: jnp.asarray(np.array(x, dtype=jnp.dtype(config.param_dtype))), params)
     return params, leftovers
 
 
@@ -265,17 +269,56 @@ def _map(fn, tree):
     return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
-def load_hf_checkpoint(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                       with_leftovers: bool = False):
+def folder_param_dtype(tensors: dict) -> str:
+    """The floating dtype the folder's weights are stored in ('float32', 'bfloat16', 'float16')."""
+    for array in tensors.values():
+        if jnp.issubdtype(array.dtype, jnp.floating):
+            return jnp.dtype(array.dtype).name
+    return "float32"
+
+
+def place_params(views: dict, *, param_dtype: str, mesh=None, rules=None) -> dict:
+    """Tree of NumPy views -> jax arrays of `param_dtype`, one tensor at a time.
+
+    Without a mesh each tensor is copied whole onto the default device. With a mesh each
+    tensor goes straight onto its NamedSharding (models/sharding.py rules): every device's
+    callback reads only its own slice of the view (a memory map: only those bytes come off
+    disk), so no device and no host buffer ever holds more than one tensor's shard.
+    """
+    import jax
+
+    cast = jnp.dtype(param_dtype)
+    if mesh is None:
+        return _map(lambda x: jnp.asarray(np.array(x, dtype=cast)), views)
+    from models.sharding import DEFAULT_RULES, tree_shardings
+
+    shapes = _map(lambda x: jax.ShapeDtypeStruct(x.shape, cast), views)
+    shardings = tree_shardings(shapes, mesh, DEFAULT_RULES if rules is None else rules)
+
+    def place(view, sharding):
+        return jax.make_array_from_callback(view.shape, sharding, lambda index: np.array(view[index], dtype=cast))
+
+    return jax.tree.map(place, views, shardings, is_leaf=lambda x: isinstance(x, np.ndarray))
+
+
+def load_hf_checkpoint(path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
+                       with_leftovers: bool = False, mesh=None, rules=None):
     """Load a local HF folder into (TransformerConfig, params) [+ leftover tensors such as score.weight].
 
     A causal-LM folder without lm_head (a sequence-classification export) gets no `lm_head`
     params; tensors not part of the backbone (e.g. `score.weight`) come back as leftovers.
     Unknown extra tensors are an error unless `with_leftovers=True`.
+
+    param_dtype: None keeps the folder's dtype (a bf16 folder loads as bf16). mesh (+ rules):
+    place every tensor straight onto its sharding (see `place_params`); sharded
+    model.safetensors.index.json folders load either way.
     """
     hf_config, tensors = read_hf_folder(path)
+    param_dtype = param_dtype or folder_param_dtype(tensors)
     config = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
-    params, leftovers = params_from_hf(config, tensors)
+    views, leftovers = params_from_hf(config, tensors, cast=False)
+    params = place_params(views, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    leftovers = {k: np.array(v) for k, v in leftovers.items()}  # copies: independent of the files
     if with_leftovers:
         return config, params, leftovers
     unknown = sorted(k for k in leftovers if k not in ("score.weight",))
@@ -352,11 +395,15 @@ def copy_tokenizer_files(src: Optional[str], dst: str) -> list[str]:
 
 def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
                        tokenizer_dir: Optional[str] = None, architecture: Optional[str] = None,
-                       extra_tensors: Optional[dict] = None, extra_config: Optional[dict] = None) -> str:
+                       extra_tensors: Optional[dict] = None, extra_config: Optional[dict] = None,
+                       max_shard_bytes: int = 5 * 2**30) -> str:
     """Write a HF folder (config.json, model.safetensors, tokenizer files) loadable by transformers.
 
     `architecture` defaults to the causal-LM class; for a reward model pass e.g.
-    'LlamaForSequenceClassification' with `extra_tensors={'score.weight': W[1, d]}`.
+    'LlamaForSequenceClassification' with `extra_tensors={'score.weight': W[1, d]}`. Tensors
+    keep their dtype (bfloat16 included; cast `params` first for another); above
+    `max_shard_bytes` the weights are split into model-0000i-of-0000n.safetensors files and a
+    model.safetensors.index.json. The host holds one copy of the weights while writing.
     """
     os.makedirs(out_dir, exist_ok=True)
     default_arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -365,8 +412,11 @@ def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
     causal = architecture.endswith("LMHeadModel") or architecture.endswith("ForCausalLM")
     tensors = params_to_hf(config, params, include_lm_head=causal)
     tensors.update({k: np.ascontiguousarray(np.asarray(v)) for k, v in (extra_tensors or {}).items()})
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    safetensors_io.save_tensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     hf = config_to_hf(config, architecture=architecture, extra=extra_config)
+    floating = [v.dtype for v in tensors.values() if jnp.issubdtype(v.dtype, jnp.floating)]
+    if floating and not (extra_config and ("torch_dtype" in extra_config or "dtype" in extra_config)):
+        hf["torch_dtype"] = hf["dtype"] = jnp.dtype(floating[0]).name  # what the files hold
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     copy_tokenizer_files(tokenizer_dir, out_dir)

@@ -36,7 +36,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.attention import attend
+from models.attention import ATTENTION_IMPLS, attend, resolve_attention_impl
 from models.rope import ROPE_TYPES, apply_rope, rope_inv_freq, rotary_dim  # noqa: F401 (re-exported)
 from models.lora import PROJECTIONS as _PROJECTIONS, LoRADense, expand_lora_targets as _expand_lora_targets
 from models.quant import QuantDense
@@ -88,6 +88,12 @@ class TransformerConfig:
     param_dtype: str = "float32"
     remat: bool = False  # jax.checkpoint each block (recompute activations in the backward pass)
     remat_policy: str = "nothing_saveable"  # key of _REMAT_POLICIES
+    # Attention implementation (models/attention.py): auto | xla | chunked | cudnn. 'auto' keeps the
+    # plain XLA path for short sequences off GPU, blockwise from 1024 tokens, cuDNN on GPUs (bf16).
+    attention: str = "auto"
+    # Log-probs / entropies / SFT loss from hidden states over chunks of this many positions
+    # (models/lm_head.py), so no [B, T, V] float32 logits are held; 0 = full logits.
+    logits_chunk: int = 128
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -116,6 +122,10 @@ class TransformerConfig:
                              f"quant={self.quant!r} ('' or 'int8'): invalid value")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}; one of {ATTENTION_IMPLS}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk={self.logits_chunk}; >= 0 (0 = full logits)")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; one of {sorted(_REMAT_POLICIES)}")
         if self.layer_types is not None and (len(self.layer_types) != self.n_layers
@@ -275,8 +285,10 @@ class Attention(nn.Module):
             cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         scale = 1.0 / math.sqrt(cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar else hd)
-        out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale,
-                     sliding_window=cfg.layer_window(self.layer), softcap=cfg.attn_softcap).reshape(b, t, h * hd)
+        impl = resolve_attention_impl(cfg.attention, q_len=t, kv_len=k.shape[2], dtype=q.dtype, head_dim=hd,
+                                      softcap=cfg.attn_softcap, self_attention=cache is None)
+        out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale, sliding_window=cfg.layer_window(self.layer),
+                     softcap=cfg.attn_softcap, impl=impl).reshape(b, t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 
