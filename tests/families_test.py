@@ -64,6 +64,9 @@ def test_logits_match_pytorch_and_save_roundtrips(tmp_path, variant):
         real = mask.astype(bool)
         np.testing.assert_allclose(np.asarray(out.logits)[real], ref_logits[real], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(np.asarray(out.hidden_states)[real], ref_hidden[real], atol=1e-4, rtol=1e-4)
+        # The blockwise attention core gets the same per-layer window, scale and soft-cap.
+        chunked = ours(config.replace(attention="chunked"), params, ids, mask)
+        np.testing.assert_allclose(np.asarray(chunked.logits)[real], ref_logits[real], atol=1e-4, rtol=1e-4)
     if family == "phi3":  # 6 tokens stay within original_max_position_embeddings=8: longrope's short factors
         ids, mask = ids[:, :6], mask[:, :6]
         ref_logits, _ = torch_logits(model, ids, mask)
