@@ -163,6 +163,8 @@ def tokenizer_dir(tmp_path_factory):
 def test_rm_export_scores_match_pytorch(tmp_path, tokenizer_dir, family):
     from rm import data as rm_data
     from rm.export import write_sequence_classifier
+    from rm.model import load_reward_model
+    from rm.train import pair_rewards
 
     tok = rm_data.load_tokenizer(tokenizer_dir)
     make_tiny_hf_model(family, str(tmp_path / "src"), vocab_size=len(tok), eos_token_id=tok.eos_token_id,
@@ -190,3 +192,9 @@ def test_rm_export_scores_match_pytorch(tmp_path, tokenizer_dir, family):
         hidden = ours(config, backbone, ids, enc["attention_mask"], return_logits=False).hidden_states
         raw = ScalarHead().apply({"params": head}, gather_last(hidden, jnp.asarray(enc["attention_mask"])))
         np.testing.assert_allclose(theirs, gain * np.asarray(raw) + bias, atol=1e-4, err_msg=f"{family} {side}")
+        # The exported folder is itself a reward model for PPO (reward.init_from): same scores.
+        ids, m = jnp.asarray(enc["input_ids"], jnp.int32), jnp.asarray(enc["attention_mask"], jnp.int32)
+        batch = {"chosen_ids": ids, "chosen_mask": m, "rejected_ids": ids, "rejected_mask": m}
+        reloaded = load_reward_model(out)
+        np.testing.assert_allclose(np.asarray(pair_rewards(reloaded.config, reloaded.params, batch)[0]), theirs,
+                                   atol=1e-4)
