@@ -133,14 +133,16 @@ def test_lora_int8_remat_and_sharding_rules(tmp_path, family):
     qlogits = np.asarray(ours(qcfg, qparams, ids, mask).logits)
     err = np.abs(qlogits - np.asarray(base))[mask.astype(bool)].max()
     assert 0 < err < 0.05 * np.abs(np.asarray(base)).max(), err
-    rcfg = config.replace(remat=True)
+    # remat wraps whole blocks: checked on the two block layouts that differ most from llama's
+    # (Gemma 3's sandwich norms, q/k norms and local RoPE; NeoX's parallel residual), since
+    # eager gradients cost ~10 s of CPU per family.
+    if family in ("gemma3_text", "gpt_neox"):
+        def loss(p, cfg):
+            return jnp.mean(ours(cfg, p, ids, mask).logits ** 2)
 
-    def loss(p, cfg):
-        return jnp.mean(ours(cfg, p, ids, mask).logits ** 2)
-
-    g, g_remat = jax.grad(loss)(params, config), jax.grad(loss)(params, rcfg)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        g, g_remat = jax.grad(loss)(params, config), jax.grad(loss)(params, config.replace(remat=True))
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
     # Sharding: every projection matrix gets (in, out) axes; norms (q/k norms, Gemma's post norms)
     # are replicated.
     for path, leaf in jax.tree_util.tree_leaves_with_path(lparams):
