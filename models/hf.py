@@ -338,11 +338,14 @@ def copy_tokenizer_files(src: Optional[str], dst: str) -> list[str]:
 
 def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
                        tokenizer_dir: Optional[str] = None, architecture: Optional[str] = None,
-                       extra_tensors: Optional[dict] = None, extra_config: Optional[dict] = None) -> str:
+                       extra_tensors: Optional[dict] = None, extra_config: Optional[dict] = None,
+                       dtype: Optional[str] = None) -> str:
     """Write a HF folder (config.json, model.safetensors, tokenizer files) loadable by transformers.
 
     `architecture` defaults to the causal-LM class; for a reward model pass e.g.
     'LlamaForSequenceClassification' with `extra_tensors={'score.weight': W[1, d]}`.
+    `dtype` ('float32' / 'bfloat16' / 'float16') casts every floating tensor on disk and is
+    recorded as config.json's torch_dtype; None keeps the tensors' own dtypes.
     """
     os.makedirs(out_dir, exist_ok=True)
     default_arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -351,6 +354,11 @@ def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
     causal = architecture.endswith("LMHeadModel") or architecture.endswith("ForCausalLM")
     tensors = params_to_hf(config, params, include_lm_head=causal)
     tensors.update({k: np.ascontiguousarray(np.asarray(v)) for k, v in (extra_tensors or {}).items()})
+    if dtype is not None:
+        target = np.dtype(jnp.dtype(dtype))
+        tensors = {k: np.ascontiguousarray(v.astype(target)) if v.dtype.kind == "f" or v.dtype.name == "bfloat16"
+                   else v for k, v in tensors.items()}
+        extra_config = dict(extra_config or {}, torch_dtype=str(dtype), dtype=str(dtype))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     hf = config_to_hf(config, architecture=architecture, extra=extra_config)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

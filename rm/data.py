@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from common.run_utils import looks_like_local_path
+
 ON_BAD_ROW = ('error', 'skip')
 LOCAL_BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
 PAIR_KEYS = ('chosen_ids', 'chosen_mask', 'rejected_ids', 'rejected_mask', 'margin')
@@ -276,13 +278,6 @@ def reject(file, index, issue, *, on_bad_row, stats, line=None):
 
 
 TOKENIZER_VOCAB_FILES = ('tokenizer.json', 'vocab.json', 'tokenizer.model', 'spiece.model', 'vocab.txt')
-
-
-def looks_like_local_path(path):
-    """True for what can only be a filesystem path (absolute, ./, ~, or more than one '/');
-    'org/name' could be a hub name."""
-    path = os.fspath(path)
-    return os.path.isabs(path) or path.startswith(('.', '~')) or path.count('/') > 1
 
 
 def load_tokenizer(path, *, setting='model.tokenizer'):
