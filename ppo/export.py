@@ -44,7 +44,8 @@ def export(workdir: str, out: str, *, step=None, dtype: str = "float32", peft_ad
         export_peft_adapter(config, params["policy"], out, base_model=os.path.abspath(base), dtype=dtype)
         return out
     policy, config = merge_lora(params["policy"], config)  # the HF folder is a plain float model
-    save_hf_checkpoint(config, policy, out, tokenizer_dir=os.path.join(workdir, "tokenizer"), dtype=dtype)
+    save_hf_checkpoint(config, policy, out, tokenizer_dir=os.path.join(workdir, "tokenizer"),
+                       dtype=None if dtype == "float32" else dtype)
     return out
 
 

@@ -91,7 +91,8 @@ def export(workdir: str, out: str, *, normalize: bool = True, dtype: str = "floa
     }
     os.makedirs(out, exist_ok=True)
     save_hf_checkpoint(config, backbone, out, architecture=SEQ_CLS[config.family],
-                       extra_tensors={"score.weight": score_weight}, extra_config=extra_config, dtype=dtype)
+                       extra_tensors={"score.weight": score_weight}, extra_config=extra_config,
+                       dtype=None if dtype == "float32" else dtype)
     _append_eos_postprocessor(tokenizer)
     tokenizer.save_pretrained(out)
     with open(os.path.join(out, "README.md"), "w") as f:
