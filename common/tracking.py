@@ -116,6 +116,7 @@ def open_metrics(workdir: str, config, *, resume_step: int | None):
     from common.resume import config_dict
     sinks = []
     if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
         settings = section(config, "logging", LOGGING_DEFAULTS)
         if settings["tensorboard"]:
             sinks.append(TensorBoardSink(os.path.join(workdir, "tensorboard"), resume_step=resume_step))
