@@ -158,6 +158,11 @@ def _main(argv=None):
         ids, mask = pad_right(seqs, pad)
         raw = score_arrays(model, ids, mask, batch_size=args.batch_size)
         records = [{"score": float(model.normalize(r)), "raw": float(r)} for r in raw]
+    raws = [r.get("raw", r.get("chosen_raw")) for r in records] + [r["rejected_raw"] for r in records
+                                                                   if "rejected_raw" in r]
+    if len(raws) > 1 and len(set(raws)) == 1:
+        print(f"rm.score: warning: all {len(raws)} scores are the same ({raws[0]:.6g}): the model or its tokenizer "
+              "is probably broken (e.g. an empty tokenizer or an untrained head)", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         for rec in records:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from tests.rm_data_gen import make_rows, make_tiny_policy, write_jsonl
 

@@ -12,8 +12,8 @@ import pytest
 import transformers
 
 import configs.rm as rm_config
-from common.checkpoint import CheckpointManager, NoIntactCheckpoint
 from common import tracking
+from common.checkpoint import CheckpointManager, NoIntactCheckpoint
 from rm import data as rm_data
 from tests.fixtures import make_tiny_tokenizer
 from tests.rm_data_gen import write_jsonl
