@@ -7,7 +7,7 @@ lora_A.weight = A^T [r, in] and lora_B.weight = B^T [out, r], so the matrices ar
 the scale carries over as is.
 
 HF module names per family (models/hf.py's params_to_hf mapping):
-  llama, qwen2, mistral: model.layers.{i}.self_attn.{q,k,v,o}_proj, model.layers.{i}.mlp.{gate,up,down}_proj
+  llama, qwen2, mistral, qwen3, gemma2, gemma3_text: model.layers.{i}.self_attn.{q,k,v,o}_proj, model.layers.{i}.mlp.{gate,up,down}_proj
   gpt2: transformer.h.{i}.attn.c_attn (q, k and v fused), attn.c_proj (o_proj), mlp.c_fc (up_proj),
         mlp.c_proj (down_proj); Conv1D layers, so fan_in_fan_out=True.
 GPT-2's fused c_attn gets one adapter of rank k*r for the k adapted projections among q, k, v:
@@ -27,7 +27,10 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
-__all__ = ["export_peft_adapter"]
+__all__ = ["export_peft_adapter", "PEFT_FAMILIES"]
+
+# Families whose HF module names are mapped (and tested against peft) here.
+PEFT_FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text")
 
 _LLAMA_NAMES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                 "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
@@ -68,6 +71,9 @@ def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, 
     if config.quant:
         raise ValueError(f"the adapters were trained on an int8 base (quant={config.quant!r}); on the float base "
                          "PEFT loads they would compute something else: export the merged model instead")
+    if config.family not in PEFT_FAMILIES:
+        raise ValueError(f"PEFT adapter export supports the families {PEFT_FAMILIES}; {config.family!r} fuses its "
+                         "projections differently in Hugging Face (e.g. query_key_value): export the merged model")
     adapters = _adapters(config, params)
     if not adapters:
         raise ValueError("no lora_a / lora_b leaves in the params: nothing to export")

@@ -22,7 +22,9 @@ def _ids():
 
 @pytest.mark.parametrize("family, targets", [("gpt2", ("q_proj", "v_proj", "o_proj", "up_proj")),
                                              ("llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                        "down_proj"))])
+                                                        "down_proj")),
+                                             ("qwen2", ("q_proj", "v_proj", "up_proj")),
+                                             ("gemma2", ("q_proj", "k_proj", "o_proj", "gate_proj"))])
 def test_peft_adapter_matches_our_lora_model(tmp_path, family, targets):
     import peft
     import torch
