@@ -65,13 +65,14 @@ def export(workdir: str, out: str, *, normalize: bool = True, dtype: str = "floa
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
     gain, c = (model.gain, model.bias) if normalize else (1.0, 0.0)
     return write_sequence_classifier(config, params, tokenizer, out, gain=gain, bias=c, normalize=normalize,
-                                     source=workdir)
+                                     source=workdir, dtype=dtype)
 
 
 def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: float, bias: float,
-                              normalize: bool, source: str) -> str:
+                              normalize: bool, source: str, dtype: str = "float32") -> str:
     """Write the HF sequence-classification folder of a reward model's float params
-    ({'backbone', 'head'}) whose score is gain * head(h) + bias (see the module docstring)."""
+    ({'backbone', 'head'}) whose score is gain * head(h) + bias (see the module docstring);
+    `dtype` 'bfloat16' / 'float16' casts the tensors on disk."""
     c = bias
     w = np.asarray(params["head"]["kernel"], np.float64)[:, 0]  # [d]
     b = float(np.asarray(params["head"]["bias"], np.float64)[0])
