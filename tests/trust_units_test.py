@@ -191,6 +191,9 @@ def test_score_rows_that_are_bad_name_row_and_key(tok):
                      ({"prompt": "p", "response": 3}, "key 'response'")):
         with pytest.raises(rm_data.BadRowError, match=rf"f\.jsonl: row 1 \(0-based\): {key}"):
             tokenize_single(tok, [{"text": "fine"}, row], file="f.jsonl", max_length=16)
+    number = rm_data.UnreadableRow(2, "not_object", "expected a JSON object, got int 5")  # a line holding `5`
+    with pytest.raises(rm_data.BadRowError, match=r"f\.jsonl: row 1 \(0-based, line 2\): expected a JSON object"):
+        tokenize_single(tok, [{"text": "fine"}, number], file="f.jsonl", max_length=16)
 
 
 # ----------------------------------------------------------------------------- W&B, compilation cache
