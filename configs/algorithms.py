@@ -14,7 +14,7 @@ summary.json. Variant `:size=tiny` for tests.
 
 import ml_collections
 
-import configs.quickstart as quickstart
+from configs import quickstart
 from configs.common import parse_arg
 
 

@@ -47,8 +47,8 @@ BETA = 0.05
 MESHES = [(2, 4), (8, 1), (1, 8)]  # (data, model)
 GRPO_MESHES = [(2, 4), (8, 1)]
 GRPO_K = 4
-GRPO_VARIANT = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=3.0, aggregation="seq_mean_token_mean",
-                    norm_constant=6.0, kl_estimator="k3")
+GRPO_VARIANT = {"clip_eps_low": 0.2, "clip_eps_high": 0.28, "dual_clip_c": 3.0, "aggregation": "seq_mean_token_mean",
+                "norm_constant": 6.0, "kl_estimator": "k3"}
 TOL = 1e-5
 SEED = int(os.environ.get("PPO_SHARDING_TEST_SEED", 0))  # to try other random models by hand
 EOS_BOOST = 10.0  # scales the lm_head column of EOS so some rows stop early
