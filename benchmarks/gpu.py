@@ -81,11 +81,11 @@ import numpy as np
 
 from common.mesh import batch_sharding, make_mesh, replicated
 from common.optim import make_optimizer
+from models.attention import ATTENTION_IMPLS
 from models.sampling import make_generate_fn
 from models.sharding import REPLICATED_RULES, abstract_sharded, tree_shardings
 from models.transformer import TransformerConfig, init_params
-from ppo import losses as L
-from ppo.rollout import ModelSpecs, make_rollout_fn, reference_logprobs, response_logits_and_values
+from ppo.rollout import ModelSpecs, make_rollout_fn, reference_logprobs, response_logprobs_and_values
 from ppo.train import UPDATE_KEYS, ppo_loss, ppo_update
 from rm.model import RewardModel
 from rm.train import train_step
@@ -261,9 +261,15 @@ def peak_memory_bytes() -> Optional[int]:
     return stats.get("peak_bytes_in_use")
 
 
+def xla_temp_bytes(jitted, *args) -> int:
+    """Temporary bytes XLA's buffer assignment gives the compiled program (any backend)."""
+    return int(jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
 # ----------------------------------------------------------------------------- measurements
 
-def bench_rm_train(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, peak: Optional[float]) -> dict:
+def bench_rm_train(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, peak: Optional[float],
+                   memory: bool = False) -> dict:
     """Reward-model optimizer steps: tokens/s and MFU."""
     b, t = sizes.rm_pairs, sizes.rm_seq
     params = init_on_device("rm", config, mesh, seed=0)
@@ -284,6 +290,7 @@ def bench_rm_train(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, 
             state, metrics = step_fn(state, batch)
         return state, metrics
 
+    temp = xla_temp_bytes(step_fn, state, batch) if memory else None
     timing, _ = timed(run_steps, reps=reps)
     step_s = timing["median_s"] / sizes.rm_steps_per_rep
     tokens_per_s = 2 * b * t / step_s
@@ -291,7 +298,7 @@ def bench_rm_train(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, 
     return dict(timing, pairs=b, seq_len=t, tokens_per_step=2 * b * t, steps_per_rep=sizes.rm_steps_per_rep,
                 step_s=step_s, tokens_per_s=tokens_per_s, flops_per_token=flops,
                 model_tflops_per_s=tokens_per_s * flops / 1e12, peak_flops=peak, mfu=mfu(tokens_per_s, flops, peak),
-                peak_memory_bytes=peak_memory_bytes())
+                peak_memory_bytes=peak_memory_bytes(), xla_temp_bytes=temp)
 
 
 def bench_sampling(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int) -> dict:
@@ -308,7 +315,7 @@ def bench_sampling(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int) 
                 peak_memory_bytes=peak_memory_bytes())
 
 
-def bench_ppo(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int) -> dict:
+def bench_ppo(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, memory: bool = False) -> dict:
     """One PPO iteration: rollout (and its policy/value/reference forward on its own), then update."""
     b, p, n = sizes.ppo_batch, sizes.ppo_prompt_len, sizes.ppo_new_tokens
     specs = ModelSpecs(policy=config, reward=config, value=config)
@@ -332,10 +339,11 @@ def bench_ppo(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int) -> di
 
     @jax.jit
     def forwards(params, ref_params):  # step 2 of the rollout on its own (ppo/rollout.py's functions)
-        logits, values = response_logits_and_values(specs, params, query_ids, query_mask, response_ids, response_mask)
+        logprobs, entropy, values = response_logprobs_and_values(specs, params, query_ids, query_mask, response_ids,
+                                                                 response_mask, temperature=TEMPERATURE)
         ref = reference_logprobs(config, ref_params, query_ids, query_mask, response_ids, response_mask,
                                  temperature=TEMPERATURE)
-        return L.logprobs_from_logits(logits / TEMPERATURE, response_ids), values, ref
+        return logprobs, entropy, values, ref
 
     results["policy_value_ref_forward"], _ = timed(lambda: forwards(params, ref_params), reps=reps)
 
@@ -355,6 +363,7 @@ def bench_ppo(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int) -> di
         state, metrics = update_fn(state, update_batch)
         return state, metrics
 
+    update_temp = xla_temp_bytes(update_fn, state, update_batch) if memory else None
     results["update"], _ = timed(run_update, reps=reps)
 
     med = {k: v["median_s"] for k, v in results.items()}
@@ -363,7 +372,8 @@ def bench_ppo(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int) -> di
                 rollout_s=med["rollout"], policy_value_ref_forward_s=med["policy_value_ref_forward"],
                 generation_and_scoring_s=med["rollout"] - med["policy_value_ref_forward"], update_s=med["update"],
                 update_s_per_optimizer_step=med["update"] / (sizes.ppo_epochs * sizes.ppo_minibatches),
-                iteration_s=med["rollout"] + med["update"], peak_memory_bytes=peak_memory_bytes())
+                iteration_s=med["rollout"] + med["update"], peak_memory_bytes=peak_memory_bytes(),
+                update_xla_temp_bytes=update_temp)
 
 
 # ----------------------------------------------------------------------------- report
@@ -406,6 +416,23 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(report: dict) -> str:
+    """New paths (the run's attention / logits_chunk) against the plain ones (xla, full logits)."""
+    res = report["results"]
+    keys = (("rm", "step_s", "RM step s"), ("rm", "xla_temp_bytes", "RM step XLA temp MiB"),
+            ("rm", "peak_memory_bytes", "RM device peak MiB"), ("ppo", "rollout_s", "PPO rollout s"),
+            ("ppo", "update_s", "PPO update s"), ("ppo", "update_xla_temp_bytes", "PPO update XLA temp MiB"),
+            ("ppo", "peak_memory_bytes", "PPO device peak MiB"))
+    lines = ["| measurement | plain (xla attention, full logits) | new | new / plain |", "|---|---:|---:|---:|"]
+    for section, key, label in keys:
+        new, plain = res.get(section, {}).get(key), res.get(section + "_plain", {}).get(key)
+        if new is None or plain is None:
+            continue
+        scale = 2.0 ** 20 if key.endswith("bytes") else 1.0
+        lines.append(f"| {label} | {_fmt(plain / scale)} | {_fmt(new / scale)} | {new / plain:.2f} |")
+    return "\n".join(lines)
+
+
 def environment(shape: str, config: TransformerConfig, sizes: Sizes, remat: bool, reps: int) -> dict:
     device = jax.devices()[0]
     return {"device_kind": device.device_kind, "platform": device.platform, "backend": jax.default_backend(),
@@ -424,6 +451,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma list from: {', '.join(MEASUREMENTS)}")
     parser.add_argument("--sizes", default="", help="overrides of the shape's Sizes, e.g. rm_pairs=16,rm_seq=1024")
     parser.add_argument("--out", default="benchmarks/results/gpu.json", help="JSON results path")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
+                        help="TransformerConfig.attention of every model (models/attention.py)")
+    parser.add_argument("--logits-chunk", type=int, default=128,
+                        help="TransformerConfig.logits_chunk (models/lm_head.py); 0 = full [B, T, V] logits")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run rm and ppo with attention='xla', logits_chunk=0 (the plain paths) and "
+                             "report both, with XLA temp bytes of the RM step and the PPO update")
     args = parser.parse_args(argv)
     args.only = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = sorted(set(args.only) - set(MEASUREMENTS))
@@ -452,7 +486,7 @@ def parse_sizes(text: str, error: Callable[[str], None]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     shape = args.shape or ("tiny" if jax.default_backend() == "cpu" else "1b")
-    config = MODEL_SHAPES[shape].replace(remat=args.remat)
+    config = MODEL_SHAPES[shape].replace(remat=args.remat, attention=args.attention, logits_chunk=args.logits_chunk)
     sizes = dataclasses.replace(SIZES[shape], **args.sizes)
     if sizes.ppo_batch % sizes.ppo_minibatches:
         raise SystemExit(f"ppo_batch={sizes.ppo_batch} must be divisible by ppo_minibatches={sizes.ppo_minibatches}")
@@ -460,9 +494,14 @@ def main(argv=None) -> dict:
     mesh = make_mesh((1, 1), devices=jax.devices()[:1])
     report = {"environment": environment(shape, config, sizes, args.remat, args.reps), "results": {}, "wall_s": {}}
     peak = peak_bf16_flops(report["environment"]["device_kind"])
-    benches = {"rm": lambda: bench_rm_train(config, sizes, mesh, reps=args.reps, peak=peak),
+    benches = {"rm": lambda: bench_rm_train(config, sizes, mesh, reps=args.reps, peak=peak, memory=args.compare),
                "sampling": lambda: bench_sampling(config, sizes, mesh, reps=args.reps),
-               "ppo": lambda: bench_ppo(config, sizes, mesh, reps=args.reps)}
+               "ppo": lambda: bench_ppo(config, sizes, mesh, reps=args.reps, memory=args.compare)}
+    if args.compare:  # the plain paths, for the effect of blockwise attention + chunked log-probs
+        plain = config.replace(attention="xla", logits_chunk=0)
+        benches.update({"rm_plain": lambda: bench_rm_train(plain, sizes, mesh, reps=args.reps, peak=peak, memory=True),
+                        "ppo_plain": lambda: bench_ppo(plain, sizes, mesh, reps=args.reps, memory=True)})
+        args.only = list(args.only) + [f"{m}_plain" for m in ("rm", "ppo") if m in args.only]
     start = time.perf_counter()
     failed = []
     for name in args.only:
@@ -483,6 +522,8 @@ def main(argv=None) -> dict:
           f"median of {args.reps}; wall s (compilation included): "
           + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_s"].items()))
     print(markdown_table(report))
+    if args.compare:
+        print(comparison_table(report))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2, default=float)  # default: NumPy scalars

@@ -27,6 +27,8 @@ def get_config(arg=None):
     c.policy.param_dtype = "float32"  # parameter dtype
     c.policy.remat = False  # jax.checkpoint each block
     c.policy.remat_policy = "nothing_saveable"
+    c.policy.attention = "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
+    c.policy.logits_chunk = 128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
     c.policy.lora_rank = 0  # LoRA adapter rank; > 0 trains only the policy's adapters (base frozen); 0 = full
     c.policy.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
     c.policy.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters

@@ -19,6 +19,9 @@ GPT-2's Conv1D weights are already [in, out] and q/k/v are fused in c_attn):
   layers_i.mlp.down_proj        layers.i.mlp.down_proj                h.i.mlp.c_proj
   final_norm                    norm                                  ln_f
   lm_head.kernel                lm_head.weight (absent when tied)     (tied)
+
+qwen3, gemma2, gemma3_text, gpt_neox and phi3: see `models/families.py` (config through
+transformers' config classes, fused GPT-NeoX / Phi-3 projections split and re-fused).
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from models import safetensors_io
+from models.families import (CAUSAL_LM, NEW_FAMILIES, config_from_hf_family, config_to_hf_family,
+                             params_from_hf_family, params_to_hf_family)
 from models.transformer import FAMILIES, TransformerConfig
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
@@ -58,6 +62,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
     common = dict(dtype=dtype, param_dtype=param_dtype, pad_token_id=ids("pad_token_id"),
                   bos_token_id=ids("bos_token_id"), eos_token_id=ids("eos_token_id"),
                   vocab_size=hf["vocab_size"])
+    if model_type in NEW_FAMILIES:
+        return config_from_hf_family(hf, common)
     if model_type == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx"):
             raise ValueError("gpt2 with scale_attn_by_inverse_layer_idx=True is not supported")
@@ -108,6 +114,8 @@ def config_to_hf(config: TransformerConfig, *, architecture: str, extra: Optiona
             n_head=c.n_heads, n_inner=c.d_ff, activation_function=c.activation, layer_norm_epsilon=c.norm_eps,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
             tie_word_embeddings=True, **ids)
+    elif c.family in NEW_FAMILIES:
+        hf = config_to_hf_family(c, ids)
     else:
         rope = {"rope_theta": c.rope_theta, "rope_type": "default"}
         rope.update(dict(c.rope_scaling or ()))
@@ -156,7 +164,11 @@ def _weight_files(path: str) -> list[str]:
 
 
 def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json dict, {tensor name: numpy array}) of a local HF folder."""
+    """(config.json dict, {tensor name: numpy array}) of a local HF folder.
+
+    The arrays are read-only memory-mapped views (models/safetensors_io.py): nothing is read
+    from disk until a tensor (or a slice of it) is used, and bfloat16 tensors keep their dtype
+    (ml_dtypes.bfloat16)."""
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -165,14 +177,12 @@ def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         hf_config = json.load(f)
     tensors = {}
     for file in _weight_files(path):
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        tensors.update(safetensors_io.lazy_tensors(file))
     return hf_config, tensors
 
 
 def _strip_prefix(tensors: dict, family: str) -> dict:
-    prefixes = ("transformer.",) if family == "gpt2" else ("model.",)
+    prefixes = {"gpt2": ("transformer.",), "gpt_neox": ("gpt_neox.",)}.get(family, ("model.",))
     out = {}
     for name, value in tensors.items():
         for p in prefixes:
@@ -183,8 +193,12 @@ def _strip_prefix(tensors: dict, family: str) -> dict:
     return out
 
 
-def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """Map HF tensors to our params. Returns (params, leftovers such as {'score.weight': ...})."""
+def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], *,
+                   cast: bool = True) -> tuple[dict, dict]:
+    """Map HF tensors to our params. Returns (params, leftovers such as {'score.weight': ...}).
+
+    cast=False returns NumPy views of `tensors` (transposed/sliced, not copied) instead of
+    jnp arrays of config.param_dtype, for `load_hf_checkpoint` to place one by one."""
     t = _strip_prefix(tensors, config.family)
     used = set()
 
@@ -193,8 +207,7 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray]) ->
             raise KeyError(f"checkpoint is missing tensor {name!r} (family {config.family})")
         used.add(name)
         x = t[name]
-        x = x.T if transpose else x
-        return np.ascontiguousarray(x)
+        return x.T if transpose else x  # a view: copied (or sliced per shard) only when placed
 
     def norm(prefix):
         d = {"scale": take(prefix + ".weight")}
@@ -203,7 +216,10 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray]) ->
         return d
 
     params: dict[str, Any] = {}
-    if config.is_gpt2:
+    if config.family in NEW_FAMILIES:
+        params = params_from_hf_family(config, lambda name, transpose=False: take(name, transpose),
+                                       lambda name: name in t, used.add)
+    elif config.is_gpt2:
         params["embed"] = {"embedding": take("wte.weight")}
         params["pos_embed"] = {"embedding": take("wpe.weight")}
         d = config.d_model
@@ -244,8 +260,8 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray]) ->
         elif "lm_head.weight" in t:
             params["lm_head"] = {"kernel": take("lm_head.weight", transpose=True)}
     leftovers = {k: v for k, v in t.items() if k not in used}
-    cast = jnp.dtype(config.param_dtype)
-    params = _map(lambda x: jnp.asarray(x, dtype=cast), params)
+    if cast:
+        params = _map(lambda x: jnp.asarray(np.array(x, dtype=jnp.dtype(config.param_dtype))), params)
     return params, leftovers
 
 
@@ -253,17 +269,56 @@ def _map(fn, tree):
     return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
-def load_hf_checkpoint(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                       with_leftovers: bool = False):
+def folder_param_dtype(tensors: dict) -> str:
+    """The floating dtype the folder's weights are stored in ('float32', 'bfloat16', 'float16')."""
+    for array in tensors.values():
+        if jnp.issubdtype(array.dtype, jnp.floating):
+            return jnp.dtype(array.dtype).name
+    return "float32"
+
+
+def place_params(views: dict, *, param_dtype: str, mesh=None, rules=None) -> dict:
+    """Tree of NumPy views -> jax arrays of `param_dtype`, one tensor at a time.
+
+    Without a mesh each tensor is copied whole onto the default device. With a mesh each
+    tensor goes straight onto its NamedSharding (models/sharding.py rules): every device's
+    callback reads only its own slice of the view (a memory map: only those bytes come off
+    disk), so no device and no host buffer ever holds more than one tensor's shard.
+    """
+    import jax
+
+    cast = jnp.dtype(param_dtype)
+    if mesh is None:
+        return _map(lambda x: jnp.asarray(np.array(x, dtype=cast)), views)
+    from models.sharding import DEFAULT_RULES, tree_shardings
+
+    shapes = _map(lambda x: jax.ShapeDtypeStruct(x.shape, cast), views)
+    shardings = tree_shardings(shapes, mesh, DEFAULT_RULES if rules is None else rules)
+
+    def place(view, sharding):
+        return jax.make_array_from_callback(view.shape, sharding, lambda index: np.array(view[index], dtype=cast))
+
+    return jax.tree.map(place, views, shardings, is_leaf=lambda x: isinstance(x, np.ndarray))
+
+
+def load_hf_checkpoint(path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
+                       with_leftovers: bool = False, mesh=None, rules=None):
     """Load a local HF folder into (TransformerConfig, params) [+ leftover tensors such as score.weight].
 
     A causal-LM folder without lm_head (a sequence-classification export) gets no `lm_head`
     params; tensors not part of the backbone (e.g. `score.weight`) come back as leftovers.
     Unknown extra tensors are an error unless `with_leftovers=True`.
+
+    param_dtype: None keeps the folder's dtype (a bf16 folder loads as bf16). mesh (+ rules):
+    place every tensor straight onto its sharding (see `place_params`); sharded
+    model.safetensors.index.json folders load either way.
     """
     hf_config, tensors = read_hf_folder(path)
+    param_dtype = param_dtype or folder_param_dtype(tensors)
     config = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
-    params, leftovers = params_from_hf(config, tensors)
+    views, leftovers = params_from_hf(config, tensors, cast=False)
+    params = place_params(views, param_dtype=param_dtype, mesh=mesh, rules=rules)
+    leftovers = {k: np.array(v) for k, v in leftovers.items()}  # copies: independent of the files
     if with_leftovers:
         return config, params, leftovers
     unknown = sorted(k for k in leftovers if k not in ("score.weight",))
@@ -280,6 +335,8 @@ def params_to_hf(config: TransformerConfig, params: dict, *, prefix: bool = True
     def np_(x):
         return np.ascontiguousarray(np.asarray(x))
 
+    if config.family in NEW_FAMILIES:
+        return params_to_hf_family(config, params, prefix=prefix, include_lm_head=include_lm_head)
     out = {}
     if config.is_gpt2:
         pre = "transformer." if prefix else ""
@@ -338,21 +395,28 @@ def copy_tokenizer_files(src: Optional[str], dst: str) -> list[str]:
 
 def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
                        tokenizer_dir: Optional[str] = None, architecture: Optional[str] = None,
-                       extra_tensors: Optional[dict] = None, extra_config: Optional[dict] = None) -> str:
+                       extra_tensors: Optional[dict] = None, extra_config: Optional[dict] = None,
+                       max_shard_bytes: int = 5 * 2**30) -> str:
     """Write a HF folder (config.json, model.safetensors, tokenizer files) loadable by transformers.
 
     `architecture` defaults to the causal-LM class; for a reward model pass e.g.
-    'LlamaForSequenceClassification' with `extra_tensors={'score.weight': W[1, d]}`.
+    'LlamaForSequenceClassification' with `extra_tensors={'score.weight': W[1, d]}`. Tensors
+    keep their dtype (bfloat16 included; cast `params` first for another); above
+    `max_shard_bytes` the weights are split into model-0000i-of-0000n.safetensors files and a
+    model.safetensors.index.json. The host holds one copy of the weights while writing.
     """
     os.makedirs(out_dir, exist_ok=True)
     default_arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "mistral": "MistralForCausalLM"}[config.family]
+                    "mistral": "MistralForCausalLM", **CAUSAL_LM}[config.family]
     architecture = architecture or default_arch
     causal = architecture.endswith("LMHeadModel") or architecture.endswith("ForCausalLM")
     tensors = params_to_hf(config, params, include_lm_head=causal)
     tensors.update({k: np.ascontiguousarray(np.asarray(v)) for k, v in (extra_tensors or {}).items()})
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    safetensors_io.save_tensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     hf = config_to_hf(config, architecture=architecture, extra=extra_config)
+    floating = [v.dtype for v in tensors.values() if jnp.issubdtype(v.dtype, jnp.floating)]
+    if floating and not (extra_config and ("torch_dtype" in extra_config or "dtype" in extra_config)):
+        hf["torch_dtype"] = hf["dtype"] = jnp.dtype(floating[0]).name  # what the files hold
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     copy_tokenizer_files(tokenizer_dir, out_dir)

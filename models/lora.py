@@ -47,14 +47,42 @@ if TYPE_CHECKING:  # lora.py is imported by transformer.py; keep the runtime gra
     from models.transformer import TransformerConfig
 
 __all__ = [
-    "LORA_LEAVES", "PROJECTIONS", "LoRADense", "lora_a_init", "lora_delta", "lora_trainable",
+    "LORA_LEAVES", "PROJECTIONS", "FAMILY_TARGET_ALIASES", "expand_lora_targets", "LoRADense", "lora_a_init",
+    "lora_delta", "lora_trainable",
     "add_lora_params", "strip_lora", "merge_lora", "count_lora_params", "partition_params", "combine_params",
 ]
 
 LORA_LEAVES = ("lora_a", "lora_b")
 # Module names `_dense` builds (models/transformer.py); valid entries of config.lora_targets.
+# The same names for every family: fused HF projections are split on load (models/families.py).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEAD_NAMES = ("head", "value_head")  # reward/value heads (rm/model.py, ppo/train.py)
+# Hugging Face module names of fused or differently named projections, per family, and the
+# projections of ours they stand for: lora_targets may use either spelling (PEFT's names work).
+# Every family's adapters live on our split names, so LoRA on the fused `query_key_value` of
+# GPT-NeoX is three adapters (q, k, v), each of the same rank.
+FAMILY_TARGET_ALIASES = {
+    "gpt2": {"c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"),
+             "c_fc": ("up_proj",)},
+    "gpt_neox": {"query_key_value": ("q_proj", "k_proj", "v_proj"), "dense": ("o_proj",),
+                 "dense_h_to_4h": ("up_proj",), "dense_4h_to_h": ("down_proj",)},
+    "phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
+}
+
+
+def expand_lora_targets(family: str, targets) -> tuple:
+    """lora_targets with the family's HF aliases (FAMILY_TARGET_ALIASES) replaced by our names.
+
+    Order is kept, duplicates dropped; names that are neither ours nor aliases stay (and are
+    refused by TransformerConfig with the list of valid names).
+    """
+    aliases = FAMILY_TARGET_ALIASES.get(family, {})
+    out: list = []
+    for name in targets:
+        for ours in aliases.get(name, (name,)):
+            if ours not in out:
+                out.append(ours)
+    return tuple(out)
 
 
 def lora_a_init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:

@@ -14,6 +14,10 @@ Positions continue each row's own count: a row with L real prompt tokens gives i
 token position L, whatever its padding. The valid-slot mask is [prompt_mask, 1 ... 1]; future
 slots are hidden by the model's causal (slot-order) mask, so it never changes during decoding.
 
+Sliding-window and global layers (mistral, phi3, qwen3 with use_sliding_window, gemma2/3) share
+one cache layout: every layer keeps all S slots and a sliding layer masks keys more than its
+window behind the query slot (slot distance, padding included, as Hugging Face's masks count it).
+
 Stopping: a row is done once it emits `eos_token_id` or any of `stop_token_ids`; that token
 is kept (mask 1), later tokens are `pad_token_id` with mask 0 and log-prob 0.
 

@@ -26,7 +26,8 @@ Default layout (FSDP + tensor parallel on a ('data', 'model') mesh):
   down_proj/kernel [F, d]             ('mlp', 'embed')      ('model', 'data')
   lm_head/kernel [d, V]               ('embed', 'vocab')    ('data', 'model')
   <proj>/bias [out]                   (out-axis,)           e.g. q_proj/bias -> ('model',)
-  *norm*/{scale,bias} [d]             (None,)               replicated
+  *norm*/{scale,bias} [d]             (None,)               replicated (q_norm/k_norm [D] and
+                                                            Gemma's post_*_norm too)
   head/{kernel,bias} (scalar head)    (None, None), (None,) replicated (d x 1 is tiny)
   <proj>/lora_a [in, r]               (in-axis, None)       LoRA (models/lora.py)
   <proj>/lora_b [r, out]              (None, out-axis)

@@ -1,15 +1,25 @@
-"""Decoder-only transformer (GPT-2 and Llama families) in Flax Linen.
+"""Decoder-only transformer (nine Hugging Face families) in Flax Linen.
 
 One backbone serves the policy, the reference, the reward and the value models: it returns
 the final hidden states (after the final norm) and, when asked, language-model logits.
 Parameter names follow Hugging Face's module names (q_proj, up_proj, ...) so the checkpoint
-mapping in `models/hf.py` and the LoRA target names in `models/lora.py` stay simple.
+mapping in `models/hf.py` / `models/families.py` and the LoRA target names in `models/lora.py`
+stay simple; fused HF projections (GPT-2 c_attn, GPT-NeoX query_key_value, Phi-3 qkv_proj and
+gate_up_proj) are split into q/k/v_proj and gate/up_proj on load and fused again on save.
 
 Families:
-  gpt2     learned positions, LayerNorm with bias, GELU (tanh), biases everywhere, tied head
-  llama    RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases
-  qwen2    llama + biases on q/k/v
-  mistral  llama + optional sliding-window attention
+  gpt2         learned positions, LayerNorm with bias, GELU (tanh), biases everywhere, tied head
+  llama        RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases
+  qwen2        llama + biases on q/k/v
+  mistral      llama + optional sliding-window attention
+  qwen3        llama + RMSNorm on queries and keys per head (q_norm, k_norm)
+  phi3         llama layout (fused qkv / gate_up in HF files), partial rotary, longrope scaling
+  gemma2       GeGLU (gelu tanh), RMSNorm x (1 + w), norms before and after attention and MLP,
+               embeddings x sqrt(d), query_pre_attn_scalar, attention and final-logit soft-caps,
+               sliding-window and global layers alternating (`layer_types`)
+  gemma3_text  gemma2 + q/k norms, local/global pattern, separate RoPE base for local layers
+  gpt_neox     LayerNorm with bias, GELU MLP with biases, partial rotary (rotary_pct),
+               parallel residual x + attn(ln1 x) + mlp(ln2 x) (or sequential), untied head
 
 Padding: `attention_mask` marks real tokens; left and right padding both work because
 positions are derived from the mask (cumsum - 1) and padded keys are masked out.
@@ -26,11 +36,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.attention import attend
-from models.lora import PROJECTIONS as _PROJECTIONS, LoRADense
+from models.attention import ATTENTION_IMPLS, attend, resolve_attention_impl
+from models.rope import ROPE_TYPES, apply_rope, rope_inv_freq, rotary_dim  # noqa: F401 (re-exported)
+from models.lora import PROJECTIONS as _PROJECTIONS, LoRADense, expand_lora_targets as _expand_lora_targets
 from models.quant import QuantDense
 
-FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "gpt_neox", "phi3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF config.layer_types entries
 
 _REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -57,6 +69,16 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[tuple] = None  # sorted (key, value) items of HF rope_parameters
     sliding_window: Optional[int] = None  # keys further back than this many tokens are masked
+    # Per-layer attention kind ('full_attention' | 'sliding_attention'); None: every layer uses
+    # `sliding_window` (mistral). Gemma 2/3 alternate local and global layers.
+    layer_types: Optional[tuple] = None
+    rope_local_theta: Optional[float] = None  # RoPE base of sliding layers (gemma3 rope_local_base_freq)
+    rotary_pct: float = 1.0  # fraction of head_dim that is rotated (gpt_neox rotary_pct, phi3 partial)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (qwen3, gemma3)
+    query_pre_attn_scalar: Optional[float] = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    attn_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (gemma2)
+    final_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap) (gemma2)
+    parallel_residual: bool = False  # gpt_neox: x + attn(ln1 x) + mlp(ln2 x)
     tie_embeddings: bool = False  # lm head shares the token embedding
     qkv_bias: bool = False
     o_bias: bool = False
@@ -66,6 +88,12 @@ class TransformerConfig:
     param_dtype: str = "float32"
     remat: bool = False  # jax.checkpoint each block (recompute activations in the backward pass)
     remat_policy: str = "nothing_saveable"  # key of _REMAT_POLICIES
+    # Attention implementation (models/attention.py): auto | xla | chunked | cudnn. 'auto' keeps the
+    # plain XLA path for short sequences off GPU, blockwise from 1024 tokens, cuDNN on GPUs (bf16).
+    attention: str = "auto"
+    # Log-probs / entropies / SFT loss from hidden states over chunks of this many positions
+    # (models/lm_head.py), so no [B, T, V] float32 logits are held; 0 = full logits.
+    logits_chunk: int = 128
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -78,22 +106,66 @@ class TransformerConfig:
 
     def __post_init__(self):
         # Lists (from JSON / ConfigDicts) become tuples so the config stays hashable.
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "lora_targets", _expand_lora_targets(self.family, self.lora_targets))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.rope_scaling is not None:  # JSON gives lists; longrope factors are lists of floats
+            object.__setattr__(self, "rope_scaling", tuple(sorted(
+                (str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in
+                (self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling))))
         unknown = [t for t in self.lora_targets if t not in _PROJECTIONS]
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r}; supported: {', '.join(FAMILIES)}")
         if unknown or self.lora_rank < 0 or self.quant not in ("", "int8") or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_targets={self.lora_targets} (each one of {_PROJECTIONS}), lora_rank="
                              f"{self.lora_rank} (>= 0), lora_dropout={self.lora_dropout} (in [0, 1)), "
                              f"quant={self.quant!r} ('' or 'int8'): invalid value")
-        if self.family not in FAMILIES:
-            raise ValueError(f"family={self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}; one of {ATTENTION_IMPLS}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk={self.logits_chunk}; >= 0 (0 = full logits)")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; one of {sorted(_REMAT_POLICIES)}")
+        if self.layer_types is not None and (len(self.layer_types) != self.n_layers
+                                             or any(t not in LAYER_TYPES for t in self.layer_types)):
+            raise ValueError(f"layer_types={self.layer_types}: expected {self.n_layers} entries, each one of "
+                             f"{LAYER_TYPES}")
+        if not 0 < rotary_dim(self) <= self.head_dim or rotary_dim(self) % 2:
+            raise ValueError(f"rotary_pct={self.rotary_pct} with head_dim={self.head_dim} gives rotary dim "
+                             f"{rotary_dim(self)}; it must be even and in (0, head_dim]")
 
     @property
     def is_gpt2(self) -> bool:
         return self.family == "gpt2"
+
+    @property
+    def is_gemma(self) -> bool:
+        """RMSNorm x (1 + w), embeddings x sqrt(d), norms before and after attention and MLP."""
+        return self.family in ("gemma2", "gemma3_text")
+
+    @property
+    def uses_layernorm(self) -> bool:
+        """LayerNorm with bias (gpt2, gpt_neox) rather than RMSNorm."""
+        return self.family in ("gpt2", "gpt_neox")
+
+    @property
+    def gated_mlp(self) -> bool:
+        """act(gate_proj x) * up_proj x (llama style) rather than act(up_proj x) (gpt2, gpt_neox)."""
+        return self.family not in ("gpt2", "gpt_neox")
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """Sliding window of layer `layer` (None: full attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def is_local_layer(self, layer: int) -> bool:
+        """A sliding-window layer of a model with per-layer types (gemma2/3 'local' layers)."""
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)
@@ -126,58 +198,31 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def rope_inv_freq(config: TransformerConfig) -> jax.Array:
-    """Inverse RoPE frequencies [D/2], with HF's 'linear' and 'llama3' scalings."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    scaling = dict(config.rope_scaling or ())
-    kind = scaling.get("rope_type", "default")
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return jnp.where(medium, smoothed, scaled)
-    raise ValueError(f"rope_type={kind!r} is not supported; supported: default, linear, llama3")
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary embedding in HF's half-split layout. x [B, T, H, D], positions [B, T]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
-
-
 class RMSNorm(nn.Module):
+    """RMSNorm over the last axis. plus_one (Gemma): x_hat * (1 + w) in float32, w initialised 0;
+    otherwise (Llama): x_hat cast to the compute dtype, times w (initialised 1)."""
+
     eps: float
     dtype: Any
     param_dtype: Any
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
 def _norm(config: TransformerConfig, name: str):
     dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-    if config.is_gpt2:
+    if config.uses_layernorm:
         return nn.LayerNorm(epsilon=config.norm_eps, dtype=dtype, param_dtype=pdtype, name=name)
-    return RMSNorm(eps=config.norm_eps, dtype=dtype, param_dtype=pdtype, name=name)
+    return RMSNorm(eps=config.norm_eps, dtype=dtype, param_dtype=pdtype, plus_one=config.is_gemma, name=name)
 
 
 def _dense(config: TransformerConfig, features: int, use_bias: bool, name: str):
@@ -214,6 +259,7 @@ def _activation(name: str):
 
 class Attention(nn.Module):
     config: TransformerConfig
+    layer: int = 0  # index of the block: picks the layer's window and RoPE (local/global)
 
     @nn.compact
     def __call__(self, x, positions, kv_mask, q_slots, cache, cache_index):
@@ -223,9 +269,11 @@ class Attention(nn.Module):
         q = _dense(cfg, h * hd, cfg.qkv_bias, "q_proj")(x).reshape(b, t, h, hd)
         k = _dense(cfg, kvh * hd, cfg.qkv_bias, "k_proj")(x).reshape(b, t, kvh, hd)
         v = _dense(cfg, kvh * hd, cfg.qkv_bias, "v_proj")(x).reshape(b, t, kvh, hd)
+        if cfg.qk_norm:  # per head, over head_dim, before RoPE (qwen3, gemma3)
+            q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
         if not cfg.is_gpt2:
-            inv_freq = rope_inv_freq(cfg)
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            inv_freq, factor = rope_inv_freq(cfg, local=cfg.is_local_layer(self.layer), positions=positions)
+            q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
 
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D], the cache layout
         if cache is not None:
@@ -236,8 +284,11 @@ class Attention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=1.0 / math.sqrt(hd),
-                     sliding_window=cfg.sliding_window).reshape(b, t, h * hd)
+        scale = 1.0 / math.sqrt(cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar else hd)
+        impl = resolve_attention_impl(cfg.attention, q_len=t, kv_len=k.shape[2], dtype=q.dtype, head_dim=hd,
+                                      softcap=cfg.attn_softcap, self_attention=cache is None)
+        out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale, sliding_window=cfg.layer_window(self.layer),
+                     softcap=cfg.attn_softcap, impl=impl).reshape(b, t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 
@@ -248,7 +299,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         act = _activation(cfg.activation)
-        if cfg.is_gpt2:
+        if not cfg.gated_mlp:
             hidden = act(_dense(cfg, cfg.d_ff, cfg.mlp_bias, "up_proj")(x))
         else:
             gate = _dense(cfg, cfg.d_ff, cfg.mlp_bias, "gate_proj")(x)
@@ -257,17 +308,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer. Pre-norm residual x + attn(norm x), then x + mlp(norm x); Gemma also norms each
+    branch's output (post_attn_norm, post_mlp_norm); GPT-NeoX's parallel residual feeds both
+    branches from the same x."""
+
     config: TransformerConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, kv_mask, q_slots, cache, cache_index):
         cfg = self.config
-        attn_out, cache = Attention(cfg, name="attn")(
+        attn_out, cache = Attention(cfg, layer=self.layer, name="attn")(
             _norm(cfg, "attn_norm")(x), positions, kv_mask, q_slots, cache, cache_index
         )
+        if cfg.is_gemma:
+            attn_out = _norm(cfg, "post_attn_norm")(attn_out)
+        if cfg.parallel_residual:
+            return x + attn_out + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x)), cache
         x = x + attn_out
-        x = x + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))
-        return x, cache
+        mlp_out = MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))
+        if cfg.is_gemma:
+            mlp_out = _norm(cfg, "post_mlp_norm")(mlp_out)
+        return x + mlp_out, cache
 
 
 class Transformer(nn.Module):
@@ -301,6 +363,8 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         x = embed(input_ids)
+        if cfg.is_gemma:  # HF multiplies by sqrt(d) rounded to the compute dtype
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         if cfg.is_gpt2:
             x = x + nn.Embed(cfg.max_position_embeddings, cfg.d_model, dtype=dtype, param_dtype=pdtype,
                              embedding_init=nn.initializers.normal(0.01), name="pos_embed")(positions)
@@ -310,7 +374,7 @@ class Transformer(nn.Module):
             block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
         new_cache = [] if cache is not None else None
         for i in range(cfg.n_layers):
-            x, layer_cache = block_cls(cfg, name=f"layers_{i}")(
+            x, layer_cache = block_cls(cfg, layer=i, name=f"layers_{i}")(
                 x, positions, attention_mask, q_slots, None if cache is None else cache[i], cache_index
             )
             if new_cache is not None:
@@ -325,6 +389,8 @@ class Transformer(nn.Module):
                 logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
                                   kernel_init=nn.initializers.normal(0.02), name="lm_head")(x)
             logits = logits.astype(jnp.float32)
+            if cfg.final_softcap is not None:
+                logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         return Output(logits=logits, hidden_states=x.astype(jnp.float32), cache=new_cache)
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from models.heads import ScalarHead
+from models.lm_head import token_logprobs_from_hidden
 from models.lora import strip_lora
 from models.sampling import make_generate_fn
 from models.transformer import Transformer, TransformerConfig
@@ -79,11 +80,13 @@ class ModelSpecs:
 
 
 def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query_mask, response_ids,
-                               response_mask, dropout_rng=None):
+                               response_mask, dropout_rng=None, *, return_logits: bool = True):
     """Policy logits [B, N, V] for the response tokens and values [B, N], one forward each.
 
     With `dropout_rng` (PPO updates), models with lora_dropout > 0 drop adapter inputs; rollouts
-    pass none, so the old log-probs and values come from the deterministic model."""
+    pass none, so the old log-probs and values come from the deterministic model. With
+    return_logits=False the first output is the policy's hidden states [B, N, d] at the same
+    positions instead (for models/lm_head.py's chunked log-probs)."""
     def rngs(config, i):
         if dropout_rng is None or config.lora_dropout <= 0:
             return None
@@ -92,8 +95,9 @@ def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query
     ids = jnp.concatenate([query_ids, response_ids], axis=1)  # [B, P+N]
     mask = jnp.concatenate([query_mask, response_mask], axis=1)
     p, n = query_ids.shape[1], response_ids.shape[1]
-    out = Transformer(specs.policy).apply({"params": params["policy"]}, ids, mask, rngs=rngs(specs.policy, 0))
-    logits = out.logits[:, p - 1:p + n - 1]  # position t predicts token t+1
+    out = Transformer(specs.policy).apply({"params": params["policy"]}, ids, mask, rngs=rngs(specs.policy, 0),
+                                          return_logits=return_logits)
+    logits = (out.logits if return_logits else out.hidden_states)[:, p - 1:p + n - 1]  # t predicts token t+1
     if not specs.critic:
         return logits, None
     if specs.value_head_on_policy:
@@ -105,11 +109,34 @@ def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query
     return logits, values[:, p - 1:p + n - 1]
 
 
+def response_logprobs_and_values(specs: ModelSpecs, params: dict, query_ids, query_mask, response_ids,
+                                 response_mask, dropout_rng=None, *, temperature, with_entropy=True):
+    """(log-probs [B, N], entropies [B, N] or None, values [B, N]) of the tempered policy.
+
+    With `specs.policy.logits_chunk` > 0 they come from the hidden states over sequence chunks
+    (models/lm_head.py: no [B, N, V] float32 logits held); with 0 from the full logits."""
+    if specs.policy.logits_chunk:
+        hidden, values = response_logits_and_values(specs, params, query_ids, query_mask, response_ids,
+                                                    response_mask, dropout_rng, return_logits=False)
+        stats = token_logprobs_from_hidden(specs.policy, params["policy"], hidden, response_ids,
+                                           temperature=temperature, with_entropy=with_entropy)
+        return stats["logprobs"], stats.get("entropy"), values
+    logits, values = response_logits_and_values(specs, params, query_ids, query_mask, response_ids, response_mask,
+                                                dropout_rng)
+    tempered = logits / temperature
+    entropy = L.entropy_from_logits(tempered) if with_entropy else None
+    return L.logprobs_from_logits(tempered, response_ids), entropy, values
+
+
 def reference_logprobs(config: TransformerConfig, ref_params, query_ids, query_mask, response_ids, response_mask,
                        *, temperature):
     ids = jnp.concatenate([query_ids, response_ids], axis=1)
     mask = jnp.concatenate([query_mask, response_mask], axis=1)
     p, n = query_ids.shape[1], response_ids.shape[1]
+    if config.logits_chunk:  # log-probs over chunks of the hidden states (models/lm_head.py)
+        out = Transformer(config).apply({"params": ref_params}, ids, mask, return_logits=False)
+        return token_logprobs_from_hidden(config, ref_params, out.hidden_states[:, p - 1:p + n - 1], response_ids,
+                                          temperature=temperature)["logprobs"]
     logits = Transformer(config).apply({"params": ref_params}, ids, mask).logits[:, p - 1:p + n - 1]
     return L.logprobs_from_logits(logits / temperature, response_ids)
 
@@ -144,10 +171,9 @@ def make_rollout_fn(specs: ModelSpecs, settings):
         response_ids, response_mask = sample.response_ids, sample.response_mask
         maskf = response_mask.astype(jnp.float32)
 
-        logits, values = response_logits_and_values(specs, params, query_ids, query_mask, response_ids, response_mask)
-        tempered = logits / s["temperature"]
-        logprobs = L.logprobs_from_logits(tempered, response_ids) * maskf
-        entropy = L.entropy_from_logits(tempered) * maskf
+        logprobs, entropy, values = response_logprobs_and_values(specs, params, query_ids, query_mask, response_ids,
+                                                                 response_mask, temperature=s["temperature"])
+        logprobs, entropy = logprobs * maskf, entropy * maskf
         ref_tree = strip_lora(params["policy"]) if specs.reference_adapters_off else ref_params
         ref_logprobs = reference_logprobs(specs.reference_config(), ref_tree, query_ids, query_mask, response_ids,
                                           response_mask, temperature=s["temperature"]) * maskf

@@ -44,7 +44,7 @@ from ppo import algorithms as algos
 from ppo import losses as L
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
-from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, response_logits_and_values, rollout_metrics
+from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, response_logprobs_and_values, rollout_metrics
 from rm import data as rm_data
 from rm.model import add_lora_and_quant, load_reward_model, save_model_config
 
@@ -60,14 +60,13 @@ def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, v
     policy_objective (clip variants, aggregation; the KL term with kl_in_loss), see ppo/algorithms.py.
     Without a critic (specs.critic False) there is no value loss.
     """
-    logits, values = response_logits_and_values(specs, params, batch["query_ids"], batch["query_mask"],
-                                                batch["response_ids"], batch["response_mask"], dropout_rng=rng)
+    logprobs, token_entropy, values = response_logprobs_and_values(
+        specs, params, batch["query_ids"], batch["query_mask"], batch["response_ids"], batch["response_mask"],
+        dropout_rng=rng, temperature=temperature)
     maskf = batch["response_mask"].astype(jnp.float32)
-    tempered = logits / temperature
-    logprobs = L.logprobs_from_logits(tempered, batch["response_ids"])
     if variant is not None:
         loss, metrics = algos.policy_gradient_loss(logprobs, batch, maskf, variant=variant, kl_in_loss=kl_in_loss)
-        metrics["policy/entropy"] = L.masked_mean(L.entropy_from_logits(tempered), maskf)
+        metrics["policy/entropy"] = L.masked_mean(token_entropy, maskf)
         if specs.critic:
             vf_loss, vf_m = L.value_loss(values, batch["values"], batch["returns"], maskf, clip_eps=vf_clip_eps)
             loss = loss + vf_coef * vf_loss
@@ -75,7 +74,7 @@ def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, v
         return loss, metrics
     pg_loss, pg_m = L.policy_loss(logprobs, batch["logprobs"], batch["advantages"], maskf, clip_eps=clip_eps)
     vf_loss, vf_m = L.value_loss(values, batch["values"], batch["returns"], maskf, clip_eps=vf_clip_eps)
-    entropy = L.masked_mean(L.entropy_from_logits(tempered), maskf)
+    entropy = L.masked_mean(token_entropy, maskf)
     loss = pg_loss + vf_coef * vf_loss
     return loss, {"policy/pg_loss": pg_loss, "val/vf_loss": vf_loss, "policy/approxkl": pg_m["approxkl"],
                   "policy/clipfrac": pg_m["clipfrac"], "val/clipfrac": vf_m["vf_clipfrac"],
@@ -128,7 +127,9 @@ def _load_models(config, tokenizer):
     """Policy (+ reference copy), reward model, and value-model initialisation."""
     mc = config.policy
     policy_config, policy_params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
-    policy_config = policy_config.replace(remat=mc.remat, remat_policy=mc.remat_policy)
+    policy_config = policy_config.replace(remat=mc.remat, remat_policy=mc.remat_policy,
+                                          attention=mc.get("attention", "auto"),
+                                          logits_chunk=mc.get("logits_chunk", 128))
     if policy_config.pad_token_id is None:
         policy_config = policy_config.replace(pad_token_id=tokenizer.pad_token_id)
     if bool(config.reward.workdir) == bool(config.reward.init_from):

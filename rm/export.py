@@ -8,9 +8,11 @@ DIR loads with `transformers.AutoModelForSequenceClassification.from_pretrained(
 How our head maps onto HF's (whose `score` Linear has no bias):
   our score = gain * (w . h + b) + c      (w, b: head; gain, c: normalisation)
   - `score.weight` = gain * w;
-  - GPT-2: the constant gain*b + c is folded into ln_f's bias (h = ln_f(x) feeds only the
-    score in a sequence classifier), so the HF logit IS our normalised score;
-  - RMSNorm families (llama, qwen2, mistral) have no bias to fold into: the constant is
+  - LayerNorm families (gpt2, gpt_neox): the constant gain*b + c is folded into the final
+    LayerNorm's bias (h = ln_f(x) feeds only the score in a sequence classifier), so the HF
+    logit IS our normalised score;
+  - RMSNorm families (llama, qwen2, mistral, qwen3, phi3, and gemma2/gemma3_text whose
+    x_hat * (1 + w) norm has no bias either) have nothing to fold into: the constant is
     written as `reward_offset` in config.json, and score = logit + config.reward_offset.
   config.json also records `reward_normalization` {gain, bias, head_bias} for provenance.
   --no-normalize exports raw scores (gain 1, c 0).
@@ -38,7 +40,10 @@ from rm.model import load_reward_model
 
 PAD_TOKEN = "<|rm_pad|>"
 SEQ_CLS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
-           "qwen2": "Qwen2ForSequenceClassification", "mistral": "MistralForSequenceClassification"}
+           "qwen2": "Qwen2ForSequenceClassification", "mistral": "MistralForSequenceClassification",
+           "qwen3": "Qwen3ForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
+           "gemma3_text": "Gemma3TextForSequenceClassification",
+           "gpt_neox": "GPTNeoXForSequenceClassification", "phi3": "Phi3ForSequenceClassification"}
 
 
 def _append_eos_postprocessor(tokenizer):
@@ -57,13 +62,22 @@ def export(workdir: str, out: str, *, normalize: bool = True) -> str:
     params, config = merge_lora(model.params, model.config)
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
     gain, c = (model.gain, model.bias) if normalize else (1.0, 0.0)
+    return write_sequence_classifier(config, params, tokenizer, out, gain=gain, bias=c, normalize=normalize,
+                                     source=workdir)
+
+
+def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: float, bias: float,
+                              normalize: bool, source: str) -> str:
+    """Write the HF sequence-classification folder of a reward model's float params
+    ({'backbone', 'head'}) whose score is gain * head(h) + bias (see the module docstring)."""
+    c = bias
     w = np.asarray(params["head"]["kernel"], np.float64)[:, 0]  # [d]
     b = float(np.asarray(params["head"]["bias"], np.float64)[0])
     score_weight = (gain * w)[None, :].astype(np.float32)  # [1, d]
     offset = gain * b + c
     backbone = dict(params["backbone"])
 
-    if config.is_gpt2 and offset != 0.0:
+    if config.uses_layernorm and offset != 0.0:
         # h . w' must gain `offset`: shift ln_f's bias along w' (w' . dv = offset).
         fn = dict(backbone["final_norm"])
         wp = score_weight[0].astype(np.float64)
@@ -93,8 +107,9 @@ def export(workdir: str, out: str, *, normalize: bool = True) -> str:
     _append_eos_postprocessor(tokenizer)
     tokenizer.save_pretrained(out)
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(f"# Reward model exported from {os.path.abspath(workdir)}\n\n"
-                "score = logits[:, 0] + config.reward_offset (0.0 for GPT-2, where it is folded in).\n"
+        f.write(f"# Reward model exported from {os.path.abspath(source)}\n\n"
+                "score = logits[:, 0] + config.reward_offset (0.0 for GPT-2 and GPT-NeoX, where it is "
+                "folded into the final LayerNorm's bias).\n"
                 "The tokenizer appends EOS; pad with its pad token (either side).\n"
                 f"Normalisation applied: {normalize} (gain={gain:.6g}, bias={c:.6g}).\n")
     return out

@@ -36,6 +36,7 @@ from common.loop import flat_data_stats, open_checkpoints, run_train_loop, write
 from common.metrics import MetricsWriter, write_config_json
 from common.optim import accumulate_gradients, make_optimizer
 from models.hf import load_hf_checkpoint
+from models.lm_head import next_token_nll_from_hidden
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, abstract_sharded, shard_params, tree_shardings
 from models.transformer import Transformer, TransformerConfig, init_params
 from rm import data as rm_data
@@ -88,6 +89,18 @@ def lm_logits(model_config, params, input_ids, attention_mask):
     return Transformer(model_config).apply({'params': params}, input_ids, attention_mask).logits
 
 
+def lm_nll(model_config, params, input_ids, attention_mask, loss_mask):
+    """`next_token_nll` of the causal LM: over chunks of the hidden states when
+    model_config.logits_chunk > 0 (models/lm_head.py: no [B, T, V] float32 logits), else from
+    the full logits."""
+    if model_config.logits_chunk:
+        hidden = Transformer(model_config).apply({'params': params}, input_ids, attention_mask,
+                                                 return_logits=False).hidden_states  # [B, T, d]
+        return next_token_nll_from_hidden(model_config, params, hidden, input_ids, loss_mask)
+    logits = lm_logits(model_config, params, input_ids, attention_mask)  # [B, T, V]
+    return next_token_nll(logits=logits, input_ids=input_ids, loss_mask=loss_mask)
+
+
 def train_step(state, batch, *, model_config, tx, schedule, accum_steps, nan_step):
     """One optimizer step (with gradient accumulation). Pure: (state, batch) -> (state, metrics)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
@@ -98,8 +111,7 @@ def train_step(state, batch, *, model_config, tx, schedule, accum_steps, nan_ste
     batch = dict(batch, denominator=jnp.full((rows,), num_targets / accum_steps, jnp.float32))
 
     def loss_fn(params, micro, _rng):
-        logits = lm_logits(model_config, params, micro['input_ids'], micro['attention_mask'])  # [b, T, V]
-        nll, _, correct = next_token_nll(logits=logits, input_ids=micro['input_ids'], loss_mask=micro['loss_mask'])
+        nll, _, correct = lm_nll(model_config, params, micro['input_ids'], micro['attention_mask'], micro['loss_mask'])
         denominator = micro['denominator'][0]
         return jnp.sum(nll) / denominator, {'accuracy': jnp.sum(correct) / denominator}
 
@@ -116,8 +128,8 @@ def train_step(state, batch, *, model_config, tx, schedule, accum_steps, nan_ste
 
 def eval_sums(model_config, params, batch):
     """(NLL sum, target count, correct count) of one eval batch, float32 scalars."""
-    logits = lm_logits(model_config, params, batch['input_ids'], batch['attention_mask'])
-    nll, weights, correct = next_token_nll(logits=logits, input_ids=batch['input_ids'], loss_mask=batch['loss_mask'])
+    nll, weights, correct = lm_nll(model_config, params, batch['input_ids'], batch['attention_mask'],
+                                   batch['loss_mask'])
     return jnp.sum(nll), jnp.sum(weights), jnp.sum(correct)
 
 
@@ -173,7 +185,8 @@ def scratch_model_config(mc, tokenizer) -> TransformerConfig:
         max_position_embeddings=mc.max_position_embeddings, norm_eps=mc.norm_eps, rope_theta=float(mc.rope_theta),
         tie_embeddings=True if gpt2 else bool(mc.tie_embeddings), qkv_bias=gpt2, o_bias=gpt2, mlp_bias=gpt2,
         activation='gelu_new' if gpt2 else 'silu', dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
-        remat_policy=mc.remat_policy, pad_token_id=pad, eos_token_id=eos,
+        remat_policy=mc.remat_policy, attention=mc.get('attention', 'auto'),
+        logits_chunk=mc.get('logits_chunk', 128), pad_token_id=pad, eos_token_id=eos,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
 
 
@@ -182,7 +195,8 @@ def build_model(config, tokenizer, mesh, rules, rng):
     mc = config.model
     if mc.init_from:
         model_config, params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
-        model_config = model_config.replace(remat=mc.remat, remat_policy=mc.remat_policy)
+        model_config = model_config.replace(remat=mc.remat, remat_policy=mc.remat_policy,
+                                            attention=mc.get('attention', 'auto'), logits_chunk=mc.get('logits_chunk', 128))
         if model_config.pad_token_id is None:
             model_config = model_config.replace(pad_token_id=rm_data.special_ids(tokenizer)[1])
         if not model_config.tie_embeddings and 'lm_head' not in params:
