@@ -25,9 +25,17 @@ Typical resume order in a trainer::
 A subset of a checkpoint, e.g. only the params of a training state, is read with
 `ckpt.restore({'params': abstract_params}, partial=True)`.
 
-Saves are synchronous (they return once the checkpoint is committed), and Orbax
+Saves are synchronous by default (they return once the checkpoint is committed;
+`async_save=True` lets Orbax write in the background, for accelerator runs), and Orbax
 writes each step into a temporary directory that is renamed only when complete, so
 a process killed at any moment leaves either a complete checkpoint or none.
+
+Integrity: once a step is committed, `checksums.json` in its folder records the size and
+CRC-32 of every file. `verify(step)` re-reads them, so a truncated, deleted or rewritten
+array file is caught instead of being restored as garbage (Orbax itself does not notice
+a shortened OCDBT data file). `restore_newest_intact` tries the steps newest first,
+reports each damaged one in one line (step and file or error), moves it aside to
+`<directory>_damaged/` and restores the newest intact step.
 
 PRNG keys: typed keys (`jax.random.key`) round-trip through Orbax 0.12 directly.
 `rng_to_data` / `rng_from_data` convert to/from raw uint32 key data for code that
@@ -40,16 +48,47 @@ coordinates which process writes what.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
+import zlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ['CheckpointManager', 'rng_to_data', 'rng_from_data']
+__all__ = ['CheckpointManager', 'CheckpointDamaged', 'NoIntactCheckpoint', 'rng_to_data', 'rng_from_data']
 
 _ITEMS = ('state', 'extra')
+CHECKSUM_FILE = 'checksums.json'
+
+
+class CheckpointDamaged(ValueError):
+  """One checkpoint step cannot be restored; the message names the step and the file or key."""
+
+
+class NoIntactCheckpoint(RuntimeError):
+  """Every checkpoint on disk is damaged: the run stops instead of restoring garbage."""
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 24), b''):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files_under(root: str) -> list[str]:
+  out = []
+  for folder, _, names in os.walk(root):
+    for name in names:
+      rel = os.path.relpath(os.path.join(folder, name), root)
+      if rel != CHECKSUM_FILE:
+        out.append(rel)
+  return sorted(out)
 
 
 def rng_to_data(key: jax.Array) -> jax.Array:
@@ -111,19 +150,22 @@ class CheckpointManager:
   """
 
   def __init__(self, directory: str | os.PathLike, *, save_every: int,
-               max_to_keep: int = 2):
+               max_to_keep: int = 2, async_save: bool = False, checksums: bool = True):
     if int(save_every) < 1:
       raise ValueError(f'CheckpointManager: save_every must be >= 1, got {save_every}.')
     if int(max_to_keep) < 1:
       raise ValueError(f'CheckpointManager: max_to_keep must be >= 1, got {max_to_keep}.')
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_every = int(save_every)
+    self.async_save = bool(async_save)
+    self.checksums = bool(checksums)
+    self._unsummed: list[int] = []  # committed (or in flight) steps without checksums.json yet
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(max_to_keep),
         create=True,
-        # Synchronous saves: when save() returns, the step is committed on disk,
-        # which is what a SIGTERM handler that saves and exits needs.
-        enable_async_checkpointing=False,
+        # Synchronous by default: when save() returns, the step is committed on disk. Async
+        # saves overlap writing with training; forced saves (end, SIGTERM) still wait.
+        enable_async_checkpointing=self.async_save,
     )
     # PyTree (not Standard) handlers: same on-disk format, but restores may be
     # partial, and one manager may mix full and partial restores.
@@ -164,14 +206,139 @@ class CheckpointManager:
     if step in self._manager.all_steps():
       return False
     extra = dict(extra or {})
+    self._write_pending_checksums()  # a previous async save must be finished before the next
     saved = self._manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state),
             extra=ocp.args.JsonSave(extra)),
         force=True)  # The save_every decision is ours, made above.
-    self._manager.wait_until_finished()
+    if saved:
+      self._unsummed.append(step)
+    if not self.async_save or force:
+      self._write_pending_checksums()
     return bool(saved)
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
+
+  def _write_pending_checksums(self) -> None:
+    """Waits for in-flight saves, then writes checksums.json for the steps that lack one."""
+    self._manager.wait_until_finished()
+    steps, self._unsummed = self._unsummed, []
+    if not self.checksums or jax.process_index() != 0:
+      return
+    for step in steps:
+      root = self._step_dir(step)
+      if not os.path.isdir(root):  # already rotated out by max_to_keep
+        continue
+      sums = {rel: {'size': os.path.getsize(os.path.join(root, rel)), 'crc32': _crc32(os.path.join(root, rel))}
+              for rel in _files_under(root)}
+      tmp = os.path.join(root, CHECKSUM_FILE + '.tmp')
+      with open(tmp, 'w') as f:
+        json.dump({'algorithm': 'crc32', 'files': sums}, f, indent=0, sort_keys=True)
+      os.replace(tmp, os.path.join(root, CHECKSUM_FILE))
+
+  def verify(self, step: int) -> str | None:
+    """None if checkpoint `step` matches its checksums.json, else what is wrong (file and how).
+
+    A step saved without checksums (older runs) is only checked for Orbax's own files."""
+    root = self._step_dir(step)
+    if not os.path.isdir(root):
+      return f'folder {root} is missing'
+    path = os.path.join(root, CHECKSUM_FILE)
+    if not os.path.exists(path):
+      for rel in ('_CHECKPOINT_METADATA', os.path.join('state', '_METADATA')):
+        if not os.path.exists(os.path.join(root, rel)):
+          return f'{rel} is missing'
+      return None
+    try:
+      with open(path) as f:
+        files = json.load(f)['files']
+    except (OSError, ValueError, KeyError) as e:
+      return f'{CHECKSUM_FILE} is unreadable ({e})'
+    for rel, want in sorted(files.items()):
+      full = os.path.join(root, rel)
+      if not os.path.exists(full):
+        return f'{rel} is missing'
+      size = os.path.getsize(full)
+      if size != want['size']:
+        return f'{rel} has {size} bytes, {want["size"]} were written (truncated or rewritten)'
+      if _crc32(full) != want['crc32']:
+        return f'{rel} does not match its CRC-32 checksum (corrupted)'
+    return None
+
+  def quarantine(self, step: int, reason: str) -> str | None:
+    """Moves damaged step `step` to `<directory>_damaged/<step>-<time>` (process 0) so the run
+    can save that step again; returns the new location."""
+    target = None
+    if jax.process_index() == 0:
+      damaged = self.directory.rstrip(os.sep) + '_damaged'
+      os.makedirs(damaged, exist_ok=True)
+      target = os.path.join(damaged, f'{int(step)}-{time.strftime("%Y%m%dT%H%M%S")}')
+      shutil.move(self._step_dir(step), target)
+      with open(os.path.join(target, 'DAMAGED.txt'), 'w') as f:
+        f.write(reason + '\n')
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'checkpoint_quarantine_{step}')
+    self._manager.reload()
+    return target
+
+  def restore_newest_intact(self, state_template: Any, *, partial: bool = False,
+                            report=print) -> tuple[int | None, Any, dict[str, Any]]:
+    """(step, state, extra) of the newest checkpoint that verifies and restores.
+
+    Each damaged step is reported in one line through `report`, moved aside (`quarantine`)
+    and the next older one is tried. Returns (None, None, {}) when there is no checkpoint;
+    raises NoIntactCheckpoint when there are some but none is intact.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      problem = self.verify(step)
+      if problem is None:
+        try:
+          state, extra = self.restore(state_template, step, partial=partial)
+          return step, state, extra
+        except Exception as e:  # Orbax/tensorstore raise many types for unreadable data
+          problem = f'restore failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+      where = self.quarantine(step, problem)
+      damaged.append(f'step {step}: {problem}')
+      older = [s for s in self.all_steps() if s < step]
+      report(f'Checkpoint step {step} in {self.directory} is damaged ({problem}); moved to {where}; '
+             + (f'falling back to step {max(older)}.' if older else 'no older checkpoint.'))
+    if damaged:
+      raise NoIntactCheckpoint(
+          f'No intact checkpoint in {self.directory} ({"; ".join(damaged)}); the damaged ones are in '
+          f'{self.directory}_damaged/. Delete the workdir\'s checkpoints/ to start over.')
+    return None, None, {}
+
+  def state_keys(self, step: int | None = None) -> list[str]:
+    """Top-level keys of checkpoint `step`'s state (e.g. ['frozen', 'opt_state', 'params', ...])."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return []
+    metadata = self._manager.item_metadata(int(step))['state']
+    tree = metadata.tree if hasattr(metadata, 'tree') else metadata
+    return sorted(tree)
+
+  def subtree_keys(self, key: str, step: int | None = None) -> list[str]:
+    """Keys of state[key] in checkpoint `step` (e.g. the params' top level), [] if not a dict."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return []
+    metadata = self._manager.item_metadata(int(step))['state']
+    tree = metadata.tree if hasattr(metadata, 'tree') else metadata
+    sub = tree.get(key) if hasattr(tree, 'get') else None
+    return sorted(sub) if hasattr(sub, 'keys') else []
+
+  def read_extra(self, step: int | None = None) -> dict[str, Any]:
+    """The 'extra' JSON dict of checkpoint `step` (default: the latest) without its arrays."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return {}
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    return dict(restored.extra or {})
 
   def restore(self, state_template: Any, step: int | None = None, *,
               partial: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -234,6 +401,10 @@ class CheckpointManager:
       step = self.latest_step()
       if step is None:
         raise FileNotFoundError(f'No checkpoint to restore in {self.directory}.')
+    problem = self.verify(int(step))
+    if problem is not None:
+      raise CheckpointDamaged(f'checkpoint step {step} in {self.directory} is damaged: {problem}; '
+                              f'available steps: {self.all_steps()} (pass an older step)')
     metadata = self._manager.item_metadata(int(step))['state']
     tree = metadata.tree if hasattr(metadata, 'tree') else metadata
     if key not in tree:
@@ -260,12 +431,12 @@ class CheckpointManager:
     return restored.state[key], dict(extra)
 
   def wait(self) -> None:
-    """Blocks until any in-flight save has finished (saves are synchronous)."""
-    self._manager.wait_until_finished()
+    """Blocks until any in-flight save has finished (and its checksums are written)."""
+    self._write_pending_checksums()
 
   def close(self) -> None:
     """Waits for pending work and releases Orbax's resources."""
-    self._manager.wait_until_finished()
+    self._write_pending_checksums()
     self._manager.close()
 
   def __enter__(self) -> 'CheckpointManager':

@@ -8,6 +8,14 @@ It owns what every such run must get right, in one place:
     which the caller saves with its final extras;
   * periodic evaluation through the caller's `run_eval(step, state)`;
   * SIGTERM (PreemptionHandler): flush, force a checkpoint, and report `preempted`.
+
+And the start of every run (RM, SFT, PPO), in this order, before any data is read:
+`start_run` checks the config (mesh against the devices, quant without LoRA, paths that must
+exist, logging backends), compares it with the run being resumed (common/resume.py), and only
+then writes config.json and provenance.json and turns on the compilation cache. After the
+data is read, `RunStart.check_data` compares the data's identity with the checkpoint's.
+`open_checkpoints` restores the newest intact checkpoint (damaged ones reported and moved
+aside).
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from common import resume, tracking
 from common.checkpoint import CheckpointManager
-from common.metrics import MetricsWriter, Progress
+from common.metrics import MetricsWriter, Progress, write_config_json
 from common.run_utils import PreemptionHandler, check_finite
 
 
@@ -40,16 +49,119 @@ def flat_data_stats(stats: dict) -> dict:
             if isinstance(v, (int, float))}
 
 
-def open_checkpoints(workdir: str, template: Any, *, save_every: int, keep: int):
+def _checkpoint_steps(workdir: str) -> list[int]:
+    """Committed checkpoint steps under workdir/checkpoints, read from the folder names."""
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(n) for n in os.listdir(root)
+                  if n.isdigit() and os.path.exists(os.path.join(root, n, "_CHECKPOINT_METADATA")))
+
+
+PATH_KEYS = ("init_from", "tokenizer", "workdir")  # config fields naming folders that must exist
+
+
+def preflight(config) -> None:
+    """Checks what can be checked without reading data: raises ValueError / FileNotFoundError.
+
+    The mesh against the visible devices, quant without LoRA, every `*.init_from`,
+    `*.tokenizer`, `*.workdir` and `data.*_files` path, and the logging backends."""
+    from common.mesh import make_mesh
+    from common.run_utils import DATA_EXTENSIONS, looks_like_local_path
+    if "mesh" in config:
+        try:
+            make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
+        except ValueError as e:
+            raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)}: {e}") from None
+    for name, sec in config.items():
+        if hasattr(sec, "keys") and "quant" in sec and "lora_rank" in sec:
+            if sec.quant not in ("", "int8"):
+                raise ValueError(f"config.{name}.quant={sec.quant!r}; expected '' or 'int8'")
+            if sec.quant and sec.lora_rank <= 0:
+                raise ValueError(f"config.{name}.quant={sec.quant!r} needs config.{name}.lora_rank > 0: int8 is the "
+                                 "frozen base under LoRA (QLoRA); a fully fine-tuned model cannot have int8 weights")
+    for key, value in resume.flatten(resume.config_dict(config)).items():
+        field = key.rsplit(".", 1)[-1]
+        if not isinstance(value, str) or not value:
+            continue
+        if field in PATH_KEYS and (field != "tokenizer" or looks_like_local_path(value)):
+            if not os.path.exists(value):
+                raise FileNotFoundError(f"config.{key}={value!r}: {value} does not exist")
+            if field == "init_from" and not os.path.exists(os.path.join(value, "config.json")):
+                raise FileNotFoundError(f"config.{key}={value!r}: {value} is not a Hugging Face model folder "
+                                        f"(no config.json in it)")
+        elif key.startswith("data.") and field.endswith("_files"):
+            for path in (p.strip() for p in value.split(",") if p.strip()):
+                local = looks_like_local_path(path) or os.path.splitext(path)[1].lower() in DATA_EXTENSIONS
+                if local and not os.path.exists(path):
+                    raise FileNotFoundError(f"config.{key}: {path} does not exist")
+    tracking.check_logging(config)
+
+
+@dataclasses.dataclass
+class RunStart:
+    """What `start_run` found: the workdir, the checkpoint step on disk (None: a fresh start), whether
+    config/data changes are allowed, and the compilation cache folder."""
+    workdir: str
+    resume_step: int | None
+    allow_change: bool
+    compilation_cache: str | None
+
+    def check_data(self, files, *, rows: int | None) -> dict:
+        """The training data's identity (paths, sizes, SHA-256, rows), checked against the newest
+        readable checkpoint's; returns it for the checkpoints' extra dict ('data')."""
+        identity = resume.data_identity(files, rows=rows)
+        if self.resume_step is None:
+            return identity
+        ckpt = CheckpointManager(os.path.join(self.workdir, "checkpoints"), save_every=1)
+        try:
+            for step in sorted(ckpt.all_steps(), reverse=True):
+                try:
+                    stored = ckpt.read_extra(step).get("data")
+                except Exception:  # a damaged step: open_checkpoints reports it; try the next one
+                    continue
+                resume.check_data_identity(self.workdir, stored, identity, step=step, allow=self.allow_change)
+                break
+        finally:
+            ckpt.close()
+        return identity
+
+
+def start_run(config, workdir: str) -> RunStart:
+    """Preflight checks, the resume comparison, then config.json, provenance.json and the cache.
+
+    Nothing is written to the workdir before the checks pass."""
+    preflight(config)
+    runtime = tracking.section(config, "runtime", tracking.RUNTIME_DEFAULTS)
+    # --allow_config_change of experiments.run sets RLHF_ALLOW_CONFIG_CHANGE (it reaches sub-runs too).
+    allow = bool(runtime["allow_config_change"]) or os.environ.get("RLHF_ALLOW_CONFIG_CHANGE", "") == "1"
+    steps = _checkpoint_steps(workdir)
+    resume_step = max(steps) if steps else None
+    if resume_step is not None:
+        resume.check_resume_config(workdir, config, step=resume_step, allow=allow)
+    from common.distributed import is_main_process
+    os.makedirs(workdir, exist_ok=True)
+    if is_main_process():
+        write_config_json(workdir, config)
+        tracking.write_provenance(workdir)
+    cache = tracking.setup_compilation_cache(config)
+    return RunStart(workdir=workdir, resume_step=resume_step, allow_change=allow, compilation_cache=cache)
+
+
+def open_checkpoints(workdir: str, template: Any, *, save_every: int, keep: int, config=None):
     """The run's CheckpointManager (workdir/checkpoints) and where to start from.
 
-    Returns (ckpt, tree, extra, start_step): with a checkpoint on disk, `tree` is the latest one
-    restored into `template`'s structure and shardings, `extra` its bookkeeping dict and
-    start_step its step; otherwise `template` itself, {} and 0."""
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=save_every, max_to_keep=keep)
-    if ckpt.latest_step() is None:
+    Returns (ckpt, tree, extra, start_step): with a checkpoint on disk, `tree` is the newest
+    intact one restored into `template`'s structure and shardings (damaged newer ones are
+    reported in one line each and moved to checkpoints_damaged/), `extra` its bookkeeping
+    dict and start_step its step; otherwise `template` itself, {} and 0. `config`'s
+    runtime.async_checkpointing turns on Orbax's background saves."""
+    runtime = tracking.section(config, "runtime", tracking.RUNTIME_DEFAULTS)
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=save_every, max_to_keep=keep,
+                             async_save=bool(runtime["async_checkpointing"]))
+    step, tree, extra = ckpt.restore_newest_intact(template, report=lambda line: print(line, flush=True))
+    if step is None:
         return ckpt, template, {}, 0
-    tree, extra = ckpt.restore(template)
     start_step = int(extra["step"])
     print(f"Resuming from checkpoint at step {start_step} in {workdir}/checkpoints", flush=True)
     return ckpt, tree, extra, start_step
@@ -67,12 +179,14 @@ def run_train_loop(*, step_fn: Callable[[Any, Any], tuple[Any, dict]], state: An
                    start_step: int, total_steps: int, ckpt, metrics_writer: MetricsWriter, workdir: str,
                    log_every: int, eval_every: int, run_eval: Callable[[int, Any], Any],
                    to_save: Callable[[Any], Any] = lambda s: s, desc: str = "train",
-                   progress_keys: tuple[str, ...] = ("loss", "accuracy")) -> LoopResult:
+                   progress_keys: tuple[str, ...] = ("loss", "accuracy"), extra: dict | None = None) -> LoopResult:
     """Runs steps start_step+1 .. total_steps. `batches` yields ready (sharded) batches; `step_fn`
     is the jitted `(state, batch) -> (state, device metrics)` with at least 'loss'. Metrics are
     written as 'train/<key>' averages over the fetched group. `to_save(state)` is the checkpoint
-    tree. Returns the final state and step, and whether a SIGTERM stopped the run."""
+    tree; `extra` (e.g. {'data': identity}) goes into every checkpoint's extra dict besides 'step'.
+    Returns the final state and step, and whether a SIGTERM stopped the run."""
     last_saved = ckpt.latest_step()
+    base_extra = dict(extra or {})
     pending = []  # device metrics not yet fetched
 
     def flush(step):
@@ -102,11 +216,11 @@ def run_train_loop(*, step_fn: Callable[[Any, Any], tuple[Any, dict]], state: An
                 shown = step
             if eval_every and step % eval_every == 0 and not is_last:
                 run_eval(step, state)
-            if not is_last and ckpt.save(step, to_save(state), {"step": step}):
+            if not is_last and ckpt.save(step, to_save(state), dict(base_extra, step=step)):
                 last_saved = step
             if preemption.sync_requested():
                 flush(step)
-                ckpt.save(step, to_save(state), {"step": step}, force=True)
+                ckpt.save(step, to_save(state), dict(base_extra, step=step), force=True)
                 preempted = True
                 break
     progress.close()

@@ -103,9 +103,12 @@ class MetricsWriter:
   json and pandas read back.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None):
+  def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None,
+               sinks: tuple | list = ()):
     self.path = os.path.join(os.fspath(workdir), METRICS_FILE)
     self._file = None
+    # Other destinations (TensorBoard, W&B: common/tracking.py) get every record as written here.
+    self._sinks = list(sinks)
     if not _is_main_process():
       return
     os.makedirs(os.fspath(workdir), exist_ok=True)
@@ -131,11 +134,16 @@ class MetricsWriter:
     record = {'step': int(step), **flat}
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
+    for sink in self._sinks:
+      sink.write(int(step), flat)
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
       self._file = None
+    for sink in self._sinks:
+      sink.close()
+    self._sinks = []
 
   def __enter__(self) -> 'MetricsWriter':
     return self

@@ -21,7 +21,64 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ['PreemptionHandler', 'check_finite']
+__all__ = ['PreemptionHandler', 'check_finite', 'EXIT_OK', 'EXIT_ERROR', 'EXIT_USER_ERROR', 'EXIT_DIVERGED',
+           'EXIT_PREEMPTED', 'USER_ERRORS', 'debug_enabled', 'exit_on_user_error']
+
+# Exit codes of `python -m experiments.run` (and of the rm/ppo/sft CLIs):
+EXIT_OK = 0          # finished
+EXIT_ERROR = 1       # an unexpected error (a bug): Python's traceback is printed
+EXIT_USER_ERROR = 2  # a setting, file, row or workdir the user can fix: one line, no traceback
+EXIT_DIVERGED = 3    # NaN/Inf loss: stopped, the last good checkpoint is kept
+EXIT_PREEMPTED = 75  # SIGTERM: a checkpoint was saved, the run is NOT finished; re-run to resume
+                     # (75 = EX_TEMPFAIL, "try again": schedulers and experiments.sweep requeue it)
+
+# What a user can cause and fix: bad settings, paths, files, rows, workdirs.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               ModuleNotFoundError)
+
+
+def looks_like_local_path(path) -> bool:
+  """True for what can only be a filesystem path (absolute, ./, ~, or more than one '/');
+  'org/name' could be a hub name."""
+  path = os.fspath(path)
+  return os.path.isabs(path) or path.startswith(('.', '~')) or path.count('/') > 1
+
+
+DATA_EXTENSIONS = ('.jsonl', '.json', '.parquet')  # local data files (rm/data.py reads these)
+
+
+def debug_enabled() -> bool:
+  """True when tracebacks are wanted: `--debug` (sets RLHF_DEBUG=1) or RLHF_DEBUG=1 in the environment."""
+  return os.environ.get('RLHF_DEBUG', '') not in ('', '0', 'false', 'False')
+
+
+class exit_on_user_error:
+  """Context manager for CLIs: a user error prints `PROG: error: message` and exits 2 (3 for a
+  diverged loss) instead of a traceback; with RLHF_DEBUG=1 the exception propagates."""
+
+  def __init__(self, prog: str):
+    self.prog = prog
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc is None or debug_enabled():
+      return False
+    if isinstance(exc, FloatingPointError):
+      code = EXIT_DIVERGED
+    elif isinstance(exc, USER_ERRORS):
+      code = EXIT_USER_ERROR
+    else:
+      from common.checkpoint import NoIntactCheckpoint
+      if not isinstance(exc, NoIntactCheckpoint):
+        return False  # a bug: keep the traceback
+      code = EXIT_USER_ERROR
+    import sys
+    message = ' '.join(str(exc).split('\n')) or type(exc).__name__
+    print(f'{self.prog}: error: {message}\n(set RLHF_DEBUG=1 or pass --debug for the traceback)',
+          file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 class PreemptionHandler:

@@ -30,3 +30,23 @@ def distributed_config() -> ml_collections.ConfigDict:
     d.process_id = -1  # this process's index in [0, num_processes); -1 = env JAX_PROCESS_ID (or auto-detected)
     d.auto = False  # True: let JAX detect unset values from the cluster (SLURM, Open MPI, Cloud TPU, k8s)
     return d
+
+
+def logging_config() -> ml_collections.ConfigDict:
+    """Where metrics go besides metrics.jsonl (common/tracking.py)."""
+    lg = ml_collections.ConfigDict()
+    lg.tensorboard = True  # TensorBoard event files in workdir/tensorboard/ (tensorboardX)
+    lg.wandb = False  # also log to Weights & Biases (needs `pip install wandb`; imported only when True)
+    lg.wandb_project = "rlhf-jax"  # W&B project name
+    lg.wandb_mode = "offline"  # 'offline' (no network; `wandb sync` later) | 'online'
+    return lg
+
+
+def runtime_config() -> ml_collections.ConfigDict:
+    """How a run executes, never what it computes: all of it may change on resume (common/resume.py)."""
+    rt = ml_collections.ConfigDict()
+    rt.compilation_cache = "auto"  # persistent XLA cache: 'auto' (~/.cache/rlhf-jax/xla or $JAX_COMPILATION_CACHE_DIR), '' = off, or a folder
+    rt.async_checkpointing = False  # Orbax writes checkpoints in the background (accelerator runs); end/SIGTERM saves still wait
+    rt.allow_config_change = False  # resume even if non-resumable config keys or the training data changed (recorded); --allow_config_change
+    rt.dry_run = False  # load data and model, print sizes and memory, exit (set by experiments.run --dry_run)
+    return rt

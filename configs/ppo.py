@@ -11,7 +11,7 @@ lam 0.95, temperature 0.7, 53 new tokens).
 
 import ml_collections
 
-from configs.common import distributed_config, mesh_config, parse_arg
+from configs.common import distributed_config, logging_config, mesh_config, parse_arg, runtime_config
 
 
 def get_config(arg=None):
@@ -117,6 +117,8 @@ def get_config(arg=None):
 
     c.mesh = mesh_config()
     c.distributed = distributed_config()  # multi-process runs (see common/distributed.py); unset = one process
+    c.logging = logging_config()  # TensorBoard (on) and W&B (off) besides metrics.jsonl
+    c.runtime = runtime_config()  # compilation cache, async checkpoints, resume with a changed config, dry run
 
     if args["size"] == "tiny":
         c.data.max_prompt_length = 16

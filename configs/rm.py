@@ -9,7 +9,7 @@ Variant: `configs/rm.py:size=tiny` (short run, small batches, short sequences; C
 
 import ml_collections
 
-from configs.common import distributed_config, mesh_config, parse_arg
+from configs.common import distributed_config, logging_config, mesh_config, parse_arg, runtime_config
 
 
 def get_config(arg=None):
@@ -65,6 +65,8 @@ def get_config(arg=None):
 
     c.mesh = mesh_config()
     c.distributed = distributed_config()  # multi-process runs (see common/distributed.py); unset = one process
+    c.logging = logging_config()  # TensorBoard (on) and W&B (off) besides metrics.jsonl
+    c.runtime = runtime_config()  # compilation cache, async checkpoints, resume with a changed config, dry run
 
     c.debug = ml_collections.ConfigDict()
     c.debug.inject_nan_at_step = -1  # make the loss NaN at this step (tests the NaN guard); -1 = off

@@ -61,7 +61,7 @@ def run(config, workdir):
     s_cfg, r_base, p_base = _sub_configs(config, paths, workdir)
     P.log("SFT policy")
     if not P.stage_done(os.path.join(workdir, "sft")):
-        sft_train(s_cfg, os.path.join(workdir, "sft"))
+        P.check_preempted(sft_train(s_cfg, os.path.join(workdir, "sft")))
         P.mark_done(os.path.join(workdir, "sft"))
     sft_hf = os.path.join(workdir, "sft", "hf")
     tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
@@ -90,7 +90,7 @@ def run(config, workdir):
             g.data.train_files, g.data.eval_files = gold_pairs, eval_pairs
             g.train.steps = config.gold.steps
             P.log("gold reward model")
-            rm_train(g, gold_dir)
+            P.check_preempted(rm_train(g, gold_dir))
             P.mark_done(gold_dir)
         gold_rm = P.ProxyScorer(gold_dir, max_length=r_base.data.max_length)
         gold_fn = None
@@ -129,7 +129,7 @@ def run(config, workdir):
             r = copy.deepcopy(r_base)
             r.data.train_files, r.data.eval_files = train_file, eval_pairs
             P.log(f"proxy RM on {count} labels")
-            rm_train(r, rm_dir)
+            P.check_preempted(rm_train(r, rm_dir))
             P.mark_done(rm_dir)
         proxy = P.ProxyScorer(rm_dir, max_length=r_base.data.max_length)(flat_p, flat_r).reshape(len(bon["prompts"]), -1)
         curve = P.best_of_n_curve(np.asarray(proxy), bon_gold, ns)
@@ -142,7 +142,7 @@ def run(config, workdir):
             p.kl.kind, p.kl.init_beta = "fixed", config.rl.beta
             p.train.steps = config.rl.steps
             P.log(f"PPO against the {count}-label proxy")
-            ppo_train(p, ppo_dir)
+            P.check_preempted(ppo_train(p, ppo_dir))
             P.mark_done(ppo_dir)
         curve = P.ppo_gold_curve(ppo_dir, gold_of)
         points["rl"][label] = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "step")}
@@ -186,7 +186,10 @@ def train(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     from common.metrics import write_config_json
     write_config_json(workdir, config)
-    summary = run(config, workdir)
+    try:
+        summary = run(config, workdir)
+    except P.StagePreempted as stopped:  # SIGTERM inside a stage: saved, unfinished
+        return stopped.result
     for method in ("bon", "rl"):
         for label, f in summary["fits"][method].items():
             P.log(f"{method} {label}: gold alpha={f['gold']['alpha']:.3f} beta={f['gold']['beta']:.3f} "

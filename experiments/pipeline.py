@@ -140,3 +140,19 @@ def ppo_gold_curve(ppo_workdir, gold_of):
         rows.append({"step": step, "kl": kl, "d": float(np.sqrt(kl)), "proxy": float(np.mean([s["score"] for s in samples])),
                      "gold": float(np.mean(gold))})
     return rows
+
+
+class StagePreempted(Exception):
+    """A stage's trainer stopped on SIGTERM after saving (returned {'preempted_at': step})."""
+
+    def __init__(self, result):
+        super().__init__(f"preempted at step {result.get('preempted_at')}")
+        self.result = result
+
+
+def check_preempted(result):
+    """Raises StagePreempted when a trainer's result says it was preempted, so the stage is not
+    marked done and the driver returns the result (experiments.run then exits 75)."""
+    if isinstance(result, dict) and "preempted_at" in result:
+        raise StagePreempted(result)
+    return result

@@ -84,7 +84,7 @@ def run_stages(config, workdir):
     t = time.time()
     P.log("stage 1/5: SFT policy from scratch")
     if not P.stage_done(os.path.join(workdir, "sft")):
-        sft_train(s_cfg, os.path.join(workdir, "sft"))
+        P.check_preempted(sft_train(s_cfg, os.path.join(workdir, "sft")))
         P.mark_done(os.path.join(workdir, "sft"))
     times["sft"] = time.time() - t
     tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
@@ -113,7 +113,7 @@ def run_stages(config, workdir):
     P.log("stage 3/5: proxy reward model from the SFT checkpoint")
     rm_dir = os.path.join(workdir, "rm")
     if not P.stage_done(rm_dir):
-        rm_train(r_cfg, rm_dir)
+        P.check_preempted(rm_train(r_cfg, rm_dir))
         P.mark_done(rm_dir)
     rm_eval = json.load(open(os.path.join(rm_dir, "eval_final.json")))
     times["rm"] = time.time() - t
@@ -143,7 +143,7 @@ def run_stages(config, workdir):
     P.log("stage 5/5: PPO against the proxy reward model (adaptive KL)")
     ppo_dir = os.path.join(workdir, "ppo")
     if not P.stage_done(ppo_dir):
-        ppo_train(p_cfg, ppo_dir)
+        P.check_preempted(ppo_train(p_cfg, ppo_dir))
         P.mark_done(ppo_dir)
     ppo_curve = P.ppo_gold_curve(ppo_dir, lambda ps, rs: gold([a + b for a, b in zip(ps, rs)]))
     times["ppo"] = time.time() - t
@@ -223,7 +223,10 @@ def train(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     from common.metrics import write_config_json
     write_config_json(workdir, config)
-    summary = run_stages(config, workdir)
+    try:
+        summary = run_stages(config, workdir)
+    except P.StagePreempted as stopped:  # SIGTERM inside a stage: saved, unfinished
+        return stopped.result
     plot_quickstart(workdir, summary)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

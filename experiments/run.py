@@ -1,80 +1,100 @@
 """Entry point for every experiment: picks the trainer named by `config.trainer`.
 
   python -m experiments.run --config configs/rm.py:size=tiny --workdir /tmp/rm \
-      --config.optim.learning_rate=1e-5
+      --config.train.learning_rate=1e-5
+  python -m experiments.run --config configs/rm.py:size=tiny --config.train.steps=5 --print_config
+  python -m experiments.run --config configs/rm.py:size=tiny --workdir W ... --dry_run
 
 `config.trainer` is a key of TRAINERS or a dotted module path; the module's
-`train(config, workdir)` runs. Overrides must name existing config fields.
-Re-running the same command with the same workdir resumes from its checkpoint.
+`train(config, workdir)` runs. Overrides must name existing config fields (a typo gets the
+closest keys). Re-running the same command with the same workdir resumes from its newest
+intact checkpoint; a changed config stops it unless --allow_config_change (common/resume.py).
+--print_config prints the resolved config and exits; --dry_run loads data and model, prints
+sizes, parameter counts and memory, and exits without touching the workdir.
+Exit codes (common/run_utils.py): 0 done, 1 unexpected error (traceback), 2 a user error (one
+line; --debug or RLHF_DEBUG=1 shows the traceback), 3 NaN/Inf loss, 75 stopped by SIGTERM after
+saving a checkpoint (not finished: re-run to resume).
 Multi-process runs: start the same command once per process with JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (or config.distributed.*); see common/distributed.py.
 """
 
 import importlib
-import re
+import os
+import shutil
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from common import distributed
-
-TRAINERS = {
-    'rm': 'rm.train',
-    'ppo': 'ppo.train',
-    'sft': 'sft.train',
-    'quickstart': 'experiments.quickstart',
-    'overoptimization': 'experiments.overoptimization',
-}
+from common.run_utils import EXIT_PREEMPTED, exit_on_user_error
+from experiments.cli import TRAINERS, check_overrides, trainer_module  # noqa: F401 (TRAINERS: public)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally with an argument: '
     'configs/NAME.py[:ARG].', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory: config.json, metrics.jsonl, checkpoints/.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def trainer_module(trainer: str) -> str:
-  """Module path for a TRAINERS key or a dotted path; error lists the known keys."""
-  if trainer in TRAINERS:
-    return TRAINERS[trainer]
-  if isinstance(trainer, str) and '.' in trainer:
-    return trainer
-  raise ValueError(f'Unknown config.trainer {trainer!r}; known trainers: '
-                   f'{sorted(TRAINERS)} (or a dotted module path with a train function).')
+_PRINT_CONFIG = flags.DEFINE_bool('print_config', False, 'Print the resolved config (after overrides) and exit.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Load data and model, print sizes, parameter counts and '
+                             'memory, then exit (nothing is written to the workdir).')
+_ALLOW = flags.DEFINE_bool('allow_config_change', False, 'Resume even though the config or the training '
+                           'data changed (recorded in config_history.jsonl).')
+_DEBUG = flags.DEFINE_bool('debug', False, 'Show Python tracebacks for user errors too (= RLHF_DEBUG=1).')
+flags.mark_flags_as_required(['config'])
 
 
 def _parse_flags(argv):
-  """absl's parsing, with a clear message for unknown `--config.x` overrides."""
+  """absl's parsing, after a check that every `--config.x` override names a field (one line)."""
+  check_overrides(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f'FATAL flags error: {e}\nPass --helpshort to see the flags.')
-  except (AttributeError, KeyError) as e:  # ml_collections: no such config field.
-    keys = re.findall(r"'([^'\"]+)'", str(e))
-    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    named = [o for o in overrides if keys and keys[-1] in o.split('.')[1:]]
-    if not named:
-      raise  # Not an override problem: a bug inside the config file itself.
-    sys.exit(f'FATAL unknown config key {keys[-1]} in {named}: overrides must name '
-             'fields that exist in the config file.')
 
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every manager at INFO.
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _DEBUG.value:
+    os.environ['RLHF_DEBUG'] = '1'
   config = _CONFIG.value
-  if 'trainer' not in config:
-    raise ValueError('The config has no `trainer` field; set it to one of '
-                     f'{sorted(TRAINERS)} or a dotted module path.')
-  # Before anything touches a device: a multi-process run joins JAX's distributed runtime here.
-  distributed.initialize(config)
-  module = importlib.import_module(trainer_module(config.trainer))
-  if not callable(getattr(module, 'train', None)):
-    raise AttributeError(f'{module.__name__} has no train(config, workdir) function.')
-  module.train(config, _WORKDIR.value)
+  if _PRINT_CONFIG.value:
+    print(config, end='')
+    return 0
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required (the run directory).')
+  with exit_on_user_error('experiments.run'):
+    if 'trainer' not in config:
+      raise ValueError('The config has no `trainer` field; set it to one of '
+                       f'{sorted(TRAINERS)} or a dotted module path.')
+    if _ALLOW.value:
+      os.environ['RLHF_ALLOW_CONFIG_CHANGE'] = '1'  # read by common.loop.start_run (sub-runs too)
+    workdir = _WORKDIR.value
+    if _DRY_RUN.value:
+      if 'runtime' not in config:
+        raise ValueError(f'--dry_run: config.trainer={config.trainer!r} has no runtime section to run dry')
+      config.runtime.dry_run = True
+      workdir = tempfile.mkdtemp(prefix='dry_run_')  # the real workdir stays untouched
+    # Before anything touches a device: a multi-process run joins JAX's distributed runtime here.
+    distributed.initialize(config)
+    module = importlib.import_module(trainer_module(config.trainer))
+    if not callable(getattr(module, 'train', None)):
+      raise AttributeError(f'{module.__name__} has no train(config, workdir) function.')
+    from common.tracking import DryRunDone
+    try:
+      result = module.train(config, workdir)
+    except DryRunDone:
+      print('dry run: done (nothing trained, nothing written to the workdir)', flush=True)
+      return 0
+    finally:
+      if _DRY_RUN.value:
+        shutil.rmtree(workdir, ignore_errors=True)
+  if isinstance(result, dict) and 'preempted_at' in result:
+    sys.exit(EXIT_PREEMPTED)  # saved but unfinished: schedulers and experiments.sweep re-run it
+  return 0
 
 
 if __name__ == '__main__':

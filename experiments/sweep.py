@@ -13,7 +13,8 @@ which resume from their checkpoints; a point whose recorded command
 (`SUB/sweep_point.json`) differs is refused (use a new ROOT or delete SUB).
 
 Then `ROOT/summary.csv` and `ROOT/summary.md` get one row per point: the swept
-values, `status` ('ok', 'failed (exit N)', 'interrupted', 'not run'), `run` (the
+values, `status` ('ok', 'failed (exit N)', 'preempted' (exit 75: SIGTERM, checkpoint saved,
+resumed by the next sweep), 'interrupted', 'not run'), `run` (the
 sub-workdir) and the final metrics: the last value of each key of
 `SUB/metrics.jsonl`, then the keys of `SUB/summary.json` and `SUB/eval_final.json`
 (flattened with '/'; they win on a clash); metric columns sorted, missing values
@@ -54,6 +55,7 @@ DONE_FILE = 'SWEEP_DONE'
 POINT_FILE = 'sweep_point.json'
 LOG_FILE = 'sweep.log'
 FINAL_FILES = ('summary.json', 'eval_final.json')  # later files win on a key clash
+from common.run_utils import EXIT_PREEMPTED as PREEMPTED_EXIT  # noqa: E402 (75: SIGTERM after a checkpoint)
 _SAFE_NAME = re.compile(r'[^A-Za-z0-9._=,+-]')
 _MAX_NAME = 120
 
@@ -402,9 +404,13 @@ def _run_grid(points: Sequence[dict], config_spec: str, runner: _Runner, statuse
     with open(os.path.join(sub, POINT_FILE), 'w') as f:
       json.dump(point['record'], f, indent=2)
     code = runner.run(_command(config_spec, sub, point['overrides']), os.path.join(sub, LOG_FILE))
-    if runner.stop_requested:  # Preempted: a trainer that checkpointed exits 0 but is unfinished.
+    if runner.stop_requested:  # The sweep itself got SIGTERM (forwarded to the point).
       return
-    if code == 0:
+    if code == PREEMPTED_EXIT:  # the trainer saved a checkpoint on SIGTERM: unfinished, resumes next time
+      statuses[name] = 'preempted'
+      print(f'sweep: {name} was preempted (exit {code}) after saving a checkpoint; re-run the sweep to resume it',
+            file=sys.stderr, flush=True)
+    elif code == 0:
       with open(os.path.join(sub, DONE_FILE), 'w') as f:
         f.write('0\n')
       statuses[name] = 'ok'

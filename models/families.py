@@ -187,7 +187,7 @@ def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callab
 
     def linear(name, bias, rows=None):
         w = take(name + ".weight")  # [out, in]
-        out = {"kernel": np.ascontiguousarray(w.T)}
+        out = {"kernel": w.T}  # a view: copied (or sliced per shard) only when placed (models/hf.py)
         if bias:
             out["bias"] = take(name + ".bias")
         return out
@@ -203,9 +203,9 @@ def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callab
         b = take(name + ".bias") if bias else None
         parts, start = [], 0
         for n in sizes:
-            part = {"kernel": np.ascontiguousarray(w[start:start + n].T)}
+            part = {"kernel": w[start:start + n].T}  # views, as above
             if b is not None:
-                part["bias"] = np.ascontiguousarray(b[start:start + n])
+                part["bias"] = b[start:start + n]
             parts.append(part)
             start += n
         return parts
@@ -216,12 +216,12 @@ def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callab
         layer = {"attn_norm": norm(p + "input_layernorm")}
         if c.family == "gpt_neox":
             w = take(p + "attention.query_key_value.weight").reshape(h, 3, hd, d)  # rows per head [q; k; v]
-            attn = {n: {"kernel": np.ascontiguousarray(w[:, j].reshape(h * hd, d).T)}
+            attn = {n: {"kernel": w[:, j].reshape(h * hd, d).T}  # one copy (the reshape)
                     for j, n in enumerate(("q_proj", "k_proj", "v_proj"))}
             if c.qkv_bias:
                 b = take(p + "attention.query_key_value.bias").reshape(h, 3, hd)
                 for j, n in enumerate(("q_proj", "k_proj", "v_proj")):
-                    attn[n]["bias"] = np.ascontiguousarray(b[:, j].reshape(h * hd))
+                    attn[n]["bias"] = b[:, j].reshape(h * hd)
             attn["o_proj"] = linear(p + "attention.dense", c.o_bias)
             for buf in ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq"):
                 skip(p + buf)
@@ -256,7 +256,7 @@ def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callab
     if c.tie_embeddings:
         skip(head)
     elif has(head):
-        params["lm_head"] = {"kernel": np.ascontiguousarray(take(head).T)}
+        params["lm_head"] = {"kernel": take(head).T}
     return params
 
 

@@ -396,14 +396,15 @@ def copy_tokenizer_files(src: Optional[str], dst: str) -> list[str]:
 def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
                        tokenizer_dir: Optional[str] = None, architecture: Optional[str] = None,
                        extra_tensors: Optional[dict] = None, extra_config: Optional[dict] = None,
-                       max_shard_bytes: int = 5 * 2**30) -> str:
+                       max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None) -> str:
     """Write a HF folder (config.json, model.safetensors, tokenizer files) loadable by transformers.
 
     `architecture` defaults to the causal-LM class; for a reward model pass e.g.
     'LlamaForSequenceClassification' with `extra_tensors={'score.weight': W[1, d]}`. Tensors
-    keep their dtype (bfloat16 included; cast `params` first for another); above
-    `max_shard_bytes` the weights are split into model-0000i-of-0000n.safetensors files and a
-    model.safetensors.index.json. The host holds one copy of the weights while writing.
+    keep their dtype (bfloat16 included) unless `dtype` ('float32' / 'bfloat16' / 'float16')
+    casts every floating tensor on disk; above `max_shard_bytes` the weights are split into
+    model-0000i-of-0000n.safetensors files and a model.safetensors.index.json. The host holds
+    one copy of the weights while writing.
     """
     os.makedirs(out_dir, exist_ok=True)
     default_arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -412,6 +413,10 @@ def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
     causal = architecture.endswith("LMHeadModel") or architecture.endswith("ForCausalLM")
     tensors = params_to_hf(config, params, include_lm_head=causal)
     tensors.update({k: np.ascontiguousarray(np.asarray(v)) for k, v in (extra_tensors or {}).items()})
+    if dtype is not None:
+        target = np.dtype(jnp.dtype(dtype))
+        tensors = {k: np.ascontiguousarray(v.astype(target)) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                   for k, v in tensors.items()}
     safetensors_io.save_tensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     hf = config_to_hf(config, architecture=architecture, extra=extra_config)
     floating = [v.dtype for v in tensors.values() if jnp.issubdtype(v.dtype, jnp.floating)]

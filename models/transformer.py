@@ -287,8 +287,9 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar else hd)
         impl = resolve_attention_impl(cfg.attention, q_len=t, kv_len=k.shape[2], dtype=q.dtype, head_dim=hd,
                                       softcap=cfg.attn_softcap, self_attention=cache is None)
-        out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale, sliding_window=cfg.layer_window(self.layer),
-                     softcap=cfg.attn_softcap, impl=impl).reshape(b, t, h * hd)
+        out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale,
+                     sliding_window=cfg.layer_window(self.layer), softcap=cfg.attn_softcap,
+                     impl=impl).reshape(b, t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 

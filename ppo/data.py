@@ -50,7 +50,8 @@ def load_prompts(files, tokenizer, *, max_prompt_length, on_bad_row='error', spl
       tokenizer: a HF tokenizer (pad falls back to EOS; the mask tells padding apart).
       max_prompt_length: width P of the result; longer prompts are cut from the left.
       on_bad_row: 'error' raises rm.data.BadRowError naming file, 0-based row and key;
-        'skip' drops bad rows and counts them as stats['skipped/<reason>'].
+        'skip' drops bad rows and counts them as stats['skipped/<reason>'] (a JSONL line that
+        does not parse is one bad row: 'unparseable'; the rest of the file is read).
       split: split for hub names given without one.
 
     Returns:
@@ -64,8 +65,7 @@ def load_prompts(files, tokenizer, *, max_prompt_length, on_bad_row='error', spl
     texts = []
     for source in rm_data.resolve_sources(files):
         rows, columns = rm_data.read_table(source, split=split)
-        if not rows:
-            raise ValueError(f'{source}: no rows')
+        rm_data.check_has_rows(source, rows)
         if 'prompt' not in columns:
             raise ValueError(
                 f"{source}: columns {sorted(columns)} have no 'prompt'; expected a 'prompt' column "

@@ -30,9 +30,10 @@ import numpy as np
 import optax
 
 from common.distributed import gather_to_host, is_main_process
-from common.loop import open_checkpoints, write_json
+from common.loop import open_checkpoints, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.metrics import MetricsWriter, Progress, write_config_json
+from common.metrics import Progress
+from common.tracking import open_metrics, plot_training_curves, report_start
 from common.optim import accumulate_gradients, make_optimizer
 from common.run_utils import PreemptionHandler, check_finite
 from models.hf import load_hf_checkpoint
@@ -208,14 +209,15 @@ def _trainable_predicate(*, policy_lora: bool, value_lora: bool):
 def train(config, workdir: str) -> dict:
     """Run PPO as configured; returns the last metrics."""
     t0 = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    write_config_json(workdir, config)
     for key, value in (("policy.init_from", config.policy.init_from), ("data.prompt_files", config.data.prompt_files)):
         if not value:
             raise ValueError(f"config.{key} is required")
-    tokenizer = rm_data.load_tokenizer(config.policy.tokenizer or config.policy.init_from)
-    prompts = load_prompts([f.strip() for f in str(config.data.prompt_files).split(",") if f.strip()], tokenizer,
+    run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
+    tokenizer = rm_data.load_tokenizer(config.policy.tokenizer or config.policy.init_from, setting="policy.tokenizer")
+    prompt_files = [f.strip() for f in str(config.data.prompt_files).split(",") if f.strip()]
+    prompts = load_prompts(prompt_files, tokenizer,
                            max_prompt_length=config.data.max_prompt_length, on_bad_row=config.data.on_bad_row)
+    data_identity = run.check_data(prompt_files, rows=prompts.stats["rows"])
     write_json(os.path.join(workdir, "data_stats.json"), prompts.stats)
 
     policy_config, policy_params, reward = _load_models(config, tokenizer)
@@ -286,13 +288,15 @@ def train(config, workdir: str) -> dict:
 
     kl_ctl = make_kl_controller(kind=config.kl.kind, init_beta=config.kl.init_beta, target=config.kl.target,
                                 horizon=config.kl.horizon)
+    report_start(config, trainable=state["params"], frozen=frozen, opt_state=state["opt_state"],
+                 data_stats={"prompts": prompts.stats}, extra_frozen={"reference": ref_params, "reward": reward_params})
     ckpt, restored, extra, start_step = open_checkpoints(workdir, to_save(state), save_every=tc.save_every,
-                                                         keep=tc.keep_checkpoints)
+                                                         keep=tc.keep_checkpoints, config=config)
     state = {k: v for k, v in restored.items() if k != "frozen"}
     frozen = restored.get("frozen", frozen)
     if start_step:
         kl_ctl.load_state_dict(extra["kl"])
-    metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
+    metrics_writer = open_metrics(workdir, config, resume_step=start_step if start_step else -1)
     samples_path = os.path.join(workdir, "samples.jsonl")
     _truncate_samples(samples_path, start_step)
 
@@ -353,7 +357,7 @@ def train(config, workdir: str) -> dict:
                 _write_samples(samples_path, step, tokenizer, rollout, config.train.num_samples)
             last = metrics
             progress.update(1, score=metrics["objective/scores"], kl=metrics["objective/kl"])
-            extra = {"step": step, "kl": kl_ctl.state_dict()}
+            extra = {"step": step, "kl": kl_ctl.state_dict(), "data": data_identity}
             if ckpt.save(step, to_save(state), extra, force=step == tc.steps):
                 last_saved = step
             if preemption.sync_requested():
@@ -362,12 +366,16 @@ def train(config, workdir: str) -> dict:
                 break
     progress.close()
     ckpt.close()
+    metrics_writer.close()
     if preempted:
         print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
         return {"preempted_at": step}
     summary = dict(last, step=step, wall_time_s=time.time() - t0, **{f"time/total_{k}_s": v for k, v in timing.items()},
                    **memory, **{"memory/peak_rss_mib": algos.peak_rss_mib()})
     write_json(os.path.join(workdir, "summary.json"), summary)
+    plot_training_curves(workdir, ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
+                                   "policy/approxkl", "policy/clipfrac", "val/vf_loss", "kl/beta",
+                                   "rollout/response_length"), title=f"PPO, step {step}")
     print(f"done: step {step}; score {last.get('objective/scores', float('nan')):.4f}, "
           f"KL {last.get('objective/kl', float('nan')):.4f}, beta {last.get('kl/beta', float('nan')):.4g}", flush=True)
     return summary

@@ -1,7 +1,8 @@
 """Preference data (TRL's formats) -> fixed-shape, right-padded token arrays and batches.
 
 Row layouts, recognised per file from its columns (extra columns are ignored), with
-optional 'margin' (number; Llama 2 style) and 'subset' (string; RewardBench):
+optional 'margin' (number; Llama 2 style) and 'subset' (string; RewardBench), optional per
+row: missing or null in a row means margin 0.0 and subset '' (overall accuracy only):
   explicit prompt   {'prompt': str, 'chosen': str, 'rejected': str}
   implicit prompt   {'chosen': str, 'rejected': str}       (full texts, as in HH-RLHF)
   conversational    {'chosen': [{role, content}, ...], 'rejected': [...], 'prompt'?: [...]}
@@ -31,17 +32,44 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from common.run_utils import looks_like_local_path
+
 ON_BAD_ROW = ('error', 'skip')
 LOCAL_BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
 PAIR_KEYS = ('chosen_ids', 'chosen_mask', 'rejected_ids', 'rejected_mask', 'margin')
 
 
 class BadRowError(ValueError):
-    """A data row that cannot be used; the message names file, 0-based row and key."""
+    """A data row that cannot be used; the message names file, 0-based row (and line) and key.
 
-    def __init__(self, file, row, key, reason, detail):
-        self.file, self.row, self.key, self.reason = file, row, key, reason
-        super().__init__(f"{file}: row {row} (0-based): key '{key}': {detail}")
+    `key` is None for a line that is not a JSON object at all (named by its 1-based `line`).
+    """
+
+    def __init__(self, file, row, key, reason, detail, *, line=None):
+        self.file, self.row, self.key, self.reason, self.line = file, row, key, reason, line
+        where = f"row {row} (0-based)" if line is None else f"row {row} (0-based, line {line})"
+        what = f"key '{key}': {detail}" if key is not None else detail
+        super().__init__(f"{file}: {where}: {what}")
+
+
+class UnreadableRow:
+    """Stands in `read_table`'s rows for a JSONL/JSON line that is not a JSON object.
+
+    Bad-row policy applies to it like to any other bad row (`parse_rows`): 'error' names the
+    file and line, 'skip' counts it as skipped/<reason> ('unparseable' or 'not_object')."""
+
+    def __init__(self, line, reason, detail):
+        self.line, self.reason, self.detail = line, reason, detail
+
+    def get(self, key, default=None):  # rows are read with .get(); an unreadable row has no keys
+        return default
+
+    def __repr__(self):
+        return f'UnreadableRow(line={self.line}, {self.reason}: {self.detail})'
+
+
+class NoChatTemplate(ValueError):
+    """Conversational rows with a tokenizer that has no chat template (a whole-file problem, never skipped)."""
 
 
 class RowIssue(Exception):
@@ -123,43 +151,80 @@ def resolve_sources(files):
     return [os.fspath(s) for s in sources]
 
 
-def _first_bad_json_line(path):
-    """'line N (1-based): msg' for the first unparsable line of a JSONL file, or ''."""
+def _json_rows(path):
+    """(rows, columns) of a JSON Lines file, or of a .json file holding an array (or columns).
+
+    Parsed here with Python's json, line by line, so one bad line is one bad row (an
+    UnreadableRow naming the line) instead of a file datasets refuses whole. Keys missing
+    from a row are simply absent (row.get(key) is None), never invented from other rows.
+    """
     with open(path, encoding='utf-8') as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    return f'line {number} (1-based): {e}'
-    return ''
+        text = f.read()
+    document = None
+    if path.lower().endswith('.json'):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            document = None  # maybe JSON Lines in a .json file (datasets reads those too)
+    if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+        lengths = {len(v) for v in document.values()}
+        if len(lengths) == 1:  # columnar: {"chosen": [...], "rejected": [...]}
+            n = lengths.pop()
+            document = [{k: v[i] for k, v in document.items()} for i in range(n)]
+    if isinstance(document, list):
+        items = [(i + 1, item, None) for i, item in enumerate(document)]  # 'line' = 1-based item
+    elif document is not None:
+        items = [(1, document, None)]
+    else:
+        items = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append((number, json.loads(line), None))
+            except json.JSONDecodeError as e:
+                items.append((number, None, f'not valid JSON ({e.msg} at column {e.colno}): {line[:60]!r}'))
+    rows, columns = [], {}
+    for number, value, error in items:
+        if error is not None:
+            rows.append(UnreadableRow(number, 'unparseable', error))
+        elif not isinstance(value, dict):
+            rows.append(UnreadableRow(number, 'not_object',
+                                      f'expected a JSON object {{"key": value, ...}}, got {describe(value)}'))
+        else:
+            rows.append(value)
+            columns.update(dict.fromkeys(value))
+    return rows, list(columns)
 
 
 def read_table(source, *, split='train'):
     """Rows of one local file (.jsonl/.json/.parquet) or hub dataset ('name' or 'name:split').
 
-    Returns (rows as a list of dicts, column names). Local files always go through
-    `datasets.load_dataset('json'|'parquet', data_files=...)`; `split` applies to hub names.
+    Returns (rows as a list of dicts, column names: the union over rows, first seen first).
+    JSONL/JSON are parsed here line by line (a line that is not a JSON object becomes an
+    `UnreadableRow`, a bad row like any other); Parquet and hub names go through
+    `datasets.load_dataset`; `split` applies to hub names.
     """
-    import datasets  # heavy import, only when data is read
-
     if os.path.exists(source):
         if os.path.isdir(source):
             raise ValueError(f'{source}: is a directory; pass the data files themselves')
         builder = LOCAL_BUILDERS.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise ValueError(f'{source}: unsupported file type; expected one of {sorted(LOCAL_BUILDERS)}')
+        if builder == 'json':
+            try:
+                return _json_rows(source)
+            except UnicodeDecodeError as e:
+                raise ValueError(f'{source}: not UTF-8 text ({e}); expected JSON Lines') from None
+        import datasets  # heavy import, only when data is read
         try:
             ds = datasets.load_dataset(builder, data_files=source, split='train')
-        except StopIteration:  # what datasets raises for an empty JSON file
-            return [], []
         except Exception as e:
-            where = _first_bad_json_line(source) if source.lower().endswith('.jsonl') else ''
-            cause = where or repr(e.__cause__ or e)
-            raise ValueError(f'{source}: could not be read as {builder}: {cause}') from e
+            raise ValueError(f'{source}: could not be read as {builder}: {e.__cause__ or e}') from e
     else:
         if os.path.splitext(source)[1].lower() in LOCAL_BUILDERS:
             raise FileNotFoundError(f'{source}: no such file')
+        import datasets
         name, _, name_split = source.partition(':')
         try:
             ds = datasets.load_dataset(name, split=name_split or split)
@@ -170,21 +235,41 @@ def read_table(source, *, split='train'):
     return ds.to_list(), list(ds.column_names)
 
 
+def readable_rows(rows):
+    """The rows that are dicts (UnreadableRow stand-ins left out), e.g. to detect a layout."""
+    return [r for r in rows if not isinstance(r, UnreadableRow)]
+
+
+def check_has_rows(file, rows):
+    """ValueError unless `rows` holds at least one JSON object (names the first bad line)."""
+    if not rows:
+        raise ValueError(f'{file}: no rows')
+    if not readable_rows(rows):
+        raise ValueError(f'{file}: none of its {len(rows)} rows is a JSON object; line {rows[0].line}: '
+                         f'{rows[0].detail}')
+
+
 def parse_rows(file, rows, parse_fn, *, on_bad_row, stats):
     """[(row index, parse_fn(row))] for the good rows; bad rows raise or are counted in stats."""
     good = []
     for index, row in enumerate(rows):
+        if isinstance(row, UnreadableRow):
+            issue = RowIssue(None, row.reason, row.detail)
+            reject(file, index, issue, on_bad_row=on_bad_row, stats=stats, line=row.line)
+            continue
         try:
             good.append((index, parse_fn(row)))
         except RowIssue as issue:
             reject(file, index, issue, on_bad_row=on_bad_row, stats=stats)
+        except NoChatTemplate as e:
+            raise NoChatTemplate(f'{file}: row {index} (0-based): {e}') from None
     return good
 
 
-def reject(file, index, issue, *, on_bad_row, stats):
+def reject(file, index, issue, *, on_bad_row, stats, line=None):
     """Applies the bad-row policy to one RowIssue."""
     if on_bad_row == 'error':
-        raise BadRowError(file, index, issue.key, issue.reason, issue.detail) from None
+        raise BadRowError(file, index, issue.key, issue.reason, issue.detail, line=line) from None
     stats['skipped'] += 1
     stats[f'skipped/{issue.reason}'] = stats.get(f'skipped/{issue.reason}', 0) + 1
 
@@ -192,13 +277,37 @@ def reject(file, index, issue, *, on_bad_row, stats):
 # ----------------------------------------------------------------------------- tokens
 
 
-def load_tokenizer(path):
+TOKENIZER_VOCAB_FILES = ('tokenizer.json', 'vocab.json', 'tokenizer.model', 'spiece.model', 'vocab.txt')
+
+
+def load_tokenizer(path, *, setting='model.tokenizer'):
     """AutoTokenizer from a local folder (or hub name online), never running remote code.
 
     Without a pad token, EOS pads (GPT-2/Pythia style); masks then tell padding from EOS.
+    A missing folder, a folder without tokenizer files and a tokenizer that encodes text to
+    nothing are refused by name (transformers would otherwise hand back an empty tokenizer),
+    suggesting `setting` (the config field that names a tokenizer folder).
     """
     import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_VOCAB_FILES):
+            raise FileNotFoundError(
+                f'{path} has no tokenizer files (one of {", ".join(TOKENIZER_VOCAB_FILES)}): a checkpoint folder '
+                f'saved without its tokenizer? Point config.{setting} at the tokenizer folder')
+    elif os.path.exists(path):
+        raise NotADirectoryError(f'{path}: expected a tokenizer folder, got a file')
+    elif looks_like_local_path(path):
+        raise FileNotFoundError(f'{path} does not exist (expected a local folder with tokenizer files)')
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f'{path!r} is not a local folder, and loading it as a hub tokenizer failed '
+                                f'(offline?): {str(e).splitlines()[0]}') from e
+    probe = tokenizer('Hello world 123', add_special_tokens=False)['input_ids']
+    if len(tokenizer) < 2 or not probe:
+        raise ValueError(f'{path}: the tokenizer is empty ({len(tokenizer)} tokens; "Hello world 123" encodes to '
+                         f'{probe}): point config.{setting} at a real tokenizer folder')
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f'{path}: tokenizer has neither a pad nor an EOS token')
@@ -223,7 +332,11 @@ def tokenize(tokenizer, texts):
 
 
 def render_chat(tokenizer, messages, *, add_generation_prompt):
-    """The chat template's text for `messages` (not tokenised)."""
+    """The chat template's text for `messages` (not tokenised); NoChatTemplate if there is none."""
+    if not getattr(tokenizer, 'chat_template', None):
+        raise NoChatTemplate(
+            'conversational rows (lists of {role, content} messages) need a chat template, but the tokenizer has '
+            'none: use a tokenizer with a chat_template (config.model.tokenizer / policy.tokenizer) or plain-text rows')
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -263,15 +376,14 @@ class PreferenceData:
 
 def _detect_format(file, rows, columns):
     """'explicit' | 'implicit' | 'conversational' from the columns and the first chosen value."""
-    if not rows:
-        raise ValueError(f'{file}: no rows')
+    check_has_rows(file, rows)
     if 'chosen' not in columns or 'rejected' not in columns:
         raise ValueError(
             f"{file}: columns {sorted(columns)} are not a known preference layout; expected "
             f"'chosen' and 'rejected' (full texts: implicit prompt), plus 'prompt' (explicit "
             f"prompt), as strings or lists of {{role, content}} messages (conversational), "
             f"with optional 'margin' (number) and 'subset' (string)")
-    first = next((r['chosen'] for r in rows if r.get('chosen') is not None), None)
+    first = next((r['chosen'] for r in readable_rows(rows) if r.get('chosen') is not None), None)
     if isinstance(first, (list, tuple)):
         return 'conversational'
     return 'explicit' if 'prompt' in columns else 'implicit'
@@ -309,21 +421,20 @@ def _parse_conversation(row, *, tokenizer, has_prompt):
 
 
 def _parse_extras(row, *, has_margin, has_subset):
+    """(margin, subset) of one row. Both are optional per row: missing or null means the
+    default, margin 0.0 (no margin) and subset '' (counted in the overall accuracy only)."""
     margin, subset = 0.0, ''
-    if has_margin:
+    if has_margin and row.get('margin') is not None:
         value = row.get('margin')
-        if value is None:
-            raise RowIssue('margin', 'missing', f'expected a number, got {describe(value)}')
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RowIssue('margin', 'wrong_type', f'expected a number, got {describe(value)}')
         if not math.isfinite(value):
             raise RowIssue('margin', 'not_finite', f'expected a finite number, got {value}')
         margin = float(value)
-    if has_subset:
+    if has_subset and row.get('subset') is not None:
         value = row.get('subset')
         if not isinstance(value, str):
-            reason = 'missing' if value is None else 'wrong_type'
-            raise RowIssue('subset', reason, f'expected a string, got {describe(value)}')
+            raise RowIssue('subset', 'wrong_type', f'expected a string, got {describe(value)}')
         subset = value
     return margin, subset
 
@@ -391,7 +502,7 @@ def load_preference_data(files, tokenizer, *, max_length, on_bad_row='error', sp
       max_length: length L of every sequence (prompt + response) in the result.
       on_bad_row: 'error' raises BadRowError at the first bad row; 'skip' drops bad rows and
         counts them as stats['skipped/<reason>'] (missing, wrong_type, empty, identical,
-        not_finite).
+        not_finite, unparseable: a line that is not JSON, not_object: JSON that is no object).
       split: split for hub names given without one.
       max_prompt_length: optional extra cap on prompt tokens (cut from the left).
 

@@ -1,6 +1,6 @@
 """Export a trained reward model as a Hugging Face sequence-classification folder.
 
-  python -m rm.export --workdir W --out DIR [--no-normalize]
+  python -m rm.export --workdir W --out DIR [--no-normalize] [--dtype bfloat16]
 
 DIR loads with `transformers.AutoModelForSequenceClassification.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)`; its logits are our reward scores.
@@ -17,6 +17,8 @@ How our head maps onto HF's (whose `score` Linear has no bias):
   config.json also records `reward_normalization` {gain, bias, head_bias} for provenance.
   --no-normalize exports raw scores (gain 1, c 0).
 A LoRA (or int8 + LoRA) reward model is exported merged: W + (alpha / r) A B, in float.
+--dtype bfloat16 (or float16) writes the tensors in that dtype (config.json torch_dtype says so);
+the default float32 is what parity is checked in.
 
 Padding: HF reads the score at the last token that is not `pad_token_id`. When the training
 tokenizer pads with EOS (GPT-2 style), the export adds a distinct '<|rm_pad|>' token (and
@@ -55,7 +57,7 @@ def _append_eos_postprocessor(tokenizer):
         single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, eos_id)])
 
 
-def export(workdir: str, out: str, *, normalize: bool = True) -> str:
+def export(workdir: str, out: str, *, normalize: bool = True, dtype: str = "float32") -> str:
     model = load_reward_model(workdir)
     # LoRA adapters are folded into the base weights (an int8 base is dequantised first), so
     # the folder is a plain float model that transformers loads without PEFT.
@@ -63,13 +65,14 @@ def export(workdir: str, out: str, *, normalize: bool = True) -> str:
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
     gain, c = (model.gain, model.bias) if normalize else (1.0, 0.0)
     return write_sequence_classifier(config, params, tokenizer, out, gain=gain, bias=c, normalize=normalize,
-                                     source=workdir)
+                                     source=workdir, dtype=dtype)
 
 
 def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: float, bias: float,
-                              normalize: bool, source: str) -> str:
+                              normalize: bool, source: str, dtype: str = "float32") -> str:
     """Write the HF sequence-classification folder of a reward model's float params
-    ({'backbone', 'head'}) whose score is gain * head(h) + bias (see the module docstring)."""
+    ({'backbone', 'head'}) whose score is gain * head(h) + bias (see the module docstring);
+    `dtype` 'bfloat16' / 'float16' casts the tensors on disk."""
     c = bias
     w = np.asarray(params["head"]["kernel"], np.float64)[:, 0]  # [d]
     b = float(np.asarray(params["head"]["bias"], np.float64)[0])
@@ -103,7 +106,8 @@ def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: floa
     }
     os.makedirs(out, exist_ok=True)
     save_hf_checkpoint(config, backbone, out, architecture=SEQ_CLS[config.family],
-                       extra_tensors={"score.weight": score_weight}, extra_config=extra_config)
+                       extra_tensors={"score.weight": score_weight}, extra_config=extra_config,
+                       dtype=None if dtype == "float32" else dtype)
     _append_eos_postprocessor(tokenizer)
     tokenizer.save_pretrained(out)
     with open(os.path.join(out, "README.md"), "w") as f:
@@ -116,12 +120,18 @@ def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: floa
 
 
 def main(argv=None):
+    """The command line; a user error (not a reward-model workdir, damaged checkpoint ...) prints one line."""
+    from common.run_utils import exit_on_user_error
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="RM workdir (rm trainer output)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--no-normalize", action="store_true", help="export raw scores (no gain/bias)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the exported tensors")
     args = ap.parse_args(argv)
-    path = export(args.workdir, args.out, normalize=not args.no_normalize)
+    with exit_on_user_error("rm.export"):
+        path = export(args.workdir, args.out, normalize=not args.no_normalize, dtype=args.dtype)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     print(f"exported {cfg['architectures'][0]} to {path} (reward_offset={cfg['reward_offset']:.6g})")

@@ -150,9 +150,35 @@ def load_reward_model(path: str, *, dtype: str = "float32", param_dtype: Optiona
     raise FileNotFoundError(f"{path} is neither an RM workdir (model_config.json) nor a HF folder (config.json)")
 
 
+def describe_workdir(workdir: str, ckpt=None) -> str:
+    """What a trainer workdir holds, in words: its config.trainer and the checkpoint's params keys."""
+    trainer = None
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            trainer = json.load(f).get("trainer")
+    except (OSError, ValueError):
+        pass
+    keys = ckpt.subtree_keys("params") if ckpt is not None else []
+    kind = {"ppo": "a PPO workdir", "sft": "an SFT workdir", "rm": "a reward-model workdir"}.get(trainer)
+    if kind is None:
+        kind = ("a PPO workdir" if "policy" in keys else "a causal-LM (SFT) workdir" if "embed" in keys
+                else f"a workdir of trainer {trainer!r}")
+    return f"{kind} (checkpoint params: {', '.join(keys) or 'none'})"
+
+
 def _load_from_workdir(workdir, *, dtype, param_dtype, step):
     from common.checkpoint import CheckpointManager
 
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
+    try:
+        keys = ckpt.subtree_keys("params") if ckpt.latest_step() is not None else []
+        if keys and not {"backbone", "head"} <= set(keys):
+            raise ValueError(
+                f"{workdir} is not a reward-model workdir: it is {describe_workdir(workdir, ckpt)}. rm.score and "
+                f"rm.export need a workdir written by the rm trainer (configs/rm.py) or an exported reward folder "
+                f"(python -m rm.export); a PPO run's reward model is the one its config.reward.workdir names")
+    finally:
+        ckpt.close()
     overrides = {"dtype": dtype}
     if param_dtype:
         overrides["param_dtype"] = param_dtype

@@ -29,8 +29,13 @@ from rm.model import LoadedRewardModel, compute_rewards, load_reward_model
 
 def _read_rows(path):
     source = rm_data.resolve_sources(path)[0]
-    rows, _ = rm_data.read_table(source)
-    return rows
+    rows, columns = rm_data.read_table(source)
+    rm_data.check_has_rows(source, rows)
+    return rows, columns
+
+
+def _bad(file, index, key, detail, reason="wrong_type", line=None):
+    return rm_data.BadRowError(file, index, key, reason, detail, line=line)
 
 
 def tokenize_single(tokenizer, rows, *, file, max_length):
@@ -38,33 +43,41 @@ def tokenize_single(tokenizer, rows, *, file, max_length):
     eos, _ = rm_data.special_ids(tokenizer)
     seqs, truncated = [], 0
     for i, row in enumerate(rows):
-        if "messages" in row and row["messages"] is not None:
-            msgs = row["messages"]
+        if isinstance(row, rm_data.UnreadableRow):
+            raise _bad(file, i, None, row.detail, row.reason, line=row.line)
+        if row.get("messages") is not None:
+            try:
+                msgs = rm_data.expect_messages(row, "messages")
+            except rm_data.RowIssue as issue:
+                raise _bad(file, i, issue.key, issue.detail, issue.reason) from None
             prompt = rm_data.render_chat(tokenizer, msgs[:-1], add_generation_prompt=True)
             full = rm_data.render_chat(tokenizer, msgs, add_generation_prompt=False)
             prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0]
             full_ids = rm_data.tokenize(tokenizer, [full])[0]
             k = rm_data.common_prefix_length(prompt_ids, full_ids)
             prompt_ids, response_ids = full_ids[:k], full_ids[k:]
-        elif "response" in row or "completion" in row:
-            response = row.get("response", row.get("completion"))
-            prompt = row.get("prompt", "") or ""
+        elif row.get("response") is not None or row.get("completion") is not None:
+            key = "response" if row.get("response") is not None else "completion"
+            response = row[key]
+            prompt = row.get("prompt") or ""
+            if not isinstance(prompt, str):
+                raise _bad(file, i, "prompt", f"expected a string, got {rm_data.describe(prompt)}")
             # After a non-empty prompt an empty response is EOS alone (scored like a PPO rollout that
             # stopped at once); without a prompt there would be nothing to score.
             if not isinstance(response, str) or not (response.strip() or prompt.strip()):
-                raise rm_data.BadRowError(f"{file}: row {i} (0-based): key 'response': expected a string (non-empty "
-                                          f"without a prompt), got {rm_data.describe(response)}")
+                raise _bad(file, i, key, f"expected a string (non-empty without a prompt), "
+                                         f"got {rm_data.describe(response)}")
             prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0] if prompt else []
             response_ids = rm_data.tokenize(tokenizer, [response])[0]
         elif "text" in row:
             text = row["text"]
             if not isinstance(text, str) or not text.strip():
-                raise rm_data.BadRowError(f"{file}: row {i} (0-based): key 'text': expected a non-empty string, "
-                                          f"got {rm_data.describe(text)}")
+                raise _bad(file, i, "text", f"expected a non-empty string, got {rm_data.describe(text)}",
+                           "empty" if isinstance(text, str) else "wrong_type")
             prompt_ids, response_ids = [], rm_data.tokenize(tokenizer, [text])[0]
         else:
-            raise rm_data.BadRowError(f"{file}: row {i} (0-based): expected preference columns (chosen, rejected) or "
-                                      f"one of 'text', 'prompt'+'response', 'messages'; got {sorted(row)}")
+            raise _bad(file, i, None, f"expected preference columns (chosen, rejected) or one of 'text', "
+                                      f"'prompt'+'response', 'messages'; got keys {sorted(row)}", "missing")
         response_ids = response_ids if response_ids and response_ids[-1] == eos else response_ids + [eos]
         if len(prompt_ids) + len(response_ids) > max_length:
             truncated += 1
@@ -109,6 +122,14 @@ def _training_max_length(path, default=512):
 
 
 def main(argv=None):
+    """The command line; a user error (bad file, row or workdir) prints one line and exits 2."""
+    from common.run_utils import exit_on_user_error
+
+    with exit_on_user_error("rm.score"):
+        _main(argv)
+
+
+def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="RM workdir or exported HF reward folder")
     ap.add_argument("--data", required=True, help="JSONL/JSON/Parquet file to score")
@@ -120,8 +141,8 @@ def main(argv=None):
     model = load_reward_model(args.workdir)
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or args.workdir)
     max_length = args.max_length or _training_max_length(args.workdir)
-    rows = _read_rows(args.data)
-    columns = set(rows[0]) if rows else set()
+    rows, columns = _read_rows(args.data)
+    columns = set(columns)
     records = []
     if {"chosen", "rejected"} <= columns:
         pairs = rm_data.load_preference_data(args.data, tokenizer, max_length=max_length, on_bad_row="error")
@@ -137,6 +158,11 @@ def main(argv=None):
         ids, mask = pad_right(seqs, pad)
         raw = score_arrays(model, ids, mask, batch_size=args.batch_size)
         records = [{"score": float(model.normalize(r)), "raw": float(r)} for r in raw]
+    raws = [r.get("raw", r.get("chosen_raw")) for r in records] + [r["rejected_raw"] for r in records
+                                                                   if "rejected_raw" in r]
+    if len(raws) > 1 and len(set(raws)) == 1:
+        print(f"rm.score: warning: all {len(raws)} scores are the same ({raws[0]:.6g}): the model or its tokenizer "
+              "is probably broken (e.g. an empty tokenizer or an untrained head)", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         for rec in records:

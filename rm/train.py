@@ -5,7 +5,8 @@ Launch (see configs/rm.py):
       --config.data.train_files=A.jsonl --config.data.eval_files=B.jsonl --config.train.steps=300
 
 The workdir gets config.json, model_config.json, tokenizer/, metrics.jsonl, checkpoints/,
-data_stats.json, normalization.json, reliability.png and eval_final.json. Re-running the same
+data_stats.json, normalization.json, reliability.png, training_curves.png, eval_final.json,
+provenance.json, tensorboard/ (and config_history.jsonl when a resume changed the config). Re-running the same
 command resumes from the latest checkpoint; the data order depends only on (seed, step), so a
 killed-and-resumed run ends with the same parameters as an uninterrupted one.
 """
@@ -24,8 +25,8 @@ import optax
 
 from common.distributed import is_main_process
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.loop import flat_data_stats, open_checkpoints, run_train_loop, write_json
-from common.metrics import MetricsWriter, write_config_json
+from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
+from common.tracking import open_metrics, plot_training_curves, report_start
 from common.optim import accumulate_gradients, make_optimizer
 from models.hf import load_hf_checkpoint
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
@@ -111,35 +112,36 @@ def evaluate(eval_fn, params, data, *, batch_size, bucket):
 
 
 def normalization_rewards(config, eval_fn, params, train_data, eval_data, tokenizer, *, batch_size, bucket):
-    """Rewards of the responses named by eval.normalize_on ('eval', 'train' or preference files)."""
+    """(rewards, source) of the responses named by eval.normalize_on ('eval', 'train' or preference
+    files); `source` is the set actually used: 'eval' without eval files falls back to 'train'."""
     source = config.eval.normalize_on
     if source == "eval" and eval_data is not None:
-        data = eval_data
+        data, used = eval_data, "eval"
     elif source in ("train", "eval"):
-        data = train_data
+        data, used = train_data, "train"
     else:
-        data = rm_data.load_preference_data(split_files(source), tokenizer, max_length=config.data.max_length,
-                                            on_bad_row=config.data.on_bad_row)
+        data, used = rm_data.load_preference_data(split_files(source), tokenizer, max_length=config.data.max_length,
+                                                  on_bad_row=config.data.on_bad_row), str(source)
     chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
-    return np.concatenate([chosen, rejected])
+    return np.concatenate([chosen, rejected]), used
 
 
 def train(config, workdir: str) -> dict:
     """Train a reward model as configured; returns the final eval metrics."""
     t0 = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    write_config_json(workdir, config)
     if not config.model.init_from:
         raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")
+    if not split_files(config.data.train_files):
+        raise ValueError("config.data.train_files is empty: give one or more preference files (comma-separated)")
+    run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
     tokenizer = rm_data.load_tokenizer(config.model.tokenizer or config.model.init_from)
 
     # ---- data
     load = functools.partial(rm_data.load_preference_data, tokenizer=tokenizer, max_length=config.data.max_length,
                              on_bad_row=config.data.on_bad_row)
     train_files = split_files(config.data.train_files)
-    if not train_files:
-        raise ValueError("config.data.train_files is empty: give one or more preference files (comma-separated)")
     train_data = load(train_files)
+    data_identity = run.check_data(train_files, rows=train_data.stats["rows"])
     eval_files = split_files(config.data.eval_files)
     eval_data = load(eval_files) if eval_files else None
     stats = {"train": train_data.stats, "eval": eval_data.stats if eval_data else None}
@@ -189,11 +191,12 @@ def train(config, workdir: str) -> dict:
     def full_params(state):
         return combine_params(state["params"], frozen)
 
+    report_start(config, trainable=state["params"], frozen=frozen, opt_state=state["opt_state"], data_stats=stats)
     ckpt, restored, _, start_step = open_checkpoints(workdir, to_save(state), save_every=tc.save_every,
-                                                     keep=tc.keep_checkpoints)
+                                                     keep=tc.keep_checkpoints, config=config)
     state = {k: v for k, v in restored.items() if k != "frozen"}
     frozen = restored.get("frozen", frozen)
-    metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
+    metrics_writer = open_metrics(workdir, config, resume_step=start_step if start_step else -1)
     if start_step == 0:
         metrics_writer.write(0, flat_data_stats(stats))
 
@@ -222,10 +225,11 @@ def train(config, workdir: str) -> dict:
         batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
         start_step=start_step, total_steps=tc.steps, ckpt=ckpt, metrics_writer=metrics_writer, workdir=workdir,
         log_every=tc.log_every, eval_every=tc.eval_every, run_eval=lambda s, st: run_eval(s, full_params(st)),
-        to_save=to_save, desc="rm", progress_keys=("loss", "accuracy"))
+        to_save=to_save, desc="rm", progress_keys=("loss", "accuracy"), extra={"data": data_identity})
     state, step = loop.state, loop.step
     if loop.preempted:
         ckpt.close()
+        metrics_writer.close()
         return {"preempted_at": step}
 
     # ---- final evaluation, calibration plot and reward normalisation
@@ -236,13 +240,17 @@ def train(config, workdir: str) -> dict:
         if is_main_process():
             plot_reliability_diagram(chosen, rejected, os.path.join(workdir, "reliability.png"),
                                      n_bins=config.eval.n_bins, title=f"reward model, step {step}")
-    norm_rewards = normalization_rewards(config, eval_fn, full_params(state), train_data, eval_data, tokenizer,
-                                         batch_size=eval_bs, bucket=config.data.bucket)
+    norm_rewards, norm_source = normalization_rewards(config, eval_fn, full_params(state), train_data, eval_data,
+                                                      tokenizer, batch_size=eval_bs, bucket=config.data.bucket)
     gain, bias = compute_normalization(norm_rewards)
-    normalization = {"gain": gain, "bias": bias, "source": str(config.eval.normalize_on), "n": int(norm_rewards.size)}
+    normalization = {"gain": gain, "bias": bias, "source": norm_source, "requested": str(config.eval.normalize_on),
+                     "n": int(norm_rewards.size)}
     write_json(os.path.join(workdir, "normalization.json"), normalization)
-    ckpt.save(step, to_save(state), {"step": step, "normalization": normalization}, force=True)
+    ckpt.save(step, to_save(state), {"step": step, "normalization": normalization, "data": data_identity}, force=True)
     ckpt.close()
+    metrics_writer.close()
+    plot_training_curves(workdir, ("train/loss", "train/accuracy", "train/grad_norm", "eval/accuracy", "eval/ece"),
+                         title=f"reward model, step {step}")
     summary = dict(final, step=step, wall_time_s=time.time() - t0, normalization=normalization,
                    data=flat_data_stats(stats))
     write_json(os.path.join(workdir, "eval_final.json"), summary)

@@ -61,8 +61,7 @@ class SFTData:
 
 def detect_format(file, rows, columns) -> str:
     """'text' | 'prompt_completion' | 'conversational' from a file's columns."""
-    if not rows:
-        raise ValueError(f'{file}: no rows')
+    rm_data.check_has_rows(file, rows)
     if 'messages' in columns:
         return 'conversational'
     if 'prompt' in columns and 'completion' in columns:
@@ -156,7 +155,7 @@ def load_sft_data(files, tokenizer, *, max_length, on_bad_row='error', split='tr
       max_length: length L of every sequence in the result; longer ones keep their start.
       on_bad_row: 'error' raises rm.data.BadRowError at the first bad row (file, row, key);
         'skip' drops bad rows and counts them as stats['skipped/<reason>'] (missing,
-        wrong_type, empty, no_assistant, template, no_targets).
+        wrong_type, empty, no_assistant, template, no_targets, unparseable, not_object).
       split: split for hub names given without one.
 
     Returns:

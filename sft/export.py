@@ -1,6 +1,6 @@
 """Export a trained SFT model as a Hugging Face causal-LM folder.
 
-  python -m sft.export --workdir W --out DIR [--step N]
+  python -m sft.export --workdir W --out DIR [--step N] [--dtype bfloat16]
 
 DIR (config.json, model.safetensors, tokenizer files) loads with
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`;
@@ -36,17 +36,19 @@ def _host_float32(params):
     return jax.tree.map(to_f32, params)
 
 
-def save_causal_lm(config: TransformerConfig, params: dict, out: str, *, tokenizer_dir: str | None) -> str | None:
-    """Write `params` of the causal LM `config` as a HF folder `out` (process 0 writes; all must call)."""
+def save_causal_lm(config: TransformerConfig, params: dict, out: str, *, tokenizer_dir: str | None,
+                   dtype: str = 'float32') -> str | None:
+    """Write `params` of the causal LM `config` as a HF folder `out` (process 0 writes; all must call);
+    `dtype` 'bfloat16' / 'float16' casts the tensors on disk."""
     host = _host_float32(params)
     if jax.process_index() != 0:
         return None
     save_hf_checkpoint(config.replace(dtype='float32', param_dtype='float32', remat=False), host, out,
-                       tokenizer_dir=tokenizer_dir)
+                       tokenizer_dir=tokenizer_dir, dtype=None if dtype == 'float32' else dtype)
     return out
 
 
-def export(workdir: str, out: str, *, step=None) -> str:
+def export(workdir: str, out: str, *, step=None, dtype: str = 'float32') -> str:
     """Export the params of an SFT workdir's checkpoint (default: the latest) to the HF folder `out`."""
     config = load_model_config(workdir, dtype='float32')
     ckpt = CheckpointManager(os.path.join(workdir, 'checkpoints'), save_every=1)
@@ -60,7 +62,8 @@ def export(workdir: str, out: str, *, step=None) -> str:
         raise ValueError(f'{workdir} does not hold a causal LM (params keys: {sorted(params)}); '
                          f'use the exporter of the trainer that wrote it')
     tokenizer_dir = os.path.join(workdir, 'tokenizer')
-    save_causal_lm(config, params, out, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+    save_causal_lm(config, params, out, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
+                   dtype=dtype)
     return out
 
 
@@ -69,8 +72,13 @@ def main(argv=None):
     ap.add_argument('--workdir', required=True, help='SFT workdir (sft trainer output)')
     ap.add_argument('--out', required=True, help='output folder')
     ap.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+    ap.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
+                    help='dtype of the exported tensors')
     args = ap.parse_args(argv)
-    print(f'exported causal LM to {export(args.workdir, args.out, step=args.step)}')
+    from common.run_utils import exit_on_user_error
+    with exit_on_user_error('sft.export'):
+        path = export(args.workdir, args.out, step=args.step, dtype=args.dtype)
+    print(f'exported causal LM to {path}')
 
 
 if __name__ == '__main__':

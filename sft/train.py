@@ -32,8 +32,8 @@ import optax
 
 from common.distributed import is_main_process
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.loop import flat_data_stats, open_checkpoints, run_train_loop, write_json
-from common.metrics import MetricsWriter, write_config_json
+from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
+from common.tracking import open_metrics, plot_training_curves, report_start
 from common.optim import accumulate_gradients, make_optimizer
 from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
@@ -223,21 +223,21 @@ def build_model(config, tokenizer, mesh, rules, rng):
 def train(config, workdir: str) -> dict:
     """Fine-tune (or train from scratch) a causal LM as configured; returns the final eval metrics."""
     t0 = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    write_config_json(workdir, config)
     mc, tc = config.model, config.train
     if not (mc.init_from or mc.tokenizer):
         raise ValueError('set config.model.init_from (a Hugging Face causal-LM folder) or, to train from scratch, '
                          'config.model.tokenizer (a tokenizer folder) with the config.model architecture fields')
+    if not split_files(config.data.train_files):
+        raise ValueError('config.data.train_files is empty: give one or more SFT files (comma-separated)')
+    run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
     tokenizer = rm_data.load_tokenizer(mc.tokenizer or mc.init_from)
 
     # ---- data
     load = functools.partial(sft_data.load_sft_data, tokenizer=tokenizer, max_length=config.data.max_length,
                              on_bad_row=config.data.on_bad_row)
     train_files = split_files(config.data.train_files)
-    if not train_files:
-        raise ValueError('config.data.train_files is empty: give one or more SFT files (comma-separated)')
     train_data = load(train_files)
+    data_identity = run.check_data(train_files, rows=train_data.stats['rows'])
     eval_files = split_files(config.data.eval_files)
     eval_data = load(eval_files) if eval_files else None
     if eval_data is None and config.data.eval_fraction > 0:
@@ -264,8 +264,10 @@ def train(config, workdir: str) -> dict:
     state_sharding = tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_sharding)
 
-    ckpt, state, _, start_step = open_checkpoints(workdir, state, save_every=tc.save_every, keep=tc.keep_checkpoints)
-    metrics_writer = MetricsWriter(workdir, resume_step=start_step if start_step else -1)
+    report_start(config, trainable=state['params'], opt_state=state['opt_state'], data_stats=stats)
+    ckpt, state, _, start_step = open_checkpoints(workdir, state, save_every=tc.save_every, keep=tc.keep_checkpoints,
+                                                  config=config)
+    metrics_writer = open_metrics(workdir, config, resume_step=start_step if start_step else -1)
     if start_step == 0:
         metrics_writer.write(0, flat_data_stats(stats))
 
@@ -296,19 +298,22 @@ def train(config, workdir: str) -> dict:
         batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
         start_step=start_step, total_steps=tc.steps, ckpt=ckpt, metrics_writer=metrics_writer, workdir=workdir,
         log_every=tc.log_every, eval_every=tc.eval_every, run_eval=lambda s, st: run_eval(s, st['params']),
-        desc='sft', progress_keys=('loss', 'accuracy'))
+        desc='sft', progress_keys=('loss', 'accuracy'), extra={'data': data_identity})
     state, step = loop.state, loop.step
     if loop.preempted:
         ckpt.close()
+        metrics_writer.close()
         return {'preempted_at': step}
 
     # ---- final evaluation, checkpoint and Hugging Face export
     # A re-run of a finished command logs nothing new (unless the first run died before the end).
     already_done = start_step >= tc.steps and os.path.exists(os.path.join(workdir, 'eval_final.json'))
     final = run_eval(step, state['params'], write=not already_done)
-    ckpt.save(step, state, {'step': step}, force=True)
+    ckpt.save(step, state, {'step': step, 'data': data_identity}, force=True)
     ckpt.close()
     metrics_writer.close()
+    plot_training_curves(workdir, ('train/loss', 'train/accuracy', 'train/grad_norm', 'eval/loss', 'eval/perplexity'),
+                         title=f'SFT, step {step}')
     hf_dir = None
     if config.export.hf:
         hf_dir = os.path.join(workdir, 'hf')

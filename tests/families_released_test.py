@@ -65,6 +65,12 @@ RELEASED = {
         num_key_value_heads=4, rope_scaling={"long_factor": [1.0, 1.2, 2.0, 3.5, 6.0, 9.0, 14.0, 20.0],
                                              "short_factor": [1.0, 1.0, 1.1, 1.3, 1.2, 1.5, 1.9, 2.2],
                                              "type": "longrope"}),
+    "Phi-4-mini-instruct (phi3 type: partial rotary 0.75, tied, longrope)": dict(
+        architectures=["Phi3ForCausalLM"], bos_token_id=1, eos_token_id=1, hidden_act="silu",
+        max_position_embeddings=128, model_type="phi3", original_max_position_embeddings=8, pad_token_id=0,
+        partial_rotary_factor=0.75, rms_norm_eps=1e-05, rope_theta=10000.0, sliding_window=262144,
+        tie_word_embeddings=True, rope_scaling={"long_factor": [2.0, 4.0, 1.0, 8.0, 3.0, 1.5],
+                                                "short_factor": [1.0, 1.5, 2.0, 1.2, 1.1, 3.0], "type": "longrope"}),
 }
 
 
@@ -98,6 +104,8 @@ def test_released_config_keys_load_and_match_pytorch(tmp_path, name):
     config, params = hf.load_hf_checkpoint(str(tmp_path))
     if "longrope" in name:
         assert dict(config.rope_scaling)["rope_type"] == "longrope"
+    if "Phi-4" in name:
+        assert config.rotary_pct == 0.75 and config.tie_embeddings
     ids, mask = padded_batch("left")
     ref, _ = torch_logits(model, ids, mask)
     out = Transformer(config).apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))

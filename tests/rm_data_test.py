@@ -203,7 +203,7 @@ BAD_ROWS = [  # (replacement for row 2, key, reason, text expected in the messag
     ({'prompt': '', 'chosen': 'c', 'rejected': 'r'}, 'prompt', 'empty', 'non-empty string'),
     ({'prompt': 'p', 'chosen': 'same', 'rejected': 'same'}, 'chosen', 'identical', "identical to 'rejected'"),
     ({'prompt': 'p', 'chosen': 'c', 'rejected': 'r', 'margin': 'big'}, 'margin', 'wrong_type', 'expected a number'),
-    ({'prompt': 'p', 'chosen': 'c', 'rejected': 'r', 'margin': None}, 'margin', 'missing', 'expected a number'),
+    # (A null margin is no longer a bad row: optional columns are per row, null = default 0; issue 15.)
 ]
 
 
@@ -283,7 +283,8 @@ def test_file_level_errors(tok, tmp_path):
     with pytest.raises(ValueError, match=r"kto.jsonl: columns \['completion', 'label', 'prompt'\].*'chosen'"):
         rm_data.load_preference_data(other, tok, max_length=64)
     (tmp_path / 'broken.jsonl').write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a", rejected\n')
-    with pytest.raises(ValueError, match=r'broken.jsonl: could not be read as json: line 2 \(1-based\)'):
+    # An unparseable line is a bad row (issue 15), named by file, row and line.
+    with pytest.raises(ValueError, match=r'broken.jsonl: row 1 \(0-based, line 2\): not valid JSON'):
         rm_data.load_preference_data(str(tmp_path / 'broken.jsonl'), tok, max_length=64)
     with pytest.raises(FileNotFoundError, match='missing.jsonl'):
         rm_data.load_preference_data(str(tmp_path / 'missing.jsonl'), tok, max_length=64)

@@ -142,7 +142,8 @@ def test_interrupt_and_resume_is_exact(setup, reference_run, sig):
     proc.send_signal(sig)
     out = proc.communicate(timeout=120)[0].decode()
     if sig == signal.SIGTERM:
-        assert proc.returncode == 0 and "SIGTERM" in out, out[-2000:]
+        # Saved but unfinished: the documented preemption exit code (issue 15; it was 0 before).
+        assert proc.returncode == 75 and "SIGTERM" in out, out[-2000:]
         assert max(_steps(workdir)) < 20  # stopped early, with a checkpoint
     else:
         assert proc.returncode == -signal.SIGKILL
