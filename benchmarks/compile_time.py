@@ -1,6 +1,6 @@
 """Compile time of the RM step, the SFT step and the PPO rollout and update against depth.
 
-  python -m benchmarks.compile_time [--layers 2,16,32] [--out benchmarks/results/compile_time.json]
+  python -m benchmarks.compile_time [--layers 2,16,32] [--scan] [--out benchmarks/results/compile_time.json]
 
 Each step is the trainer's own function, jitted as the trainer jits it and compiled for
 abstract arguments (`jax.ShapeDtypeStruct`s from `jax.eval_shape`: nothing is allocated), at
@@ -8,7 +8,8 @@ the Llama-3.2-1B shape (benchmarks/memory.py's SHAPES['1b']) with its layer coun
 The time is `jit(...).lower(...).compile()` wall-clock on this machine's CPU backend (XLA:CPU
 at its default options, as a run would compile). Workloads are small (the compile time
 depends on the program, hardly on the batch): RM 2 pairs x 256, SFT 2 x 256, PPO 2 rollouts
-x (64 + 32).
+x (64 + 32). `--scan` sets TransformerConfig.scan_layers (one lax.scan over the layers in the
+training and scoring forwards; the rollout's KV-cache sampling loop stays unrolled).
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ def main(argv=None):
     ap.add_argument("--layers", default="2,16,32")
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--variant", default="bf16", help="benchmarks.memory Variant base: fp32 | bf16")
+    ap.add_argument("--scan", action="store_true", help="scan_layers=True (lax.scan over the layers)")
     ap.add_argument("--out", default="benchmarks/results/compile_time.json")
     args = ap.parse_args(argv)
-    variant = Variant(args.variant)
+    variant = Variant(args.variant, scan_layers=args.scan)
     results = {}
     for name in args.steps.split(","):
         results[name] = {}
@@ -106,7 +108,8 @@ def main(argv=None):
             seconds = timed_compile(*STEPS[name](dims, variant))
             results[name][str(layers)] = round(seconds, 1)
             print(f"{name:12s} {layers:3d} layers: {seconds:6.1f} s", file=sys.stderr, flush=True)
-    report = {"shape": "Llama-3.2-1B dims, n_layers varied", "variant": args.variant, "workload": WORKLOAD,
+    report = {"shape": "Llama-3.2-1B dims, n_layers varied", "variant": args.variant,
+              "scan_layers": args.scan, "workload": WORKLOAD,
               "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "compile_s": results}
     print(json.dumps(report, indent=1))
     if args.out:

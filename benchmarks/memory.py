@@ -100,8 +100,9 @@ class Variant:
     remat: bool = False
     lora_rank: int = 16
     lora_alpha: float = 32.0
+    scan_layers: bool = False  # TransformerConfig.scan_layers (benchmarks/compile_time.py --scan)
 
-    name = property(lambda self: self.base + ("+remat" if self.remat else ""))
+    name = property(lambda self: self.base + ("+remat" if self.remat else "") + ("+scan" if self.scan_layers else ""))
     dtype = property(lambda self: "bfloat16" if self.base == "bf16" else "float32")  # params and compute
     rank = property(lambda self: self.lora_rank if self.base.startswith("lora") else 0)
     quant = property(lambda self: "int8" if self.base == "lora_int8" else "")
@@ -120,7 +121,8 @@ def variant_by_name(name: str) -> Variant:
 def model_config(dims: dict, variant: Variant) -> TransformerConfig:
     """Float backbone config of every model in the run (before LoRA / int8)."""
     return TransformerConfig(family="llama", **dims, dtype=variant.dtype, param_dtype=variant.dtype,
-                             remat=variant.remat, remat_policy="nothing_saveable", pad_token_id=0, eos_token_id=1)
+                             remat=variant.remat, remat_policy="nothing_saveable", scan_layers=variant.scan_layers,
+                             pad_token_id=0, eos_token_id=1)
 
 
 def make_tx():

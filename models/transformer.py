@@ -94,6 +94,14 @@ class TransformerConfig:
     # Log-probs / entropies / SFT loss from hidden states over chunks of this many positions
     # (models/lm_head.py), so no [B, T, V] float32 logits are held; 0 = full logits.
     logits_chunk: int = 128
+    # Training/scoring forwards (no KV cache) run the layers through one jax.lax.scan over groups of
+    # `layer_period()` layers, so XLA compiles one block body instead of n_layers copies (the PPO
+    # update at 32 layers of a 1B shape compiles in minutes unrolled). Parameters keep the
+    # `layers_{i}` layout (checkpoints, LoRA, int8, sharding, HF mapping unchanged); the cost is that
+    # each forward stacks the layer weights into [n_groups, ...] copies (one extra copy of the block
+    # weights, and of their gradients in the backward pass). Decoding with a cache stays unrolled.
+    # LoRA dropout draws other (equally distributed) masks than the unrolled model.
+    scan_layers: bool = False
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -166,6 +174,13 @@ class TransformerConfig:
     def is_local_layer(self, layer: int) -> bool:
         """A sliding-window layer of a model with per-layer types (gemma2/3 'local' layers)."""
         return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+    def layer_period(self) -> int:
+        """Smallest P with every layer i configured like layer i % P (window, local RoPE): 1 for
+        uniform stacks, 2 for gemma2's alternation, 6 for gemma3's 5 local + 1 global."""
+        kinds = [(self.layer_window(i), self.is_local_layer(i)) for i in range(self.n_layers)]
+        return next(p for p in range(1, self.n_layers + 1)
+                    if all(kinds[i] == kinds[i % p] for i in range(self.n_layers)))
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)
@@ -374,7 +389,11 @@ class Transformer(nn.Module):
         if cfg.remat:
             block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
         new_cache = [] if cache is not None else None
-        for i in range(cfg.n_layers):
+        first_unrolled = 0
+        if cfg.scan_layers and cache is None and not self.is_initializing():
+            # init stays unrolled so the parameters are created under their usual names
+            x, first_unrolled = self._scanned_layers(x, positions, attention_mask, q_slots)
+        for i in range(first_unrolled, cfg.n_layers):
             x, layer_cache = block_cls(cfg, layer=i, name=f"layers_{i}")(
                 x, positions, attention_mask, q_slots, None if cache is None else cache[i], cache_index
             )
@@ -393,6 +412,45 @@ class Transformer(nn.Module):
             if cfg.final_softcap is not None:
                 logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         return Output(logits=logits, hidden_states=x.astype(jnp.float32), cache=new_cache)
+
+
+    def _scanned_layers(self, x, positions, attention_mask, q_slots):
+        """Layers 0 .. G*P-1 through a lax.scan over G = n_layers // P groups of P = layer_period()
+        blocks; returns (x, index of the first layer left for the unrolled loop)."""
+        cfg = self.config
+        period = cfg.layer_period()
+        groups = cfg.n_layers // period
+        if groups < 1:  # fewer layers than one period: the unrolled loop does it all
+            return x, 0
+        layer_params = self.variables["params"]
+        # xs[j]: the params of layers j, j + P, j + 2P, ... stacked on a new leading axis [G, ...]
+        xs = {"params": [jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                      *[layer_params[f"layers_{g * period + j}"] for g in range(groups)])
+                         for j in range(period)]}
+        has_dropout = self.has_rng("dropout")
+        if has_dropout:  # one key per scanned layer (fold_in of the layer index); the unrolled
+            # model folds module paths in instead, so its masks differ (same distribution)
+            base = self.make_rng("dropout")
+            xs["dropout"] = [jax.vmap(lambda g, j=j: jax.random.fold_in(base, g * period + j))(jnp.arange(groups))
+                             for j in range(period)]
+
+        def one_block(j, p, rng, h):
+            # Static layer index j (< P): the block keeps that position's window and RoPE kind.
+            out, _ = Block(cfg, layer=j, parent=None).apply(
+                {"params": p}, h, positions, attention_mask, q_slots, None, None,
+                rngs=None if rng is None else {"dropout": rng})
+            return out
+
+        if cfg.remat:
+            one_block = jax.checkpoint(one_block, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(0,))
+
+        def group(h, xs_g):
+            for j in range(period):
+                h = one_block(j, xs_g["params"][j], xs_g["dropout"][j] if has_dropout else None, h)
+            return h, None
+
+        x, _ = jax.lax.scan(group, x, xs)
+        return x, groups * period
 
 
 def init_params(config: TransformerConfig, rng: jax.Array) -> dict:
