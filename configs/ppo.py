@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.policy.param_dtype = "float32"  # parameter dtype
     c.policy.remat = False  # jax.checkpoint each block
     c.policy.remat_policy = "nothing_saveable"
+    c.policy.scan_layers = False  # scan over the layers (one compiled block; stacks weights per forward); training/scoring only
     c.policy.attention = "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
     c.policy.logits_chunk = 128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
     c.policy.lora_rank = 0  # LoRA adapter rank; > 0 trains only the policy's adapters (base frozen); 0 = full
@@ -43,6 +44,7 @@ def get_config(arg=None):
     c.reward.workdir = ""  # RM workdir written by configs/rm.py (normalisation read from its checkpoint)
     c.reward.init_from = ""  # or: an exported HF reward folder (python -m rm.export)
     c.reward.dtype = "float32"  # compute dtype of the frozen reward model
+    c.reward.scan_layers = False  # scan over the frozen reward model's layers when scoring
     c.reward.quant = ""  # '' | 'int8': int8 weight-only frozen reward model (LoRA adapters merged first)
     c.reward.missing_eos_penalty = 1.0  # subtracted from the score of responses that never emit EOS
 
@@ -52,6 +54,7 @@ def get_config(arg=None):
     c.value.lora_alpha = 16.0  # value adapters' output scale is lora_alpha / lora_rank
     c.value.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # value-model projections with adapters
     c.value.lora_dropout = 0.0  # value adapters' input dropout in PPO updates only
+    c.value.scan_layers = False  # scan over the value model's layers (value.init='reward')
     c.value.quant = ""  # '' | 'int8': int8 frozen value-model base under its adapters (needs value.lora_rank > 0)
 
     c.data = ml_collections.ConfigDict()

@@ -130,13 +130,15 @@ def _load_models(config, tokenizer):
     policy_config, policy_params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
     policy_config = policy_config.replace(remat=mc.remat, remat_policy=mc.remat_policy,
                                           attention=mc.get("attention", "auto"),
-                                          logits_chunk=mc.get("logits_chunk", 128))
+                                          logits_chunk=mc.get("logits_chunk", 128),
+                                          scan_layers=mc.get("scan_layers", False))
     if policy_config.pad_token_id is None:
         policy_config = policy_config.replace(pad_token_id=tokenizer.pad_token_id)
     if bool(config.reward.workdir) == bool(config.reward.init_from):
         raise ValueError("set exactly one of config.reward.workdir (an RM workdir) and config.reward.init_from "
                          "(an exported Hugging Face reward folder)")
     reward = load_reward_model(config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype)
+    reward.config = reward.config.replace(scan_layers=config.reward.get("scan_layers", False))
     if reward.config.vocab_size < policy_config.vocab_size:
         raise ValueError(f"reward model vocab ({reward.config.vocab_size}) is smaller than the policy's "
                          f"({policy_config.vocab_size}): policy and reward model must share a tokenizer")
@@ -248,6 +250,7 @@ def train(config, workdir: str) -> dict:
         value_config, value_params = add_lora_and_quant(
             rm_config, rm_params, lora_rank=vc.lora_rank, lora_alpha=vc.lora_alpha, lora_targets=vc.lora_targets,
             lora_dropout=vc.lora_dropout, quant=vc.quant, rng=jax.random.fold_in(rng, 5), where="value")
+        value_config = value_config.replace(scan_layers=vc.get("scan_layers", False))
         value_tree = {"value": value_params}
     specs = ModelSpecs(policy=policy_config, reward=reward_config, value=value_config,
                        value_head_on_policy=head_on_policy, reference=ref_config,

@@ -151,7 +151,8 @@ def train(config, workdir: str) -> dict:
     model_config, backbone = load_hf_checkpoint(config.model.init_from, dtype=config.model.dtype,
                                                 param_dtype=config.model.param_dtype)
     model_config = model_config.replace(remat=config.model.remat, remat_policy=config.model.remat_policy,
-                                        attention=config.model.get("attention", "auto"))
+                                        attention=config.model.get("attention", "auto"),
+                                        scan_layers=config.model.get("scan_layers", False))
     if model_config.pad_token_id is None:
         model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
     rng = jax.random.key(config.seed)

@@ -185,7 +185,7 @@ def scratch_model_config(mc, tokenizer) -> TransformerConfig:
         max_position_embeddings=mc.max_position_embeddings, norm_eps=mc.norm_eps, rope_theta=float(mc.rope_theta),
         tie_embeddings=True if gpt2 else bool(mc.tie_embeddings), qkv_bias=gpt2, o_bias=gpt2, mlp_bias=gpt2,
         activation='gelu_new' if gpt2 else 'silu', dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
-        remat_policy=mc.remat_policy, attention=mc.get('attention', 'auto'),
+        remat_policy=mc.remat_policy, attention=mc.get('attention', 'auto'), scan_layers=mc.get('scan_layers', False),
         logits_chunk=mc.get('logits_chunk', 128), pad_token_id=pad, eos_token_id=eos,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
 
@@ -196,7 +196,8 @@ def build_model(config, tokenizer, mesh, rules, rng):
     if mc.init_from:
         model_config, params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
         model_config = model_config.replace(remat=mc.remat, remat_policy=mc.remat_policy,
-                                            attention=mc.get('attention', 'auto'), logits_chunk=mc.get('logits_chunk', 128))
+                                            attention=mc.get('attention', 'auto'), logits_chunk=mc.get('logits_chunk', 128),
+                                            scan_layers=mc.get('scan_layers', False))
         if model_config.pad_token_id is None:
             model_config = model_config.replace(pad_token_id=rm_data.special_ids(tokenizer)[1])
         if not model_config.tie_embeddings and 'lm_head' not in params:
