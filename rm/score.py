@@ -5,7 +5,9 @@
 W is an RM workdir (Orbax checkpoint, normalisation from it) or an exported Hugging Face
 reward folder (`python -m rm.export`). FILE is JSONL/JSON/Parquet:
   - preference rows (prompt/chosen/rejected, chosen/rejected, or conversational): each output
-    line has `chosen_score`, `rejected_score` (normalised) and `chosen_raw`, `rejected_raw`;
+    line has `chosen_score`, `rejected_score` (normalised), `chosen_raw`, `rejected_raw` and
+    `probability` = sigmoid((chosen_raw - rejected_raw) / T), T the workdir's fitted temperature
+    (calibration.json; 1 for an exported folder or a run without calibration);
   - single responses: `prompt` + `response` (or `completion`), or `text`, or `messages`
     (a conversation): each output line has `score` and `raw`.
 Tokenisation is the training one: prompt tokens + response tokens + EOS.
@@ -150,7 +152,8 @@ def _main(argv=None):
         rejected = score_arrays(model, pairs.rejected_ids, pairs.rejected_mask, batch_size=args.batch_size)
         for c, r in zip(chosen, rejected):
             records.append({"chosen_score": float(model.normalize(c)), "rejected_score": float(model.normalize(r)),
-                            "chosen_raw": float(c), "rejected_raw": float(r)})
+                            "chosen_raw": float(c), "rejected_raw": float(r),
+                            "probability": float(model.preference_probability(c, r))})
         truncated = pairs.stats.get("truncated_prompt", 0) + pairs.stats.get("truncated_response", 0)
     else:
         seqs, truncated = tokenize_single(tokenizer, rows, file=args.data, max_length=max_length)
@@ -168,7 +171,7 @@ def _main(argv=None):
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     print(f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
-          f"bias={model.bias:.6g})", file=sys.stderr)
+          f"bias={model.bias:.6g}; temperature={model.temperature:.6g})", file=sys.stderr)
 
 
 if __name__ == "__main__":
