@@ -272,7 +272,8 @@ def plot_reliability_diagram(
       2, 1, sharex=True, gridspec_kw={'height_ratios': [3, 1]})
   top.plot([0, 1], [0, 1], linestyle='--', color='gray', label='perfect')
   top.bar(centers[filled], bins['accuracy'][filled], width=width * 0.9,
-          color='tab:blue', edgecolor='black', label='observed')
+          color='tab:blue', edgecolor='black',
+          label='observed' if temperature in (None, 1.0) else 'observed (raw, T = 1)')
   # Red markers at each bin's mean confidence make over/under-confidence
   # visible even inside a bin.
   top.plot(centers[filled], bins['confidence'][filled], 'o', color='tab:red',

@@ -161,7 +161,9 @@ def fit_calibration(config, eval_fn, params, eval_data, tokenizer, eval_chosen, 
         chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
         temperature, n, used = fit_temperature(chosen, rejected, labels=data.label), len(data), source
     n_bins = config.eval.n_bins
-    return {"temperature": temperature, "source": used, "n": n,
+    # at_bound: T hit fit_temperature's [0.01, 100] limits, e.g. separable pairs (every gap > 0), where the
+    # NLL keeps falling as T -> 0: the calibrated probabilities are then ~0/1 and say so.
+    return {"temperature": temperature, "source": used, "n": n, "at_bound": temperature in (1e-2, 1e2),
             "before": calibration_metrics(eval_chosen, eval_rejected, temperature=1.0, n_bins=n_bins),
             "after": calibration_metrics(eval_chosen, eval_rejected, temperature=temperature, n_bins=n_bins)}
 
