@@ -17,7 +17,7 @@ All maths is float64 NumPy.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def _check_level(level: float) -> None:
         raise ValueError(f"common/stats.py: level must be in (0, 1), got {level}")
 
 
-def bootstrap_ci(values, *, statistic: Optional[Callable[[np.ndarray], float]] = None, level: float = 0.95,
+def bootstrap_ci(values, *, statistic: Callable[[np.ndarray], float] | None = None, level: float = 0.95,
                  n_resamples: int = 1000, seed: int = 0) -> dict:
     """Percentile bootstrap interval of `statistic` (default: the mean) over the rows of `values`.
 

@@ -13,7 +13,7 @@ them. Pure NumPy on rewards already computed.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

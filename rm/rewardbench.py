@@ -41,7 +41,7 @@ import math
 import os
 import sys
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

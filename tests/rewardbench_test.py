@@ -16,8 +16,7 @@ def reward_by_rule(prompts, responses):
 
 def _rows(path, rows):
     with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     read, _ = rm_data.read_table(str(path))
     return read
 
@@ -27,7 +26,7 @@ def g(n):
 
 
 def test_v1_sections_by_hand(tmp_path):
-    pair = lambda subset, c, r: {"prompt": "q", "chosen": g(c), "rejected": g(r), "subset": subset}  # noqa: E731
+    pair = lambda subset, c, r: {"prompt": "q", "chosen": g(c), "rejected": g(r), "subset": subset}
     rows = _rows(tmp_path / "v1.jsonl", [
         pair("alpacaeval-easy", 2, 1), pair("alpacaeval-easy", 1, 1),  # a tie is wrong: 0.5
         pair("mt-bench-easy", 3, 0),  # 1.0
