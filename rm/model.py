@@ -229,5 +229,7 @@ def _load_from_hf(path, *, dtype, param_dtype):
     head = {"kernel": kernel.astype(param_dtype),
             "bias": jnp.asarray([hf_config.get("reward_offset", 0.0)], jnp.float32).astype(param_dtype)}
     backbone = {k: v for k, v in backbone.items() if k != "lm_head"}
+    has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
     return LoadedRewardModel(config=config, params={"backbone": backbone, "head": head},
-                             tokenizer_path=path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else None)
+                             tokenizer_path=path if has_tokenizer else None,
+                             temperature=float(hf_config.get("reward_temperature", 1.0)))

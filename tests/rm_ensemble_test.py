@@ -40,7 +40,7 @@ def members(tmp_path_factory):
     for k in range(2):
         params = rm_params_from_backbone(config, backbone, jax.random.key(10 + k))
         noise = jax.random.key(20 + k)
-        params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(noise, x.shape, x.dtype), params)
+        params = jax.tree.map(lambda x, n=noise: x + 0.01 * jax.random.normal(n, x.shape, x.dtype), params)
         workdirs.append(write_reward_workdir(str(d / f"m{k}"), config, params, tokenizer_dir=str(d / "tok"),
                                              config_json=str(d / "run_config.json"),
                                              normalization={"gain": 1.0 + k, "bias": -0.5 * k}))

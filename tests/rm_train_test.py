@@ -219,3 +219,18 @@ def test_final_eval_calibration_length_bias_and_interval(trained, setup, tmp_pat
     assert summary["eval/accuracy_ci_low"] <= summary["eval/accuracy"] <= summary["eval/accuracy_ci_high"]
     assert -1 <= summary["eval/length/spearman"] <= 1
     assert sum(v for k, v in summary.items() if k.startswith("eval/length/bin/") and k.endswith("/n")) == 100
+
+
+def test_exported_folder_keeps_calibrated_probabilities(trained, setup, tmp_path):
+    """The export records the temperature in the exported score's units (gain * T): the folder's
+    probabilities equal the workdir's."""
+    from rm.export import export
+    from rm.model import load_reward_model
+
+    workdir, summary, _ = trained
+    out = export(workdir, str(tmp_path / "hf_rm"))
+    source, exported = load_reward_model(workdir), load_reward_model(out)
+    assert exported.temperature == pytest.approx(source.gain * summary["eval/temperature"], rel=1e-6)
+    raw_a, raw_b = np.array([0.3, -1.2]), np.array([0.1, 0.4])
+    np.testing.assert_allclose(exported.preference_probability(source.normalize(raw_a), source.normalize(raw_b)),
+                               source.preference_probability(raw_a, raw_b), rtol=1e-6)
