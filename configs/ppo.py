@@ -73,6 +73,24 @@ def get_config(arg=None):
     c.kl.horizon = 10000  # adaptive horizon (rollouts)
     c.kl.estimator = "k1"  # per-token KL estimator in the reward: k1 | k2 | k3
 
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.samples_per_prompt = 1  # K responses per prompt, kept together as a group (train.batch_size counts rollouts)
+
+    # Policy-optimisation algorithm on the same rollout engine (ppo/algorithms.py; formulas in ppo/advantages.py
+    # and ppo/objectives.py). The defaults are PPO exactly as before.
+    c.algo = ml_collections.ConfigDict()
+    c.algo.advantage = "gae"  # gae (PPO, value model) | rloo | grpo | dr_grpo | reinforce_pp | reinforce_baseline
+    c.algo.kl_placement = "auto"  # in_reward (-beta kl_t per token) | in_loss (beta * KL term) | auto (in_loss for grpo, dr_grpo)
+    c.algo.kl_loss_estimator = "k3"  # per-token KL estimator of the loss term (in_loss): k1 | k2 | k3
+    c.algo.clip_eps_low = -1.0  # ratio clip below 1 - eps_low; < 0 = train.clip_eps
+    c.algo.clip_eps_high = -1.0  # ratio clip above 1 + eps_high (DAPO clip-higher e.g. 0.28); < 0 = train.clip_eps
+    c.algo.dual_clip_c = 0.0  # dual-clip constant c > 1 (Ye et al. 2020, e.g. 3); 0 = off
+    # token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm | auto
+    # (auto: seq_mean_token_mean for grpo, seq_mean_token_sum_norm for dr_grpo, token_mean otherwise)
+    c.algo.loss_agg = "auto"
+    c.algo.norm_constant = 0.0  # constant divisor of seq_mean_token_sum_norm (tokens); 0 = sampling.max_new_tokens
+    c.algo.group_eps = 1e-6  # GRPO: added to the group std
+
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100  # PPO iterations (rollout batch + update)
     c.train.batch_size = 64  # rollouts per iteration

@@ -9,7 +9,11 @@ One rollout (all inside one jitted function, frozen models passed as arguments):
      mask ends there), normalised with the RM's gain/bias; responses that never emitted EOS
      lose `missing_eos_penalty`;
   4. per-token reward r_t = -beta * kl_t, plus the score at the last response token;
-     optional reward whitening; GAE advantages (whitened) and returns.
+     optional reward whitening; GAE advantages (whitened) and returns. Critic-free estimators
+     (settings['advantage'] = rloo | grpo | dr_grpo | reinforce_pp | reinforce_baseline,
+     ppo/advantages.py) use the groups of `group_size` consecutive rows (one prompt's samples)
+     instead of a value model; with settings['kl_in_loss'] the KL leaves the reward (it is a
+     loss term of the update, ppo/objectives.py).
 
 Shapes: B rollouts, P prompt slots (left-padded), N = max_new_tokens.
 """
@@ -27,6 +31,7 @@ from models.lm_head import token_logprobs_from_hidden
 from models.lora import strip_lora
 from models.sampling import make_generate_fn
 from models.transformer import Transformer, TransformerConfig
+from ppo import advantages as A
 from ppo import losses as L
 from rm.model import RewardModel, compute_rewards
 
@@ -48,6 +53,7 @@ class Rollout:
     kl: jax.Array  # [B, N] per-token KL estimate (masked)
     entropy: jax.Array  # [B, N] per-token policy entropy (masked)
     ended_with_eos: jax.Array  # [B] bool
+    kl_coef: jax.Array  # [B] the KL coefficient beta of this rollout (the update's KL loss term reads it)
 
 
 @flax.struct.dataclass
@@ -63,6 +69,8 @@ class ModelSpecs:
     # True: the reference is the policy's own params with the LoRA adapters ignored (its frozen
     # base), so no second copy of the base is held and the rollout's `ref_params` is unused.
     reference_adapters_off: bool = flax.struct.field(pytree_node=False, default=False)
+    # False for critic-free estimators: no value model exists (no params, no forward, values are 0).
+    critic: bool = flax.struct.field(pytree_node=False, default=True)
 
     def reference_config(self) -> TransformerConfig:
         """Config the reference forward runs with."""
@@ -90,6 +98,8 @@ def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query
     out = Transformer(specs.policy).apply({"params": params["policy"]}, ids, mask, rngs=rngs(specs.policy, 0),
                                           return_logits=return_logits)
     logits = (out.logits if return_logits else out.hidden_states)[:, p - 1:p + n - 1]  # t predicts token t+1
+    if not specs.critic:
+        return logits, None
     if specs.value_head_on_policy:
         values = ScalarHead(param_dtype=specs.policy.param_dtype).apply(
             {"params": params["value_head"]}, out.hidden_states)
@@ -134,15 +144,24 @@ def reference_logprobs(config: TransformerConfig, ref_params, query_ids, query_m
 def make_rollout_fn(specs: ModelSpecs, settings):
     """Jittable `fn(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng) -> Rollout`.
 
-    params: the full trainable + frozen tree {'policy', 'value' | 'value_head'}. ref_params is
+    params: the full trainable + frozen tree {'policy', 'value' | 'value_head'} ({'policy'} alone
+    when not specs.critic). ref_params is
     ignored (pass None) when `specs.reference_adapters_off`: the reference is then
     params['policy'] without its adapters.
 
     settings: a dict of static values: max_new_tokens, temperature, top_k, top_p, eos_token_id,
-    stop_token_ids, missing_eos_penalty, kl_estimator, gamma, lam, whiten_rewards.
+    stop_token_ids, missing_eos_penalty, kl_estimator, gamma, lam, whiten_rewards, and optionally
+    advantage ('gae' default, or a critic-free kind of ppo/advantages.py), group_size (K, default 1),
+    group_eps (GRPO's std epsilon) and kl_in_loss (default False: the KL is in the reward).
     norm: [2] array (gain, bias) of the reward model.
     """
     s = dict(settings)
+    advantage, group_size = s.get("advantage", "gae"), int(s.get("group_size", 1))
+    if advantage not in A.ADVANTAGE_KINDS:
+        raise ValueError(f"ppo/rollout.py: advantage={advantage!r}; expected one of {A.ADVANTAGE_KINDS}")
+    if (advantage == "gae") != specs.critic:
+        raise ValueError(f"ppo/rollout.py: advantage={advantage!r} with specs.critic={specs.critic}: GAE needs "
+                         "the value model and the critic-free estimators have none")
     generate = make_generate_fn(specs.policy, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
                                 top_k=s["top_k"], top_p=s["top_p"], eos_token_id=s["eos_token_id"],
                                 stop_token_ids=tuple(s["stop_token_ids"]))
@@ -158,7 +177,7 @@ def make_rollout_fn(specs: ModelSpecs, settings):
         ref_tree = strip_lora(params["policy"]) if specs.reference_adapters_off else ref_params
         ref_logprobs = reference_logprobs(specs.reference_config(), ref_tree, query_ids, query_mask, response_ids,
                                           response_mask, temperature=s["temperature"]) * maskf
-        values = values * maskf
+        values = jnp.zeros_like(maskf) if values is None else values * maskf
 
         # Reward-model score of prompt + response (the mask stops at the stop token).
         ids = jnp.concatenate([query_ids, response_ids], axis=1)
@@ -168,28 +187,40 @@ def make_rollout_fn(specs: ModelSpecs, settings):
         scores = jnp.where(sample.ended_with_eos, scores, scores - s["missing_eos_penalty"])
 
         kl = L.kl_penalty(logprobs, ref_logprobs, estimator=s["kl_estimator"]) * maskf  # [B, N]
-        rewards = -beta * kl
-        last = jnp.maximum(sample.response_lengths - 1, 0)  # [B]
-        at_last = jax.nn.one_hot(last, response_ids.shape[1]) * (sample.response_lengths > 0)[:, None]
-        rewards = rewards + at_last * scores[:, None]
-        if s["whiten_rewards"]:
-            rewards = L.masked_whiten(rewards, maskf, shift_mean=False)
-        advantages, returns = L.gae(rewards, values, maskf, gamma=s["gamma"], lam=s["lam"])
-        advantages = L.masked_whiten(advantages, maskf)
+        reward_beta = 0.0 if s.get("kl_in_loss", False) else beta  # in the loss: the update adds beta * KL
+        if advantage == "gae":
+            rewards = -reward_beta * kl
+            last = jnp.maximum(sample.response_lengths - 1, 0)  # [B]
+            at_last = jax.nn.one_hot(last, response_ids.shape[1]) * (sample.response_lengths > 0)[:, None]
+            rewards = rewards + at_last * scores[:, None]
+            if s["whiten_rewards"]:
+                rewards = L.masked_whiten(rewards, maskf, shift_mean=False)
+            advantages, returns = L.gae(rewards, values, maskf, gamma=s["gamma"], lam=s["lam"])
+            advantages = L.masked_whiten(advantages, maskf)
+        else:
+            rewards = A.kl_shaped_rewards(kl, scores, maskf, beta=reward_beta)
+            advantages, returns = A.critic_free_advantages(kind=advantage, scores=scores, kl=kl, mask=maskf,
+                                                           beta=reward_beta, group_size=group_size,
+                                                           eps=s.get("group_eps", 1e-6))
         return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
                        response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                        rewards=rewards, advantages=advantages, returns=returns, scores=scores,
-                       raw_scores=raw_scores, kl=kl, entropy=entropy, ended_with_eos=sample.ended_with_eos)
+                       raw_scores=raw_scores, kl=kl, entropy=entropy, ended_with_eos=sample.ended_with_eos,
+                       kl_coef=jnp.full(scores.shape, beta, jnp.float32))
 
     return rollout
 
 
-def rollout_metrics(r: Rollout, beta) -> dict:
-    """Per-iteration statistics (TRL's names where they exist). KL and entropy are per-sequence sums."""
+def rollout_metrics(r: Rollout, beta, *, critic: bool = True, group_size: int = 1) -> dict:
+    """Per-iteration statistics (TRL's names where they exist). KL and entropy are per-sequence sums.
+
+    Without a critic the value statistics are left out; with groups (group_size K > 1) two more:
+    the mean within-group std of the scores and the fraction of groups whose K scores are all
+    equal (no learning signal for the group estimators)."""
     maskf = r.response_mask.astype(jnp.float32)
     kl_sum = jnp.sum(r.kl, axis=1)
     lengths = jnp.sum(maskf, axis=1)
-    return {
+    out = {
         "objective/scores": jnp.mean(r.scores),
         "objective/raw_scores": jnp.mean(r.raw_scores),
         "objective/kl": jnp.mean(kl_sum),
@@ -199,6 +230,12 @@ def rollout_metrics(r: Rollout, beta) -> dict:
         "objective/entropy_per_token": L.masked_mean(r.entropy, maskf),
         "rollout/eos_fraction": jnp.mean(r.ended_with_eos.astype(jnp.float32)),
         "rollout/response_length": jnp.mean(lengths),
-        "val/mean": L.masked_mean(r.values, maskf),
-        "val/advantage_mean_raw_returns": L.masked_mean(r.returns, maskf),
     }
+    if critic:
+        out["val/mean"] = L.masked_mean(r.values, maskf)
+        out["val/advantage_mean_raw_returns"] = L.masked_mean(r.returns, maskf)
+    if group_size > 1:
+        grouped = r.scores.reshape(-1, group_size)  # [G, K]
+        out["group/score_std"] = jnp.mean(jnp.std(grouped, axis=1))
+        out["group/zero_std_fraction"] = jnp.mean((jnp.max(grouped, 1) == jnp.min(grouped, 1)).astype(jnp.float32))
+    return out

@@ -26,6 +26,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from common.distributed import gather_to_host, is_main_process
@@ -40,6 +41,7 @@ from models.heads import ScalarHead
 from models.lora import combine_params, lora_trainable, merge_lora, partition_params, strip_lora
 from models.quant import quantize_params
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
+from ppo import algorithms as algos
 from ppo import losses as L
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
@@ -51,12 +53,26 @@ UPDATE_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask", "logp
                "returns")
 
 
-def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, vf_coef):
-    """Clipped policy loss + vf_coef * clipped value loss on one micro-batch (LoRA dropout uses `rng`)."""
+def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, vf_coef, variant=None,
+             kl_in_loss=False):
+    """Clipped policy loss + vf_coef * clipped value loss on one micro-batch (LoRA dropout uses `rng`).
+
+    variant: None = the PPO policy loss; else the keyword arguments of ppo/objectives.py's
+    policy_objective (clip variants, aggregation; the KL term with kl_in_loss), see ppo/algorithms.py.
+    Without a critic (specs.critic False) there is no value loss.
+    """
     logprobs, token_entropy, values = response_logprobs_and_values(
         specs, params, batch["query_ids"], batch["query_mask"], batch["response_ids"], batch["response_mask"],
         dropout_rng=rng, temperature=temperature)
     maskf = batch["response_mask"].astype(jnp.float32)
+    if variant is not None:
+        loss, metrics = algos.policy_gradient_loss(logprobs, batch, maskf, variant=variant, kl_in_loss=kl_in_loss)
+        metrics["policy/entropy"] = L.masked_mean(token_entropy, maskf)
+        if specs.critic:
+            vf_loss, vf_m = L.value_loss(values, batch["values"], batch["returns"], maskf, clip_eps=vf_clip_eps)
+            loss = loss + vf_coef * vf_loss
+            metrics.update({"val/vf_loss": vf_loss, "val/clipfrac": vf_m["vf_clipfrac"]})
+        return loss, metrics
     pg_loss, pg_m = L.policy_loss(logprobs, batch["logprobs"], batch["advantages"], maskf, clip_eps=clip_eps)
     vf_loss, vf_m = L.value_loss(values, batch["values"], batch["returns"], maskf, clip_eps=vf_clip_eps)
     entropy = L.masked_mean(token_entropy, maskf)
@@ -66,8 +82,12 @@ def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, v
                   "policy/entropy": entropy, "policy/ratio": pg_m["ratio_mean"]}
 
 
-def ppo_update(state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, num_minibatches, accum_steps):
+def ppo_update(state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, num_minibatches, accum_steps,
+               group_size=1):
     """All PPO epochs over shuffled minibatches of one rollout batch, as one pure function.
+
+    group_size K > 1: rows [g*K, (g+1)*K) are one prompt's group and are shuffled as a unit
+    (ppo/algorithms.py minibatch_order); K = 1 shuffles rows as always.
 
     rollout: dict of UPDATE_KEYS arrays with leading dim B. frozen: the non-trainable part of
     the params (LoRA bases; None or {} without LoRA), joined with state['params'] inside the
@@ -81,8 +101,13 @@ def ppo_update(state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, nu
 
     b = rollout["query_ids"].shape[0]
     mb = b // num_minibatches
-    perms = jax.vmap(lambda k: jax.random.permutation(k, b))(jax.random.split(jax.random.fold_in(rng, 1), ppo_epochs))
-    order = perms.reshape(ppo_epochs * num_minibatches, mb)  # [E*M, mb] row indices
+    if group_size > 1:
+        order = algos.minibatch_order(jax.random.fold_in(rng, 1), batch=b, group_size=group_size,
+                                      ppo_epochs=ppo_epochs, num_minibatches=num_minibatches)
+    else:
+        perms = jax.vmap(lambda k: jax.random.permutation(k, b))(
+            jax.random.split(jax.random.fold_in(rng, 1), ppo_epochs))
+        order = perms.reshape(ppo_epochs * num_minibatches, mb)  # [E*M, mb] row indices
 
     def one_minibatch(carry, idx):
         params, opt_state, i = carry
@@ -209,7 +234,10 @@ def train(config, workdir: str) -> dict:
         raise ValueError(f"config.value.init={vc.init!r}; expected 'reward' or 'policy_head'")
     reward_config, reward_params, rm_config, rm_params = _frozen_reward(config, reward)
     ref_adapters_off, ref_config, ref_params = _reference(pc, policy_config, policy_params)
-    if head_on_policy:
+    algo = algos.resolve(config)
+    if not algo.critic:  # critic-free: no value model at all (no params, no optimizer state, not checkpointed)
+        value_config, value_tree = rm_config, {}
+    elif head_on_policy:
         if vc.lora_rank:
             raise ValueError("config.value.lora_rank applies to a separate value model (value.init='reward'); with "
                              "value.init='policy_head' the value head sits on the policy (use policy.lora_rank)")
@@ -223,10 +251,10 @@ def train(config, workdir: str) -> dict:
         value_tree = {"value": value_params}
     specs = ModelSpecs(policy=policy_config, reward=reward_config, value=value_config,
                        value_head_on_policy=head_on_policy, reference=ref_config,
-                       reference_adapters_off=ref_adapters_off)
+                       reference_adapters_off=ref_adapters_off, critic=algo.critic)
     # Train state holds only the trainable part (everything without LoRA; adapters + heads with it).
     trainable = _trainable_predicate(policy_lora=policy_config.lora_rank > 0,
-                                     value_lora=not head_on_policy and value_config.lora_rank > 0)
+                                     value_lora=algo.critic and not head_on_policy and value_config.lora_rank > 0)
     params, frozen = partition_params({"policy": policy_params, **value_tree}, trainable)
     if "value" in params:  # the update donates trainable leaves: they must not alias the reward model's arrays
         params["value"] = jax.tree.map(jnp.array, params["value"])
@@ -252,6 +280,8 @@ def train(config, workdir: str) -> dict:
              "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
     state_sharding = tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_sharding)
+    memory = {"memory/train_state_bytes": algos.tree_bytes(state), "memory/frozen_bytes": algos.tree_bytes(frozen),
+              "memory/value_param_bytes": algos.tree_bytes(params.get("value", params.get("value_head", {})))}
 
     def to_save(state):  # checkpoints also hold the frozen bases, so the workdir is self-contained
         return dict(state, frozen=frozen) if frozen else state
@@ -275,33 +305,40 @@ def train(config, workdir: str) -> dict:
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in sc.stop_tokens.split(",") if t] if sc.stop_tokens else []
     settings = dict(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
                     eos_token_id=eos, stop_token_ids=stop_ids, missing_eos_penalty=config.reward.missing_eos_penalty,
-                    kl_estimator=config.kl.estimator, gamma=tc.gamma, lam=tc.lam, whiten_rewards=tc.whiten_rewards)
+                    kl_estimator=config.kl.estimator, gamma=tc.gamma, lam=tc.lam, whiten_rewards=tc.whiten_rewards,
+                    advantage=algo.advantage, group_size=algo.group_size, group_eps=algo.group_eps,
+                    kl_in_loss=algo.kl_in_loss)
     rollout_fn = jax.jit(make_rollout_fn(specs, settings))
     loss_fn = functools.partial(ppo_loss, specs=specs, temperature=sc.temperature, clip_eps=tc.clip_eps,
-                                vf_clip_eps=tc.vf_clip_eps, vf_coef=tc.vf_coef)
+                                vf_clip_eps=tc.vf_clip_eps, vf_coef=tc.vf_coef, variant=algo.variant,
+                                kl_in_loss=algo.kl_in_loss)
     update_fn = jax.jit(functools.partial(ppo_update, tx=tx, loss_fn=loss_fn, ppo_epochs=tc.ppo_epochs,
-                                          num_minibatches=tc.num_minibatches, accum_steps=tc.grad_accum_steps),
+                                          num_minibatches=tc.num_minibatches, accum_steps=tc.grad_accum_steps,
+                                          group_size=algo.group_size),
                         in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
                         out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
     norm = jnp.asarray([reward.gain, reward.bias], jnp.float32)
 
-    batches = prompt_batches(prompts, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
+    # K samples per prompt: batch_size / K prompts, each repeated K times (a group = K consecutive rows).
+    batches = prompt_batches(prompts, batch_size=tc.batch_size // algo.group_size, seed=config.seed,
+                             start_step=start_step)
+    update_keys = algos.update_keys(UPDATE_KEYS, algo)
     progress = Progress(tc.steps, initial=start_step, desc="ppo")
     step, last_saved, last, preempted = start_step, ckpt.latest_step(), {}, False
     timing = {"rollout": 0.0, "update": 0.0}
     with PreemptionHandler() as preemption:
         while step < tc.steps:
             _, batch = next(batches)
-            batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            batch = {k: np.repeat(batch[k], algo.group_size, axis=0) for k in ("input_ids", "attention_mask")}
             batch = shard_batch(local_rows(batch, mesh), mesh)
             beta = kl_ctl.value
             t1 = time.time()
             roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
             rollout = rollout_fn(combine_params(state["params"], frozen), ref_params, reward_params, norm,
                                  jnp.float32(beta), batch["input_ids"], batch["attention_mask"], roll_rng)
-            rmetrics = jax.device_get(rollout_metrics(rollout, beta))
+            rmetrics = jax.device_get(rollout_metrics(rollout, beta, critic=algo.critic, group_size=algo.group_size))
             t2 = time.time()
-            state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in UPDATE_KEYS}, frozen)
+            state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in update_keys}, frozen)
             umetrics = jax.device_get(umetrics)
             t3 = time.time()
             timing["rollout"] += t2 - t1
@@ -309,7 +346,9 @@ def train(config, workdir: str) -> dict:
             step += 1
             metrics = {**{k: float(v) for k, v in rmetrics.items()}, **{k: float(v) for k, v in umetrics.items()},
                        "kl/beta": beta, "time/rollout_s": t2 - t1, "time/update_s": t3 - t2}
-            for key in ("objective/scores", "val/vf_loss", "policy/pg_loss"):
+            finite_keys = ("objective/scores", "val/vf_loss", "policy/pg_loss") if algo.critic else \
+                ("objective/scores", "policy/pg_loss")  # critic-free: no value loss
+            for key in finite_keys:
                 check_finite(metrics[key], step=step, name=key, workdir=workdir, last_checkpoint_step=last_saved)
             kl_ctl.update(metrics["objective/kl"], tc.batch_size)
             if step % tc.log_every == 0 or step == tc.steps:
@@ -331,7 +370,8 @@ def train(config, workdir: str) -> dict:
     if preempted:
         print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
         return {"preempted_at": step}
-    summary = dict(last, step=step, wall_time_s=time.time() - t0, **{f"time/total_{k}_s": v for k, v in timing.items()})
+    summary = dict(last, step=step, wall_time_s=time.time() - t0, **{f"time/total_{k}_s": v for k, v in timing.items()},
+                   **memory, **{"memory/peak_rss_mib": algos.peak_rss_mib()})
     write_json(os.path.join(workdir, "summary.json"), summary)
     plot_training_curves(workdir, ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
                                    "policy/approxkl", "policy/clipfrac", "val/vf_loss", "kl/beta",

@@ -8,7 +8,9 @@ device; `ppo_update` (2 epochs x 2 minibatches x 2 accumulation steps) then runs
       rollout batch split over 'data' by `shard_batch`, and the update jitted with in/out
       shardings and donation exactly as in `ppo/train.py`.
 Params (policy and value), Adam moments and metrics must agree with (a) within 1e-5 while the
-update moves params by far more than that. The rollout itself is also rerun under the (2, 4)
+update moves params by far more than that. The same holds for a critic-free GRPO update (no value
+model; K = 4 samples per prompt, groups shuffled whole; KL as a loss term; clip-higher, dual clip
+and seq_mean_token_mean aggregation) under the (2, 4) and (8, 1) meshes. The rollout itself is also rerun under the (2, 4)
 mesh with sharded params and prompts: same sampled tokens, same advantages.
 
 This pytest process already imported jax with one CPU device, so everything multi-device runs
@@ -43,6 +45,10 @@ UPDATE = dict(ppo_epochs=2, num_minibatches=2, accum_steps=2)
 LOSS = dict(clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1)
 BETA = 0.05
 MESHES = [(2, 4), (8, 1), (1, 8)]  # (data, model)
+GRPO_MESHES = [(2, 4), (8, 1)]
+GRPO_K = 4
+GRPO_VARIANT = {"clip_eps_low": 0.2, "clip_eps_high": 0.28, "dual_clip_c": 3.0, "aggregation": "seq_mean_token_mean",
+                "norm_constant": 6.0, "kl_estimator": "k3"}
 TOL = 1e-5
 SEED = int(os.environ.get("PPO_SHARDING_TEST_SEED", 0))  # to try other random models by hand
 EOS_BOOST = 10.0  # scales the lm_head column of EOS so some rows stop early
@@ -96,6 +102,15 @@ def test_ppo_rollout_and_update_match_single_device_under_meshes():
             ref = single["metrics"][key]
             tol = TOL * max(1.0, abs(ref))
             assert abs(value - ref) < tol, (name, key, value, ref)
+
+    grpo = report["grpo"]
+    assert grpo["param_trees"] == ["policy"] and grpo["max_abs_advantage"] > 0.1, grpo
+    assert grpo["policy_change"] > 100 * TOL and grpo["metrics"]["policy/kl_loss"] > 0, grpo
+    for name, run in grpo["meshes"].items():
+        assert run["max_policy_diff"] < TOL and run["max_mu_diff"] < TOL, (name, run)
+        for key, value in run["metrics"].items():
+            ref = grpo["metrics"][key]
+            assert abs(value - ref) < TOL * max(1.0, abs(ref)), (name, key, value, ref)
 
 
 # ----------------------------------------------------------------------------- subprocess
@@ -238,6 +253,38 @@ def _worker():
             "worst": worst(state["params"], single_state["params"]),
         }
         timings["update_" + "x".join(map(str, shape)) + "_s"] = round(time.process_time() - t, 2)
+
+    # ---- critic-free GRPO: rollout on one device, update on one device and under two meshes
+    t = time.process_time()
+    cf_specs = ModelSpecs(policy=pcfg, reward=vcfg, value=vcfg, critic=False)
+    cf_rollout_fn = make_rollout_fn(cf_specs, dict(SETTINGS, advantage="grpo", group_size=GRPO_K, kl_in_loss=True))
+    cf_params0 = {"policy": policy}
+    cf_rollout = jax.device_get(jax.jit(cf_rollout_fn)(on0(cf_params0), on0(ref), on0(reward), on0(norm), beta,
+                                                       on0(qids), on0(qmask), roll_rng))
+    cf_state0 = jax.device_get({"params": cf_params0, "opt_state": tx.init(cf_params0),
+                                "step": jnp.asarray(0, jnp.int32), "rng": jax.random.key_data(jax.random.key(4))})
+    keys = tuple(k for k in UPDATE_KEYS if k not in ("values", "returns")) + ("ref_logprobs", "kl_coef")
+    cf_batch = {k: np.asarray(getattr(cf_rollout, k)) for k in keys}
+    cf_loss = functools.partial(ppo_loss, specs=cf_specs, temperature=SETTINGS["temperature"], **LOSS,
+                                variant=GRPO_VARIANT, kl_in_loss=True)
+    cf_update = functools.partial(ppo_update, tx=tx, loss_fn=cf_loss, group_size=GRPO_K, **UPDATE)
+    cf_single, cf_metrics = summarise(*jax.jit(cf_update)(on0(cf_state0), on0(cf_batch), {}))
+    report["grpo"] = {"param_trees": sorted(cf_single["params"]), "metrics": cf_metrics,
+                      "max_abs_advantage": float(np.max(np.abs(cf_rollout.advantages))),
+                      "policy_change": max_diff(cf_single["params"]["policy"], policy), "meshes": {}}
+    for shape in GRPO_MESHES:
+        mesh = make_mesh(shape)
+        state_sharding = tree_shardings(cf_state0, mesh, DEFAULT_RULES)
+        update_fn = jax.jit(cf_update, in_shardings=(state_sharding, batch_sharding(mesh), {}),
+                            out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+        state, metrics = summarise(*update_fn(jax.device_put(cf_state0, state_sharding), shard_batch(cf_batch, mesh),
+                                              {}))
+        report["grpo"]["meshes"]["x".join(map(str, shape))] = {
+            "metrics": metrics,
+            "max_policy_diff": max_diff(state["params"]["policy"], cf_single["params"]["policy"]),
+            "max_mu_diff": max_diff(state["opt_state"][1][0].mu, cf_single["opt_state"][1][0].mu),
+        }
+    timings["grpo_s"] = round(time.process_time() - t, 2)
     report["timings"] = timings
     print(json.dumps(report))
 
