@@ -153,15 +153,14 @@ def _main(argv=None):
     args = ap.parse_args(argv)
 
     workdirs = [args.workdir] if os.path.exists(args.workdir) else [w for w in args.workdir.split(",") if w]
-    rows, columns = _read_rows(args.data)
     if len(workdirs) > 1:
-        members = [_score_with(w, args, rows, set(columns)) for w in workdirs]
+        members = [_score_with(w, args) for w in workdirs]
         records = ensemble_records([m[0] for m in members], objective=args.objective, uwo_lambda=args.uwo_lambda)
         _write(args.out, records)
         print(f"scored {len(records)} rows with a {len(workdirs)}-member ensemble ({args.objective}) -> {args.out} "
               f"(truncated: {[m[1] for m in members]})", file=sys.stderr)
         return
-    records, truncated, model = _score_with(args.workdir, args, rows, set(columns))
+    records, truncated, model = _score_with(args.workdir, args)
     _write(args.out, records)
     print(f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
           f"bias={model.bias:.6g}; temperature={model.temperature:.6g})", file=sys.stderr)
@@ -198,11 +197,13 @@ def _write(path, records):
         f.writelines(json.dumps(rec) + "\n" for rec in records)
 
 
-def _score_with(workdir, args, rows, columns):
-    """(records, truncated count, model) of one reward model on the rows."""
+def _score_with(workdir, args):
+    """(records, truncated count, model) of one reward model on the rows of args.data."""
     model = load_reward_model(workdir)
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
     max_length = args.max_length or _training_max_length(workdir)
+    rows, columns = _read_rows(args.data)
+    columns = set(columns)
     records = []
     if {"chosen", "rejected"} <= columns:
         pairs = rm_data.load_preference_data(args.data, tokenizer, max_length=max_length, on_bad_row="error")
