@@ -527,7 +527,8 @@ def load_preference_data(files, tokenizer, *, max_length, on_bad_row='error', sp
       max_length: length L of every sequence (prompt + response) in the result.
       on_bad_row: 'error' raises BadRowError at the first bad row; 'skip' drops bad rows and
         counts them as stats['skipped/<reason>'] (missing, wrong_type, empty, identical,
-        not_finite, out_of_range (a label outside [0, 1]), unparseable: a line that is not JSON, not_object: JSON that is no object).
+        not_finite, out_of_range (a label outside [0, 1]), unparseable: a line that is not JSON,
+        not_object: JSON that is no object).
       split: split for hub names given without one.
       max_prompt_length: optional extra cap on prompt tokens (cut from the left).
 

@@ -139,8 +139,13 @@ def check_loss_options(config):
         raise ValueError(f"config.train.label_smoothing={tc.label_smoothing}; expected a number in [0, 0.5)")
     if tc.tie_model == "rao_kupper" and not tc.tie_theta > 1.0:
         raise ValueError(f"config.train.tie_theta={tc.tie_theta}; Rao-Kupper needs theta > 1 (theta = 1: no ties)")
-    if not str(config.eval.calibrate_on):
+    source = str(config.eval.calibrate_on)
+    if not source:
         raise ValueError("config.eval.calibrate_on is empty; expected 'eval', 'none' or preference files")
+    for path in split_files(source) if source not in ("eval", "none") else []:
+        # Checked now, not after the whole run: a local-looking path that is missing.
+        if os.path.splitext(path)[1].lower() in rm_data.LOCAL_BUILDERS and not os.path.exists(path):
+            raise FileNotFoundError(f"config.eval.calibrate_on: {path}: no such file")
 
 
 def fit_calibration(config, eval_fn, params, eval_data, tokenizer, eval_chosen, eval_rejected, *, batch_size,
@@ -294,7 +299,8 @@ def train(config, workdir: str) -> dict:
 
     # ---- final evaluation, calibration plot and reward normalisation
     final = run_eval(step, full_params(state))
-    calibration = {"temperature": 1.0, "source": "none", "n": 0}
+    # Calibration needs eval pairs to report on; without eval files T stays 1 and says why.
+    calibration = {"temperature": 1.0, "source": "none", "n": 0, "reason": "no eval files"}
     if eval_data is not None:
         chosen, rejected = evaluate(eval_fn, full_params(state), eval_data, batch_size=eval_bs,
                                     bucket=config.data.bucket)

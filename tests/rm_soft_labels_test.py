@@ -101,6 +101,7 @@ def test_loader_reads_labels_per_row(policy, tmp_path):
     np.testing.assert_array_equal(data.label, np.array([0.5, 1.0, 0.25, 1.0], np.float32))
     _, batch = next(rm_data.train_batches(data, batch_size=2, seed=0))
     assert "label" in batch
+    np.testing.assert_array_equal(data.select([2, 0]).label, np.array([0.25, 0.5], np.float32))
     plain = rm_data.load_preference_data(write_jsonl(tmp_path / "b.jsonl", make_rows(3, 1)), tok, max_length=64)
     assert plain.label is None and "label" not in next(rm_data.train_batches(plain, batch_size=2, seed=0))[1]
     rows = make_rows(3, 2)
@@ -131,6 +132,10 @@ def test_all_ties_train_to_zero_gap(policy, tmp_path):
     c.train.steps, c.train.eval_every, c.train.save_every = 30, 0, 30
     c.train.tie_model = "rao_kupper"
     c.eval.bootstrap_resamples = 100
+    bad = c.copy_and_resolve_references()
+    bad.eval.calibrate_on = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="calibrate_on"):  # before any training
+        train(bad, str(tmp_path / "bad"))
     summary = train(c, str(tmp_path / "w"))
     # Every pair a tie: the learnt reward ignores which side is which.
     assert abs(summary["eval/margin"]) < 0.05
