@@ -155,7 +155,7 @@ def run_stages(config, workdir):
         "rm": {k.split("/", 1)[1]: rm_eval[k] for k in ("eval/accuracy", "eval/ece", "eval/brier", "eval/margin",
                                                         "eval/accuracy_ci_low", "eval/accuracy_ci_high",
                                                         "eval/temperature", "eval/calibrated/ece",
-                                                        "eval/calibrated/brier", "eval/length/spearman")
+                                                        "eval/calibrated/brier")
                if k in rm_eval},
         "rm_normalization": rm_eval.get("normalization"),
         "before": {"proxy": before["proxy"], "gold": before["gold"], "kl": 0.0},
