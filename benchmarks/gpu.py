@@ -56,6 +56,13 @@ that JAX takes by default on an 80 GB H100. GPU buffer assignment differs; a sec
 (e.g. out of memory) is recorded as {"error": ...} in the JSON, the others still run, and the
 exit status is 1. Larger batches: --remat and --sizes, or XLA_PYTHON_CLIENT_MEM_FRACTION=0.9.
 
+Attention and log-probs: every model uses `--attention` (default auto: cuDNN flash attention on
+a GPU in bf16, see models/attention.py) and `--logits-chunk` (default 128: PPO log-probs and
+entropies over chunks of the hidden states, models/lm_head.py). `--compare` also runs the RM
+and PPO sections with the plain paths (attention='xla', logits_chunk=0) and prints a second
+table, plain vs new, with step times, XLA temp bytes of the RM step and the PPO update and,
+on GPU/TPU, the device's peak memory.
+
 Output: a markdown table on stdout and JSON (--out) with the device kind, versions, shapes,
 batch sizes, every repetition and, on GPU/TPU, the device's peak memory in use so far at the
 end of each section (`peak_memory_bytes`, cumulative).

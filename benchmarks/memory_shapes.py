@@ -1,5 +1,6 @@
 """Memory of the RM step and the PPO update at real shapes, on 1 device and on an 8-device FSDP mesh.
 
+  python -m benchmarks.memory_shapes --table benchmarks/results/ms_*.json   (the README table)
   python -m benchmarks.memory_shapes [--devices 1|8] [--shapes llama3.2-1b,qwen3-1.7b,llama3.1-8b]
       [--modes before,after] [--depths 2,4] [--out benchmarks/results/memory_shapes_d1.json]
 
@@ -101,10 +102,36 @@ def measure(kind, dims, workload, mesh, depths) -> dict:
     points = {d: compiled_memory(kind, dict(dims, n_layers=d), workload, mesh) for d in depths}
     out = _affine(points, target)
     out["method"] = f"extrapolated linearly from {depths[0]} and {depths[1]} layers"
+    out["points"] = {str(d): p for d, p in points.items()}
+    # The depth-independent part (embedding, LM head, logits, losses): the fit at 0 layers.
+    out["at_0_layers"] = {k: v for k, v in _affine(points, 0).items() if k != "compile_s"}
     return out
 
 
+def markdown(paths) -> str:
+    """One table (GiB per device) from the JSON reports `paths` written by --out."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        for r in report["rows"]:
+            rows.append((r["shape"], r["kind"], report["workload"]["rm_len"] if r["kind"] == "rm" else 2048,
+                         r["devices"], r["mode"], r))
+    lines = ["| shape | step | tokens | devices | mode | peak | argument | temp | temp at 0 layers | [B,T,V] f32 logits |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for shape, kind, t, n, mode, r in sorted(rows, key=lambda x: x[:5]):
+        zero = r.get("at_0_layers", {}).get("temp")
+        logits = r.get("full_logits_f32_bytes_per_device")
+        cells = [shape, kind, str(t), str(n), mode] + [f"{r[k] / GIB:.2f}" for k in ("peak", "argument", "temp")]
+        cells += [f"{zero / GIB:.2f}" if zero is not None else "-", f"{logits / GIB:.2f}" if logits else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--table"]:
+        print(markdown(sys.argv[2:]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", default="1", help="1, or 8 (fake CPU devices; an FSDP mesh data=8)")
     ap.add_argument("--shapes", default=",".join(REAL_SHAPES))
@@ -131,9 +158,12 @@ def main(argv=None):
                 row = dict(shape=shape, mode=mode, kind=kind, devices=n, **m)
                 if kind == "ppo":
                     row["full_logits_f32_bytes_per_device"] = logits
+                    if "at_0_layers" in m:
+                        row["depth_independent_temp_below_logits"] = m["at_0_layers"]["temp"] < logits
                 rows.append(row)
-                print(f"{shape:12s} {mode:6s} {kind:3s} {n}dev: peak {m['peak'] / GIB:7.2f} GiB  temp "
-                      f"{m['temp'] / GIB:7.2f}  arg {m['argument'] / GIB:7.2f}  ({m['compile_s']:.0f} s compiling)",
+                extra = f"  temp@0 layers {m['at_0_layers']['temp'] / GIB:6.2f}" if "at_0_layers" in m else ""
+                print(f"{shape:12s} {mode:6s} {kind:3s} T={args.rm_len if kind == 'rm' else 2048} {n}dev: peak {m['peak'] / GIB:7.2f} GiB  temp "
+                      f"{m['temp'] / GIB:7.2f}  arg {m['argument'] / GIB:7.2f}  ({m['compile_s']:.0f} s compiling){extra}",
                       file=sys.stderr, flush=True)
     report = {"variant": VARIANT.name, "workload": workload, "modes": MODES, "devices": n, "depths": list(depths),
               "formula": "peak = argument + temp + output - alias, per device", "rows": rows}

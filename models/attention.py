@@ -14,8 +14,8 @@ Implementations (`TransformerConfig.attention`, resolved by `resolve_attention_i
            Same numbers as `xla` (float32 rounding only), fully masked rows included.
   cudnn    `jax.nn.dot_product_attention(implementation='cudnn')`: the cuDNN flash kernel
            (GPU, bf16/fp16). Causal, padding (as a boolean [B, 1, T, S] mask) and sliding
-           windows; no soft-capping and no KV cache offsets, so callers fall back to xla
-           there. Query rows that are padding (all keys masked) may differ from xla; they are
+           windows; no soft-capping, no KV cache offsets and no odd lengths (see
+           `cudnn_allowed`), so callers fall back to xla there. Query rows that are padding (all keys masked) may differ from xla; they are
            never read.
   auto     cudnn on a GPU when the dtype, head size and mask allow it; otherwise chunked when
            the query or key length is at least `AUTO_CHUNK_MIN_LEN`; otherwise xla. Short
@@ -49,10 +49,14 @@ def attention_mask_for(q_slots: jax.Array, kv_mask: jax.Array, *, num_slots: int
     return allowed & (kv_mask[:, None, :] > 0)  # [B, T, S]
 
 
-def cudnn_allowed(*, dtype, head_dim: int, softcap: Optional[float], self_attention: bool) -> bool:
-    """Whether the cuDNN flash kernel can compute this attention (static facts only)."""
+def cudnn_allowed(*, dtype, head_dim: int, softcap: Optional[float], self_attention: bool, q_len: int = 2,
+                  kv_len: int = 2) -> bool:
+    """Whether the cuDNN flash kernel can compute this attention (static facts only).
+
+    JAX's cuDNN wrapper refuses head dims that are not a multiple of 8 (or above 128 before
+    Hopper) and, with a mask (a bias to cuDNN) in training, odd sequence lengths."""
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and softcap is None
-            and self_attention and head_dim % 8 == 0 and head_dim <= 128)
+            and self_attention and head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0)
 
 
 def resolve_attention_impl(impl: str, *, q_len: int, kv_len: int, dtype, head_dim: int,
@@ -66,7 +70,8 @@ def resolve_attention_impl(impl: str, *, q_len: int, kv_len: int, dtype, head_di
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention={impl!r}; one of {ATTENTION_IMPLS}")
     backend = backend or jax.default_backend()
-    ok = cudnn_allowed(dtype=dtype, head_dim=head_dim, softcap=softcap, self_attention=self_attention)
+    ok = cudnn_allowed(dtype=dtype, head_dim=head_dim, softcap=softcap, self_attention=self_attention, q_len=q_len,
+                       kv_len=kv_len)
     if impl == "cudnn":
         return "cudnn" if ok else "xla"
     if impl == "auto":

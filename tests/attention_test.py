@@ -115,6 +115,7 @@ def test_resolve_attention_impl():
     assert resolve_attention_impl("auto", q_len=4096, kv_len=4096, dtype=jnp.float32, backend="cpu",
                                   **common) == "chunked"
     assert resolve_attention_impl("auto", q_len=16, kv_len=16, dtype=jnp.bfloat16, backend="cpu", **common) == "xla"
+    assert resolve_attention_impl("auto", q_len=15, kv_len=15, dtype=jnp.bfloat16, backend="gpu", **common) == "xla"
     capped = dict(common, softcap=50.0)
     assert resolve_attention_impl("cudnn", q_len=16, kv_len=16, dtype=jnp.bfloat16, backend="gpu", **capped) == "xla"
     with pytest.raises(ValueError, match="attention='flash'"):
