@@ -54,6 +54,9 @@ def get_config(arg=None):
     c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
     c.train.center_coef = 0.0  # coefficient of mean((r_c + r_r)^2), keeps rewards centred (~0.01)
     c.train.use_margin = True  # subtract the data's `margin` column inside the sigmoid when present
+    c.train.label_smoothing = 0.0  # eps in [0, 0.5): each label y -> (1 - eps) y + eps (1 - y); 0 = off
+    c.train.tie_model = "none"  # rows with label 0.5: 'none' (soft label 0.5) | 'rao_kupper' (-log P(tie))
+    c.train.tie_theta = 1.5  # Rao-Kupper theta > 1 (fixed; larger = ties more likely), used with tie_model
     c.train.log_every = 10  # steps between train metrics lines
     c.train.eval_every = 100  # steps between evaluations (0 = only at the end)
     c.train.save_every = 100  # steps between checkpoints (one is always written at the end)
@@ -63,6 +66,8 @@ def get_config(arg=None):
     c.eval.batch_size = 32  # pairs per eval batch
     c.eval.n_bins = 10  # bins of the ECE and the reliability diagram
     c.eval.normalize_on = "eval"  # responses whose rewards get mean 0 / std 1: 'eval', 'train' or files
+    c.eval.calibrate_on = "eval"  # pairs the temperature T is fitted on: 'eval', 'none' (T = 1) or files
+    c.eval.bootstrap_resamples = 1000  # resamples of the eval pairs for accuracy's 95% interval; 0 = off
 
     c.mesh = mesh_config()
     c.distributed = distributed_config()  # multi-process runs (see common/distributed.py); unset = one process

@@ -50,7 +50,11 @@ def _as_points(d, r, *, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _least_squares(design: np.ndarray, r: np.ndarray, *, name: str) -> dict:
-  """Solves r ~ design @ (alpha, beta); r2 = 1 - SS_res / SS_tot."""
+  """Solves r ~ design @ (alpha, beta); r2 = 1 - SS_res / SS_tot.
+
+  Standard errors are the OLS ones: cov = s^2 (X^T X)^-1 with s^2 = SS_res / (K - 2)
+  (K points, two parameters, no intercept); nan with K = 2 (no residual degree of freedom).
+  """
   if np.linalg.matrix_rank(design) < 2:
     raise ValueError(f'{name}: needs at least two distinct d > 0 to fit (alpha, beta); '
                      f'got d = {design[:, 0].tolist()}.')
@@ -60,11 +64,21 @@ def _least_squares(design: np.ndarray, r: np.ndarray, *, name: str) -> dict:
   ss_tot = float(np.sum((r - r.mean()) ** 2))
   # Constant r (e.g. all zeros): r2 is undefined; report a perfect fit as 1.
   r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else float('nan'))
-  return {'alpha': float(alpha), 'beta': float(beta), 'r2': float(r2)}
+  dof = design.shape[0] - 2
+  if dof > 0:
+    covariance = ss_res / dof * np.linalg.inv(design.T @ design)  # [2, 2]
+    alpha_se, beta_se = np.sqrt(np.diag(covariance))
+  else:
+    alpha_se = beta_se = float('nan')
+  return {'alpha': float(alpha), 'beta': float(beta), 'r2': float(r2),
+          'alpha_se': float(alpha_se), 'beta_se': float(beta_se), 'dof': int(dof)}
 
 
 def fit_bon(d, r) -> dict:
-  """Least-squares fit of R(d) = d (alpha - beta d); returns {'alpha', 'beta', 'r2'}."""
+  """Least-squares fit of R(d) = d (alpha - beta d).
+
+  Returns {'alpha', 'beta', 'r2', 'alpha_se', 'beta_se', 'dof'} (OLS standard errors).
+  """
   d, r = _as_points(d, r, name='fit_bon')
   design = np.stack([d, -d ** 2], axis=1)  # [K, 2]
   return _least_squares(design, r, name='fit_bon')
@@ -77,7 +91,8 @@ def _d_log_d(d: np.ndarray) -> np.ndarray:
 
 
 def fit_rl(d, r) -> dict:
-  """Least-squares fit of R(d) = d (alpha - beta log d); returns {'alpha', 'beta', 'r2'}.
+  """Least-squares fit of R(d) = d (alpha - beta log d); returns {'alpha', 'beta', 'r2',
+  'alpha_se', 'beta_se', 'dof'} (OLS standard errors, as fit_bon).
 
   log d needs d > 0; points at d = 0 use the limit R(0) = 0 (they inform no
   parameter but count in r2).

@@ -7,8 +7,9 @@ gold scorer). Against each proxy: best-of-n (n = 1 .. bon.n_max, KL = log n - (n
 unbiased estimator over bon.n_max samples per prompt) and PPO with a small fixed KL coefficient
 (every rollout scored by gold; KL per step from the rollouts). Gold and proxy reward are fitted
 against d = sqrt(KL) with Gao et al.'s forms (best-of-n: d (alpha - beta d); RL:
-d (alpha - beta log d)); fits.json holds alpha, beta and R^2 per proxy and method; bon.png and
-rl.png show points and fitted curves; points.json holds every point.
+d (alpha - beta log d)); fits.json holds alpha, beta (with OLS standard errors alpha_se,
+beta_se) and R^2 per proxy and method; bon.png and rl.png show points and fitted curves;
+points.json holds every point.
 
 Gold: config.gold.kind = 'scorer' (VADER + exact grammar fluency, tasks/gold.py) or 'rm' (a
 gold reward model trained from the SFT checkpoint on gold.n_pairs labels, as in Gao et al.;
@@ -47,7 +48,8 @@ def _fit(fit, d, r, what):
         return fit(d, r)
     except ValueError as e:
         P.log(f"{what}: no fit ({e})")
-        return {"alpha": float("nan"), "beta": float("nan"), "r2": float("nan"), "error": str(e)}
+        return {"alpha": float("nan"), "beta": float("nan"), "r2": float("nan"), "alpha_se": float("nan"),
+                "beta_se": float("nan"), "error": str(e)}
 
 
 def run(config, workdir):
@@ -192,6 +194,8 @@ def train(config, workdir):
         return stopped.result
     for method in ("bon", "rl"):
         for label, f in summary["fits"][method].items():
-            P.log(f"{method} {label}: gold alpha={f['gold']['alpha']:.3f} beta={f['gold']['beta']:.3f} "
+            g = f["gold"]
+            P.log(f"{method} {label}: gold alpha={g['alpha']:.3f}+-{g['alpha_se']:.3f} "
+                  f"beta={g['beta']:.3f}+-{g['beta_se']:.3f} "
                   f"R2={f['gold']['r2']:.3f} peak d={f['gold_peak_d']:.2f}; proxy alpha={f['proxy']['alpha']:.3f}")
     return summary

@@ -152,7 +152,10 @@ def run_stages(config, workdir):
     last = ppo_curve[-max(1, len(ppo_curve) // 10):]
     after = {k: float(np.mean([r[k] for r in last])) for k in ("proxy", "gold", "kl")}
     summary = {
-        "rm": {k.split("/", 1)[1]: rm_eval[k] for k in ("eval/accuracy", "eval/ece", "eval/brier", "eval/margin")
+        "rm": {k.split("/", 1)[1]: rm_eval[k] for k in ("eval/accuracy", "eval/ece", "eval/brier", "eval/margin",
+                                                        "eval/accuracy_ci_low", "eval/accuracy_ci_high",
+                                                        "eval/temperature", "eval/calibrated/ece",
+                                                        "eval/calibrated/brier")
                if k in rm_eval},
         "rm_normalization": rm_eval.get("normalization"),
         "before": {"proxy": before["proxy"], "gold": before["gold"], "kl": 0.0},
@@ -231,7 +234,9 @@ def train(config, workdir):
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     b, a = summary["before"], summary["after_ppo"]
-    P.log(f"done in {summary['wall_time_s']:.0f}s: RM accuracy {summary['rm'].get('accuracy', float('nan')):.3f} "
-          f"ECE {summary['rm'].get('ece', float('nan')):.3f}; proxy {b['proxy']:.3f} -> {a['proxy']:.3f}, "
+    rm = summary["rm"]
+    P.log(f"done in {summary['wall_time_s']:.0f}s: RM accuracy {rm.get('accuracy', float('nan')):.3f} "
+          f"ECE {rm.get('ece', float('nan')):.3f} (after temperature {rm.get('temperature', float('nan')):.3g}: "
+          f"{rm.get('calibrated/ece', float('nan')):.3f}); proxy {b['proxy']:.3f} -> {a['proxy']:.3f}, "
           f"gold {b['gold']:.3f} -> {a['gold']:.3f}, KL {a['kl']:.2f}; see {workdir}/summary.json")
     return summary

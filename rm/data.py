@@ -1,8 +1,10 @@
 """Preference data (TRL's formats) -> fixed-shape, right-padded token arrays and batches.
 
 Row layouts, recognised per file from its columns (extra columns are ignored), with
-optional 'margin' (number; Llama 2 style) and 'subset' (string; RewardBench), optional per
-row: missing or null in a row means margin 0.0 and subset '' (overall accuracy only):
+optional 'margin' (number; Llama 2 style), 'subset' (string; RewardBench) and 'label' (or
+'probability': number in [0, 1], the probability that chosen is preferred: soft labels, 0.5 a
+tie), optional per row: missing or null in a row means margin 0.0, subset '' (overall accuracy
+only) and label 1.0:
   explicit prompt   {'prompt': str, 'chosen': str, 'rejected': str}
   implicit prompt   {'chosen': str, 'rejected': str}       (full texts, as in HH-RLHF)
   conversational    {'chosen': [{role, content}, ...], 'rejected': [...], 'prompt'?: [...]}
@@ -361,6 +363,8 @@ class PreferenceData:
     subset: Optional[list]       # [N] str or None (no 'subset' column anywhere)
     prompt_lengths: np.ndarray   # [N] int32, prompt tokens kept (shared by chosen and rejected)
     stats: dict
+    label: Optional[np.ndarray] = None  # [N] float32 P(chosen preferred), 1.0 where a row has none
+    has_label: bool = False      # whether any file had a 'label' / 'probability' column
 
     def __len__(self):
         return int(self.chosen_ids.shape[0])
@@ -370,8 +374,13 @@ class PreferenceData:
         indices = np.asarray(indices, dtype=np.int64)
         subset = None if self.subset is None else [self.subset[i] for i in indices]
         arrays = {k: getattr(self, k)[indices] for k in PAIR_KEYS + ('prompt_lengths',)}
+        label = None if self.label is None else self.label[indices]
         return PreferenceData(**arrays, has_margin=self.has_margin, subset=subset,
-                              stats=dict(self.stats, pairs=len(indices)))
+                              stats=dict(self.stats, pairs=len(indices)), label=label, has_label=self.has_label)
+
+    def batch_keys(self):
+        """Keys of a batch: PAIR_KEYS, plus 'label' when the data has labels."""
+        return PAIR_KEYS + ('label',) if self.label is not None else PAIR_KEYS
 
 
 def _detect_format(file, rows, columns):
@@ -382,7 +391,7 @@ def _detect_format(file, rows, columns):
             f"{file}: columns {sorted(columns)} are not a known preference layout; expected "
             f"'chosen' and 'rejected' (full texts: implicit prompt), plus 'prompt' (explicit "
             f"prompt), as strings or lists of {{role, content}} messages (conversational), "
-            f"with optional 'margin' (number) and 'subset' (string)")
+            f"with optional 'margin' (number), 'subset' (string) and 'label' / 'probability' (number in [0, 1])")
     first = next((r['chosen'] for r in readable_rows(rows) if r.get('chosen') is not None), None)
     if isinstance(first, (list, tuple)):
         return 'conversational'
@@ -418,6 +427,21 @@ def _parse_conversation(row, *, tokenizer, has_prompt):
         if full_chosen.startswith(text) and full_rejected.startswith(text):
             return ('split', text, full_chosen[len(text):], full_rejected[len(text):])
     return ('joint', full_chosen, full_rejected)
+
+
+LABEL_KEYS = ('label', 'probability')
+
+
+def _parse_label(row, label_key):
+    """The row's label in [0, 1] (P(chosen preferred)); missing or null means 1.0."""
+    value = row.get(label_key) if label_key else None
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowIssue(label_key, 'wrong_type', f'expected a number in [0, 1], got {describe(value)}')
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise RowIssue(label_key, 'out_of_range', f'expected a number in [0, 1] (P(chosen preferred)), got {value}')
+    return float(value)
 
 
 def _parse_extras(row, *, has_margin, has_subset):
@@ -462,8 +486,8 @@ def _pack_pairs(examples, *, max_length, max_prompt_length, pad, stats):
     """Truncates (prompt, chosen, rejected, margin, subset) examples into right-padded arrays."""
     out = {k: np.full((len(examples), max_length), pad, np.int32) for k in ('chosen_ids', 'rejected_ids')}
     out.update({k: np.zeros((len(examples), max_length), np.int32) for k in ('chosen_mask', 'rejected_mask')})
-    margins, subsets, prompt_lengths = [], [], []
-    for prompt, chosen, rejected, margin, subset in examples:
+    margins, subsets, prompt_lengths, labels = [], [], [], []
+    for prompt, chosen, rejected, margin, subset, label in examples:
         if max(len(chosen), len(rejected)) > max_length:
             chosen, rejected = chosen[:max_length], rejected[:max_length]
             if chosen == rejected:  # nothing left to compare
@@ -484,11 +508,12 @@ def _pack_pairs(examples, *, max_length, max_prompt_length, pad, stats):
             out[f'{side}_ids'][n, :len(sequence)] = sequence
             out[f'{side}_mask'][n, :len(sequence)] = 1
         margins.append(margin)
+        labels.append(label)
         subsets.append(subset)
         prompt_lengths.append(len(prompt))
     out = {k: v[:len(margins)] for k, v in out.items()}
     return dict(out, margin=np.asarray(margins, np.float32), prompt_lengths=np.asarray(prompt_lengths, np.int32),
-                subset=subsets)
+                subset=subsets, label=np.asarray(labels, np.float32))
 
 
 def load_preference_data(files, tokenizer, *, max_length, on_bad_row='error', split='train',
@@ -502,7 +527,8 @@ def load_preference_data(files, tokenizer, *, max_length, on_bad_row='error', sp
       max_length: length L of every sequence (prompt + response) in the result.
       on_bad_row: 'error' raises BadRowError at the first bad row; 'skip' drops bad rows and
         counts them as stats['skipped/<reason>'] (missing, wrong_type, empty, identical,
-        not_finite, unparseable: a line that is not JSON, not_object: JSON that is no object).
+        not_finite, out_of_range (a label outside [0, 1]), unparseable: a line that is not JSON,
+        not_object: JSON that is no object).
       split: split for hub names given without one.
       max_prompt_length: optional extra cap on prompt tokens (cut from the left).
 
@@ -517,7 +543,8 @@ def load_preference_data(files, tokenizer, *, max_length, on_bad_row='error', sp
     eos, pad = special_ids(tokenizer)
     stats = {'rows': 0, 'pairs': 0, 'skipped': 0, 'truncated_prompt': 0, 'truncated_response': 0,
              'files': [], 'formats': []}
-    examples, has_margin, has_subset = [], False, False  # examples: (prompt, chosen, rejected, margin, subset)
+    # examples: (prompt, chosen, rejected, margin, subset, label)
+    examples, has_margin, has_subset, has_label = [], False, False, False
     for source in resolve_sources(files):
         rows, columns = read_table(source, split=split)
         fmt = _detect_format(source, rows, columns)
@@ -526,6 +553,12 @@ def load_preference_data(files, tokenizer, *, max_length, on_bad_row='error', sp
         stats['formats'].append(fmt)
         file_margin, file_subset = 'margin' in columns, 'subset' in columns
         has_margin, has_subset = has_margin or file_margin, has_subset or file_subset
+        present = [k for k in LABEL_KEYS if k in columns]
+        if len(present) > 1:
+            raise ValueError(f"{source}: has both 'label' and 'probability' columns; give one (both mean "
+                             f"P(chosen preferred))")
+        label_key = present[0] if present else None
+        has_label = has_label or label_key is not None
 
         if fmt == 'conversational':
             parse_pair = functools.partial(_parse_conversation, tokenizer=tokenizer, has_prompt='prompt' in columns)
@@ -534,24 +567,25 @@ def load_preference_data(files, tokenizer, *, max_length, on_bad_row='error', sp
 
         def parse(row):
             extras = _parse_extras(row, has_margin=file_margin, has_subset=file_subset)
-            return parse_pair(row), extras
+            return parse_pair(row), extras + (_parse_label(row, label_key),)
 
         good = parse_rows(source, rows, parse, on_bad_row=on_bad_row, stats=stats)
         token_triples = _tokenize_pairs([spec for _, (spec, _) in good], tokenizer, eos)
-        for (index, (_, (margin, subset))), (prompt, chosen, rejected) in zip(good, token_triples):
+        for (index, (_, (margin, subset, label))), (prompt, chosen, rejected) in zip(good, token_triples):
             if chosen == rejected:  # different texts, same tokens (e.g. a normalising tokenizer)
                 issue = RowIssue('chosen', 'identical', "tokenises identically to 'rejected'")
                 reject(source, index, issue, on_bad_row=on_bad_row, stats=stats)
                 continue
-            examples.append((prompt, chosen, rejected, margin, subset))
+            examples.append((prompt, chosen, rejected, margin, subset, label))
 
     arrays = _pack_pairs(examples, max_length=max_length, max_prompt_length=max_prompt_length, pad=pad,
                          stats=stats)
     n = stats['pairs'] = len(arrays['margin'])
     if n == 0:
         raise ValueError(f'no usable preference pairs in {stats["files"]} (stats: {stats})')
-    subset = arrays.pop('subset')
-    return PreferenceData(**arrays, has_margin=has_margin, subset=subset if has_subset else None, stats=stats)
+    subset, label = arrays.pop('subset'), arrays.pop('label')
+    return PreferenceData(**arrays, has_margin=has_margin, subset=subset if has_subset else None, stats=stats,
+                          label=label if has_label else None, has_label=has_label)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -596,10 +630,13 @@ def stepped_batches(num_examples, make_batch: Callable[[np.ndarray], dict], *, b
 def train_batches(data: PreferenceData, *, batch_size, seed, start_step=0):
     """Endless (step, batch) for training; batch `s` depends only on (seed, s).
 
-    Keys: chosen_ids, chosen_mask, rejected_ids, rejected_mask [B, L] int32; margin [B] float32.
+    Keys: chosen_ids, chosen_mask, rejected_ids, rejected_mask [B, L] int32; margin [B] float32;
+    label [B] float32 when the data has labels.
     """
+    keys = data.batch_keys()
+
     def make_batch(indices):
-        return {k: getattr(data, k)[indices] for k in PAIR_KEYS}
+        return {k: getattr(data, k)[indices] for k in keys}
 
     return stepped_batches(len(data), make_batch, batch_size=batch_size, seed=seed, start_step=start_step)
 
@@ -618,7 +655,7 @@ def eval_batches(data: PreferenceData, *, batch_size) -> Iterator[dict[str, Any]
         rows = np.arange(start, min(start + batch_size, n))
         fill = batch_size - len(rows)
         indices = np.concatenate([rows, np.zeros(fill, np.int64)])
-        batch = {k: getattr(data, k)[indices] for k in PAIR_KEYS}
+        batch = {k: getattr(data, k)[indices] for k in data.batch_keys()}
         batch['valid'] = np.concatenate([np.ones(len(rows), np.int32), np.zeros(fill, np.int32)])
         batch['index'] = np.concatenate([rows, np.full(fill, -1)]).astype(np.int32)
         yield batch

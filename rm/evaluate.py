@@ -228,6 +228,7 @@ def plot_reliability_diagram(
     *,
     n_bins: int = 10,
     title: Optional[str] = None,
+    temperature: Optional[float] = None,
 ) -> str:
   """Writes a reliability diagram of a reward model as a PNG.
 
@@ -242,6 +243,10 @@ def plot_reliability_diagram(
     path: output file (PNG); parent directories are created.
     n_bins: number of equal-width bins.
     title: optional text placed before the metrics in the title.
+    temperature: optional fitted temperature T (rm/calibration.py); when given
+      (and != 1) the diagram also shows the curve of p = sigmoid((r_c - r_r) / T)
+      (orange line: observed frequency at each bin's mean confidence) and the
+      title its ECE / Brier.
 
   Returns:
     path.
@@ -267,17 +272,35 @@ def plot_reliability_diagram(
       2, 1, sharex=True, gridspec_kw={'height_ratios': [3, 1]})
   top.plot([0, 1], [0, 1], linestyle='--', color='gray', label='perfect')
   top.bar(centers[filled], bins['accuracy'][filled], width=width * 0.9,
-          color='tab:blue', edgecolor='black', label='observed')
+          color='tab:blue', edgecolor='black',
+          label='observed' if temperature in (None, 1.0) else 'observed (raw, T = 1)')
   # Red markers at each bin's mean confidence make over/under-confidence
   # visible even inside a bin.
   top.plot(centers[filled], bins['confidence'][filled], 'o', color='tab:red',
            markersize=4, label='mean confidence')
+  heading_after = ''
+  if temperature is not None and temperature != 1.0:
+    gaps = (_as_1d_float(chosen_rewards, 'chosen_rewards') -
+            _as_1d_float(rejected_rewards, 'rejected_rewards'))
+    p_scaled = _sigmoid(gaps / float(temperature))  # [N]
+    scaled = reliability_bins(
+        np.concatenate([p_scaled, 1.0 - p_scaled]),
+        np.concatenate([np.ones_like(p_scaled), np.zeros_like(p_scaled)]),
+        n_bins=n_bins)
+    kept = scaled['counts'] > 0
+    top.plot(scaled['confidence'][kept], scaled['accuracy'][kept], 's-',
+             color='tab:orange', markersize=4,
+             label=f'temperature-scaled (T={temperature:.3g})')
+    brier_after = float(np.mean(np.square(p_scaled - 1.0)))
+    heading_after = (f'\nafter T={temperature:.3g}: ECE {scaled["ece"]:.4f}  '
+                     f'Brier {brier_after:.4f}')
   top.set_xlim(0, 1)
   top.set_ylim(0, 1)
   top.set_ylabel('fraction preferred (label = 1)')
   top.legend(loc='upper left', fontsize=8)
   heading = (f'ECE {metrics["ece"]:.4f}  Brier {metrics["brier"]:.4f}  '
              f'acc {metrics["accuracy"]:.3f}  (N={metrics["n"]} pairs)')
+  heading += heading_after
   top.set_title(f'{title}\n{heading}' if title else heading, fontsize=9)
 
   bottom.bar(centers, counts, width=width * 0.9, color='tab:gray',

@@ -14,7 +14,9 @@ How our head maps onto HF's (whose `score` Linear has no bias):
   - RMSNorm families (llama, qwen2, mistral, qwen3, phi3, and gemma2/gemma3_text whose
     x_hat * (1 + w) norm has no bias either) have nothing to fold into: the constant is
     written as `reward_offset` in config.json, and score = logit + config.reward_offset.
-  config.json also records `reward_normalization` {gain, bias, head_bias} for provenance.
+  config.json also records `reward_normalization` {gain, bias, head_bias} for provenance,
+  and `reward_temperature`, the fitted calibration temperature in the exported score's units
+  (gain * T, as p = sigmoid((raw_a - raw_b) / T) = sigmoid((score_a - score_b) / (gain T))).
   --no-normalize exports raw scores (gain 1, c 0).
 A LoRA (or int8 + LoRA) reward model is exported merged: W + (alpha / r) A B, in float.
 --dtype bfloat16 (or float16) writes the tensors in that dtype (config.json torch_dtype says so);
@@ -65,11 +67,12 @@ def export(workdir: str, out: str, *, normalize: bool = True, dtype: str = "floa
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
     gain, c = (model.gain, model.bias) if normalize else (1.0, 0.0)
     return write_sequence_classifier(config, params, tokenizer, out, gain=gain, bias=c, normalize=normalize,
-                                     source=workdir, dtype=dtype)
+                                     source=workdir, dtype=dtype, temperature=abs(gain) * model.temperature)
 
 
 def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: float, bias: float,
-                              normalize: bool, source: str, dtype: str = "float32") -> str:
+                              normalize: bool, source: str, dtype: str = "float32",
+                              temperature: float = 1.0) -> str:
     """Write the HF sequence-classification folder of a reward model's float params
     ({'backbone', 'head'}) whose score is gain * head(h) + bias (see the module docstring);
     `dtype` 'bfloat16' / 'float16' casts the tensors on disk."""
@@ -103,6 +106,7 @@ def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: floa
         "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
         "reward_offset": float(offset),
         "reward_normalization": {"gain": float(gain), "bias": float(c), "head_bias": b, "applied": bool(normalize)},
+        "reward_temperature": float(temperature),
     }
     os.makedirs(out, exist_ok=True)
     save_hf_checkpoint(config, backbone, out, architecture=SEQ_CLS[config.family],

@@ -14,6 +14,16 @@ observed preferences:
   (r_c + r_r)^2 pins the rewards near zero mean, which keeps the scale
   comparable across checkpoints and ensemble members. Typical coefficient 0.01.
 
+* soft labels: with y in [0, 1] the probability that chosen is preferred (e.g. the
+  annotator's probability; y = 0.5 a tie), the loss is the BT cross-entropy
+  -(y log sigmoid(z) + (1 - y) log sigmoid(-z)), z = r_c - r_r - margin; y = 1 is the
+  loss above exactly. label_smoothing eps flips each label with probability eps
+  (y -> (1 - eps) y + eps (1 - y); the conservative-DPO convention).
+* ties (Rao and Kupper 1967): with theta > 1, P(c > r) = sigmoid(z - log theta),
+  P(r > c) = sigmoid(-z - log theta) and P(tie) = 1 - P(c > r) - P(r > c), which is
+  (theta^2 - 1) sigmoid(z - log theta) sigmoid(-z - log theta); rows with y = 0.5 are
+  ties and score -log P(tie), the others the cross-entropy on the two win terms.
+
 All maths is in float32 whatever the input dtype (bf16 logits lose too much
 precision in log_sigmoid), and every function is jit-friendly.
 """
@@ -70,6 +80,10 @@ def bradley_terry_loss(
     margin=None,
     center_coef: float = 0.0,
     mask=None,
+    labels=None,
+    label_smoothing: float = 0.0,
+    tie_model: str = 'none',
+    tie_theta: float = 1.5,
 ):
   """Bradley-Terry pairwise loss with optional margin, centering and mask.
 
@@ -85,6 +99,13 @@ def bradley_terry_loss(
       excluded from every mean (loss, gradients and metrics). Values at masked
       entries are ignored even if they are inf/nan. An all-zero mask gives a
       loss of 0 and zero gradients rather than nan.
+    labels: optional [B] probabilities in [0, 1] that chosen is preferred
+      (soft labels; 0.5 = tie). None = 1 for every pair (the plain BT loss).
+    label_smoothing: eps in [0, 0.5): labels become (1 - eps) y + eps (1 - y).
+    tie_model: 'none' (ties are soft labels 0.5) or 'rao_kupper' (rows with
+      label 0.5 score -log P(tie) under Rao-Kupper with `tie_theta`).
+    tie_theta: Rao-Kupper theta > 1 (larger = ties more likely); a fixed
+      hyperparameter, not learned.
 
   Returns:
     (loss, metrics): loss is a float32 scalar; metrics is a dict of float32
@@ -121,7 +142,12 @@ def bradley_terry_loss(
   reward_gap = chosen - rejected  # [B]
   # log_sigmoid is computed as -softplus(-x): finite for |x| ~ 1e4 and beyond,
   # unlike log(sigmoid(x)) which gives -inf once sigmoid underflows.
-  log_likelihood = jax.nn.log_sigmoid(reward_gap - margin)  # [B]
+  if labels is None and label_smoothing == 0.0 and tie_model == 'none':
+    log_likelihood = jax.nn.log_sigmoid(reward_gap - margin)  # [B]
+  else:
+    log_likelihood = _soft_log_likelihood(
+        reward_gap - margin, labels, valid, label_smoothing=label_smoothing,
+        tie_model=tie_model, tie_theta=tie_theta)  # [B]
   bt_loss = -_masked_mean(log_likelihood, valid, denominator)
   centering = _masked_mean(jnp.square(chosen + rejected), valid, denominator)
   loss = bt_loss + jnp.asarray(center_coef, jnp.float32) * centering
@@ -138,3 +164,41 @@ def bradley_terry_loss(
       'n_pairs': n_pairs,
   }
   return loss, metrics
+
+
+TIE_MODELS = ('none', 'rao_kupper')
+
+
+def _soft_log_likelihood(z, labels, valid, *, label_smoothing, tie_model,
+                         tie_theta):
+  """[B] log-likelihood of (soft) labels at z = r_c - r_r - margin."""
+  if tie_model not in TIE_MODELS:
+    raise ValueError(f'rm/losses.py: tie_model must be one of {TIE_MODELS}, '
+                     f'got {tie_model!r}.')
+  if not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f'rm/losses.py: label_smoothing must be in [0, 0.5), got '
+                     f'{label_smoothing}.')
+  if labels is None:
+    labels = jnp.ones(z.shape, jnp.float32)
+  labels = jnp.asarray(labels, jnp.float32)
+  if labels.shape != z.shape:
+    raise ValueError(f'rm/losses.py: labels must have shape {tuple(z.shape)}, '
+                     f'got {tuple(labels.shape)}.')
+  labels = jnp.where(valid, labels, 1.0)  # [B]
+  eps = jnp.asarray(label_smoothing, jnp.float32)
+  smoothed = (1.0 - eps) * labels + eps * (1.0 - labels)  # [B]
+  if tie_model == 'none':
+    return (smoothed * jax.nn.log_sigmoid(z)
+            + (1.0 - smoothed) * jax.nn.log_sigmoid(-z))  # [B]
+  if not tie_theta > 1.0:
+    raise ValueError(f'rm/losses.py: tie_theta must be > 1 for Rao-Kupper ties '
+                     f'(theta = 1 gives P(tie) = 0), got {tie_theta}.')
+  log_theta = jnp.log(jnp.asarray(tie_theta, jnp.float32))
+  log_win = jax.nn.log_sigmoid(z - log_theta)  # [B] log P(c > r)
+  log_loss = jax.nn.log_sigmoid(-z - log_theta)  # [B] log P(r > c)
+  # P(tie) = 1 - P(c > r) - P(r > c) = (theta^2 - 1) P(c > r) P(r > c): the
+  # product form stays finite in log space where 1 - p - q would cancel.
+  log_tie = jnp.log(jnp.asarray(tie_theta ** 2 - 1.0, jnp.float32)) + log_win + log_loss
+  is_tie = jnp.abs(labels - 0.5) < 1e-6  # [B]
+  decided = smoothed * log_win + (1.0 - smoothed) * log_loss  # [B]
+  return jnp.where(is_tie, log_tie, decided)

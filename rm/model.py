@@ -135,9 +135,16 @@ class LoadedRewardModel:
     bias: float = 0.0
     tokenizer_path: Optional[str] = None
     step: Optional[int] = None
+    temperature: float = 1.0  # calibration (rm/calibration.py): P(a > b) = sigmoid((r_a - r_b) / T), raw rewards
 
     def normalize(self, raw):
         return self.gain * raw + self.bias
+
+    def preference_probability(self, raw_a, raw_b):
+        """Calibrated P(a preferred over b) = sigmoid((raw_a - raw_b) / temperature), from raw rewards."""
+        from rm.calibration import calibrated_probability
+
+        return calibrated_probability(raw_a, raw_b, self.temperature)
 
 
 def load_reward_model(path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
@@ -202,7 +209,8 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
     tok = os.path.join(workdir, "tokenizer")
     return LoadedRewardModel(config=config, params=params, gain=float(norm.get("gain", 1.0)),
                              bias=float(norm.get("bias", 0.0)), tokenizer_path=tok if os.path.isdir(tok) else None,
-                             step=int(extra.get("step", -1)))
+                             step=int(extra.get("step", -1)),
+                             temperature=float((extra.get("calibration") or {}).get("temperature", 1.0)))
 
 
 def _load_from_hf(path, *, dtype, param_dtype):
@@ -221,5 +229,7 @@ def _load_from_hf(path, *, dtype, param_dtype):
     head = {"kernel": kernel.astype(param_dtype),
             "bias": jnp.asarray([hf_config.get("reward_offset", 0.0)], jnp.float32).astype(param_dtype)}
     backbone = {k: v for k, v in backbone.items() if k != "lm_head"}
+    has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
     return LoadedRewardModel(config=config, params={"backbone": backbone, "head": head},
-                             tokenizer_path=path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else None)
+                             tokenizer_path=path if has_tokenizer else None,
+                             temperature=float(hf_config.get("reward_temperature", 1.0)))

@@ -5,11 +5,19 @@
 W is an RM workdir (Orbax checkpoint, normalisation from it) or an exported Hugging Face
 reward folder (`python -m rm.export`). FILE is JSONL/JSON/Parquet:
   - preference rows (prompt/chosen/rejected, chosen/rejected, or conversational): each output
-    line has `chosen_score`, `rejected_score` (normalised) and `chosen_raw`, `rejected_raw`;
+    line has `chosen_score`, `rejected_score` (normalised), `chosen_raw`, `rejected_raw` and
+    `probability` = sigmoid((chosen_raw - rejected_raw) / T), T the workdir's fitted temperature
+    (calibration.json; 1 for an exported folder or a run without calibration);
   - single responses: `prompt` + `response` (or `completion`), or `text`, or `messages`
     (a conversation): each output line has `score` and `raw`.
 Tokenisation is the training one: prompt tokens + response tokens + EOS.
 One output line per input row, in order (bad rows are an error: nothing is dropped).
+
+Ensembles: `--workdir A,B,C --objective mean|wco|uwo [--uwo_lambda 1.0]` scores with each member
+(its own tokenizer and normalisation) and combines the normalised scores (rm/ensemble.py):
+pair lines get the combined `chosen_score` / `rejected_score`, the members' `chosen_members` /
+`rejected_members` and `probability` (mean of the members' calibrated probabilities);
+single-response lines `score` and `members`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rm import data as rm_data
+from rm.ensemble import OBJECTIVES, combine_scores
 from rm.model import LoadedRewardModel, compute_rewards, load_reward_model
 
 
@@ -131,16 +140,68 @@ def main(argv=None):
 
 def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="RM workdir or exported HF reward folder")
+    ap.add_argument("--workdir", required=True,
+                    help="RM workdir or exported HF reward folder; several, comma-separated, score as an ensemble")
     ap.add_argument("--data", required=True, help="JSONL/JSON/Parquet file to score")
     ap.add_argument("--out", required=True, help="output JSONL, one line per input row")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_length", type=int, default=None, help="default: the training run's data.max_length")
+    ap.add_argument("--objective", default="mean", choices=OBJECTIVES,
+                    help="ensemble objective over the members' normalised scores (several --workdir): mean | wco "
+                         "(min over members) | uwo (mean - uwo_lambda * variance)")
+    ap.add_argument("--uwo_lambda", type=float, default=1.0, help="variance weight of --objective uwo")
     args = ap.parse_args(argv)
 
-    model = load_reward_model(args.workdir)
-    tokenizer = rm_data.load_tokenizer(model.tokenizer_path or args.workdir)
-    max_length = args.max_length or _training_max_length(args.workdir)
+    workdirs = [args.workdir] if os.path.exists(args.workdir) else [w for w in args.workdir.split(",") if w]
+    if len(workdirs) > 1:
+        members = [_score_with(w, args) for w in workdirs]
+        records = ensemble_records([m[0] for m in members], objective=args.objective, uwo_lambda=args.uwo_lambda)
+        _write(args.out, records)
+        print(f"scored {len(records)} rows with a {len(workdirs)}-member ensemble ({args.objective}) -> {args.out} "
+              f"(truncated: {[m[1] for m in members]})", file=sys.stderr)
+        return
+    records, truncated, model = _score_with(args.workdir, args)
+    _write(args.out, records)
+    print(f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
+          f"bias={model.bias:.6g}; temperature={model.temperature:.6g})", file=sys.stderr)
+
+
+def ensemble_records(member_records, *, objective, uwo_lambda=1.0):
+    """Output lines of an ensemble from each member's lines (same rows, same order).
+
+    Pairs: chosen_score / rejected_score = the objective over the members' normalised scores,
+    chosen_members / rejected_members the members' normalised scores, probability the mean of
+    the members' calibrated probabilities. Single responses: score and members."""
+    first = member_records[0]
+    counts = [len(m) for m in member_records]
+    if len(set(counts)) != 1:
+        raise ValueError(f"ensemble members scored different numbers of rows {counts} (pairs that one member's "
+                         f"tokenizer truncates to identical texts are dropped); use members with one tokenizer")
+    if "chosen_score" in first[0]:
+        chosen = np.array([[r["chosen_score"] for r in m] for m in member_records])  # [K, N]
+        rejected = np.array([[r["rejected_score"] for r in m] for m in member_records])  # [K, N]
+        probability = np.array([[r["probability"] for r in m] for m in member_records]).mean(0)  # [N]
+        chosen_score = combine_scores(chosen, objective=objective, uwo_lambda=uwo_lambda)
+        rejected_score = combine_scores(rejected, objective=objective, uwo_lambda=uwo_lambda)
+        return [{"chosen_score": float(chosen_score[i]), "rejected_score": float(rejected_score[i]),
+                 "chosen_members": chosen[:, i].tolist(), "rejected_members": rejected[:, i].tolist(),
+                 "probability": float(probability[i])} for i in range(chosen.shape[1])]
+    scores = np.array([[r["score"] for r in m] for m in member_records])  # [K, N]
+    combined = combine_scores(scores, objective=objective, uwo_lambda=uwo_lambda)
+    return [{"score": float(combined[i]), "members": scores[:, i].tolist()} for i in range(scores.shape[1])]
+
+
+def _write(path, records):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in records)
+
+
+def _score_with(workdir, args):
+    """(records, truncated count, model) of one reward model on the rows of args.data."""
+    model = load_reward_model(workdir)
+    tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
+    max_length = args.max_length or _training_max_length(workdir)
     rows, columns = _read_rows(args.data)
     columns = set(columns)
     records = []
@@ -150,7 +211,8 @@ def _main(argv=None):
         rejected = score_arrays(model, pairs.rejected_ids, pairs.rejected_mask, batch_size=args.batch_size)
         for c, r in zip(chosen, rejected):
             records.append({"chosen_score": float(model.normalize(c)), "rejected_score": float(model.normalize(r)),
-                            "chosen_raw": float(c), "rejected_raw": float(r)})
+                            "chosen_raw": float(c), "rejected_raw": float(r),
+                            "probability": float(model.preference_probability(c, r))})
         truncated = pairs.stats.get("truncated_prompt", 0) + pairs.stats.get("truncated_response", 0)
     else:
         seqs, truncated = tokenize_single(tokenizer, rows, file=args.data, max_length=max_length)
@@ -161,14 +223,9 @@ def _main(argv=None):
     raws = [r.get("raw", r.get("chosen_raw")) for r in records] + [r["rejected_raw"] for r in records
                                                                    if "rejected_raw" in r]
     if len(raws) > 1 and len(set(raws)) == 1:
-        print(f"rm.score: warning: all {len(raws)} scores are the same ({raws[0]:.6g}): the model or its tokenizer "
-              "is probably broken (e.g. an empty tokenizer or an untrained head)", file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    print(f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
-          f"bias={model.bias:.6g})", file=sys.stderr)
+        print(f"rm.score: warning ({workdir}): all {len(raws)} scores are the same ({raws[0]:.6g}): the model or "
+              "its tokenizer is probably broken (e.g. an empty tokenizer or an untrained head)", file=sys.stderr)
+    return records, truncated, model
 
 
 if __name__ == "__main__":

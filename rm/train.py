@@ -32,7 +32,10 @@ from models.hf import load_hf_checkpoint
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 from rm import data as rm_data
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
-from rm.losses import bradley_terry_loss
+from rm.calibration import calibration_metrics, fit_temperature, write_calibration
+from rm.length_bias import length_bias_metrics, response_lengths
+from rm.losses import TIE_MODELS, bradley_terry_loss
+from common.stats import bootstrap_ci
 from models.lora import combine_params
 from rm.model import add_lora_and_quant, compute_rewards, rm_params_from_backbone, save_model_config, split_trainable
 
@@ -72,7 +75,7 @@ def pair_rewards(model_config, params, batch, dropout_rng=None):
 
 
 def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_steps, center_coef, use_margin,
-               nan_step):
+               nan_step, label_smoothing=0.0, tie_model="none", tie_theta=1.5):
     """One optimizer step (with gradient accumulation). Pure: (state, batch, frozen) -> (state, metrics).
 
     state['params'] is the trainable tree only (all params, or LoRA adapters + head); `frozen`
@@ -86,7 +89,8 @@ def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_s
         dropout_rng = micro_rng if model_config.lora_dropout > 0 else None
         chosen, rejected = pair_rewards(model_config, combine_params(params, frozen), micro, dropout_rng)
         margin = micro["margin"] if use_margin else None
-        return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef)
+        return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef, labels=micro.get("label"),
+                                  label_smoothing=label_smoothing, tie_model=tie_model, tie_theta=tie_theta)
 
     loss, aux, grads = accumulate_gradients(loss_fn, state["params"], batch, rng, accum_steps=accum_steps)
     # Fault injection for testing the NaN guard (nan_step < 0: never).
@@ -126,6 +130,65 @@ def normalization_rewards(config, eval_fn, params, train_data, eval_data, tokeni
     return np.concatenate([chosen, rejected]), used
 
 
+def check_loss_options(config):
+    """ValueError naming the field unless the soft-label / tie / calibration options are valid."""
+    tc = config.train
+    if tc.tie_model not in TIE_MODELS:
+        raise ValueError(f"config.train.tie_model={tc.tie_model!r}; expected one of {TIE_MODELS}")
+    if not 0.0 <= tc.label_smoothing < 0.5:
+        raise ValueError(f"config.train.label_smoothing={tc.label_smoothing}; expected a number in [0, 0.5)")
+    if tc.tie_model == "rao_kupper" and not tc.tie_theta > 1.0:
+        raise ValueError(f"config.train.tie_theta={tc.tie_theta}; Rao-Kupper needs theta > 1 (theta = 1: no ties)")
+    source = str(config.eval.calibrate_on)
+    if not source:
+        raise ValueError("config.eval.calibrate_on is empty; expected 'eval', 'none' or preference files")
+    for path in split_files(source) if source not in ("eval", "none") else []:
+        # Checked now, not after the whole run: a local-looking path that is missing.
+        if os.path.splitext(path)[1].lower() in rm_data.LOCAL_BUILDERS and not os.path.exists(path):
+            raise FileNotFoundError(f"config.eval.calibrate_on: {path}: no such file")
+
+
+def fit_calibration(config, eval_fn, params, eval_data, tokenizer, eval_chosen, eval_rejected, *, batch_size,
+                    bucket):
+    """Temperature fitted on the pairs named by eval.calibrate_on ('eval', 'none' or preference files).
+
+    Returns the JSON-able record stored in the checkpoint and calibration.json: temperature, source, n,
+    and ECE / Brier / NLL of the eval pairs at T = 1 ('before') and at the fitted T ('after')."""
+    source = str(config.eval.calibrate_on)
+    if source == "none":
+        temperature, n, used = 1.0, 0, "none"
+    elif source == "eval":
+        temperature = fit_temperature(eval_chosen, eval_rejected, labels=eval_data.label)
+        n, used = len(eval_data), "eval"
+    else:
+        data = rm_data.load_preference_data(split_files(source), tokenizer, max_length=config.data.max_length,
+                                            on_bad_row=config.data.on_bad_row)
+        chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
+        temperature, n, used = fit_temperature(chosen, rejected, labels=data.label), len(data), source
+    n_bins = config.eval.n_bins
+    # at_bound: T hit fit_temperature's [0.01, 100] limits, e.g. separable pairs (every gap > 0), where the
+    # NLL keeps falling as T -> 0: the calibrated probabilities are then ~0/1 and say so.
+    return {"temperature": temperature, "source": used, "n": n, "at_bound": temperature in (1e-2, 1e2),
+            "before": calibration_metrics(eval_chosen, eval_rejected, temperature=1.0, n_bins=n_bins),
+            "after": calibration_metrics(eval_chosen, eval_rejected, temperature=temperature, n_bins=n_bins)}
+
+
+def final_diagnostics(config, eval_data, chosen, rejected, calibration) -> dict:
+    """eval/ metrics added at the end of training: temperature and calibrated ECE/Brier/NLL, the accuracy's
+    bootstrap 95% interval over pairs, and length bias (reward-length correlations, accuracy by length diff)."""
+    after = calibration["after"]
+    out = {"eval/temperature": calibration["temperature"], "eval/calibrated/ece": after["ece"],
+           "eval/calibrated/brier": after["brier"], "eval/calibrated/nll": after["nll"]}
+    if config.eval.bootstrap_resamples > 0:
+        ci = bootstrap_ci((chosen > rejected).astype(np.float64), n_resamples=int(config.eval.bootstrap_resamples),
+                          seed=int(config.seed))
+        out.update({"eval/accuracy_ci_low": ci["low"], "eval/accuracy_ci_high": ci["high"]})
+    chosen_lengths, rejected_lengths = response_lengths(eval_data)
+    metrics = length_bias_metrics(chosen, rejected, chosen_lengths, rejected_lengths)
+    out.update({f"eval/{k}": v for k, v in metrics.items()})
+    return out
+
+
 def train(config, workdir: str) -> dict:
     """Train a reward model as configured; returns the final eval metrics."""
     t0 = time.time()
@@ -133,6 +196,7 @@ def train(config, workdir: str) -> dict:
         raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")
     if not split_files(config.data.train_files):
         raise ValueError("config.data.train_files is empty: give one or more preference files (comma-separated)")
+    check_loss_options(config)
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
     tokenizer = rm_data.load_tokenizer(config.model.tokenizer or config.model.init_from)
 
@@ -204,7 +268,8 @@ def train(config, workdir: str) -> dict:
     step_fn = jax.jit(functools.partial(
         train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
         center_coef=tc.center_coef, use_margin=bool(tc.use_margin and train_data.has_margin),
-        nan_step=config.debug.inject_nan_at_step),
+        nan_step=config.debug.inject_nan_at_step, label_smoothing=float(tc.label_smoothing),
+        tie_model=str(tc.tie_model), tie_theta=float(tc.tie_theta)),
         in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
         out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
     # Replicated outputs: every process can read all rewards (np.asarray) in a multi-process run.
@@ -235,25 +300,36 @@ def train(config, workdir: str) -> dict:
 
     # ---- final evaluation, calibration plot and reward normalisation
     final = run_eval(step, full_params(state))
+    # Calibration needs eval pairs to report on; without eval files T stays 1 and says why.
+    calibration = {"temperature": 1.0, "source": "none", "n": 0, "reason": "no eval files"}
     if eval_data is not None:
         chosen, rejected = evaluate(eval_fn, full_params(state), eval_data, batch_size=eval_bs,
                                     bucket=config.data.bucket)
+        calibration = fit_calibration(config, eval_fn, full_params(state), eval_data, tokenizer, chosen, rejected,
+                                      batch_size=eval_bs, bucket=config.data.bucket)
+        extra_metrics = final_diagnostics(config, eval_data, chosen, rejected, calibration)
+        metrics_writer.write(step, extra_metrics)
+        final.update(extra_metrics)
         if is_main_process():
             plot_reliability_diagram(chosen, rejected, os.path.join(workdir, "reliability.png"),
-                                     n_bins=config.eval.n_bins, title=f"reward model, step {step}")
+                                     n_bins=config.eval.n_bins, title=f"reward model, step {step}",
+                                     temperature=calibration["temperature"])
+    if is_main_process():
+        write_calibration(workdir, calibration)
     norm_rewards, norm_source = normalization_rewards(config, eval_fn, full_params(state), train_data, eval_data,
                                                       tokenizer, batch_size=eval_bs, bucket=config.data.bucket)
     gain, bias = compute_normalization(norm_rewards)
     normalization = {"gain": gain, "bias": bias, "source": norm_source, "requested": str(config.eval.normalize_on),
                      "n": int(norm_rewards.size)}
     write_json(os.path.join(workdir, "normalization.json"), normalization)
-    ckpt.save(step, to_save(state), {"step": step, "normalization": normalization, "data": data_identity}, force=True)
+    ckpt.save(step, to_save(state), {"step": step, "normalization": normalization, "data": data_identity,
+                                     "calibration": calibration}, force=True)
     ckpt.close()
     metrics_writer.close()
     plot_training_curves(workdir, ("train/loss", "train/accuracy", "train/grad_norm", "eval/accuracy", "eval/ece"),
                          title=f"reward model, step {step}")
     summary = dict(final, step=step, wall_time_s=time.time() - t0, normalization=normalization,
-                   data=flat_data_stats(stats))
+                   calibration=calibration, data=flat_data_stats(stats))
     write_json(os.path.join(workdir, "eval_final.json"), summary)
     _report(summary, stats)
     return summary
@@ -264,6 +340,10 @@ def _report(summary, stats):
     if "eval/accuracy" in summary:
         lines.append(f"eval accuracy {summary['eval/accuracy']:.4f}  margin {summary['eval/margin']:.3f}  "
                      f"ECE {summary['eval/ece']:.4f}  Brier {summary['eval/brier']:.4f}")
+        if "eval/temperature" in summary:
+            lines.append(f"temperature {summary['eval/temperature']:.4g} (fitted on "
+                         f"{summary['calibration']['source']}): ECE {summary['eval/calibrated/ece']:.4f}  "
+                         f"Brier {summary['eval/calibrated/brier']:.4f}")
     for split, s in stats.items():
         if s:
             skipped = {k: v for k, v in s.items() if k.startswith("skipped") and v}

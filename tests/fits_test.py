@@ -147,3 +147,22 @@ def test_plot_writes_png(tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   with pytest.raises(ValueError, match="'bon' or 'rl'"):
     fits.plot_overoptimization(points, fitted, str(tmp_path / 'x.png'), method='ppo', title='')
+
+
+@pytest.mark.parametrize('method', ['bon', 'rl'])
+def test_fit_standard_errors_match_statsmodels(method):
+  import statsmodels.api as sm
+  rng = np.random.default_rng(4)
+  d = np.linspace(0.1, 3.0, 12)
+  if method == 'bon':
+    design, fit_fn = np.stack([d, -d ** 2], axis=1), fits.fit_bon
+  else:
+    design, fit_fn = np.stack([d, -d * np.log(d)], axis=1), fits.fit_rl
+  r = design @ np.array([1.2, 0.4]) + rng.normal(0, 0.05, d.size)
+  fit = fit_fn(d, r)
+  ols = sm.OLS(r, design).fit()  # no constant: the same linear-in-parameters form
+  np.testing.assert_allclose([fit['alpha'], fit['beta']], ols.params, rtol=1e-10)
+  np.testing.assert_allclose([fit['alpha_se'], fit['beta_se']], ols.bse, rtol=1e-8)
+  assert fit['dof'] == d.size - 2
+  two = fit_fn(d[:2], r[:2])
+  assert np.isnan(two['alpha_se']) and two['dof'] == 0

@@ -190,3 +190,47 @@ def test_bad_row_error_and_skip(setup):
     first = json.loads(open(os.path.join(skip, "metrics.jsonl")).readline())
     assert first["data/train/skipped"] == 2
     assert "skipped" in res.stdout
+
+
+def test_final_eval_calibration_length_bias_and_interval(trained, setup, tmp_path):
+    """eval_final.json carries T, calibrated ECE/Brier, accuracy's bootstrap interval and length bias,
+    recomputed here from rm.score's raw rewards; T is in calibration.json, the checkpoint and rm.score."""
+    from rm.calibration import calibration_metrics, fit_temperature
+    from rm.model import load_reward_model
+
+    workdir, summary, _ = trained
+    with open(os.path.join(workdir, "calibration.json")) as f:
+        calibration = json.load(f)
+    temperature = summary["eval/temperature"]
+    assert calibration["temperature"] == temperature and calibration["source"] == "eval"
+    assert load_reward_model(workdir).temperature == temperature
+    out = tmp_path / "scores.jsonl"
+    subprocess.run([sys.executable, "-m", "rm.score", "--workdir", workdir, "--data", setup["eval"],
+                    "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
+    scores = [json.loads(l) for l in open(out)]
+    chosen = np.array([s["chosen_raw"] for s in scores])
+    rejected = np.array([s["rejected_raw"] for s in scores])
+    np.testing.assert_allclose(fit_temperature(chosen, rejected), temperature, rtol=1e-4)
+    after = calibration_metrics(chosen, rejected, temperature=temperature)
+    assert summary["eval/calibrated/ece"] == pytest.approx(after["ece"], abs=1e-5)
+    assert summary["eval/calibrated/ece"] <= summary["eval/ece"] + 1e-9
+    np.testing.assert_allclose([s["probability"] for s in scores],
+                               1 / (1 + np.exp(-(chosen - rejected) / temperature)), rtol=1e-5, atol=1e-12)
+    assert summary["eval/accuracy_ci_low"] <= summary["eval/accuracy"] <= summary["eval/accuracy_ci_high"]
+    assert -1 <= summary["eval/length/spearman"] <= 1
+    assert sum(v for k, v in summary.items() if k.startswith("eval/length/bin/") and k.endswith("/n")) == 100
+
+
+def test_exported_folder_keeps_calibrated_probabilities(trained, setup, tmp_path):
+    """The export records the temperature in the exported score's units (gain * T): the folder's
+    probabilities equal the workdir's."""
+    from rm.export import export
+    from rm.model import load_reward_model
+
+    workdir, summary, _ = trained
+    out = export(workdir, str(tmp_path / "hf_rm"))
+    source, exported = load_reward_model(workdir), load_reward_model(out)
+    assert exported.temperature == pytest.approx(source.gain * summary["eval/temperature"], rel=1e-6)
+    raw_a, raw_b = np.array([0.3, -1.2]), np.array([0.1, 0.4])
+    np.testing.assert_allclose(exported.preference_probability(source.normalize(raw_a), source.normalize(raw_b)),
+                               source.preference_probability(raw_a, raw_b), rtol=1e-6)
