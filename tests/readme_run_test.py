@@ -8,17 +8,20 @@ the placeholders become local things:
   /path/to/sft_model -> a tiny random GPT-2 HF folder (tests/rm_data_gen.make_tiny_policy),
   W -> runs/rm (the README's RM workdir; rm.ensemble's --out W -> runs/warm), FILE -> a
   RewardBench-layout file written here, FILES (rm.ensemble --normalize_on) -> eval.jsonl,
-  A,B,C -> three point workdirs of the README's sweep (full fine-tunes of one SFT folder, as
-  rm.ensemble requires); `mean|wco|uwo` takes `uwo`, `[--opt v]` is passed as `--opt v`.
+  A,B,C -> the two point workdirs run of the README's sweep (full fine-tunes of one SFT
+  folder, as rm.ensemble requires); `mean|wco|uwo` takes `uwo`, `[--opt v]` is passed as `--opt v`.
 Each command runs as written plus tiny-size overrides appended (`:size=tiny`, 2 RM steps, 1 PPO
-iteration of 4 rollouts and 4 new tokens); the README's PPO run also gets `policy.lora_rank=2`,
-because the block's second export (`--peft_adapter`) is for LoRA runs ("LoRA runs: adapters
-alone") and the merged export works on the same workdir. Each must exit 0 and write what it
+iteration of 4 rollouts and 4 new tokens); the README's RM and PPO runs also get a LoRA rank
+(model.lora_rank=2, policy.lora_rank=2), because each block's last export (`--peft_adapter`) is
+for LoRA runs ("LoRA runs: adapters alone") and the merged exports work on the same workdirs.
+The SFT folder has spare embedding rows, so the RM adapter export has room for its pad token. Each must exit 0 and write what it
 promises (config/metrics/checkpoints, scores, HF folders, adapter files, results, sweep
 statuses). The trainers run in subprocesses (absl flags are process-global); the score, export,
 RewardBench and ensemble CLIs run in this process through their main(argv).
 
 Not run end to end, and why:
+  - the sweep plans all 4 points (its --dry_run) but runs 2 (the first learning rate, both
+    center_coef values): each point is a full tiny RM run (~12 s CPU);
   - the two install lines (`python3 -m venv ... pip install ...`): no network; the
     quickstart run they end with gets `--print_config` (its documented size is ~10 min) and
     `pytest tests` is this suite;
@@ -34,10 +37,13 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 
-from tests.rm_data_gen import NEUTRAL, make_rows, make_tiny_policy, write_jsonl
+from tests.fixtures import make_tiny_tokenizer
+from tests.hf_fixtures import make_tiny_hf_model
+from tests.rm_data_gen import NEUTRAL, corpus, make_rows, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVERS_PRINT_ONLY = ("configs/quickstart.py", "configs/overoptimization.py", "configs/algorithms.py")
@@ -56,11 +62,25 @@ def readme_commands(text):
                 match = re.search(r"python3? -m (\S+)(.*)", part)
                 if match and not part.startswith("python3 -m venv"):
                     out.append((match.group(1), shlex.split(match.group(2))))
-    inline = re.findall(r"`(?:python -m )?((?:rm|ppo|sft)\.\w+) (--[^`]*)`", text)
+    inline = re.findall(r"`(?:python -m )?((?:rm|ppo|sft)\.\w+|experiments\.run) (--[^`]*)`", text)
     for module, rest in inline:
+        if "--workdir" not in rest:  # a flag named in the text (`ppo.export --peft_adapter`), not a command
+            continue
         rest = rest.replace("mean|wco|uwo", "uwo").replace("[", "").replace("]", "")
         out.append((module, shlex.split(rest)))
     return out
+
+
+def _tiny_sft_folder(d):
+    """make_tiny_policy's GPT-2 and tokenizer, with 4 spare embedding rows (rm.export --peft_adapter
+    needs one for the pad token that a pad == EOS tokenizer gets)."""
+    from transformers import AutoTokenizer
+
+    tok_dir = make_tiny_tokenizer(str(d / "tok"), texts=corpus(), vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    make_tiny_hf_model("gpt2", str(d / "hf"), tokenizer_dir=tok_dir, vocab_size=len(tok) + 4,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return str(d / "hf")
 
 
 def _substitute(args, names):
@@ -89,7 +109,7 @@ def _tiny_run_args(args, extra):
 
 def test_every_readme_command_runs(tmp_path):
     cwd = tmp_path
-    hf = make_tiny_policy(tmp_path / "sft")
+    hf = _tiny_sft_folder(tmp_path / "sft")
     write_jsonl(cwd / "train.jsonl", make_rows(24, 0))
     write_jsonl(cwd / "eval.jsonl", make_rows(8, 1))
     rng = np.random.default_rng(0)
@@ -108,6 +128,7 @@ def test_every_readme_command_runs(tmp_path):
     os.chdir(cwd)
     try:
         for module, args in commands:
+            t0, w0 = time.process_time(), time.time()
             joined = " ".join(args)
             if module == "pytest" or module.startswith("benchmarks.") or "NAME.py" in joined:
                 continue
@@ -123,7 +144,7 @@ def test_every_readme_command_runs(tmp_path):
                     printed.append(spec)
                     continue
                 if spec.startswith("configs/rm.py"):
-                    tiny = _tiny_run_args(args, TINY_RM)
+                    tiny = _tiny_run_args(args, TINY_RM + ["--config.model.lora_rank=2"])
                     # the usage section's --dry_run on the same command (--print_config: the drivers')
                     assert "trainable" in _run_trainer(module, [*tiny, "--dry_run"], cwd).lower()
                 else:
@@ -137,22 +158,30 @@ def test_every_readme_command_runs(tmp_path):
             elif module == "experiments.sweep":
                 i, spec = _config_arg(args)
                 args[i] = os.path.join(ROOT, spec)
+                from experiments import sweep
+                assert sweep.main([*args, "--dry_run"]) == 0  # all 4 points planned
+                # run 2 of the 4 points (the first axis' first value): each point is a full tiny
+                # RM run (~12 s); the other two differ only in a float setting
+                first = args.index("--sweep") + 1
+                axis, values = args[first].split("=", 1)
+                args[first] = f"{axis}={values.split(',')[0]}"
                 _run_trainer(module, [*args, "--set", "train.steps=2", "--quiet"], cwd)
                 root = cwd / args[args.index("--workdir") + 1]
                 points = sorted(p for p in os.listdir(root) if (root / p / "config.json").exists())
-                assert len(points) == 4, os.listdir(root)
+                assert len(points) == 2, os.listdir(root)
                 for j, p in enumerate(points):
                     assert (root / p / "SWEEP_DONE").exists() and (root / p / "checkpoints").exists(), p
                     # point folders are named 'k=v,k=v': commas cannot go in a --workdirs list
                     os.symlink(root / p, cwd / f"member{j}")
-                names["A,B,C"] = "member0,member1,member2"
+                names["A,B,C"] = "member0,member1"
             else:
                 import importlib
                 if module == "rm.score" and "--data" not in args:  # the ensemble fragment: add the I/O
                     args += ["--data", "eval.jsonl", "--out", "ensemble_scores.jsonl"]
                 importlib.import_module(module).main(args)
                 _check_outputs(module, args, cwd)
-            ran.append((module, args))
+            ran.append((module, args, round(time.process_time() - t0, 1)))
+            print(f"{module} {shlex.join(args)}: {time.time() - w0:.1f} s wall", flush=True)
     finally:
         os.chdir(old_cwd)
     assert sorted(printed) == sorted(DRIVERS_PRINT_ONLY), printed
