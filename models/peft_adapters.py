@@ -56,8 +56,14 @@ def _adapters(config, params):
     return out
 
 
-def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, dtype: str = "float32") -> str:
+def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, dtype: str = "float32",
+                        task_type: str = "CAUSAL_LM", modules_to_save: dict | None = None) -> str:
     """Writes the LoRA adapters of a causal LM (`params` with lora_a / lora_b leaves) as a PEFT folder.
+
+    A reward model (rm/export.py) passes task_type 'SEQ_CLS' and `modules_to_save`
+    {HF module name: {tensor name: array}} (e.g. {'score': {'weight': ...}}): PEFT saves such a
+    module's full weights as `base_model.model.<module>.<tensor>` (checked against peft 0.21.2's
+    save_pretrained) and swaps them in for the base's on load.
 
     Args:
       config: the TransformerConfig the adapters were trained with (lora_rank, lora_alpha, ...).
@@ -112,16 +118,21 @@ def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, 
             tensors[f"{prefix}.{i}.{_LLAMA_NAMES[ours]}.lora_B.weight"] = b.T
             targets.add(ours)
         fan_in_fan_out = False
+    for module, module_tensors in (modules_to_save or {}).items():
+        for name, value in module_tensors.items():
+            tensors[f"base_model.model.{module}.{name}"] = _f32(value)
     import jax.numpy as jnp
     target_dtype = np.dtype(jnp.dtype(dtype))
     tensors = {k: np.ascontiguousarray(v.astype(target_dtype)) for k, v in tensors.items()}
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "lora_dropout": float(config.lora_dropout), "bias": "none",
         "target_modules": sorted(targets), "fan_in_fan_out": fan_in_fan_out, "use_rslora": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+        # PEFT matches modules_to_save by the module name's last component (score, ln_f)
+        "modules_to_save": sorted({m.split(".")[-1] for m in modules_to_save}) if modules_to_save else None,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     }
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:

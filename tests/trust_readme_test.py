@@ -57,13 +57,14 @@ def _check(module, args, monkeypatch):
     else:
         import importlib
         mod = importlib.import_module(module)
-        target = {"rm.score": "load_reward_model", "rm.export": "export", "ppo.export": "export",
-                  "sft.export": "export"}[module]
+        targets = {"rm.score": ["load_reward_model"], "rm.export": ["export", "export_adapter"],
+                   "ppo.export": ["export"], "sft.export": ["export"]}[module]
 
         def intercept(*a, **kw):
             raise _Called(a, kw)
 
-        monkeypatch.setattr(mod, target, intercept)
+        for target in targets:
+            monkeypatch.setattr(mod, target, intercept)
         with pytest.raises(_Called):
             mod.main(args)
 
