@@ -38,9 +38,19 @@ from rm.model import rm_params_from_backbone
 from sft.train import train_step as sft_train_step
 
 WORKLOAD = dict(rm_pairs=2, rm_len=256, ppo_rollouts=2, prompt_len=64, response_len=32)
-ROLLOUT_SETTINGS = dict(max_new_tokens=WORKLOAD["response_len"], temperature=0.7, top_k=0, top_p=1.0, eos_token_id=1,
-                        stop_token_ids=(), missing_eos_penalty=1.0, kl_estimator="k1", gamma=1.0, lam=0.95,
-                        whiten_rewards=False)
+ROLLOUT_SETTINGS = dict(
+    max_new_tokens=WORKLOAD["response_len"],
+    temperature=0.7,
+    top_k=0,
+    top_p=1.0,
+    eos_token_id=1,
+    stop_token_ids=(),
+    missing_eos_penalty=1.0,
+    kl_estimator="k1",
+    gamma=1.0,
+    lam=0.95,
+    whiten_rewards=False,
+)
 
 
 def sft_setup(dims, variant):
@@ -49,13 +59,19 @@ def sft_setup(dims, variant):
 
     def build():
         params = init_params(cfg, jax.random.key(0))
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
-                 "rng": jax.random.key_data(jax.random.key(0))}
+        state = {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.asarray(0, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(0)),
+        }
         ids = jnp.ones((2, WORKLOAD["rm_len"]), jnp.int32)
         return state, {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
 
-    step = jax.jit(functools.partial(sft_train_step, model_config=cfg, tx=tx, schedule=schedule, accum_steps=1,
-                                     nan_step=-1), donate_argnums=(0,))
+    step = jax.jit(
+        functools.partial(sft_train_step, model_config=cfg, tx=tx, schedule=schedule, accum_steps=1, nan_step=-1),
+        donate_argnums=(0,),
+    )
     return step, build
 
 
@@ -70,8 +86,16 @@ def rollout_setup(dims, variant):
         policy = init_params(cfg, jax.random.key(0))
         rm = rm_params_from_backbone(cfg, init_params(cfg, jax.random.key(1)), jax.random.key(2))
         ids = jnp.ones((b, p), jnp.int32)
-        return ({"policy": policy, "value": rm}, policy, rm, jnp.ones((2,), jnp.float32), jnp.float32(0.05), ids, ids,
-                jax.random.key(3))
+        return (
+            {"policy": policy, "value": rm},
+            policy,
+            rm,
+            jnp.ones((2,), jnp.float32),
+            jnp.float32(0.05),
+            ids,
+            ids,
+            jax.random.key(3),
+        )
 
     return fn, build
 
@@ -108,9 +132,15 @@ def main(argv=None):
             seconds = timed_compile(*STEPS[name](dims, variant))
             results[name][str(layers)] = round(seconds, 1)
             print(f"{name:12s} {layers:3d} layers: {seconds:6.1f} s", file=sys.stderr, flush=True)
-    report = {"shape": "Llama-3.2-1B dims, n_layers varied", "variant": args.variant,
-              "scan_layers": args.scan, "workload": WORKLOAD,
-              "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "compile_s": results}
+    report = {
+        "shape": "Llama-3.2-1B dims, n_layers varied",
+        "variant": args.variant,
+        "scan_layers": args.scan,
+        "workload": WORKLOAD,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "compile_s": results,
+    }
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as f:

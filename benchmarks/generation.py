@@ -36,8 +36,12 @@ def _parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per side and shape")
     parser.add_argument("--shapes", default="tiny,small", help=f"comma list from: {', '.join(SHAPES)}")
     parser.add_argument("--out", default="benchmarks/results/generation.json", help="JSON results path")
-    parser.add_argument("--xla-ynn", choices=["default", "off"], default="off",
-                        help="off: disable XLA:CPU YNNPACK fusions (see the module docstring)")
+    parser.add_argument(
+        "--xla-ynn",
+        choices=["default", "off"],
+        default="off",
+        help="off: disable XLA:CPU YNNPACK fusions (see the module docstring)",
+    )
     parser.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for HF generate")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=16)
@@ -69,12 +73,28 @@ def build_models(shape: str, folder: str):
     torch.manual_seed(0)
     ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=0)
     if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=256, n_embd=d, n_layer=layers, n_head=heads,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab,
+            n_positions=256,
+            n_embd=d,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
+        )
     else:
-        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=4 * d,
-                                       num_hidden_layers=layers, num_attention_heads=heads,
-                                       num_key_value_heads=heads, max_position_embeddings=256, **ids)
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=d,
+            intermediate_size=4 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=256,
+            **ids,
+        )
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(folder)
     model.generation_config.eos_token_id = None  # no EOS: exactly max_new_tokens per row
@@ -105,8 +125,16 @@ def bench_shape(shape: str, args) -> dict:
     def theirs(rep):
         torch.manual_seed(rep)
         with torch.no_grad():
-            out = model.generate(t_prompts, attention_mask=t_mask, do_sample=True, temperature=TEMPERATURE, top_k=0,
-                                 top_p=1.0, max_new_tokens=n, pad_token_id=0)
+            out = model.generate(
+                t_prompts,
+                attention_mask=t_mask,
+                do_sample=True,
+                temperature=TEMPERATURE,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=n,
+                pad_token_id=0,
+            )
         return out[:, p:].numpy()
 
     start = time.perf_counter()
@@ -122,8 +150,16 @@ def bench_shape(shape: str, args) -> dict:
             if tokens.shape != (b, n):
                 raise RuntimeError(f"{name} produced {tokens.shape} new tokens, expected {(b, n)}")
     family, layers, d, heads, vocab = SHAPES[shape]
-    result = dict(family=family, layers=layers, d_model=d, heads=heads, vocab=vocab, params=config.num_params(),
-                  compile_s=round(compile_s, 2), times_s=times)
+    result = dict(
+        family=family,
+        layers=layers,
+        d_model=d,
+        heads=heads,
+        vocab=vocab,
+        params=config.num_params(),
+        compile_s=round(compile_s, 2),
+        times_s=times,
+    )
     for name in times:
         result[f"{name}_tokens_per_s"] = b * n / statistics.median(times[name])
         result[f"{name}_tokens_per_s_best"] = b * n / min(times[name])  # least disturbed by machine load
@@ -148,21 +184,36 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         results[shape] = bench_shape(shape, args)
         r = results[shape]
-        print(f"{shape}: ours {r['ours_tokens_per_s']:.0f} tok/s, HF {r['hf_tokens_per_s']:.0f} tok/s, "
-              f"ratio {r['ratio']:.2f} (compile {r['compile_s']} s)", file=sys.stderr)
+        print(
+            f"{shape}: ours {r['ours_tokens_per_s']:.0f} tok/s, HF {r['hf_tokens_per_s']:.0f} tok/s, "
+            f"ratio {r['ratio']:.2f} (compile {r['compile_s']} s)",
+            file=sys.stderr,
+        )
 
-    print(f"\nbatch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, temperature {TEMPERATURE}, "
-          f"median of {args.reps}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
+    print(
+        f"\nbatch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, temperature {TEMPERATURE}, "
+        f"median of {args.reps}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n"
+    )
     print("| shape | model | ours tok/s | HF generate tok/s | ours/HF |")
     print("|---|---|---:|---:|---:|")
     for shape, r in results.items():
         model = f"{r['family']} L{r['layers']} d{r['d_model']} h{r['heads']} V{r['vocab']}"
         print(f"| {shape} | {model} | {r['ours_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | {r['ratio']:.2f}x |")
 
-    meta = dict(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, temperature=TEMPERATURE,
-                reps=args.reps, xla_flags=os.environ.get("XLA_FLAGS", ""), torch_threads=torch.get_num_threads(),
-                cpu_count=os.cpu_count(), machine=platform.machine(), jax=jax.__version__,
-                torch=torch.__version__, transformers=transformers.__version__)
+    meta = dict(
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        temperature=TEMPERATURE,
+        reps=args.reps,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        torch_threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        jax=jax.__version__,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, shapes=results), f, indent=1)

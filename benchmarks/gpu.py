@@ -79,7 +79,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import flax
 import jax
@@ -114,15 +115,45 @@ PEAK_BF16_FLOPS = (
 
 BF16_COMPUTE = dict(dtype="bfloat16", param_dtype="float32")
 MODEL_SHAPES = {
-    "1b": TransformerConfig(family="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                            head_dim=64, d_ff=8192, max_position_embeddings=131072, norm_eps=1e-5,
-                            rope_theta=500000.0, tie_embeddings=True, pad_token_id=0, eos_token_id=1,
-                            rope_scaling=(("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-                                          ("original_max_position_embeddings", 8192), ("rope_type", "llama3")),
-                            **BF16_COMPUTE),
-    "tiny": TransformerConfig(family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                              head_dim=16, d_ff=128, max_position_embeddings=2048, tie_embeddings=True,
-                              pad_token_id=0, eos_token_id=1, **BF16_COMPUTE),
+    "1b": TransformerConfig(
+        family="llama",
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        max_position_embeddings=131072,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        rope_scaling=(
+            ("factor", 32.0),
+            ("high_freq_factor", 4.0),
+            ("low_freq_factor", 1.0),
+            ("original_max_position_embeddings", 8192),
+            ("rope_type", "llama3"),
+        ),
+        **BF16_COMPUTE,
+    ),
+    "tiny": TransformerConfig(
+        family="llama",
+        vocab_size=256,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_ff=128,
+        max_position_embeddings=2048,
+        tie_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        **BF16_COMPUTE,
+    ),
 }
 
 
@@ -146,16 +177,39 @@ class Sizes:
 SIZES = {
     # 1b: sized for an 80 GB H100, whose JAX allocator gets 75% of the memory by default
     # (XLA_PYTHON_CLIENT_MEM_FRACTION); see the module docstring for the memory estimates.
-    "1b": Sizes(rm_pairs=4, rm_seq=512, rm_steps_per_rep=5, sample_batch=32, prompt_len=128, new_tokens=128,
-                ppo_batch=16, ppo_prompt_len=128, ppo_new_tokens=128, ppo_epochs=1, ppo_minibatches=4),
-    "tiny": Sizes(rm_pairs=4, rm_seq=64, rm_steps_per_rep=3, sample_batch=4, prompt_len=16, new_tokens=16,
-                  ppo_batch=4, ppo_prompt_len=16, ppo_new_tokens=16, ppo_epochs=1, ppo_minibatches=2),
+    "1b": Sizes(
+        rm_pairs=4,
+        rm_seq=512,
+        rm_steps_per_rep=5,
+        sample_batch=32,
+        prompt_len=128,
+        new_tokens=128,
+        ppo_batch=16,
+        ppo_prompt_len=128,
+        ppo_new_tokens=128,
+        ppo_epochs=1,
+        ppo_minibatches=4,
+    ),
+    "tiny": Sizes(
+        rm_pairs=4,
+        rm_seq=64,
+        rm_steps_per_rep=3,
+        sample_batch=4,
+        prompt_len=16,
+        new_tokens=16,
+        ppo_batch=4,
+        ppo_prompt_len=16,
+        ppo_new_tokens=16,
+        ppo_epochs=1,
+        ppo_minibatches=2,
+    ),
 }
 TEMPERATURE = 0.7
 MEASUREMENTS = ("rm", "sampling", "ppo")
 
 
 # ----------------------------------------------------------------------------- FLOPs and MFU
+
 
 def peak_bf16_flops(device_kind: str) -> Optional[float]:
     """Dense bf16 peak FLOP/s of one chip from its device_kind, or None when unknown (e.g. CPU)."""
@@ -202,7 +256,8 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: Optional[float]
 
 # ----------------------------------------------------------------------------- helpers
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _jitted_init(kind: str, config: TransformerConfig, mesh):
     """jit(init, out_shardings) for a policy ('policy') or reward/value model ('rm'); rng is an argument,
     so every model of one kind shares one compiled program (RNG-heavy inits compile slowly on CPU)."""
@@ -257,8 +312,12 @@ def train_state(params: dict, tx, mesh, *, seed: int) -> tuple[dict, object]:
     output state has exactly the input's layout and the second call does not recompile.
     """
     opt_shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh, REPLICATED_RULES)
-    state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
-             "step": jnp.asarray(0, jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
+    state = {
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
     state_sharding = tree_shardings(state, mesh, REPLICATED_RULES)
     return jax.device_put(state, state_sharding), state_sharding
 
@@ -275,21 +334,39 @@ def xla_temp_bytes(jitted, *args) -> int:
 
 # ----------------------------------------------------------------------------- measurements
 
-def bench_rm_train(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, peak: Optional[float],
-                   memory: bool = False) -> dict:
+
+def bench_rm_train(
+    config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, peak: Optional[float], memory: bool = False
+) -> dict:
     """Reward-model optimizer steps: tokens/s and MFU."""
     b, t = sizes.rm_pairs, sizes.rm_seq
     params = init_on_device("rm", config, mesh, seed=0)
-    tx, schedule = make_optimizer(learning_rate=1e-5, total_steps=10_000, warmup_steps=10, weight_decay=0.01,
-                                  max_grad_norm=1.0)
+    tx, schedule = make_optimizer(
+        learning_rate=1e-5, total_steps=10_000, warmup_steps=10, weight_decay=0.01, max_grad_norm=1.0
+    )
     state, state_sharding = train_state(params, tx, mesh, seed=1)
-    del params  # owned by `state` now, which every step donates
-    batch = {"chosen_ids": random_tokens(1, (b, t), config), "chosen_mask": jnp.ones((b, t), jnp.int32),
-             "rejected_ids": random_tokens(2, (b, t), config), "rejected_mask": jnp.ones((b, t), jnp.int32)}
-    step_fn = jax.jit(functools.partial(train_step, model_config=config, tx=tx, schedule=schedule, accum_steps=1,
-                                        center_coef=0.01, use_margin=False, nan_step=-1),
-                      in_shardings=(state_sharding, batch_sharding(mesh)),
-                      out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+    params = None  # owned by `state` now, which every step donates
+    batch = {
+        "chosen_ids": random_tokens(1, (b, t), config),
+        "chosen_mask": jnp.ones((b, t), jnp.int32),
+        "rejected_ids": random_tokens(2, (b, t), config),
+        "rejected_mask": jnp.ones((b, t), jnp.int32),
+    }
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model_config=config,
+            tx=tx,
+            schedule=schedule,
+            accum_steps=1,
+            center_coef=0.01,
+            use_margin=False,
+            nan_step=-1,
+        ),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
     def run_steps():
         nonlocal state
@@ -302,10 +379,21 @@ def bench_rm_train(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, 
     step_s = timing["median_s"] / sizes.rm_steps_per_rep
     tokens_per_s = 2 * b * t / step_s
     flops = train_flops_per_token(config, t, extra_params=config.d_model + 1)
-    return dict(timing, pairs=b, seq_len=t, tokens_per_step=2 * b * t, steps_per_rep=sizes.rm_steps_per_rep,
-                step_s=step_s, tokens_per_s=tokens_per_s, flops_per_token=flops,
-                model_tflops_per_s=tokens_per_s * flops / 1e12, peak_flops=peak, mfu=mfu(tokens_per_s, flops, peak),
-                peak_memory_bytes=peak_memory_bytes(), xla_temp_bytes=temp)
+    return dict(
+        timing,
+        pairs=b,
+        seq_len=t,
+        tokens_per_step=2 * b * t,
+        steps_per_rep=sizes.rm_steps_per_rep,
+        step_s=step_s,
+        tokens_per_s=tokens_per_s,
+        flops_per_token=flops,
+        model_tflops_per_s=tokens_per_s * flops / 1e12,
+        peak_flops=peak,
+        mfu=mfu(tokens_per_s, flops, peak),
+        peak_memory_bytes=peak_memory_bytes(),
+        xla_temp_bytes=temp,
+    )
 
 
 def bench_sampling(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int) -> dict:
@@ -317,53 +405,85 @@ def bench_sampling(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int) 
     generate = make_generate_fn(config, max_new_tokens=n, temperature=TEMPERATURE, eos_token_id=-1)
     rng = jax.random.key(5)
     timing, _ = timed(lambda: generate(params, prompts, mask, rng), reps=reps)
-    return dict(timing, batch=b, prompt_len=p, new_tokens=n, temperature=TEMPERATURE,
-                tokens_per_s=b * n / timing["median_s"], ms_per_decode_step=1e3 * timing["median_s"] / n,
-                peak_memory_bytes=peak_memory_bytes())
+    return dict(
+        timing,
+        batch=b,
+        prompt_len=p,
+        new_tokens=n,
+        temperature=TEMPERATURE,
+        tokens_per_s=b * n / timing["median_s"],
+        ms_per_decode_step=1e3 * timing["median_s"] / n,
+        peak_memory_bytes=peak_memory_bytes(),
+    )
 
 
 def bench_ppo(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, memory: bool = False) -> dict:
     """One PPO iteration: rollout (and its policy/value/reference forward on its own), then update."""
     b, p, n = sizes.ppo_batch, sizes.ppo_prompt_len, sizes.ppo_new_tokens
     specs = ModelSpecs(policy=config, reward=config, value=config)
-    params = {"policy": init_on_device("policy", config, mesh, seed=5),
-              "value": init_on_device("rm", config, mesh, seed=6)}
+    params = {
+        "policy": init_on_device("policy", config, mesh, seed=5),
+        "value": init_on_device("rm", config, mesh, seed=6),
+    }
     ref_params = to_bf16(params["policy"])  # the reference starts as the policy
     reward_params = to_bf16(init_on_device("rm", config, mesh, seed=7))
     query_ids = random_tokens(8, (b, p), config)
     query_mask = jnp.ones((b, p), jnp.int32)
     norm, beta = jnp.asarray([1.0, 0.0], jnp.float32), jnp.float32(0.05)
-    settings = dict(max_new_tokens=n, temperature=TEMPERATURE, top_k=0, top_p=1.0, eos_token_id=-1,
-                    stop_token_ids=(), missing_eos_penalty=0.0, kl_estimator="k1", gamma=1.0, lam=0.95,
-                    whiten_rewards=False)
+    settings = dict(
+        max_new_tokens=n,
+        temperature=TEMPERATURE,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=-1,
+        stop_token_ids=(),
+        missing_eos_penalty=0.0,
+        kl_estimator="k1",
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+    )
     rng = jax.random.key(9)
     results = {}
 
     rollout_fn = jax.jit(make_rollout_fn(specs, settings))
     results["rollout"], rollout = timed(
-        lambda: rollout_fn(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng), reps=reps)
+        lambda: rollout_fn(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng), reps=reps
+    )
     response_ids, response_mask = rollout.response_ids, rollout.response_mask
 
     @jax.jit
     def forwards(params, ref_params):  # step 2 of the rollout on its own (ppo/rollout.py's functions)
-        logprobs, entropy, values = response_logprobs_and_values(specs, params, query_ids, query_mask, response_ids,
-                                                                 response_mask, temperature=TEMPERATURE)
-        ref = reference_logprobs(config, ref_params, query_ids, query_mask, response_ids, response_mask,
-                                 temperature=TEMPERATURE)
+        logprobs, entropy, values = response_logprobs_and_values(
+            specs, params, query_ids, query_mask, response_ids, response_mask, temperature=TEMPERATURE
+        )
+        ref = reference_logprobs(
+            config, ref_params, query_ids, query_mask, response_ids, response_mask, temperature=TEMPERATURE
+        )
         return logprobs, entropy, values, ref
 
     results["policy_value_ref_forward"], _ = timed(lambda: forwards(params, ref_params), reps=reps)
 
     tx, _ = make_optimizer(learning_rate=1e-6, total_steps=10_000, warmup_steps=0, max_grad_norm=1.0)
     state, state_sharding = train_state(params, tx, mesh, seed=10)
-    loss_fn = functools.partial(ppo_loss, specs=specs, temperature=TEMPERATURE, clip_eps=0.2, vf_clip_eps=0.2,
-                                vf_coef=0.1)
-    update_fn = jax.jit(functools.partial(ppo_update, tx=tx, loss_fn=loss_fn, ppo_epochs=sizes.ppo_epochs,
-                                          num_minibatches=sizes.ppo_minibatches, accum_steps=1),
-                        in_shardings=(state_sharding, batch_sharding(mesh)),
-                        out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+    loss_fn = functools.partial(
+        ppo_loss, specs=specs, temperature=TEMPERATURE, clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1
+    )
+    update_fn = jax.jit(
+        functools.partial(
+            ppo_update,
+            tx=tx,
+            loss_fn=loss_fn,
+            ppo_epochs=sizes.ppo_epochs,
+            num_minibatches=sizes.ppo_minibatches,
+            accum_steps=1,
+        ),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,),
+    )
     update_batch = {k: getattr(rollout, k) for k in UPDATE_KEYS}
-    del params  # owned by `state` now, which the update donates
+    params = None  # owned by `state` now, which the update donates
 
     def run_update():
         nonlocal state
@@ -374,16 +494,27 @@ def bench_ppo(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, memor
     results["update"], _ = timed(run_update, reps=reps)
 
     med = {k: v["median_s"] for k, v in results.items()}
-    return dict(results, batch=b, prompt_len=p, new_tokens=n, ppo_epochs=sizes.ppo_epochs,
-                num_minibatches=sizes.ppo_minibatches, minibatch_size=b // sizes.ppo_minibatches,
-                rollout_s=med["rollout"], policy_value_ref_forward_s=med["policy_value_ref_forward"],
-                generation_and_scoring_s=med["rollout"] - med["policy_value_ref_forward"], update_s=med["update"],
-                update_s_per_optimizer_step=med["update"] / (sizes.ppo_epochs * sizes.ppo_minibatches),
-                iteration_s=med["rollout"] + med["update"], peak_memory_bytes=peak_memory_bytes(),
-                update_xla_temp_bytes=update_temp)
+    return dict(
+        results,
+        batch=b,
+        prompt_len=p,
+        new_tokens=n,
+        ppo_epochs=sizes.ppo_epochs,
+        num_minibatches=sizes.ppo_minibatches,
+        minibatch_size=b // sizes.ppo_minibatches,
+        rollout_s=med["rollout"],
+        policy_value_ref_forward_s=med["policy_value_ref_forward"],
+        generation_and_scoring_s=med["rollout"] - med["policy_value_ref_forward"],
+        update_s=med["update"],
+        update_s_per_optimizer_step=med["update"] / (sizes.ppo_epochs * sizes.ppo_minibatches),
+        iteration_s=med["rollout"] + med["update"],
+        peak_memory_bytes=peak_memory_bytes(),
+        update_xla_temp_bytes=update_temp,
+    )
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def _fmt(value, digits=3):
     if value is None:
@@ -398,25 +529,35 @@ def markdown_table(report: dict) -> str:
     if "rm" in res:
         r = res["rm"]
         setting = f"{r['pairs']} pairs x {r['seq_len']} tok"
-        rows += [("RM train step", setting, _fmt(r["tokens_per_s"]), "tokens/s"),
-                 ("RM train step", setting, _fmt(r["step_s"] * 1e3), "ms/step"),
-                 ("RM train step", "6N + 12 L (H D) T", _fmt(r["model_tflops_per_s"]), "model TFLOP/s"),
-                 ("RM train step", "peak n/a" if r["peak_flops"] is None else f"peak {r['peak_flops'] / 1e12:g} TFLOP/s",
-                  "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", "MFU")]
+        rows += [
+            ("RM train step", setting, _fmt(r["tokens_per_s"]), "tokens/s"),
+            ("RM train step", setting, _fmt(r["step_s"] * 1e3), "ms/step"),
+            ("RM train step", "6N + 12 L (H D) T", _fmt(r["model_tflops_per_s"]), "model TFLOP/s"),
+            (
+                "RM train step",
+                "peak n/a" if r["peak_flops"] is None else f"peak {r['peak_flops'] / 1e12:g} TFLOP/s",
+                "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                "MFU",
+            ),
+        ]
     if "sampling" in res:
         r = res["sampling"]
         setting = f"B {r['batch']}, prompt {r['prompt_len']}, +{r['new_tokens']}"
-        rows += [("Sampling (KV cache)", setting, _fmt(r["tokens_per_s"]), "new tokens/s"),
-                 ("Sampling (KV cache)", setting, _fmt(r["ms_per_decode_step"]), "ms/token step")]
+        rows += [
+            ("Sampling (KV cache)", setting, _fmt(r["tokens_per_s"]), "new tokens/s"),
+            ("Sampling (KV cache)", setting, _fmt(r["ms_per_decode_step"]), "ms/token step"),
+        ]
     if "ppo" in res:
         r = res["ppo"]
         setting = f"B {r['batch']}, prompt {r['prompt_len']}, +{r['new_tokens']}"
         update = f"{r['ppo_epochs']} epoch(s) x {r['num_minibatches']} minibatches of {r['minibatch_size']}"
-        for key, label, where in (("generation_and_scoring_s", "generation + RM scoring + GAE (derived)", setting),
-                                  ("policy_value_ref_forward_s", "policy/value/reference forward", setting),
-                                  ("rollout_s", "rollout total (one jit)", setting),
-                                  ("update_s", "update", update),
-                                  ("iteration_s", "iteration = rollout + update", setting)):
+        for key, label, where in (
+            ("generation_and_scoring_s", "generation + RM scoring + GAE (derived)", setting),
+            ("policy_value_ref_forward_s", "policy/value/reference forward", setting),
+            ("rollout_s", "rollout total (one jit)", setting),
+            ("update_s", "update", update),
+            ("iteration_s", "iteration = rollout + update", setting),
+        ):
             rows.append((f"PPO: {label}", where, _fmt(r[key] * 1e3), "ms"))
     lines = ["| measurement | setting | value | unit |", "|---|---|---:|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -426,45 +567,76 @@ def markdown_table(report: dict) -> str:
 def comparison_table(report: dict) -> str:
     """New paths (the run's attention / logits_chunk) against the plain ones (xla, full logits)."""
     res = report["results"]
-    keys = (("rm", "step_s", "RM step s"), ("rm", "xla_temp_bytes", "RM step XLA temp MiB"),
-            ("rm", "peak_memory_bytes", "RM device peak MiB"), ("ppo", "rollout_s", "PPO rollout s"),
-            ("ppo", "update_s", "PPO update s"), ("ppo", "update_xla_temp_bytes", "PPO update XLA temp MiB"),
-            ("ppo", "peak_memory_bytes", "PPO device peak MiB"))
+    keys = (
+        ("rm", "step_s", "RM step s"),
+        ("rm", "xla_temp_bytes", "RM step XLA temp MiB"),
+        ("rm", "peak_memory_bytes", "RM device peak MiB"),
+        ("ppo", "rollout_s", "PPO rollout s"),
+        ("ppo", "update_s", "PPO update s"),
+        ("ppo", "update_xla_temp_bytes", "PPO update XLA temp MiB"),
+        ("ppo", "peak_memory_bytes", "PPO device peak MiB"),
+    )
     lines = ["| measurement | plain (xla attention, full logits) | new | new / plain |", "|---|---:|---:|---:|"]
     for section, key, label in keys:
         new, plain = res.get(section, {}).get(key), res.get(section + "_plain", {}).get(key)
         if new is None or plain is None:
             continue
-        scale = 2.0 ** 20 if key.endswith("bytes") else 1.0
+        scale = 2.0**20 if key.endswith("bytes") else 1.0
         lines.append(f"| {label} | {_fmt(plain / scale)} | {_fmt(new / scale)} | {new / plain:.2f} |")
     return "\n".join(lines)
 
 
 def environment(shape: str, config: TransformerConfig, sizes: Sizes, remat: bool, reps: int) -> dict:
     device = jax.devices()[0]
-    return {"device_kind": device.device_kind, "platform": device.platform, "backend": jax.default_backend(),
-            "jax_version": jax.__version__, "flax_version": flax.__version__, "python": platform.python_version(),
-            "shape": shape, "model_config": dataclasses.asdict(config), "sizes": dataclasses.asdict(sizes),
-            "remat": remat, "reps": reps, "precision": "float32 params/Adam, bfloat16 compute; frozen models bf16",
-            "non_embedding_params": non_embedding_params(config), "params_with_embedding": config.num_params()}
+    return {
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "python": platform.python_version(),
+        "shape": shape,
+        "model_config": dataclasses.asdict(config),
+        "sizes": dataclasses.asdict(sizes),
+        "remat": remat,
+        "reps": reps,
+        "precision": "float32 params/Adam, bfloat16 compute; frozen models bf16",
+        "non_embedding_params": non_embedding_params(config),
+        "params_with_embedding": config.num_params(),
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(MODEL_SHAPES), default=None,
-                        help="model shape (default: 1b, or tiny on the CPU backend)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(MODEL_SHAPES),
+        default=None,
+        help="model shape (default: 1b, or tiny on the CPU backend)",
+    )
     parser.add_argument("--remat", action="store_true", help="rematerialise every block (jax.checkpoint)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median reported)")
     parser.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma list from: {', '.join(MEASUREMENTS)}")
     parser.add_argument("--sizes", default="", help="overrides of the shape's Sizes, e.g. rm_pairs=16,rm_seq=1024")
     parser.add_argument("--out", default="benchmarks/results/gpu.json", help="JSON results path")
-    parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
-                        help="TransformerConfig.attention of every model (models/attention.py)")
-    parser.add_argument("--logits-chunk", type=int, default=128,
-                        help="TransformerConfig.logits_chunk (models/lm_head.py); 0 = full [B, T, V] logits")
-    parser.add_argument("--compare", action="store_true",
-                        help="also run rm and ppo with attention='xla', logits_chunk=0 (the plain paths) and "
-                             "report both, with XLA temp bytes of the RM step and the PPO update")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=ATTENTION_IMPLS,
+        help="TransformerConfig.attention of every model (models/attention.py)",
+    )
+    parser.add_argument(
+        "--logits-chunk",
+        type=int,
+        default=128,
+        help="TransformerConfig.logits_chunk (models/lm_head.py); 0 = full [B, T, V] logits",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run rm and ppo with attention='xla', logits_chunk=0 (the plain paths) and "
+        "report both, with XLA temp bytes of the RM step and the PPO update",
+    )
     args = parser.parse_args(argv)
     args.only = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = sorted(set(args.only) - set(MEASUREMENTS))
@@ -501,13 +673,19 @@ def main(argv=None) -> dict:
     mesh = make_mesh((1, 1), devices=jax.devices()[:1])
     report = {"environment": environment(shape, config, sizes, args.remat, args.reps), "results": {}, "wall_s": {}}
     peak = peak_bf16_flops(report["environment"]["device_kind"])
-    benches = {"rm": lambda: bench_rm_train(config, sizes, mesh, reps=args.reps, peak=peak, memory=args.compare),
-               "sampling": lambda: bench_sampling(config, sizes, mesh, reps=args.reps),
-               "ppo": lambda: bench_ppo(config, sizes, mesh, reps=args.reps, memory=args.compare)}
+    benches = {
+        "rm": lambda: bench_rm_train(config, sizes, mesh, reps=args.reps, peak=peak, memory=args.compare),
+        "sampling": lambda: bench_sampling(config, sizes, mesh, reps=args.reps),
+        "ppo": lambda: bench_ppo(config, sizes, mesh, reps=args.reps, memory=args.compare),
+    }
     if args.compare:  # the plain paths, for the effect of blockwise attention + chunked log-probs
         plain = config.replace(attention="xla", logits_chunk=0)
-        benches.update({"rm_plain": lambda: bench_rm_train(plain, sizes, mesh, reps=args.reps, peak=peak, memory=True),
-                        "ppo_plain": lambda: bench_ppo(plain, sizes, mesh, reps=args.reps, memory=True)})
+        benches.update(
+            {
+                "rm_plain": lambda: bench_rm_train(plain, sizes, mesh, reps=args.reps, peak=peak, memory=True),
+                "ppo_plain": lambda: bench_ppo(plain, sizes, mesh, reps=args.reps, memory=True),
+            }
+        )
         args.only = list(args.only) + [f"{m}_plain" for m in ("rm", "ppo") if m in args.only]
     start = time.perf_counter()
     failed = []
@@ -524,10 +702,12 @@ def main(argv=None) -> dict:
     report["wall_s"]["total"] = time.perf_counter() - start
 
     env = report["environment"]
-    print(f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}, shape {shape} "
-          f"({env['non_embedding_params']:,} non-embedding params), remat {args.remat}, "
-          f"median of {args.reps}; wall s (compilation included): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_s"].items()))
+    print(
+        f"{env['device_kind']} ({env['backend']}), jax {env['jax_version']}, shape {shape} "
+        f"({env['non_embedding_params']:,} non-embedding params), remat {args.remat}, "
+        f"median of {args.reps}; wall s (compilation included): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_s"].items())
+    )
     print(markdown_table(report))
     if args.compare:
         print(comparison_table(report))

@@ -76,13 +76,23 @@ from ppo.train import UPDATE_KEYS, ppo_loss, ppo_update
 from rm.model import add_lora_and_quant, rm_params_from_backbone, split_trainable
 from rm.train import train_step
 
-GIB, MIB = 2.0 ** 30, 2.0 ** 20
+GIB, MIB = 2.0**30, 2.0**20
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SHAPES = {
-    "1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, d_ff=8192,
-               rope_theta=500000.0, tie_embeddings=True),
-    "small": dict(vocab_size=32000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=1024,
-                  tie_embeddings=True),
+    "1b": dict(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+    ),
+    "small": dict(
+        vocab_size=32000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=1024, tie_embeddings=True
+    ),
 }
 # Per shape. RM: pairs x tokens per sequence; PPO: rollouts, prompt tokens, response tokens.
 WORKLOADS = {
@@ -120,9 +130,17 @@ def variant_by_name(name: str) -> Variant:
 
 def model_config(dims: dict, variant: Variant) -> TransformerConfig:
     """Float backbone config of every model in the run (before LoRA / int8)."""
-    return TransformerConfig(family="llama", **dims, dtype=variant.dtype, param_dtype=variant.dtype,
-                             remat=variant.remat, remat_policy="nothing_saveable", scan_layers=variant.scan_layers,
-                             pad_token_id=0, eos_token_id=1)
+    return TransformerConfig(
+        family="llama",
+        **dims,
+        dtype=variant.dtype,
+        param_dtype=variant.dtype,
+        remat=variant.remat,
+        remat_policy="nothing_saveable",
+        scan_layers=variant.scan_layers,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
 
 
 def make_tx():
@@ -143,6 +161,7 @@ def _init_key(seed):
 
 # ----------------------------------------------------------------------------- the two steps
 
+
 def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
     """(jitted step, build) of one RM train step; build() -> (state, batch, frozen), trees as
     rm/train.py makes them. Call build() for arrays or jax.eval_shape(build) for shapes only."""
@@ -153,12 +172,24 @@ def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
         keys = jax.random.split(_init_key(seed), 5)
         cfg = model_config(dims, variant)
         params = rm_params_from_backbone(cfg, init_params(cfg, keys[0]), keys[1])
-        cfg, params = add_lora_and_quant(cfg, params, lora_rank=variant.rank, lora_alpha=variant.lora_alpha,
-                                         lora_targets=LORA_TARGETS, quant=variant.quant, rng=keys[2], where="model")
+        cfg, params = add_lora_and_quant(
+            cfg,
+            params,
+            lora_rank=variant.rank,
+            lora_alpha=variant.lora_alpha,
+            lora_targets=LORA_TARGETS,
+            quant=variant.quant,
+            rng=keys[2],
+            where="model",
+        )
         box["config"] = cfg
         params, frozen = split_trainable(cfg, params)
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
-                 "rng": jax.random.key_data(jax.random.key(seed))}
+        state = {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.asarray(0, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+        }
         b, t = workload["rm_pairs"], workload["rm_len"]
         ids = jax.random.randint(keys[4], (2, b, t), 1, dims["vocab_size"], jnp.int32)
         ones = jnp.ones((b, t), jnp.int32)
@@ -167,9 +198,20 @@ def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
 
     jax.eval_shape(build)  # fills box['config'] (static) without allocating anything
 
-    step = jax.jit(functools.partial(train_step, model_config=box["config"], tx=tx, schedule=schedule, accum_steps=1,
-                                     center_coef=0.01, use_margin=False, nan_step=-1),
-                   donate_argnums=(0,), keep_unused=True)
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model_config=box["config"],
+            tx=tx,
+            schedule=schedule,
+            accum_steps=1,
+            center_coef=0.01,
+            use_margin=False,
+            nan_step=-1,
+        ),
+        donate_argnums=(0,),
+        keep_unused=True,
+    )
     return step, build
 
 
@@ -189,33 +231,64 @@ def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
         policy_params = init_params(cfg, keys[0])  # the SFT policy
         rm_params = rm_params_from_backbone(cfg, init_params(cfg, keys[1]), keys[2])  # the trained RM (float)
         policy_config, policy_params = add_lora_and_quant(
-            cfg, policy_params, lora_rank=variant.rank, lora_alpha=variant.lora_alpha, lora_targets=LORA_TARGETS,
-            quant=variant.quant, rng=keys[3], where="policy")
+            cfg,
+            policy_params,
+            lora_rank=variant.rank,
+            lora_alpha=variant.lora_alpha,
+            lora_targets=LORA_TARGETS,
+            quant=variant.quant,
+            rng=keys[3],
+            where="policy",
+        )
         reward_config, reward_params = cfg, rm_params
         if variant.quant:  # reward.quant='int8'
             reward_params, reward_config = quantize_params(rm_params, cfg)
         reward_params = _copy(reward_params)  # own buffers: counted once here, once in the value model
         # value.init='reward': the value model starts as the float reward model (+ adapters).
         value_config, value_params = add_lora_and_quant(
-            cfg, rm_params, lora_rank=variant.rank, lora_alpha=variant.lora_alpha, lora_targets=LORA_TARGETS,
-            quant=variant.quant, rng=keys[4], where="value")
+            cfg,
+            rm_params,
+            lora_rank=variant.rank,
+            lora_alpha=variant.lora_alpha,
+            lora_targets=LORA_TARGETS,
+            quant=variant.quant,
+            rng=keys[4],
+            where="value",
+        )
         if lora:  # policy.reference='auto' -> 'adapters_off': no second copy of the base
             ref_config, ref_params = None, None
         else:  # 'copy': a separate frozen copy of the initial policy
             ref_config, ref_params = policy_config, _copy(policy_params)
-        box["specs"] = ModelSpecs(policy=policy_config, reward=reward_config, value=value_config,
-                                  value_head_on_policy=False, reference=ref_config, reference_adapters_off=lora)
+        box["specs"] = ModelSpecs(
+            policy=policy_config,
+            reward=reward_config,
+            value=value_config,
+            value_head_on_policy=False,
+            reference=ref_config,
+            reference_adapters_off=lora,
+        )
         trainable = lora_trainable if lora else (lambda path: True)
         params, frozen = partition_params({"policy": policy_params, "value": value_params}, trainable)
         params = _copy(params)
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
-                 "rng": jax.random.key_data(jax.random.key(seed))}
+        state = {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.asarray(0, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+        }
         b, p, n = workload["ppo_rollouts"], workload["prompt_len"], workload["response_len"]
         normal = jax.random.normal(keys[6], (4, b, n), jnp.float32)
         ids = jax.random.randint(keys[7], (b, p + n), 1, dims["vocab_size"], jnp.int32)
-        rollout = {"query_ids": ids[:, :p], "query_mask": jnp.ones((b, p), jnp.int32), "response_ids": ids[:, p:],
-                   "response_mask": jnp.ones((b, n), jnp.int32), "logprobs": normal[0] - 3.0, "values": normal[1],
-                   "advantages": normal[2], "returns": normal[3]}
+        rollout = {
+            "query_ids": ids[:, :p],
+            "query_mask": jnp.ones((b, p), jnp.int32),
+            "response_ids": ids[:, p:],
+            "response_mask": jnp.ones((b, n), jnp.int32),
+            "logprobs": normal[0] - 3.0,
+            "values": normal[1],
+            "advantages": normal[2],
+            "returns": normal[3],
+        }
         assert set(rollout) == set(UPDATE_KEYS)
         return state, rollout, frozen, ref_params, reward_params
 
@@ -306,17 +379,18 @@ def _affine(points: dict[int, dict], layers: int):
     return out
 
 
-def scaled_memory(kind: str, dims: dict, variant: Variant, workload: dict, depths: tuple[int, ...], *,
-                  scheduler: str = "memory") -> dict:
+def scaled_memory(
+    kind: str, dims: dict, variant: Variant, workload: dict, depths: tuple[int, ...], *, scheduler: str = "memory"
+) -> dict:
     """abstract_memory at dims['n_layers'], compiled there (depths empty) or extrapolated from `depths`."""
     target = dims["n_layers"]
     if not depths or target in depths:
-        return dict(abstract_memory(kind, dims, variant, workload, scheduler=scheduler),
-                    method=f"compiled at {target} layers")
+        return dict(
+            abstract_memory(kind, dims, variant, workload, scheduler=scheduler), method=f"compiled at {target} layers"
+        )
     if len(depths) != 2:
         raise ValueError(f"--depths needs two layer counts, got {depths}")
-    points = {d: abstract_memory(kind, dict(dims, n_layers=d), variant, workload, scheduler=scheduler)
-              for d in depths}
+    points = {d: abstract_memory(kind, dict(dims, n_layers=d), variant, workload, scheduler=scheduler) for d in depths}
     out = _affine(points, target)
     out["method"] = f"extrapolated linearly from {depths[0]} and {depths[1]} layers"
     out["points"] = {str(d): {k: v for k, v in p.items() if k != "trees"} for d, p in points.items()}
@@ -324,6 +398,7 @@ def scaled_memory(kind: str, dims: dict, variant: Variant, workload: dict, depth
 
 
 # ----------------------------------------------------------------------------- measured RSS
+
 
 def _ru_maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -367,9 +442,19 @@ def rss_worker(kind: str, variant: Variant, shape: str, steps: int, scheduler: s
         state, metrics = compiled(state, *rest)
     loss = float(jax.device_get(metrics["loss"] if kind == "rm" else metrics["policy/pg_loss"]))
     jax.block_until_ready(state)
-    return {"kind": kind, "variant": variant.name, "shape": shape, "steps": steps, "rss_peak": _peak_rss(),
-            "ru_maxrss": _ru_maxrss(), "rss_baseline": baseline, "rss_built": built, "xla": stats,
-            "step_s": (time.time() - t0) / steps, "last_loss": loss}
+    return {
+        "kind": kind,
+        "variant": variant.name,
+        "shape": shape,
+        "steps": steps,
+        "rss_peak": _peak_rss(),
+        "ru_maxrss": _ru_maxrss(),
+        "rss_baseline": baseline,
+        "rss_built": built,
+        "xla": stats,
+        "step_s": (time.time() - t0) / steps,
+        "last_loss": loss,
+    }
 
 
 def run_rss(jobs: list[tuple[str, Variant]], *, shape: str, steps: int, scheduler: str, results: dict) -> None:
@@ -377,18 +462,36 @@ def run_rss(jobs: list[tuple[str, Variant]], *, shape: str, steps: int, schedule
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for kind, v in jobs:
-        cmd = [sys.executable, "-m", "benchmarks.memory", "--worker", kind, "--variants", v.name, "--shape", shape,
-               "--rss-steps", str(steps), "--scheduler", scheduler]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.memory",
+            "--worker",
+            kind,
+            "--variants",
+            v.name,
+            "--shape",
+            shape,
+            "--rss-steps",
+            str(steps),
+            "--scheduler",
+            scheduler,
+        ]
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             results["error"] = f"RSS worker {kind} {v.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
             return
         results[(kind, v.name)] = r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  rss {kind:3s} {v.name:16s} small {r['rss_peak'] / MIB:7.0f} MiB peak RSS "
-              f"(baseline {r['rss_baseline'] / MIB:.0f})", file=sys.stderr, flush=True)
+        print(
+            f"  rss {kind:3s} {v.name:16s} small {r['rss_peak'] / MIB:7.0f} MiB peak RSS "
+            f"(baseline {r['rss_baseline'] / MIB:.0f})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def _g(x):
     return f"{x / GIB:.2f}"
@@ -397,16 +500,22 @@ def _g(x):
 def markdown(report: dict) -> str:
     """The summary table and the 1B PPO breakdown (GiB; RSS in MiB)."""
     base = report["reference_ppo_peak"]
-    lines = ["| config | RM step GiB (1B) | PPO step GiB (1B) | PPO / fp32 PPO | RSS RM small MiB | "
-             "RSS PPO small MiB | XLA PPO small MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| config | RM step GiB (1B) | PPO step GiB (1B) | PPO / fp32 PPO | RSS RM small MiB | "
+        "RSS PPO small MiB | XLA PPO small MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in report["results"]:
         rss, small, ppo = row["rss"], row["small"], row["1b"]["ppo"]["peak"]
         cells = [row["variant"], _g(row["1b"]["rm"]["peak"]), _g(ppo), f"{ppo / base:.1%}" if base else "-"]
         cells += [f"{rss[k]['rss_peak'] / MIB:.0f}" if k in rss else "-" for k in ("rm", "ppo")]
         lines.append("| " + " | ".join(cells + [f"{small['ppo']['peak'] / MIB:.0f}" if "ppo" in small else "-"]) + " |")
-    lines += ["", "PPO step at 1B, GiB (argument = the trees + rollout; temp = activations, gradients, scratch):",
-              "| config | trainable | opt_state | frozen | reference | reward | argument | temp |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "PPO step at 1B, GiB (argument = the trees + rollout; temp = activations, gradients, scratch):",
+        "| config | trainable | opt_state | frozen | reference | reward | argument | temp |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in report["results"]:
         p = row["1b"]["ppo"]
         cells = [p["trees"][k] for k in ("trainable_params", "opt_state", "frozen", "reference", "reward")]
@@ -420,23 +529,32 @@ def run(variants, *, depths, scheduler, rss_steps, crosscheck) -> dict:
     rss, thread = {}, None
     if rss_steps > 0:
         jobs = [(k, v) for v in variants for k in ("rm", "ppo")]
-        thread = threading.Thread(target=run_rss, args=(jobs,), daemon=True,
-                                  kwargs=dict(shape="small", steps=rss_steps, scheduler=scheduler, results=rss))
+        thread = threading.Thread(
+            target=run_rss,
+            args=(jobs,),
+            daemon=True,
+            kwargs=dict(shape="small", steps=rss_steps, scheduler=scheduler, results=rss),
+        )
         thread.start()
     results = []
     for v in variants:
         row = {"variant": v.name, "1b": {}, "small": {}, "rss": {}}
         for kind in ("rm", "ppo"):
             row["1b"][kind] = m = scaled_memory(kind, SHAPES["1b"], v, WORKLOADS["1b"], depths, scheduler=scheduler)
-            print(f"  xla {kind:3s} {v.name:16s} 1B {m['peak'] / GIB:7.2f} GiB ({m['compile_s']:.0f} s compiling)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  xla {kind:3s} {v.name:16s} 1B {m['peak'] / GIB:7.2f} GiB ({m['compile_s']:.0f} s compiling)",
+                file=sys.stderr,
+                flush=True,
+            )
         results.append(row)
     by_name = {r["variant"]: r for r in results}
     other = None
     if crosscheck and {"fp32", "lora_int8+remat"} <= set(by_name):  # the target ratio, other scheduler
         alt = [x for x in SCHEDULERS if x != scheduler][0]
-        peaks = {n: scaled_memory("ppo", SHAPES["1b"], variant_by_name(n), WORKLOADS["1b"], depths,
-                                  scheduler=alt)["peak"] for n in ("fp32", "lora_int8+remat")}
+        peaks = {
+            n: scaled_memory("ppo", SHAPES["1b"], variant_by_name(n), WORKLOADS["1b"], depths, scheduler=alt)["peak"]
+            for n in ("fp32", "lora_int8+remat")
+        }
         other = {"scheduler": alt, "peaks": peaks, "ratio": peaks["lora_int8+remat"] / peaks["fp32"]}
     if thread is not None:
         thread.join()
@@ -448,15 +566,28 @@ def run(variants, *, depths, scheduler, rss_steps, crosscheck) -> dict:
                 row["rss"][kind] = r = dict(rss[(kind, row["variant"])])
                 row["small"][kind] = r.pop("xla")
     base = by_name["fp32"]["1b"]["ppo"]["peak"] if "fp32" in by_name else None
-    report = {"formula": "peak = argument + temp + output - alias (bytes from compiled.memory_analysis())",
-              "backend": jax.default_backend(), "scheduler": scheduler, "compiler_options": compiler_options(scheduler),
-              "shapes": SHAPES, "workloads": WORKLOADS, "ppo": PPO_SETTINGS,
-              "lora": {"rank": VARIANTS[4].lora_rank, "alpha": VARIANTS[4].lora_alpha, "targets": LORA_TARGETS},
-              "depths": list(depths) or "full", "reference_ppo_peak": base, "results": results}
+    report = {
+        "formula": "peak = argument + temp + output - alias (bytes from compiled.memory_analysis())",
+        "backend": jax.default_backend(),
+        "scheduler": scheduler,
+        "compiler_options": compiler_options(scheduler),
+        "shapes": SHAPES,
+        "workloads": WORKLOADS,
+        "ppo": PPO_SETTINGS,
+        "lora": {"rank": VARIANTS[4].lora_rank, "alpha": VARIANTS[4].lora_alpha, "targets": LORA_TARGETS},
+        "depths": list(depths) or "full",
+        "reference_ppo_peak": base,
+        "results": results,
+    }
     if base and "lora_int8+remat" in by_name:
         ratio = by_name["lora_int8+remat"]["1b"]["ppo"]["peak"] / base
-        report["target"] = {"what": "lora_int8+remat PPO peak / fp32 PPO peak (1B)", "ratio": ratio, "limit": 0.35,
-                            "met": ratio <= 0.35, "other_scheduler": other}
+        report["target"] = {
+            "what": "lora_int8+remat PPO peak / fp32 PPO peak (1B)",
+            "ratio": ratio,
+            "limit": 0.35,
+            "met": ratio <= 0.35,
+            "other_scheduler": other,
+        }
     report["wall_s"] = time.time() - t0
     return report
 
@@ -465,8 +596,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/memory.json")
     ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated names")
-    ap.add_argument("--depths", default="", help="two layer counts to extrapolate the 1B shape from (preview); "
-                    "default: compile all 16 layers")
+    ap.add_argument(
+        "--depths",
+        default="",
+        help="two layer counts to extrapolate the 1B shape from (preview); default: compile all 16 layers",
+    )
     ap.add_argument("--scheduler", default="memory", choices=SCHEDULERS, help="XLA:CPU scheduler (compiler_options)")
     ap.add_argument("--rss-steps", type=int, default=2, help="steps each RSS subprocess runs (0: no RSS runs)")
     ap.add_argument("--crosscheck", action="store_true", help="also the target ratio under the other scheduler")
@@ -478,17 +612,22 @@ def main(argv=None):
         print(json.dumps(rss_worker(args.worker, variants[0], args.shape, args.rss_steps, args.scheduler)), flush=True)
         return
     depths = tuple(int(d) for d in args.depths.split(",") if d.strip())
-    report = run(variants, depths=depths, scheduler=args.scheduler, rss_steps=args.rss_steps,
-                 crosscheck=args.crosscheck)
+    report = run(
+        variants, depths=depths, scheduler=args.scheduler, rss_steps=args.rss_steps, crosscheck=args.crosscheck
+    )
     print(markdown(report) if report["reference_ppo_peak"] else json.dumps(report["results"], indent=1))
     target = report.get("target")
     if target:
-        print(f"\nLoRA + int8 frozen models + remat / full fp32, PPO step at 1B ({args.scheduler} scheduler): "
-              f"{target['ratio']:.1%} (target <= 35%: {'met' if target['met'] else 'NOT met'})")
+        print(
+            f"\nLoRA + int8 frozen models + remat / full fp32, PPO step at 1B ({args.scheduler} scheduler): "
+            f"{target['ratio']:.1%} (target <= 35%: {'met' if target['met'] else 'NOT met'})"
+        )
         if target["other_scheduler"]:
             o = target["other_scheduler"]
-            print(f"The same with XLA:CPU's {o['scheduler']} scheduler: {o['ratio']:.1%} "
-                  f"({_g(o['peaks']['lora_int8+remat'])} / {_g(o['peaks']['fp32'])} GiB)")
+            print(
+                f"The same with XLA:CPU's {o['scheduler']} scheduler: {o['ratio']:.1%} "
+                f"({_g(o['peaks']['lora_int8+remat'])} / {_g(o['peaks']['fp32'])} GiB)"
+            )
     print(f"total {report['wall_s']:.0f} s", file=sys.stderr)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

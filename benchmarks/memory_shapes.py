@@ -57,14 +57,41 @@ from benchmarks.memory import (  # noqa: E402
 from common.mesh import batch_sharding, make_mesh  # noqa: E402
 from models.sharding import DEFAULT_RULES, tree_shardings  # noqa: E402
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 REAL_SHAPES = {
-    "llama3.2-1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-                        d_ff=8192, rope_theta=500000.0, tie_embeddings=True),
-    "qwen3-1.7b": dict(vocab_size=151936, d_model=2048, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
-                       d_ff=6144, rope_theta=1000000.0, tie_embeddings=True),
-    "llama3.1-8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                        d_ff=14336, rope_theta=500000.0, tie_embeddings=False),
+    "llama3.2-1b": dict(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+    ),
+    "qwen3-1.7b": dict(
+        vocab_size=151936,
+        d_model=2048,
+        n_layers=28,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=6144,
+        rope_theta=1000000.0,
+        tie_embeddings=True,
+    ),
+    "llama3.1-8b": dict(
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+    ),
 }
 MODES = {"before": dict(attention="xla", logits_chunk=0), "after": dict(attention="chunked", logits_chunk=128)}
 VARIANT = Variant("bf16", remat=True)
@@ -115,10 +142,20 @@ def markdown(paths) -> str:
         with open(path) as f:
             report = json.load(f)
         for r in report["rows"]:
-            rows.append((r["shape"], r["kind"], report["workload"]["rm_len"] if r["kind"] == "rm" else 2048,
-                         r["devices"], r["mode"], r))
-    lines = ["| shape | step | tokens | devices | mode | peak | argument | temp | temp at 0 layers | [B,T,V] f32 logits |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+            rows.append(
+                (
+                    r["shape"],
+                    r["kind"],
+                    report["workload"]["rm_len"] if r["kind"] == "rm" else 2048,
+                    r["devices"],
+                    r["mode"],
+                    r,
+                )
+            )
+    lines = [
+        "| shape | step | tokens | devices | mode | peak | argument | temp | temp at 0 layers | [B,T,V] f32 logits |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for shape, kind, t, n, mode, r in sorted(rows, key=lambda x: x[:5]):
         zero = r.get("at_0_layers", {}).get("temp")
         logits = r.get("full_logits_f32_bytes_per_device")
@@ -162,11 +199,21 @@ def main(argv=None):
                         row["depth_independent_temp_below_logits"] = m["at_0_layers"]["temp"] < logits
                 rows.append(row)
                 extra = f"  temp@0 layers {m['at_0_layers']['temp'] / GIB:6.2f}" if "at_0_layers" in m else ""
-                print(f"{shape:12s} {mode:6s} {kind:3s} T={args.rm_len if kind == 'rm' else 2048} {n}dev: peak {m['peak'] / GIB:7.2f} GiB  temp "
-                      f"{m['temp'] / GIB:7.2f}  arg {m['argument'] / GIB:7.2f}  ({m['compile_s']:.0f} s compiling){extra}",
-                      file=sys.stderr, flush=True)
-    report = {"variant": VARIANT.name, "workload": workload, "modes": MODES, "devices": n, "depths": list(depths),
-              "formula": "peak = argument + temp + output - alias, per device", "rows": rows}
+                print(
+                    f"{shape:12s} {mode:6s} {kind:3s} T={args.rm_len if kind == 'rm' else 2048} {n}dev: peak {m['peak'] / GIB:7.2f} GiB  temp "
+                    f"{m['temp'] / GIB:7.2f}  arg {m['argument'] / GIB:7.2f}  ({m['compile_s']:.0f} s compiling){extra}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    report = {
+        "variant": VARIANT.name,
+        "workload": workload,
+        "modes": MODES,
+        "devices": n,
+        "depths": list(depths),
+        "formula": "peak = argument + temp + output - alias, per device",
+        "rows": rows,
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -48,14 +48,23 @@ def rm_quality(rm_dir: str, pairs_file: str, *, max_length: int, batch_size: int
     (c32, r32, b32), (c8, r8, b8) = out["fp32"], out["int8"]
     err = np.abs(np.concatenate([c8 - c32, r8 - r32]))
     scale = float(np.std(np.concatenate([c32, r32])))
-    return {"pairs": int(len(c32)), "accuracy_fp32": float(np.mean(c32 > r32)), "accuracy_int8": float(np.mean(c8 > r8)),
-            "flipped_pairs": int(np.sum((c32 > r32) != (c8 > r8))),
-            "score_abs_err_mean": float(err.mean()), "score_abs_err_max": float(err.max()),
-            "score_std_fp32": scale, "score_err_mean_over_std": float(err.mean() / scale),
-            "param_bytes_fp32": int(b32), "param_bytes_int8": int(b8)}
+    return {
+        "pairs": int(len(c32)),
+        "accuracy_fp32": float(np.mean(c32 > r32)),
+        "accuracy_int8": float(np.mean(c8 > r8)),
+        "flipped_pairs": int(np.sum((c32 > r32) != (c8 > r8))),
+        "score_abs_err_mean": float(err.mean()),
+        "score_abs_err_max": float(err.max()),
+        "score_std_fp32": scale,
+        "score_err_mean_over_std": float(err.mean() / scale),
+        "param_bytes_fp32": int(b32),
+        "param_bytes_int8": int(b8),
+    }
 
 
-def policy_quality(hf_dir: str, texts_file: str, *, max_length: int, batch_size: int = 32, max_texts: int = 256) -> dict:
+def policy_quality(
+    hf_dir: str, texts_file: str, *, max_length: int, batch_size: int = 32, max_texts: int = 256
+) -> dict:
     from models.hf import load_hf_checkpoint
     from models.quant import param_bytes, quantize_params
     from models.transformer import Transformer
@@ -79,22 +88,30 @@ def policy_quality(hf_dir: str, texts_file: str, *, max_length: int, batch_size:
 
     kls, errs = [], []
     for start in range(0, len(ids), batch_size):
-        chunk = [x[:width] for x in ids[start:start + batch_size]]
+        chunk = [x[:width] for x in ids[start : start + batch_size]]
         arr = np.full((batch_size, width), pad, np.int32)
         mask = np.zeros((batch_size, width), np.int32)
         for i, x in enumerate(chunk):
-            arr[i, :len(x)], mask[i, :len(x)] = x, 1
+            arr[i, : len(x)], mask[i, : len(x)] = x, 1
         kl, err = jax.device_get(per_token(params, qparams, arr, mask))
         # positions 0 .. len-2 predict a real next token
         valid = np.zeros_like(mask, bool)
         for i, x in enumerate(chunk):
-            valid[i, :len(x) - 1] = True
+            valid[i, : len(x) - 1] = True
         kls.append(kl[valid])
         errs.append(err[valid])
     kl, err = np.concatenate(kls), np.concatenate(errs)
-    return {"texts": len(ids), "tokens": int(kl.size), "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
-            "kl_max": float(kl.max()), "logprob_err_mean": float(err.mean()), "logprob_err_max": float(err.max()),
-            "param_bytes_fp32": int(param_bytes(params)), "param_bytes_int8": int(param_bytes(qparams))}
+    return {
+        "texts": len(ids),
+        "tokens": int(kl.size),
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+        "logprob_err_mean": float(err.mean()),
+        "logprob_err_max": float(err.max()),
+        "param_bytes_fp32": int(param_bytes(params)),
+        "param_bytes_int8": int(param_bytes(qparams)),
+    }
 
 
 def main(argv=None):
@@ -109,13 +126,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
     w = args.workdir
     t0 = time.time()
-    result = {"workdir": w, "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
-              "reward_model": rm_quality(args.rm or os.path.join(w, "rm"),
-                                         args.eval_pairs or os.path.join(w, "labels", "eval.jsonl"),
-                                         max_length=args.max_length),
-              "policy": policy_quality(args.policy or os.path.join(w, "sft", "hf"),
-                                       args.texts or os.path.join(w, "data", "sft_eval.jsonl"),
-                                       max_length=args.max_length)}
+    result = {
+        "workdir": w,
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0].device_kind),
+        "reward_model": rm_quality(
+            args.rm or os.path.join(w, "rm"),
+            args.eval_pairs or os.path.join(w, "labels", "eval.jsonl"),
+            max_length=args.max_length,
+        ),
+        "policy": policy_quality(
+            args.policy or os.path.join(w, "sft", "hf"),
+            args.texts or os.path.join(w, "data", "sft_eval.jsonl"),
+            max_length=args.max_length,
+        ),
+    }
     result["seconds"] = time.time() - t0
     print(json.dumps(result, indent=2))
     if args.out:

@@ -102,6 +102,7 @@ VARIANTS = ("ours", "ours-ynn-off", "trl-default", "trl-no-gc", "torch")
 
 # ----------------------------------------------------------------------------- data + model files
 
+
 def make_pairs(seq: int, *, lengths: str, seed: int = 0) -> dict:
     """N_DISTINCT_BATCHES * B right-padded pairs: ids/mask [N, T] int32 for chosen and rejected."""
     rng = np.random.default_rng(seed)
@@ -125,15 +126,17 @@ def make_pairs(seq: int, *, lengths: str, seed: int = 0) -> dict:
 def batch_at(pairs: dict, step: int) -> dict:
     """Batch `step` (cycled) with the keys rm.data.train_batches yields."""
     start = (step % N_DISTINCT_BATCHES) * BATCH_PAIRS
-    batch = {k: v[start:start + BATCH_PAIRS] for k, v in pairs.items()}
+    batch = {k: v[start : start + BATCH_PAIRS] for k, v in pairs.items()}
     batch["margin"] = np.zeros(BATCH_PAIRS, np.float32)
     return batch
 
 
 def tokens_in(pairs: dict, first: int, count: int) -> int:
     """Non-pad tokens (chosen + rejected) of batches first .. first+count-1."""
-    return sum(int(batch_at(pairs, s)["chosen_mask"].sum() + batch_at(pairs, s)["rejected_mask"].sum())
-               for s in range(first, first + count))
+    return sum(
+        int(batch_at(pairs, s)["chosen_mask"].sum() + batch_at(pairs, s)["rejected_mask"].sum())
+        for s in range(first, first + count)
+    )
 
 
 def _now() -> tuple[float, float]:
@@ -148,9 +151,20 @@ def worker_prepare(shape: dict, directory: str, lengths: str) -> dict:
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=max(128, shape["seq"]), n_embd=shape["d_model"],
-                                  n_layer=shape["layers"], n_head=shape["heads"], resid_pdrop=0.0, embd_pdrop=0.0,
-                                  attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0, num_labels=1)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=max(128, shape["seq"]),
+        n_embd=shape["d_model"],
+        n_layer=shape["layers"],
+        n_head=shape["heads"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        num_labels=1,
+    )
     model = transformers.AutoModelForSequenceClassification.from_config(cfg)
     with torch.no_grad():  # non-trivial biases and norms, as tests/hf_fixtures.py does
         for name, p in model.named_parameters():
@@ -167,6 +181,7 @@ def _load_pairs(directory: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- workers
+
 
 def worker_ours(directory: str, steps: int) -> dict:
     """rm.train.train_step, jitted with donation as rm/train.py builds it."""
@@ -187,17 +202,34 @@ def worker_ours(directory: str, steps: int) -> dict:
     rng = jax.random.key(0)
     params = rm_params_from_backbone(model_config, backbone, jax.random.fold_in(rng, 1))
     # Same head as the torch runs (HF GPT-2's score layer has no bias).
-    params["head"] = {"kernel": jnp.asarray(leftovers["score.weight"], jnp.float32).T,
-                      "bias": jnp.zeros((1,), jnp.float32)}
-    tx, schedule = make_optimizer(learning_rate=LEARNING_RATE, total_steps=10**6, warmup_steps=0, weight_decay=0.0,
-                                  max_grad_norm=1.0)
+    params["head"] = {
+        "kernel": jnp.asarray(leftovers["score.weight"], jnp.float32).T,
+        "bias": jnp.zeros((1,), jnp.float32),
+    }
+    tx, schedule = make_optimizer(
+        learning_rate=LEARNING_RATE, total_steps=10**6, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0
+    )
     mesh = make_mesh((-1, 1), ("data", "model"))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
-             "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
+    }
     state = jax.device_put(state, replicated(mesh))
-    step_fn = jax.jit(functools.partial(
-        train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=1, center_coef=0.0,
-        use_margin=False, nan_step=-1), donate_argnums=(0,))
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model_config=model_config,
+            tx=tx,
+            schedule=schedule,
+            accum_steps=1,
+            center_coef=0.0,
+            use_margin=False,
+            nan_step=-1,
+        ),
+        donate_argnums=(0,),
+    )
 
     def place(step):
         return shard_batch(trim_to_bucket(batch_at(pairs, step), BUCKET), mesh)
@@ -221,9 +253,16 @@ def worker_ours(directory: str, steps: int) -> dict:
     jax.device_get(pending)
     jax.block_until_ready(state)
     t1 = _now()
-    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "steps": steps,
-            "tokens": tokens_in(pairs, WARMUP_STEPS, steps), "first_loss": first_loss, "compile_plus_first_step_s": first_step_s,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+    return {
+        "seconds": t1[0] - t0[0],
+        "cpu_seconds": t1[1] - t0[1],
+        "steps": steps,
+        "tokens": tokens_in(pairs, WARMUP_STEPS, steps),
+        "first_loss": first_loss,
+        "compile_plus_first_step_s": first_step_s,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax": jax.__version__,
+    }
 
 
 def _torch_setup():
@@ -275,9 +314,15 @@ def worker_torch(directory: str, steps: int) -> dict:
     for s in range(WARMUP_STEPS, WARMUP_STEPS + steps):
         step(s)
     t1 = _now()
-    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "steps": steps,
-            "tokens": tokens_in(pairs, WARMUP_STEPS, steps),
-            "first_loss": first_loss, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "seconds": t1[0] - t0[0],
+        "cpu_seconds": t1[1] - t0[1],
+        "steps": steps,
+        "tokens": tokens_in(pairs, WARMUP_STEPS, steps),
+        "first_loss": first_loss,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def worker_trl(directory: str, steps: int, gradient_checkpointing: bool | None) -> dict:
@@ -298,7 +343,9 @@ def worker_trl(directory: str, steps: int, gradient_checkpointing: bool | None) 
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1")),
-        pad_token="t0", eos_token="t0")
+        pad_token="t0",
+        eos_token="t0",
+    )
 
     ends, begins, first_loss = [], [], []
 
@@ -319,23 +366,50 @@ def worker_trl(directory: str, steps: int, gradient_checkpointing: bool | None) 
     kw = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
     with tempfile.TemporaryDirectory() as out_dir:
         args = trl.RewardConfig(
-            output_dir=out_dir, max_steps=n_steps, per_device_train_batch_size=BATCH_PAIRS, learning_rate=LEARNING_RATE,
-            max_length=int(pairs["chosen_ids"].shape[1]), bf16=False, fp16=False, use_cpu=True, report_to="none",
-            logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=0, dataloader_pin_memory=False, train_sampling_strategy="sequential", seed=0, **kw)
-        trainer = Trainer(model=_load_torch_model(directory), args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Timer()])
+            output_dir=out_dir,
+            max_steps=n_steps,
+            per_device_train_batch_size=BATCH_PAIRS,
+            learning_rate=LEARNING_RATE,
+            max_length=int(pairs["chosen_ids"].shape[1]),
+            bf16=False,
+            fp16=False,
+            use_cpu=True,
+            report_to="none",
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            train_sampling_strategy="sequential",
+            seed=0,
+            **kw,
+        )
+        trainer = Trainer(
+            model=_load_torch_model(directory),
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[Timer()],
+        )
         trainer.train()
     if len(ends) != n_steps:
         raise RuntimeError(f"TRL ran {len(ends)} optimizer steps, expected {n_steps}")
     compute = [e[0] - b for b, e in zip(begins[WARMUP_STEPS:], ends[WARMUP_STEPS:])]
-    return {"seconds": ends[-1][0] - ends[WARMUP_STEPS - 1][0], "cpu_seconds": ends[-1][1] - ends[WARMUP_STEPS - 1][1],
-            "steps": steps,
-            "tokens": tokens_in(pairs, WARMUP_STEPS, steps), "first_loss": first_loss[0],
-            "compute_only_seconds": sum(compute), "gradient_checkpointing": bool(args.gradient_checkpointing),
-            "model_is_gradient_checkpointing": _is_checkpointing(trainer.model),
-            "optim": str(args.optim), "trl": trl.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads()}
+    return {
+        "seconds": ends[-1][0] - ends[WARMUP_STEPS - 1][0],
+        "cpu_seconds": ends[-1][1] - ends[WARMUP_STEPS - 1][1],
+        "steps": steps,
+        "tokens": tokens_in(pairs, WARMUP_STEPS, steps),
+        "first_loss": first_loss[0],
+        "compute_only_seconds": sum(compute),
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "model_is_gradient_checkpointing": _is_checkpointing(trainer.model),
+        "optim": str(args.optim),
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _is_checkpointing(model) -> bool:
@@ -360,36 +434,65 @@ def run_worker(kind: str, directory: str, steps: int, shape: dict, lengths: str)
 
 # ----------------------------------------------------------------------------- driver
 
+
 def spawn(kind: str, directory: str, steps: int, shape_name: str, lengths: str, threads: int) -> dict:
     """Runs one worker in a fresh interpreter; returns its JSON result."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error",
-               HF_DATASETS_DISABLE_PROGRESS_BARS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+        DATASETS_VERBOSITY="error",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
     if kind == "ours-ynn-off":
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
     if kind.startswith("ours"):
         # Repetitions reuse the compiled step (compilation is never timed; this only saves wall time).
         env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(directory, "jax_cache"))
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    cmd = [sys.executable, "-m", "benchmarks.rm_throughput", "--worker", kind, "--dir", directory,
-           "--steps", str(steps), "--shapes", shape_name, "--lengths", lengths, "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.rm_throughput",
+        "--worker",
+        kind,
+        "--dir",
+        directory,
+        "--steps",
+        str(steps),
+        "--shapes",
+        shape_name,
+        "--lengths",
+        lengths,
+        "--threads",
+        str(threads),
+    ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     load = os.getloadavg()[0]  # other work on the machine skews everything; kept with each run
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"worker {kind} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return dict(json.loads(lines[-1][len("RESULT "):]), load_avg_1min_before=load)
+    return dict(json.loads(lines[-1][len("RESULT ") :]), load_avg_1min_before=load)
 
 
 def summarise(runs: list[dict]) -> dict:
     rates = [r["tokens"] / r["seconds"] for r in runs]
     step_ms = [1000 * r["seconds"] / r["steps"] for r in runs]
-    return {"tokens_per_s_median": statistics.median(rates), "tokens_per_s_min": min(rates),
-            "tokens_per_s_max": max(rates), "ms_per_step_median": statistics.median(step_ms),
-            "tokens_per_cpu_s_median": statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs),
-            "load_avg_median": statistics.median(r["load_avg_1min_before"] for r in runs),
-            "first_loss": runs[0]["first_loss"]}
+    return {
+        "tokens_per_s_median": statistics.median(rates),
+        "tokens_per_s_min": min(rates),
+        "tokens_per_s_max": max(rates),
+        "ms_per_step_median": statistics.median(step_ms),
+        "tokens_per_cpu_s_median": statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs),
+        "load_avg_median": statistics.median(r["load_avg_1min_before"] for r in runs),
+        "first_loss": runs[0]["first_loss"],
+    }
 
 
 def benchmark_shape(name: str, *, reps: int, steps: int | None, lengths: str, threads: int) -> dict:
@@ -403,26 +506,45 @@ def benchmark_shape(name: str, *, reps: int, steps: int | None, lengths: str, th
                 t0 = time.time()
                 result = spawn(variant, directory, steps, name, lengths, threads)
                 runs[variant].append(result)
-                print(f"[{name} rep {rep + 1}/{reps}] {variant:13s} {result['tokens'] / result['seconds']:10.0f} tok/s "
-                      f"({1000 * result['seconds'] / steps:.1f} ms/step, wall {time.time() - t0:.0f}s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{name} rep {rep + 1}/{reps}] {variant:13s} {result['tokens'] / result['seconds']:10.0f} tok/s "
+                    f"({1000 * result['seconds'] / steps:.1f} ms/step, wall {time.time() - t0:.0f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     summary = {v: summarise(r) for v, r in runs.items()}
     best = max(("ours", "ours-ynn-off"), key=lambda v: summary[v]["tokens_per_s_median"])
     headline = summary[best]["tokens_per_s_median"]
     ratios = {f"ours/{v}": headline / summary[v]["tokens_per_s_median"] for v in ("trl-default", "trl-no-gc", "torch")}
     losses = [s["first_loss"] for s in summary.values()]
-    return {"shape": dict(shape, steps=steps, batch_pairs=BATCH_PAIRS, vocab=VOCAB, lengths=lengths,
-                          warmup_steps=WARMUP_STEPS, params=info["params"], threads=threads),
-            "ours_best_variant": best, "summary": summary, "ratios": ratios,
-            "first_loss_spread": max(losses) - min(losses),
-            "targets_met": {"ours/trl-default>=1.2": ratios["ours/trl-default"] >= 1.2,
-                            "ours/trl-no-gc>=1.0": ratios["ours/trl-no-gc"] >= 1.0},
-            "runs": runs}
+    return {
+        "shape": dict(
+            shape,
+            steps=steps,
+            batch_pairs=BATCH_PAIRS,
+            vocab=VOCAB,
+            lengths=lengths,
+            warmup_steps=WARMUP_STEPS,
+            params=info["params"],
+            threads=threads,
+        ),
+        "ours_best_variant": best,
+        "summary": summary,
+        "ratios": ratios,
+        "first_loss_spread": max(losses) - min(losses),
+        "targets_met": {
+            "ours/trl-default>=1.2": ratios["ours/trl-default"] >= 1.2,
+            "ours/trl-no-gc>=1.0": ratios["ours/trl-no-gc"] >= 1.0,
+        },
+        "runs": runs,
+    }
 
 
 def markdown(results: dict) -> str:
-    lines = ["| shape | run | tokens/s (median) | min-max | ms/step | ours / this | tokens/CPU-s | load | first loss |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| shape | run | tokens/s (median) | min-max | ms/step | ours / this | tokens/CPU-s | load | first loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, res in results.items():
         sm, best = res["summary"], res["ours_best_variant"]
         for v in VARIANTS:
@@ -431,19 +553,25 @@ def markdown(results: dict) -> str:
             if v == best:
                 label += " *"
             ratio = res["ratios"].get(f"ours/{v}")
-            lines.append(f"| {name} | {label} | {s['tokens_per_s_median']:,.0f} | {s['tokens_per_s_min']:,.0f}-"
-                         f"{s['tokens_per_s_max']:,.0f} | {s['ms_per_step_median']:.1f} | "
-                         f"{'' if ratio is None else f'{ratio:.2f}x'} | {s['tokens_per_cpu_s_median']:,.0f} | "
-                         f"{s['load_avg_median']:.1f} | {s['first_loss']:.6f} |")
+            lines.append(
+                f"| {name} | {label} | {s['tokens_per_s_median']:,.0f} | {s['tokens_per_s_min']:,.0f}-"
+                f"{s['tokens_per_s_max']:,.0f} | {s['ms_per_step_median']:.1f} | "
+                f"{'' if ratio is None else f'{ratio:.2f}x'} | {s['tokens_per_cpu_s_median']:,.0f} | "
+                f"{s['load_avg_median']:.1f} | {s['first_loss']:.6f} |"
+            )
     lines.append("")
     threads = next(iter(results.values()))["shape"]["threads"]
-    lines.append(f"{threads} thread(s) per framework. `*` = faster ours setting, used for the ratios. load = median "
-                 "1-min load average before the runs (anything above the thread count means shared cores). "
-                 "Targets: ours/trl-default >= 1.2, ours/trl-no-gc >= 1.0.")
+    lines.append(
+        f"{threads} thread(s) per framework. `*` = faster ours setting, used for the ratios. load = median "
+        "1-min load average before the runs (anything above the thread count means shared cores). "
+        "Targets: ours/trl-default >= 1.2, ours/trl-no-gc >= 1.0."
+    )
     for name, res in results.items():
         met = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in res["targets_met"].items())
-        lines.append(f"- {name}: {met}; first-step losses agree within {res['first_loss_spread']:.1e}; "
-                     f"TRL default gradient_checkpointing={res['runs']['trl-default'][0]['gradient_checkpointing']}")
+        lines.append(
+            f"- {name}: {met}; first-step losses agree within {res['first_loss_spread']:.1e}; "
+            f"TRL default gradient_checkpointing={res['runs']['trl-default'][0]['gradient_checkpointing']}"
+        )
     return "\n".join(lines)
 
 
@@ -453,8 +581,12 @@ def main(argv=None) -> dict | None:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per run (median reported)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: per shape)")
     p.add_argument("--lengths", default="full", choices=("full", "variable"), help="sequence lengths, see docstring")
-    p.add_argument("--threads", type=int, default=2,
-                   help="threads (and, if fewer than this machine's cores, pinned cores) per framework")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads (and, if fewer than this machine's cores, pinned cores) per framework",
+    )
     p.add_argument("--out", default="benchmarks/results/rm_throughput.json", help="JSON results file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
@@ -469,7 +601,7 @@ def main(argv=None) -> dict | None:
         cores = sorted(os.sched_getaffinity(0))
         if args.worker != "prepare" and args.threads < len(cores):
             # Before jax/torch start their thread pools: XLA sizes its pool from the affinity mask.
-            os.sched_setaffinity(0, cores[:args.threads])
+            os.sched_setaffinity(0, cores[: args.threads])
         result = run_worker(args.worker, args.dir, args.steps or shape["steps"], shape, args.lengths)
         print("RESULT " + json.dumps(result), flush=True)
         return None
@@ -477,8 +609,10 @@ def main(argv=None) -> dict | None:
     if args.reps < 1 or args.threads < 1:
         p.error("--reps and --threads must be >= 1")
     t0 = time.time()
-    results = {name: benchmark_shape(name, reps=args.reps, steps=args.steps, lengths=args.lengths, threads=args.threads)
-               for name in shapes}
+    results = {
+        name: benchmark_shape(name, reps=args.reps, steps=args.steps, lengths=args.lengths, threads=args.threads)
+        for name in shapes
+    }
     table = markdown(results)
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

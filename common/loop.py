@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,6 +38,7 @@ from common.run_utils import PreemptionHandler, check_finite
 def write_json(path: str, obj: Any) -> None:
     """Writes obj as indented, key-sorted JSON, on the main process only (multi-process runs have one writer)."""
     from common.distributed import is_main_process
+
     if not is_main_process():
         return
     with open(path, "w") as f:
@@ -45,8 +47,12 @@ def write_json(path: str, obj: Any) -> None:
 
 def flat_data_stats(stats: dict) -> dict:
     """{'train': {'rows': 10, ...}, 'eval': None} -> {'data/train/rows': 10, ...} (numbers only), for metrics.jsonl."""
-    return {f"data/{split}/{k}": v for split, s in stats.items() for k, v in (s or {}).items()
-            if isinstance(v, (int, float))}
+    return {
+        f"data/{split}/{k}": v
+        for split, s in stats.items()
+        for k, v in (s or {}).items()
+        if isinstance(v, (int, float))
+    }
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
@@ -54,8 +60,11 @@ def _checkpoint_steps(workdir: str) -> list[int]:
     root = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    return sorted(int(n) for n in os.listdir(root)
-                  if n.isdigit() and os.path.exists(os.path.join(root, n, "_CHECKPOINT_METADATA")))
+    return sorted(
+        int(n)
+        for n in os.listdir(root)
+        if n.isdigit() and os.path.exists(os.path.join(root, n, "_CHECKPOINT_METADATA"))
+    )
 
 
 PATH_KEYS = ("init_from", "tokenizer", "workdir")  # config fields naming folders that must exist
@@ -68,6 +77,7 @@ def preflight(config) -> None:
     `*.tokenizer`, `*.workdir` and `data.*_files` path, and the logging backends."""
     from common.mesh import make_mesh
     from common.run_utils import DATA_EXTENSIONS, looks_like_local_path
+
     if "mesh" in config:
         try:
             make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
@@ -78,8 +88,10 @@ def preflight(config) -> None:
             if sec.quant not in ("", "int8"):
                 raise ValueError(f"config.{name}.quant={sec.quant!r}; expected '' or 'int8'")
             if sec.quant and sec.lora_rank <= 0:
-                raise ValueError(f"config.{name}.quant={sec.quant!r} needs config.{name}.lora_rank > 0: int8 is the "
-                                 "frozen base under LoRA (QLoRA); a fully fine-tuned model cannot have int8 weights")
+                raise ValueError(
+                    f"config.{name}.quant={sec.quant!r} needs config.{name}.lora_rank > 0: int8 is the "
+                    "frozen base under LoRA (QLoRA); a fully fine-tuned model cannot have int8 weights"
+                )
     for key, value in resume.flatten(resume.config_dict(config)).items():
         field = key.rsplit(".", 1)[-1]
         if not isinstance(value, str) or not value:
@@ -88,8 +100,9 @@ def preflight(config) -> None:
             if not os.path.exists(value):
                 raise FileNotFoundError(f"config.{key}={value!r}: {value} does not exist")
             if field == "init_from" and not os.path.exists(os.path.join(value, "config.json")):
-                raise FileNotFoundError(f"config.{key}={value!r}: {value} is not a Hugging Face model folder "
-                                        f"(no config.json in it)")
+                raise FileNotFoundError(
+                    f"config.{key}={value!r}: {value} is not a Hugging Face model folder (no config.json in it)"
+                )
         elif key.startswith("data.") and field.endswith("_files"):
             for path in (p.strip() for p in value.split(",") if p.strip()):
                 local = looks_like_local_path(path) or os.path.splitext(path)[1].lower() in DATA_EXTENSIONS
@@ -102,6 +115,7 @@ def preflight(config) -> None:
 class RunStart:
     """What `start_run` found: the workdir, the checkpoint step on disk (None: a fresh start), whether
     config/data changes are allowed, and the compilation cache folder."""
+
     workdir: str
     resume_step: int | None
     allow_change: bool
@@ -140,6 +154,7 @@ def start_run(config, workdir: str) -> RunStart:
     if resume_step is not None:
         resume.check_resume_config(workdir, config, step=resume_step, allow=allow)
     from common.distributed import is_main_process
+
     os.makedirs(workdir, exist_ok=True)
     if is_main_process():
         write_config_json(workdir, config)
@@ -157,8 +172,12 @@ def open_checkpoints(workdir: str, template: Any, *, save_every: int, keep: int,
     dict and start_step its step; otherwise `template` itself, {} and 0. `config`'s
     runtime.async_checkpointing turns on Orbax's background saves."""
     runtime = tracking.section(config, "runtime", tracking.RUNTIME_DEFAULTS)
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=save_every, max_to_keep=keep,
-                             async_save=bool(runtime["async_checkpointing"]))
+    ckpt = CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        save_every=save_every,
+        max_to_keep=keep,
+        async_save=bool(runtime["async_checkpointing"]),
+    )
     step, tree, extra = ckpt.restore_newest_intact(template, report=lambda line: print(line, flush=True))
     if step is None:
         return ckpt, template, {}, 0
@@ -172,14 +191,26 @@ class LoopResult:
     state: Any
     step: int
     preempted: bool
-    last_train_metrics: dict
 
 
-def run_train_loop(*, step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, batches: Iterator[Any],
-                   start_step: int, total_steps: int, ckpt, metrics_writer: MetricsWriter, workdir: str,
-                   log_every: int, eval_every: int, run_eval: Callable[[int, Any], Any],
-                   to_save: Callable[[Any], Any] = lambda s: s, desc: str = "train",
-                   progress_keys: tuple[str, ...] = ("loss", "accuracy"), extra: dict | None = None) -> LoopResult:
+def run_train_loop(
+    *,
+    step_fn: Callable[[Any, Any], tuple[Any, dict]],
+    state: Any,
+    batches: Iterator[Any],
+    start_step: int,
+    total_steps: int,
+    ckpt,
+    metrics_writer: MetricsWriter,
+    workdir: str,
+    log_every: int,
+    eval_every: int,
+    run_eval: Callable[[int, Any], Any],
+    to_save: Callable[[Any], Any] = lambda s: s,
+    desc: str = "train",
+    progress_keys: tuple[str, ...] = ("loss", "accuracy"),
+    extra: dict | None = None,
+) -> LoopResult:
     """Runs steps start_step+1 .. total_steps. `batches` yields ready (sharded) batches; `step_fn`
     is the jitted `(state, batch) -> (state, device metrics)` with at least 'loss'. Metrics are
     written as 'train/<key>' averages over the fetched group. `to_save(state)` is the checkpoint
@@ -195,8 +226,13 @@ def run_train_loop(*, step_fn: Callable[[Any, Any], tuple[Any, dict]], state: An
             return {}
         fetched = jax.device_get(pending)
         for i, m in enumerate(fetched):
-            check_finite(m["loss"], step=step - len(fetched) + i + 1, name="train/loss", workdir=workdir,
-                         last_checkpoint_step=last_saved)
+            check_finite(
+                m["loss"],
+                step=step - len(fetched) + i + 1,
+                name="train/loss",
+                workdir=workdir,
+                last_checkpoint_step=last_saved,
+            )
         avg = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         metrics_writer.write(step, avg)
         pending = []
@@ -226,4 +262,4 @@ def run_train_loop(*, step_fn: Callable[[Any, Any], tuple[Any, dict]], state: An
     progress.close()
     if preempted:
         print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
-    return LoopResult(state=state, step=step, preempted=preempted, last_train_metrics=last)
+    return LoopResult(state=state, step=step, preempted=preempted)

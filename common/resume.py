@@ -23,23 +23,44 @@ import fnmatch
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["RESUME_MUTABLE", "ConfigChanged", "config_dict", "flatten", "config_changes", "check_resume_config",
-           "data_identity", "check_data_identity", "record_history", "HISTORY_FILE"]
+__all__ = [
+    "RESUME_MUTABLE",
+    "ConfigChanged",
+    "config_dict",
+    "flatten",
+    "config_changes",
+    "check_resume_config",
+    "data_identity",
+    "check_data_identity",
+    "record_history",
+    "HISTORY_FILE",
+]
 
 HISTORY_FILE = "config_history.jsonl"
 
 # Config keys (glob patterns) that may differ between the first start and a resume.
 RESUME_MUTABLE = (
     "train.steps",  # run longer (or stop earlier); the step count is in the checkpoint
-    "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-    "train.samples_every", "train.num_samples",  # PPO: how many samples are written, how often
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.samples_every",
+    "train.num_samples",  # PPO: how many samples are written, how often
     "data.eval_files",  # extra / other held-out files: evaluation only
-    "eval.batch_size", "eval.at_start",
-    "logging.*", "runtime.*",  # TensorBoard / W&B, compilation cache, async saves, this very switch
-    "mesh.*", "distributed.*",  # how the same computation is laid out on devices and processes
-    "model.remat", "model.remat_policy", "policy.remat", "policy.remat_policy",  # memory vs compute only
+    "eval.batch_size",
+    "eval.at_start",
+    "logging.*",
+    "runtime.*",  # TensorBoard / W&B, compilation cache, async saves, this very switch
+    "mesh.*",
+    "distributed.*",  # how the same computation is laid out on devices and processes
+    "model.remat",
+    "model.remat_policy",
+    "policy.remat",
+    "policy.remat_policy",  # memory vs compute only
     "export.*",  # what is written after training
 )
 
@@ -76,8 +97,11 @@ def is_mutable(key: str) -> bool:
 def config_changes(old: dict, new: dict) -> dict:
     """{key: {'old': a, 'new': b}} for every flat key whose value differs (absent = None)."""
     old_flat, new_flat = flatten(old), flatten(new)
-    return {k: {"old": old_flat.get(k), "new": new_flat.get(k)}
-            for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)}
+    return {
+        k: {"old": old_flat.get(k), "new": new_flat.get(k)}
+        for k in sorted(set(old_flat) | set(new_flat))
+        if old_flat.get(k) != new_flat.get(k)
+    }
 
 
 def _shown(changes: dict) -> str:
@@ -87,10 +111,15 @@ def _shown(changes: dict) -> str:
 def record_history(workdir: str, step: int, changes: dict, forced: Iterable[str] = ()) -> None:
     """Appends one line to workdir/config_history.jsonl (process 0 only)."""
     import jax
+
     if jax.process_index() != 0 or not changes:
         return
-    record = {"step": int(step), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "changes": changes, "forced": sorted(forced)}
+    record = {
+        "step": int(step),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "changes": changes,
+        "forced": sorted(forced),
+    }
     with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
         f.write(json.dumps(record, default=str) + "\n")
 
@@ -116,7 +145,8 @@ def check_resume_config(workdir: str, config, *, step: int, allow: bool) -> dict
             f"{workdir} holds a run (checkpoint at step {step}) started with a different config: {_shown(refused)}. "
             f"Resuming would mix two experiments; use a new --workdir, or pass --allow_config_change "
             f"(--config.runtime.allow_config_change=True) to continue with the new values (recorded in "
-            f"{HISTORY_FILE}). Keys that may change on resume: {', '.join(RESUME_MUTABLE)}")
+            f"{HISTORY_FILE}). Keys that may change on resume: {', '.join(RESUME_MUTABLE)}"
+        )
     record_history(workdir, step, changes, forced=refused)
     return changes
 
@@ -135,8 +165,9 @@ def data_identity(files: Iterable[str], *, rows: int | None) -> dict:
     for source in files:
         source = os.fspath(source)
         if os.path.isfile(source):
-            entries.append({"path": os.path.abspath(source), "size": os.path.getsize(source),
-                            "sha256": _sha256(source)})
+            entries.append(
+                {"path": os.path.abspath(source), "size": os.path.getsize(source), "sha256": _sha256(source)}
+            )
         else:
             entries.append({"name": source})
     return {"files": entries, "rows": None if rows is None else int(rows)}
@@ -153,8 +184,10 @@ def check_data_identity(workdir: str, stored: dict | None, current: dict, *, ste
     changes = {}
     old_files, new_files = stored.get("files", []), current.get("files", [])
     if len(old_files) != len(new_files):
-        changes["data.identity.files"] = {"old": [f.get("path", f.get("name")) for f in old_files],
-                                          "new": [f.get("path", f.get("name")) for f in new_files]}
+        changes["data.identity.files"] = {
+            "old": [f.get("path", f.get("name")) for f in old_files],
+            "new": [f.get("path", f.get("name")) for f in new_files],
+        }
     for i, (old, new) in enumerate(zip(old_files, new_files)):
         for field in ("path", "name", "size", "sha256"):
             if old.get(field) != new.get(field):
@@ -165,6 +198,7 @@ def check_data_identity(workdir: str, stored: dict | None, current: dict, *, ste
         raise ConfigChanged(
             f"the training data differs from the data of the run in {workdir} (checkpoint at step {step}): "
             f"{_shown(changes)}. Use a new --workdir, or pass --allow_config_change to continue on the new data "
-            f"(recorded in {HISTORY_FILE})")
+            f"(recorded in {HISTORY_FILE})"
+        )
     record_history(workdir, step, changes, forced=changes)
     return changes

@@ -37,8 +37,14 @@ def _check_level(level: float) -> None:
         raise ValueError(f"common/stats.py: level must be in (0, 1), got {level}")
 
 
-def bootstrap_ci(values, *, statistic: Callable[[np.ndarray], float] | None = None, level: float = 0.95,
-                 n_resamples: int = 1000, seed: int = 0) -> dict:
+def bootstrap_ci(
+    values,
+    *,
+    statistic: Callable[[np.ndarray], float] | None = None,
+    level: float = 0.95,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Percentile bootstrap interval of `statistic` (default: the mean) over the rows of `values`.
 
     Args:
@@ -65,8 +71,14 @@ def bootstrap_ci(values, *, statistic: Callable[[np.ndarray], float] | None = No
     indices = rng.integers(0, n, size=(n_resamples, n))  # [R, N]
     resampled = np.array([statistic(values[row]) for row in indices], np.float64)  # [R]
     low, high = np.quantile(resampled, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    return {"estimate": float(statistic(values)), "low": float(low), "high": float(high), "level": float(level),
-            "n": int(n), "n_resamples": int(n_resamples)}
+    return {
+        "estimate": float(statistic(values)),
+        "low": float(low),
+        "high": float(high),
+        "level": float(level),
+        "n": int(n),
+        "n_resamples": int(n_resamples),
+    }
 
 
 def t_interval(values, *, level: float = 0.95) -> dict:
@@ -91,8 +103,15 @@ def t_interval(values, *, level: float = 0.95) -> dict:
 
     std = float(np.std(values, ddof=1))
     half = float(scipy_stats.t.ppf((1.0 + level) / 2.0, df=n - 1)) * std / np.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "half_width": half, "std": std,
-            "level": float(level), "n": int(n)}
+    return {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "half_width": half,
+        "std": std,
+        "level": float(level),
+        "n": int(n),
+    }
 
 
 def average_ranks(values) -> np.ndarray:

@@ -30,11 +30,28 @@ import sys
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy", "transformers",
-            "tokenizers", "datasets", "safetensors", "tensorboardX", "wandb")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "ml-collections",
+    "numpy",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "safetensors",
+    "tensorboardX",
+    "wandb",
+)
 LOGGING_DEFAULTS = {"tensorboard": True, "wandb": False, "wandb_project": "rlhf-jax", "wandb_mode": "offline"}
-RUNTIME_DEFAULTS = {"compilation_cache": "auto", "async_checkpointing": False, "allow_config_change": False,
-                    "dry_run": False}
+RUNTIME_DEFAULTS = {
+    "compilation_cache": "auto",
+    "async_checkpointing": False,
+    "allow_config_change": False,
+    "dry_run": False,
+}
 
 
 def section(config, name: str, defaults: dict) -> dict:
@@ -49,8 +66,7 @@ def section(config, name: str, defaults: dict) -> dict:
 
 
 def _scalars(flat: dict) -> dict:
-    return {k: float(v) for k, v in flat.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class TensorBoardSink:
@@ -58,6 +74,7 @@ class TensorBoardSink:
 
     def __init__(self, logdir: str, *, resume_step: int | None):
         from tensorboardX import SummaryWriter
+
         # purge_step: TensorBoard hides events at steps >= it that were written before (a resumed run
         # re-does those steps), as MetricsWriter drops the lines after the resumed step.
         purge = resume_step + 1 if resume_step is not None and resume_step >= 0 else None
@@ -79,6 +96,7 @@ class WandbSink:
         if mode not in ("offline", "online"):
             raise ValueError(f"config.logging.wandb_mode={mode!r}; expected 'offline' or 'online'")
         import wandb
+
         id_path = os.path.join(workdir, "wandb_id.txt")
         if os.path.exists(id_path):
             with open(id_path) as f:
@@ -87,8 +105,15 @@ class WandbSink:
             run_id = wandb.util.generate_id() if hasattr(wandb, "util") else os.urandom(4).hex()
             with open(id_path, "w") as f:
                 f.write(run_id + "\n")
-        self._run = wandb.init(project=project, dir=workdir, mode=mode, id=run_id, resume="allow",
-                               name=os.path.basename(os.path.abspath(workdir)), config=config_dict)
+        self._run = wandb.init(
+            project=project,
+            dir=workdir,
+            mode=mode,
+            id=run_id,
+            resume="allow",
+            name=os.path.basename(os.path.abspath(workdir)),
+            config=config_dict,
+        )
 
     def write(self, step: int, flat: dict) -> None:
         self._run.log(_scalars(flat), step=int(step))
@@ -101,11 +126,15 @@ def check_logging(config) -> None:
     """Fails early (before any data is read) on logging settings that cannot work."""
     settings = section(config, "logging", LOGGING_DEFAULTS)
     if settings["wandb"] and importlib.util.find_spec("wandb") is None:
-        raise ModuleNotFoundError("config.logging.wandb=True but the wandb package is not installed: "
-                                  "`pip install wandb`, or set --config.logging.wandb=False")
+        raise ModuleNotFoundError(
+            "config.logging.wandb=True but the wandb package is not installed: "
+            "`pip install wandb`, or set --config.logging.wandb=False"
+        )
     if settings["tensorboard"] and importlib.util.find_spec("tensorboardX") is None:
-        raise ModuleNotFoundError("config.logging.tensorboard=True but tensorboardX is not installed: "
-                                  "`pip install tensorboardX` (requirements.txt), or set --config.logging.tensorboard=False")
+        raise ModuleNotFoundError(
+            "config.logging.tensorboard=True but tensorboardX is not installed: "
+            "`pip install tensorboardX` (requirements.txt), or set --config.logging.tensorboard=False"
+        )
 
 
 def open_metrics(workdir: str, config, *, resume_step: int | None):
@@ -114,6 +143,7 @@ def open_metrics(workdir: str, config, *, resume_step: int | None):
 
     from common.metrics import MetricsWriter
     from common.resume import config_dict
+
     sinks = []
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -121,8 +151,14 @@ def open_metrics(workdir: str, config, *, resume_step: int | None):
         if settings["tensorboard"]:
             sinks.append(TensorBoardSink(os.path.join(workdir, "tensorboard"), resume_step=resume_step))
         if settings["wandb"]:
-            sinks.append(WandbSink(workdir, config_dict=config_dict(config), project=settings["wandb_project"],
-                                   mode=settings["wandb_mode"]))
+            sinks.append(
+                WandbSink(
+                    workdir,
+                    config_dict=config_dict(config),
+                    project=settings["wandb_project"],
+                    mode=settings["wandb_mode"],
+                )
+            )
     return MetricsWriter(workdir, resume_step=resume_step, sinks=sinks)
 
 
@@ -140,6 +176,7 @@ def _git(*args: str) -> str | None:
 def provenance() -> dict:
     """Git commit and dirty flag, package versions, command line, host, devices and start time."""
     import jax
+
     versions = {}
     for name in PACKAGES:
         try:
@@ -149,8 +186,12 @@ def provenance() -> dict:
     status = _git("status", "--porcelain", "--untracked-files=no")
     devices = jax.devices()
     return {
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
-                "branch": _git("rev-parse", "--abbrev-ref", "HEAD"), "repo": REPO},
+        "git": {
+            "commit": _git("rev-parse", "HEAD"),
+            "dirty": None if status is None else bool(status),
+            "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
+            "repo": REPO,
+        },
         "packages": versions,
         "python": sys.version.split()[0],
         "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
@@ -158,8 +199,11 @@ def provenance() -> dict:
         "cwd": os.getcwd(),
         "host": socket.gethostname(),
         "process": {"index": jax.process_index(), "count": jax.process_count(), "pid": os.getpid()},
-        "devices": {"platform": jax.default_backend(), "count": len(devices),
-                    "kinds": sorted({d.device_kind for d in devices})},
+        "devices": {
+            "platform": jax.default_backend(),
+            "count": len(devices),
+            "kinds": sorted({d.device_kind for d in devices}),
+        },
         "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -191,12 +235,14 @@ def setup_compilation_cache(config) -> str | None:
     so a resumed run (and every run with the same shapes) reuses compiled programs.
     """
     import jax
+
     choice = section(config, "runtime", RUNTIME_DEFAULTS)["compilation_cache"]
     if not choice:
         return None
     if choice == "auto":
         path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rlhf-jax", "xla")
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rlhf-jax", "xla"
+        )
     else:
         path = os.path.abspath(os.path.expanduser(str(choice)))
     os.makedirs(path, exist_ok=True)
@@ -213,13 +259,16 @@ class DryRunDone(Exception):
 
 def _count(tree) -> tuple[int, int]:
     import jax
+
     leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")]
-    return (sum(int(math.prod(x.shape)) for x in leaves),
-            sum(int(math.prod(x.shape)) * x.dtype.itemsize for x in leaves))
+    return (
+        sum(int(math.prod(x.shape)) for x in leaves),
+        sum(int(math.prod(x.shape)) * x.dtype.itemsize for x in leaves),
+    )
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2 ** 20:,.1f} MiB"
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def report_start(config, *, trainable, frozen=None, opt_state=None, data_stats: dict, extra_frozen=None) -> dict:
@@ -235,15 +284,22 @@ def report_start(config, *, trainable, frozen=None, opt_state=None, data_stats: 
     n_other, b_other = _count(extra_frozen or {})
     _, b_opt = _count(opt_state or {})
     total = n_train + n_frozen
-    lines = [f"model: {total:,} parameters, {n_train:,} trainable ({100.0 * n_train / max(total, 1):.2f}%)"
-             + (f"; frozen models beside it: {n_other:,} parameters" if n_other else ""),
-             f"memory (resident state, activations not included): params {_mib(b_train + b_frozen)} + "
-             f"optimizer {_mib(b_opt)}" + (f" + frozen models {_mib(b_other)}" if b_other else "")
-             + f" = {_mib(b_train + b_frozen + b_opt + b_other)}"]
-    splits = data_stats if all(isinstance(v, (dict, type(None))) for v in data_stats.values()) else {"train": data_stats}
+    lines = [
+        f"model: {total:,} parameters, {n_train:,} trainable ({100.0 * n_train / max(total, 1):.2f}%)"
+        + (f"; frozen models beside it: {n_other:,} parameters" if n_other else ""),
+        f"memory (resident state, activations not included): params {_mib(b_train + b_frozen)} + "
+        f"optimizer {_mib(b_opt)}"
+        + (f" + frozen models {_mib(b_other)}" if b_other else "")
+        + f" = {_mib(b_train + b_frozen + b_opt + b_other)}",
+    ]
+    splits = (
+        data_stats if all(isinstance(v, (dict, type(None))) for v in data_stats.values()) else {"train": data_stats}
+    )
     for split, stats in splits.items():
         if stats:
-            shown = ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            shown = ", ".join(
+                f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
             lines.append(f"data {split}: {shown}")
     print("\n".join(lines), flush=True)
     summary = {"params_total": total, "params_trainable": n_train, "state_bytes": b_train + b_frozen + b_opt + b_other}
@@ -259,6 +315,7 @@ def plot_training_curves(workdir: str, keys, *, out_name: str = "training_curves
     """One panel per metrics.jsonl key (against step) in workdir/out_name; keys absent are left out."""
     from common.distributed import is_main_process
     from common.metrics import read_metrics
+
     if not is_main_process() or not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return None
     records = read_metrics(workdir)
@@ -267,8 +324,10 @@ def plot_training_curves(workdir: str, keys, *, out_name: str = "training_curves
     if not series:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     cols = min(3, len(series))
     rows = -(-len(series) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
@@ -276,7 +335,7 @@ def plot_training_curves(workdir: str, keys, *, out_name: str = "training_curves
         ax.plot([p[0] for p in points], [p[1] for p in points])
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(series):]:
+    for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)

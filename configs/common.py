@@ -46,7 +46,11 @@ def runtime_config() -> ml_collections.ConfigDict:
     """How a run executes, never what it computes: all of it may change on resume (common/resume.py)."""
     rt = ml_collections.ConfigDict()
     rt.compilation_cache = "auto"  # persistent XLA cache: 'auto' (~/.cache/rlhf-jax/xla or $JAX_COMPILATION_CACHE_DIR), '' = off, or a folder
-    rt.async_checkpointing = False  # Orbax writes checkpoints in the background (accelerator runs); end/SIGTERM saves still wait
-    rt.allow_config_change = False  # resume even if non-resumable config keys or the training data changed (recorded); --allow_config_change
+    rt.async_checkpointing = (
+        False  # Orbax writes checkpoints in the background (accelerator runs); end/SIGTERM saves still wait
+    )
+    rt.allow_config_change = (
+        False  # resume even if non-resumable config keys or the training data changed (recorded); --allow_config_change
+    )
     rt.dry_run = False  # load data and model, print sizes and memory, exit (set by experiments.run --dry_run)
     return rt

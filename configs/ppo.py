@@ -27,9 +27,15 @@ def get_config(arg=None):
     c.policy.param_dtype = "float32"  # parameter dtype
     c.policy.remat = False  # jax.checkpoint each block
     c.policy.remat_policy = "nothing_saveable"
-    c.policy.scan_layers = False  # scan over the layers (one compiled block; stacks weights per forward); training/scoring only
-    c.policy.attention = "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
-    c.policy.logits_chunk = 128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
+    c.policy.scan_layers = (
+        False  # scan over the layers (one compiled block; stacks weights per forward); training/scoring only
+    )
+    c.policy.attention = (
+        "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
+    )
+    c.policy.logits_chunk = (
+        128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
+    )
     c.policy.lora_rank = 0  # LoRA adapter rank; > 0 trains only the policy's adapters (base frozen); 0 = full
     c.policy.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
     c.policy.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
@@ -77,13 +83,17 @@ def get_config(arg=None):
     c.kl.estimator = "k1"  # per-token KL estimator in the reward: k1 | k2 | k3
 
     c.rollout = ml_collections.ConfigDict()
-    c.rollout.samples_per_prompt = 1  # K responses per prompt, kept together as a group (train.batch_size counts rollouts)
+    c.rollout.samples_per_prompt = (
+        1  # K responses per prompt, kept together as a group (train.batch_size counts rollouts)
+    )
 
     # Policy-optimisation algorithm on the same rollout engine (ppo/algorithms.py; formulas in ppo/advantages.py
     # and ppo/objectives.py). The defaults are PPO exactly as before.
     c.algo = ml_collections.ConfigDict()
     c.algo.advantage = "gae"  # gae (PPO, value model) | rloo | grpo | dr_grpo | reinforce_pp | reinforce_baseline
-    c.algo.kl_placement = "auto"  # in_reward (-beta kl_t per token) | in_loss (beta * KL term) | auto (in_loss for grpo, dr_grpo)
+    c.algo.kl_placement = (
+        "auto"  # in_reward (-beta kl_t per token) | in_loss (beta * KL term) | auto (in_loss for grpo, dr_grpo)
+    )
     c.algo.kl_loss_estimator = "k3"  # per-token KL estimator of the loss term (in_loss): k1 | k2 | k3
     c.algo.clip_eps_low = -1.0  # ratio clip below 1 - eps_low; < 0 = train.clip_eps
     c.algo.clip_eps_high = -1.0  # ratio clip above 1 + eps_high (DAPO clip-higher e.g. 0.28); < 0 = train.clip_eps

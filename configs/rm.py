@@ -25,8 +25,12 @@ def get_config(arg=None):
     c.model.param_dtype = "float32"  # parameter dtype: float32 | bfloat16
     c.model.remat = False  # jax.checkpoint each transformer block (less memory, more compute)
     c.model.remat_policy = "nothing_saveable"  # what remat may keep: nothing_saveable | dots_saveable | ...
-    c.model.scan_layers = False  # scan over the layers (one compiled block; stacks weights per forward); training/scoring only
-    c.model.attention = "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
+    c.model.scan_layers = (
+        False  # scan over the layers (one compiled block; stacks weights per forward); training/scoring only
+    )
+    c.model.attention = (
+        "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
+    )
     c.model.lora_rank = 0  # LoRA adapter rank; > 0 trains only adapters + head (base frozen); 0 = full fine-tune
     c.model.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
     c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters

@@ -30,9 +30,15 @@ def get_config(arg=None):
     c.model.param_dtype = "float32"  # parameter dtype: float32 | bfloat16
     c.model.remat = False  # jax.checkpoint each transformer block (less memory, more compute)
     c.model.remat_policy = "nothing_saveable"  # what remat may keep: nothing_saveable | dots_saveable | ...
-    c.model.scan_layers = False  # scan over the layers (one compiled block; stacks weights per forward); training/scoring only
-    c.model.attention = "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
-    c.model.logits_chunk = 128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
+    c.model.scan_layers = (
+        False  # scan over the layers (one compiled block; stacks weights per forward); training/scoring only
+    )
+    c.model.attention = (
+        "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
+    )
+    c.model.logits_chunk = (
+        128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
+    )
     # Architecture of a from-scratch model (ignored with init_from); defaults are GPT-2 small.
     c.model.family = "gpt2"  # from scratch: gpt2 (LayerNorm, learned positions, tied) | llama (RMSNorm, RoPE, SwiGLU); init_from: any of models.transformer.FAMILIES
     c.model.d_model = 768  # hidden width

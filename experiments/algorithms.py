@@ -76,17 +76,20 @@ def _cost(workdir):
     later = metrics[1:] or metrics  # the first iteration compiles
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    return {"iter_s": float(np.mean([m["time/rollout_s"] + m["time/update_s"] for m in later])),
-            "rollout_s": float(np.mean([m["time/rollout_s"] for m in later])),
-            "update_s": float(np.mean([m["time/update_s"] for m in later])),
-            "peak_rss_mib": summary.get("memory/peak_rss_mib", float("nan")),
-            "state_mib": summary["memory/train_state_bytes"] / 2 ** 20,
-            "value_mib": summary["memory/value_param_bytes"] / 2 ** 20}
+    return {
+        "iter_s": float(np.mean([m["time/rollout_s"] + m["time/update_s"] for m in later])),
+        "rollout_s": float(np.mean([m["time/rollout_s"] for m in later])),
+        "update_s": float(np.mean([m["time/update_s"] for m in later])),
+        "peak_rss_mib": summary.get("memory/peak_rss_mib", float("nan")),
+        "state_mib": summary["memory/train_state_bytes"] / 2**20,
+        "value_mib": summary["memory/value_param_bytes"] / 2**20,
+    }
 
 
 def plot(points, fitted, path):
     """Gold (left) and proxy (right) gain vs d per algorithm: points and fitted RL curves."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -100,8 +103,12 @@ def plot(points, fitted, path):
             ax.scatter(p["d"], gain, s=10, color=colors[i % len(colors)], alpha=0.6)
             f = fitted[name][kind]
             if np.isfinite(f["alpha"]):
-                ax.plot(grid, fits.rl_curve(grid, f["alpha"], f["beta"]), color=colors[i % len(colors)],
-                        label=f"{name} (a={f['alpha']:.2f}, b={f['beta']:.2f})")
+                ax.plot(
+                    grid,
+                    fits.rl_curve(grid, f["alpha"], f["beta"]),
+                    color=colors[i % len(colors)],
+                    label=f"{name} (a={f['alpha']:.2f}, b={f['beta']:.2f})",
+                )
     for ax, kind in zip(axes, ("gold", "proxy")):
         ax.axhline(0, color="0.7", linewidth=0.8)
         ax.set_xlabel("d = sqrt(KL)")
@@ -115,9 +122,11 @@ def plot(points, fitted, path):
 
 
 def table(rows):
-    head = ("| algorithm | K | final KL | final proxy gain | final gold gain | best gold gain (at d) | "
-            "gold alpha / beta (R^2) | gold peak d | s / iteration (rollout + update) | peak RSS MiB | "
-            "train state MiB (value) |\n|---|---:|---:|---:|---:|---|---|---:|---|---:|---|")
+    head = (
+        "| algorithm | K | final KL | final proxy gain | final gold gain | best gold gain (at d) | "
+        "gold alpha / beta (R^2) | gold peak d | s / iteration (rollout + update) | peak RSS MiB | "
+        "train state MiB (value) |\n|---|---:|---:|---:|---:|---|---|---:|---|---:|---|"
+    )
     lines = [head]
     for r in rows:
         g = r["fit_gold"]
@@ -126,7 +135,8 @@ def table(rows):
             f"{r['final_gold_gain']:+.2f} | {r['best_gold_gain']:+.2f} ({r['best_gold_d']:.2f}) | "
             f"{g['alpha']:.3f} / {g['beta']:.3f} ({g['r2']:.2f}) | {r['gold_peak_d']:.2f} | "
             f"{r['iter_s']:.2f} ({r['rollout_s']:.2f} + {r['update_s']:.2f}) | {r['peak_rss_mib']:.0f} | "
-            f"{r['state_mib']:.2f} ({r['value_mib']:.2f}) |")
+            f"{r['state_mib']:.2f} ({r['value_mib']:.2f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -145,11 +155,14 @@ def run(config, workdir):
         P.mark_done(os.path.join(workdir, "sft"))
     sft_hf = os.path.join(workdir, "sft", "hf")
     tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
-    annotator = SimulatedAnnotator(scorer, temperature=config.labels.temperature, noise=config.labels.noise,
-                                   seed=config.seed)
+    annotator = SimulatedAnnotator(
+        scorer, temperature=config.labels.temperature, noise=config.labels.noise, seed=config.seed
+    )
     os.makedirs(os.path.join(workdir, "labels"), exist_ok=True)
-    for path, n, seed in ((r_cfg.data.eval_files, config.labels.n_eval_pairs, 101),
-                          (r_cfg.data.train_files, config.labels.n_pairs, 102)):
+    for path, n, seed in (
+        (r_cfg.data.eval_files, config.labels.n_eval_pairs, 101),
+        (r_cfg.data.train_files, config.labels.n_pairs, 102),
+    ):
         if not os.path.exists(path):
             _label_file(world, annotator, tokenizer, sft_hf, config, path, n, seed=seed)
     rm_dir = os.path.join(workdir, "rm")
@@ -168,8 +181,10 @@ def run(config, workdir):
         run_dir = os.path.join(workdir, name)
         t = time.time()
         if not P.stage_done(run_dir):
-            P.log(f"{name}: {p.train.steps} iterations x {p.train.batch_size} rollouts "
-                  f"(K = {p.rollout.samples_per_prompt})")
+            P.log(
+                f"{name}: {p.train.steps} iterations x {p.train.batch_size} rollouts "
+                f"(K = {p.rollout.samples_per_prompt})"
+            )
             _run_ppo(p, run_dir, config.algos.isolate)
             P.mark_done(run_dir)
         times[f"{name}_s"] = time.time() - t
@@ -177,17 +192,29 @@ def run(config, workdir):
         pts = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "step")}
         points[name] = pts
         d = np.asarray(pts["d"])
-        fitted[name] = {kind: _fit(fits.fit_rl, d, np.asarray(pts[kind]) - pts[kind][0], f"{name} {kind}")
-                        for kind in ("gold", "proxy")}
+        fitted[name] = {
+            kind: _fit(fits.fit_rl, d, np.asarray(pts[kind]) - pts[kind][0], f"{name} {kind}")
+            for kind in ("gold", "proxy")
+        }
         g = fitted[name]["gold"]
         peak = fits.peak_d_rl(g["alpha"], g["beta"]) if np.isfinite(g["alpha"]) else float("nan")
         fitted[name]["gold_peak_d"] = float(peak)
         gold_gain = np.asarray(pts["gold"]) - pts["gold"][0]
         best = int(np.argmax(gold_gain))
-        rows.append(dict(name=name, k=p.rollout.samples_per_prompt, final_kl=pts["kl"][-1],
-                         final_proxy_gain=pts["proxy"][-1] - pts["proxy"][0], final_gold_gain=float(gold_gain[-1]),
-                         best_gold_gain=float(gold_gain[best]), best_gold_d=pts["d"][best], fit_gold=g,
-                         gold_peak_d=float(peak), **_cost(run_dir)))
+        rows.append(
+            dict(
+                name=name,
+                k=p.rollout.samples_per_prompt,
+                final_kl=pts["kl"][-1],
+                final_proxy_gain=pts["proxy"][-1] - pts["proxy"][0],
+                final_gold_gain=float(gold_gain[-1]),
+                best_gold_gain=float(gold_gain[best]),
+                best_gold_d=pts["d"][best],
+                fit_gold=g,
+                gold_peak_d=float(peak),
+                **_cost(run_dir),
+            )
+        )
 
     with open(os.path.join(workdir, "points.json"), "w") as f:
         json.dump(points, f, indent=2)

@@ -35,9 +35,16 @@ from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 def _label_file(world, annotator, tokenizer, sft_hf, config, out_path, n_pairs, seed):
     prompts_path = out_path + ".prompts.jsonl"
     P.write_jsonl([{"prompt": q} for q in world.prompts(n_pairs, seed=seed)], prompts_path)
-    prompts, grouped = P.sample_responses(sft_hf, tokenizer, prompts_path, n_per_prompt=2,
-                                          max_new_tokens=config.sampling.max_new_tokens, temperature=1.0, seed=seed,
-                                          max_prompt_length=config.sampling.max_prompt_length)
+    prompts, grouped = P.sample_responses(
+        sft_hf,
+        tokenizer,
+        prompts_path,
+        n_per_prompt=2,
+        max_new_tokens=config.sampling.max_new_tokens,
+        temperature=1.0,
+        seed=seed,
+        max_prompt_length=config.sampling.max_prompt_length,
+    )
     return P.label_pairs(annotator, prompts, grouped, out_path)
 
 
@@ -48,8 +55,14 @@ def _fit(fit, d, r, what):
         return fit(d, r)
     except ValueError as e:
         P.log(f"{what}: no fit ({e})")
-        return {"alpha": float("nan"), "beta": float("nan"), "r2": float("nan"), "alpha_se": float("nan"),
-                "beta_se": float("nan"), "error": str(e)}
+        return {
+            "alpha": float("nan"),
+            "beta": float("nan"),
+            "r2": float("nan"),
+            "alpha_se": float("nan"),
+            "beta_se": float("nan"),
+            "error": str(e),
+        }
 
 
 def run(config, workdir):
@@ -67,8 +80,9 @@ def run(config, workdir):
         P.mark_done(os.path.join(workdir, "sft"))
     sft_hf = os.path.join(workdir, "sft", "hf")
     tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
-    annotator = SimulatedAnnotator(scorer, temperature=config.labels.temperature, noise=config.labels.noise,
-                                   seed=config.seed)
+    annotator = SimulatedAnnotator(
+        scorer, temperature=config.labels.temperature, noise=config.labels.noise, seed=config.seed
+    )
     labels_dir = os.path.join(workdir, "labels")
     os.makedirs(labels_dir, exist_ok=True)
     eval_pairs = os.path.join(labels_dir, "eval.jsonl")
@@ -85,8 +99,16 @@ def run(config, workdir):
         gold_dir = os.path.join(workdir, "gold_rm")
         gold_pairs = os.path.join(labels_dir, "gold_train.jsonl")
         if not os.path.exists(gold_pairs):
-            _label_file(world, SimulatedAnnotator(scorer, temperature=config.labels.temperature, seed=config.seed + 1),
-                        tokenizer, sft_hf, config, gold_pairs, config.gold.n_pairs, seed=103)
+            _label_file(
+                world,
+                SimulatedAnnotator(scorer, temperature=config.labels.temperature, seed=config.seed + 1),
+                tokenizer,
+                sft_hf,
+                config,
+                gold_pairs,
+                config.gold.n_pairs,
+                seed=103,
+            )
         if not P.stage_done(gold_dir):
             g = copy.deepcopy(r_base)
             g.data.train_files, g.data.eval_files = gold_pairs, eval_pairs
@@ -110,10 +132,16 @@ def run(config, workdir):
     # Shared best-of-n samples from the SFT policy.
     bon_path = os.path.join(workdir, "bon_samples.json")
     if not os.path.exists(bon_path):
-        prompts, grouped = P.sample_responses(sft_hf, tokenizer, paths["prompts_eval"], n_per_prompt=config.bon.n_max,
-                                              max_new_tokens=config.sampling.max_new_tokens,
-                                              temperature=config.sampling.temperature, seed=config.seed + 7,
-                                              max_prompt_length=config.sampling.max_prompt_length)
+        prompts, grouped = P.sample_responses(
+            sft_hf,
+            tokenizer,
+            paths["prompts_eval"],
+            n_per_prompt=config.bon.n_max,
+            max_new_tokens=config.sampling.max_new_tokens,
+            temperature=config.sampling.temperature,
+            seed=config.seed + 7,
+            max_prompt_length=config.sampling.max_prompt_length,
+        )
         json.dump({"prompts": prompts, "responses": grouped}, open(bon_path, "w"))
     bon = json.load(open(bon_path))
     flat_p = [p for p, g in zip(bon["prompts"], bon["responses"]) for _ in g]
@@ -133,7 +161,9 @@ def run(config, workdir):
             P.log(f"proxy RM on {count} labels")
             P.check_preempted(rm_train(r, rm_dir))
             P.mark_done(rm_dir)
-        proxy = P.ProxyScorer(rm_dir, max_length=r_base.data.max_length)(flat_p, flat_r).reshape(len(bon["prompts"]), -1)
+        proxy = P.ProxyScorer(rm_dir, max_length=r_base.data.max_length)(flat_p, flat_r).reshape(
+            len(bon["prompts"]), -1
+        )
         curve = P.best_of_n_curve(np.asarray(proxy), bon_gold, ns)
         points["bon"][label] = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "n")}
 
@@ -156,11 +186,15 @@ def run(config, workdir):
             fit_results[method][label] = {
                 "gold": _fit(fit, d, np.asarray(pts["gold"]) - base_gold, f"{method} {label} gold"),
                 "proxy": _fit(fit, d, np.asarray(pts["proxy"]) - base_proxy, f"{method} {label} proxy"),
-                "gold_offset": base_gold, "proxy_offset": base_proxy,
+                "gold_offset": base_gold,
+                "proxy_offset": base_proxy,
             }
             g = fit_results[method][label]["gold"]
-            peak = (fits.peak_d_bon if method == "bon" else fits.peak_d_rl)(g["alpha"], g["beta"]) \
-                if np.isfinite(g["alpha"]) else float("nan")
+            peak = (
+                (fits.peak_d_bon if method == "bon" else fits.peak_d_rl)(g["alpha"], g["beta"])
+                if np.isfinite(g["alpha"])
+                else float("nan")
+            )
             fit_results[method][label]["gold_peak_d"] = float(peak)
 
     with open(os.path.join(workdir, "points.json"), "w") as f:
@@ -168,16 +202,27 @@ def run(config, workdir):
     with open(os.path.join(workdir, "fits.json"), "w") as f:
         json.dump(fit_results, f, indent=2, default=float)
     for method in ("bon", "rl"):
-        shifted = {label: {"d": np.asarray(v["d"]),
-                           "gold": np.asarray(v["gold"]) - fit_results[method][label]["gold_offset"],
-                           "proxy": np.asarray(v["proxy"]) - fit_results[method][label]["proxy_offset"]}
-                   for label, v in points[method].items()}
-        fits.plot_overoptimization(shifted, {k: {"gold": v["gold"], "proxy": v["proxy"]}
-                                             for k, v in fit_results[method].items()},
-                                   os.path.join(workdir, f"{method}.png"), method=method,
-                                   title=f"{'best-of-n' if method == 'bon' else 'PPO'}: reward gain vs d (gold: {config.gold.kind})")
-    summary = {"fits": fit_results, "wall_time_s": time.time() - t0, "label_counts": list(config.label_counts),
-               "gold": config.gold.kind}
+        shifted = {
+            label: {
+                "d": np.asarray(v["d"]),
+                "gold": np.asarray(v["gold"]) - fit_results[method][label]["gold_offset"],
+                "proxy": np.asarray(v["proxy"]) - fit_results[method][label]["proxy_offset"],
+            }
+            for label, v in points[method].items()
+        }
+        fits.plot_overoptimization(
+            shifted,
+            {k: {"gold": v["gold"], "proxy": v["proxy"]} for k, v in fit_results[method].items()},
+            os.path.join(workdir, f"{method}.png"),
+            method=method,
+            title=f"{'best-of-n' if method == 'bon' else 'PPO'}: reward gain vs d (gold: {config.gold.kind})",
+        )
+    summary = {
+        "fits": fit_results,
+        "wall_time_s": time.time() - t0,
+        "label_counts": list(config.label_counts),
+        "gold": config.gold.kind,
+    }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
     return summary
@@ -187,6 +232,7 @@ def train(config, workdir):
     """Entry point for experiments.run (trainer 'overoptimization')."""
     os.makedirs(workdir, exist_ok=True)
     from common.metrics import write_config_json
+
     write_config_json(workdir, config)
     try:
         summary = run(config, workdir)
@@ -195,7 +241,9 @@ def train(config, workdir):
     for method in ("bon", "rl"):
         for label, f in summary["fits"][method].items():
             g = f["gold"]
-            P.log(f"{method} {label}: gold alpha={g['alpha']:.3f}+-{g['alpha_se']:.3f} "
-                  f"beta={g['beta']:.3f}+-{g['beta_se']:.3f} "
-                  f"R2={f['gold']['r2']:.3f} peak d={f['gold_peak_d']:.2f}; proxy alpha={f['proxy']['alpha']:.3f}")
+            P.log(
+                f"{method} {label}: gold alpha={g['alpha']:.3f}+-{g['alpha_se']:.3f} "
+                f"beta={g['beta']:.3f}+-{g['beta_se']:.3f} "
+                f"R2={f['gold']['r2']:.3f} peak d={f['gold_peak_d']:.2f}; proxy alpha={f['proxy']['alpha']:.3f}"
+            )
     return summary

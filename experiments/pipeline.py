@@ -51,8 +51,9 @@ def build_world(config, workdir):
     if stage_done(out):
         return world, paths
     os.makedirs(out, exist_ok=True)
-    train_tokenizer(world.corpus(config.world.n_tokenizer_texts, seed=1), paths["tokenizer"],
-                    vocab_size=config.world.vocab_size)
+    train_tokenizer(
+        world.corpus(config.world.n_tokenizer_texts, seed=1), paths["tokenizer"], vocab_size=config.world.vocab_size
+    )
     write_jsonl([{"text": t} for t in world.corpus(config.world.n_sft_texts, seed=2)], paths["sft_train"])
     write_jsonl([{"text": t} for t in world.corpus(config.world.n_sft_eval_texts, seed=3)], paths["sft_eval"])
     write_jsonl([{"prompt": p} for p in world.prompts(config.world.n_prompts, seed=4)], paths["prompts"])
@@ -61,19 +62,32 @@ def build_world(config, workdir):
     return world, paths
 
 
-def sample_responses(hf_dir, tokenizer, prompt_file, *, n_per_prompt, max_new_tokens, temperature, seed,
-                     max_prompt_length, batch_size=64, params=None, config=None):
+def sample_responses(
+    hf_dir,
+    tokenizer,
+    prompt_file,
+    *,
+    n_per_prompt,
+    max_new_tokens,
+    temperature,
+    seed,
+    max_prompt_length,
+    batch_size=64,
+    params=None,
+    config=None,
+):
     """n_per_prompt sampled responses (strings) for each prompt of prompt_file: (prompts, [[str]])."""
     if params is None:
         config, params = load_hf_checkpoint(hf_dir)
     data = load_prompts(prompt_file, tokenizer, max_prompt_length=max_prompt_length)
-    gen = make_generate_fn(config, max_new_tokens=max_new_tokens, temperature=temperature,
-                           eos_token_id=tokenizer.eos_token_id)
+    gen = make_generate_fn(
+        config, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=tokenizer.eos_token_id
+    )
     ids = np.repeat(data.input_ids, n_per_prompt, axis=0)
     mask = np.repeat(data.attention_mask, n_per_prompt, axis=0)
     texts = []
     for start in range(0, len(ids), batch_size):
-        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+        b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
         n = len(b_ids)
         if n < batch_size:  # keep one compiled shape
             b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], batch_size - n, 0)])
@@ -83,7 +97,7 @@ def sample_responses(hf_dir, tokenizer, prompt_file, *, n_per_prompt, max_new_to
         for i in range(n):
             texts.append(tokenizer.decode(resp[i][rmask[i] > 0], skip_special_tokens=True))
     prompts = [t for t in data.texts]
-    grouped = [texts[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
+    grouped = [texts[i * n_per_prompt : (i + 1) * n_per_prompt] for i in range(len(prompts))]
     return prompts, grouped
 
 
@@ -137,8 +151,15 @@ def ppo_gold_curve(ppo_workdir, gold_of):
         gold = gold_of([s["prompt"] for s in samples], [s["response"] for s in samples])
         m = metrics.get(step, {})
         kl = max(float(m.get("objective/kl", np.nan)), 0.0)
-        rows.append({"step": step, "kl": kl, "d": float(np.sqrt(kl)), "proxy": float(np.mean([s["score"] for s in samples])),
-                     "gold": float(np.mean(gold))})
+        rows.append(
+            {
+                "step": step,
+                "kl": kl,
+                "d": float(np.sqrt(kl)),
+                "proxy": float(np.mean([s["score"] for s in samples])),
+                "gold": float(np.mean(gold)),
+            }
+        )
     return rows
 
 

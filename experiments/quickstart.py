@@ -95,14 +95,22 @@ def run_stages(config, workdir):
     P.log(f"stage 2/5: sample {config.labels.n_pairs} pairs from the SFT policy and label them")
     if not P.stage_done(labels_dir):
         os.makedirs(labels_dir, exist_ok=True)
-        annotator = SimulatedAnnotator(gold, temperature=config.labels.temperature, noise=config.labels.noise,
-                                       seed=config.seed)
+        annotator = SimulatedAnnotator(
+            gold, temperature=config.labels.temperature, noise=config.labels.noise, seed=config.seed
+        )
         world_prompts = world.prompts(config.labels.n_pairs + config.labels.n_eval_pairs, seed=11)
         prompt_file = os.path.join(labels_dir, "label_prompts.jsonl")
         P.write_jsonl([{"prompt": q} for q in world_prompts], prompt_file)
-        prompts, grouped = P.sample_responses(sft_hf, tokenizer, prompt_file, n_per_prompt=2,
-                                              max_new_tokens=sc.max_new_tokens, temperature=1.0, seed=config.seed,
-                                              max_prompt_length=sc.max_prompt_length)
+        prompts, grouped = P.sample_responses(
+            sft_hf,
+            tokenizer,
+            prompt_file,
+            n_per_prompt=2,
+            max_new_tokens=sc.max_new_tokens,
+            temperature=1.0,
+            seed=config.seed,
+            max_prompt_length=sc.max_prompt_length,
+        )
         n = config.labels.n_pairs
         stats_train = P.label_pairs(annotator, prompts[:n], grouped[:n], os.path.join(labels_dir, "train.jsonl"))
         stats_eval = P.label_pairs(annotator, prompts[n:], grouped[n:], os.path.join(labels_dir, "eval.jsonl"))
@@ -124,9 +132,16 @@ def run_stages(config, workdir):
     bon_file = os.path.join(bon_dir, "bon.json")
     if not os.path.exists(bon_file):
         os.makedirs(bon_dir, exist_ok=True)
-        prompts, grouped = P.sample_responses(sft_hf, tokenizer, paths["prompts_eval"], n_per_prompt=config.bon.n_max,
-                                              max_new_tokens=sc.max_new_tokens, temperature=sc.temperature,
-                                              seed=config.seed + 7, max_prompt_length=sc.max_prompt_length)
+        prompts, grouped = P.sample_responses(
+            sft_hf,
+            tokenizer,
+            paths["prompts_eval"],
+            n_per_prompt=config.bon.n_max,
+            max_new_tokens=sc.max_new_tokens,
+            temperature=sc.temperature,
+            seed=config.seed + 7,
+            max_prompt_length=sc.max_prompt_length,
+        )
         flat_p = [p for p, g in zip(prompts, grouped) for _ in g]
         flat_r = [r for g in grouped for r in g]
         proxy = P.ProxyScorer(rm_dir, max_length=r_cfg.data.max_length)(flat_p, flat_r).reshape(len(prompts), -1)
@@ -134,8 +149,11 @@ def run_stages(config, workdir):
         ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= config.bon.n_max]
         curve = P.best_of_n_curve(proxy, golds, ns)
         with open(bon_file, "w") as f:
-            json.dump({"curve": curve, "example": {"prompt": prompts[0], "best": grouped[0][int(np.argmax(proxy[0]))]}},
-                      f, indent=2)
+            json.dump(
+                {"curve": curve, "example": {"prompt": prompts[0], "best": grouped[0][int(np.argmax(proxy[0]))]}},
+                f,
+                indent=2,
+            )
     bon = json.load(open(bon_file))
     times["bon"] = time.time() - t
 
@@ -149,14 +167,24 @@ def run_stages(config, workdir):
     times["ppo"] = time.time() - t
 
     before = bon["curve"][0]  # n = 1: plain SFT samples
-    last = ppo_curve[-max(1, len(ppo_curve) // 10):]
+    last = ppo_curve[-max(1, len(ppo_curve) // 10) :]
     after = {k: float(np.mean([r[k] for r in last])) for k in ("proxy", "gold", "kl")}
     summary = {
-        "rm": {k.split("/", 1)[1]: rm_eval[k] for k in ("eval/accuracy", "eval/ece", "eval/brier", "eval/margin",
-                                                        "eval/accuracy_ci_low", "eval/accuracy_ci_high",
-                                                        "eval/temperature", "eval/calibrated/ece",
-                                                        "eval/calibrated/brier")
-               if k in rm_eval},
+        "rm": {
+            k.split("/", 1)[1]: rm_eval[k]
+            for k in (
+                "eval/accuracy",
+                "eval/ece",
+                "eval/brier",
+                "eval/margin",
+                "eval/accuracy_ci_low",
+                "eval/accuracy_ci_high",
+                "eval/temperature",
+                "eval/calibrated/ece",
+                "eval/calibrated/brier",
+            )
+            if k in rm_eval
+        },
         "rm_normalization": rm_eval.get("normalization"),
         "before": {"proxy": before["proxy"], "gold": before["gold"], "kl": 0.0},
         "after_ppo": after,
@@ -169,12 +197,16 @@ def run_stages(config, workdir):
 
 
 def _jsonable(stats):
-    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in stats.items()
-            if not isinstance(v, (list, np.ndarray)) or len(v) < 50}
+    return {
+        k: (v.tolist() if hasattr(v, "tolist") else v)
+        for k, v in stats.items()
+        if not isinstance(v, (list, np.ndarray)) or len(v) < 50
+    }
 
 
 def plot_quickstart(workdir, summary):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -210,10 +242,18 @@ def plot_quickstart(workdir, summary):
     ax.plot([b["d"] for b in bon], [b["proxy"] for b in bon], "o--", color="C0", mfc="none", label="best-of-n proxy")
     ax.plot([b["d"] for b in bon], [b["gold"] for b in bon], "o-", color="C0", label="best-of-n gold")
     # PPO: one point per iteration (KL does not grow monotonically, so no connecting lines).
-    ax.scatter([r["d"] for r in ppo], [r["proxy"] for r in ppo], marker="s", s=14, facecolors="none",
-               edgecolors="C1", label="PPO proxy (per step)")
-    ax.scatter([r["d"] for r in ppo], [r["gold"] for r in ppo], marker="s", s=14, color="C1",
-               label="PPO gold (per step)")
+    ax.scatter(
+        [r["d"] for r in ppo],
+        [r["proxy"] for r in ppo],
+        marker="s",
+        s=14,
+        facecolors="none",
+        edgecolors="C1",
+        label="PPO proxy (per step)",
+    )
+    ax.scatter(
+        [r["d"] for r in ppo], [r["gold"] for r in ppo], marker="s", s=14, color="C1", label="PPO gold (per step)"
+    )
     ax.set(xlabel="d = sqrt(KL(policy || SFT))", ylabel="reward", title="gold vs proxy reward against KL")
     ax.legend()
     fig.tight_layout()
@@ -225,6 +265,7 @@ def train(config, workdir):
     """Entry point for experiments.run (trainer 'quickstart')."""
     os.makedirs(workdir, exist_ok=True)
     from common.metrics import write_config_json
+
     write_config_json(workdir, config)
     try:
         summary = run_stages(config, workdir)
@@ -235,8 +276,10 @@ def train(config, workdir):
         json.dump(summary, f, indent=2)
     b, a = summary["before"], summary["after_ppo"]
     rm = summary["rm"]
-    P.log(f"done in {summary['wall_time_s']:.0f}s: RM accuracy {rm.get('accuracy', float('nan')):.3f} "
-          f"ECE {rm.get('ece', float('nan')):.3f} (after temperature {rm.get('temperature', float('nan')):.3g}: "
-          f"{rm.get('calibrated/ece', float('nan')):.3f}); proxy {b['proxy']:.3f} -> {a['proxy']:.3f}, "
-          f"gold {b['gold']:.3f} -> {a['gold']:.3f}, KL {a['kl']:.2f}; see {workdir}/summary.json")
+    P.log(
+        f"done in {summary['wall_time_s']:.0f}s: RM accuracy {rm.get('accuracy', float('nan')):.3f} "
+        f"ECE {rm.get('ece', float('nan')):.3f} (after temperature {rm.get('temperature', float('nan')):.3g}: "
+        f"{rm.get('calibrated/ece', float('nan')):.3f}); proxy {b['proxy']:.3f} -> {a['proxy']:.3f}, "
+        f"gold {b['gold']:.3f} -> {a['gold']:.3f}, KL {a['kl']:.2f}; see {workdir}/summary.json"
+    )
     return summary

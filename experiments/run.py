@@ -32,70 +32,77 @@ from common.run_utils import EXIT_PREEMPTED, exit_on_user_error
 from experiments.cli import TRAINERS, check_overrides, trainer_module  # noqa: F401 (TRAINERS: public)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file, optionally with an argument: '
-    'configs/NAME.py[:ARG].', lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Run directory: config.json, metrics.jsonl, checkpoints/.')
-_PRINT_CONFIG = flags.DEFINE_bool('print_config', False, 'Print the resolved config (after overrides) and exit.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Load data and model, print sizes, parameter counts and '
-                             'memory, then exit (nothing is written to the workdir).')
-_ALLOW = flags.DEFINE_bool('allow_config_change', False, 'Resume even though the config or the training '
-                           'data changed (recorded in config_history.jsonl).')
-_DEBUG = flags.DEFINE_bool('debug', False, 'Show Python tracebacks for user errors too (= RLHF_DEBUG=1).')
-flags.mark_flags_as_required(['config'])
+    "config", None, "Experiment config file, optionally with an argument: configs/NAME.py[:ARG].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (after overrides) and exit.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Load data and model, print sizes, parameter counts and memory, then exit (nothing is written to the workdir).",
+)
+_ALLOW = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume even though the config or the training data changed (recorded in config_history.jsonl).",
+)
+_DEBUG = flags.DEFINE_bool("debug", False, "Show Python tracebacks for user errors too (= RLHF_DEBUG=1).")
+flags.mark_flags_as_required(["config"])
 
 
 def _parse_flags(argv):
-  """absl's parsing, after a check that every `--config.x` override names a field (one line)."""
-  check_overrides(argv)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'FATAL flags error: {e}\nPass --helpshort to see the flags.')
+    """absl's parsing, after a check that every `--config.x` override names a field (one line)."""
+    check_overrides(argv)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL flags error: {e}\nPass --helpshort to see the flags.")
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every manager at INFO.
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _DEBUG.value:
-    os.environ['RLHF_DEBUG'] = '1'
-  config = _CONFIG.value
-  if _PRINT_CONFIG.value:
-    print(config, end='')
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every manager at INFO.
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _DEBUG.value:
+        os.environ["RLHF_DEBUG"] = "1"
+    config = _CONFIG.value
+    if _PRINT_CONFIG.value:
+        print(config, end="")
+        return 0
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (the run directory).")
+    with exit_on_user_error("experiments.run"):
+        if "trainer" not in config:
+            raise ValueError(
+                f"The config has no `trainer` field; set it to one of {sorted(TRAINERS)} or a dotted module path."
+            )
+        if _ALLOW.value:
+            os.environ["RLHF_ALLOW_CONFIG_CHANGE"] = "1"  # read by common.loop.start_run (sub-runs too)
+        workdir = _WORKDIR.value
+        if _DRY_RUN.value:
+            if "runtime" not in config:
+                raise ValueError(f"--dry_run: config.trainer={config.trainer!r} has no runtime section to run dry")
+            config.runtime.dry_run = True
+            workdir = tempfile.mkdtemp(prefix="dry_run_")  # the real workdir stays untouched
+        # Before anything touches a device: a multi-process run joins JAX's distributed runtime here.
+        distributed.initialize(config)
+        module = importlib.import_module(trainer_module(config.trainer))
+        if not callable(getattr(module, "train", None)):
+            raise AttributeError(f"{module.__name__} has no train(config, workdir) function.")
+        from common.tracking import DryRunDone
+
+        try:
+            result = module.train(config, workdir)
+        except DryRunDone:
+            print("dry run: done (nothing trained, nothing written to the workdir)", flush=True)
+            return 0
+        finally:
+            if _DRY_RUN.value:
+                shutil.rmtree(workdir, ignore_errors=True)
+    if isinstance(result, dict) and "preempted_at" in result:
+        sys.exit(EXIT_PREEMPTED)  # saved but unfinished: schedulers and experiments.sweep re-run it
     return 0
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required (the run directory).')
-  with exit_on_user_error('experiments.run'):
-    if 'trainer' not in config:
-      raise ValueError('The config has no `trainer` field; set it to one of '
-                       f'{sorted(TRAINERS)} or a dotted module path.')
-    if _ALLOW.value:
-      os.environ['RLHF_ALLOW_CONFIG_CHANGE'] = '1'  # read by common.loop.start_run (sub-runs too)
-    workdir = _WORKDIR.value
-    if _DRY_RUN.value:
-      if 'runtime' not in config:
-        raise ValueError(f'--dry_run: config.trainer={config.trainer!r} has no runtime section to run dry')
-      config.runtime.dry_run = True
-      workdir = tempfile.mkdtemp(prefix='dry_run_')  # the real workdir stays untouched
-    # Before anything touches a device: a multi-process run joins JAX's distributed runtime here.
-    distributed.initialize(config)
-    module = importlib.import_module(trainer_module(config.trainer))
-    if not callable(getattr(module, 'train', None)):
-      raise AttributeError(f'{module.__name__} has no train(config, workdir) function.')
-    from common.tracking import DryRunDone
-    try:
-      result = module.train(config, workdir)
-    except DryRunDone:
-      print('dry run: done (nothing trained, nothing written to the workdir)', flush=True)
-      return 0
-    finally:
-      if _DRY_RUN.value:
-        shutil.rmtree(workdir, ignore_errors=True)
-  if isinstance(result, dict) and 'preempted_at' in result:
-    sys.exit(EXIT_PREEMPTED)  # saved but unfinished: schedulers and experiments.sweep re-run it
-  return 0
 
 
-if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

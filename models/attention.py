@@ -35,8 +35,9 @@ DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
 
 
-def attention_mask_for(q_slots: jax.Array, kv_mask: jax.Array, *, num_slots: int,
-                       sliding_window: Optional[int] = None) -> jax.Array:
+def attention_mask_for(
+    q_slots: jax.Array, kv_mask: jax.Array, *, num_slots: int, sliding_window: Optional[int] = None
+) -> jax.Array:
     """Allowed (query, key) pairs [B, T, S]: a real key, not in the future, inside the window.
 
     q_slots [T] are the queries' cache slots (0..T-1 without a cache); kv_mask [B, S] marks
@@ -49,18 +50,35 @@ def attention_mask_for(q_slots: jax.Array, kv_mask: jax.Array, *, num_slots: int
     return allowed & (kv_mask[:, None, :] > 0)  # [B, T, S]
 
 
-def cudnn_allowed(*, dtype, head_dim: int, softcap: Optional[float], self_attention: bool, q_len: int = 2,
-                  kv_len: int = 2) -> bool:
+def cudnn_allowed(
+    *, dtype, head_dim: int, softcap: Optional[float], self_attention: bool, q_len: int = 2, kv_len: int = 2
+) -> bool:
     """Whether the cuDNN flash kernel can compute this attention (static facts only).
 
     JAX's cuDNN wrapper refuses head dims that are not a multiple of 8 (or above 128 before
     Hopper) and, with a mask (a bias to cuDNN) in training, odd sequence lengths."""
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and softcap is None
-            and self_attention and head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0)
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and softcap is None
+        and self_attention
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and q_len % 2 == 0
+        and kv_len % 2 == 0
+    )
 
 
-def resolve_attention_impl(impl: str, *, q_len: int, kv_len: int, dtype, head_dim: int,
-                           softcap: Optional[float], self_attention: bool, backend: Optional[str] = None) -> str:
+def resolve_attention_impl(
+    impl: str,
+    *,
+    q_len: int,
+    kv_len: int,
+    dtype,
+    head_dim: int,
+    softcap: Optional[float],
+    self_attention: bool,
+    backend: Optional[str] = None,
+) -> str:
     """The implementation that `impl` ('auto' | 'xla' | 'chunked' | 'cudnn') means for this call.
 
     self_attention: the queries sit at slots 0..T-1 over T keys (no KV-cache offset); cuDNN
@@ -70,8 +88,9 @@ def resolve_attention_impl(impl: str, *, q_len: int, kv_len: int, dtype, head_di
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention={impl!r}; one of {ATTENTION_IMPLS}")
     backend = backend or jax.default_backend()
-    ok = cudnn_allowed(dtype=dtype, head_dim=head_dim, softcap=softcap, self_attention=self_attention, q_len=q_len,
-                       kv_len=kv_len)
+    ok = cudnn_allowed(
+        dtype=dtype, head_dim=head_dim, softcap=softcap, self_attention=self_attention, q_len=q_len, kv_len=kv_len
+    )
     if impl == "cudnn":
         return "cudnn" if ok else "xla"
     if impl == "auto":
@@ -81,9 +100,20 @@ def resolve_attention_impl(impl: str, *, q_len: int, kv_len: int, dtype, head_di
     return impl
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array, kv_mask: jax.Array,
-           scale: float, sliding_window: Optional[int] = None, softcap: Optional[float] = None,
-           impl: str = "xla", block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_slots: jax.Array,
+    kv_mask: jax.Array,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    impl: str = "xla",
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> jax.Array:
     """Grouped-query attention. q [B, T, H, D]; k, v [B, Hkv, S, D] -> [B, T, H, D].
 
     Scores are computed in float32, multiplied by `scale`, soft-capped as
@@ -92,19 +122,44 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Array, kv_m
     resolved here assuming self-attention when S == T); see the module docstring.
     """
     if impl == "auto":
-        impl = resolve_attention_impl(impl, q_len=q.shape[1], kv_len=k.shape[2], dtype=q.dtype,
-                                      head_dim=q.shape[-1], softcap=softcap, self_attention=q.shape[1] == k.shape[2])
+        impl = resolve_attention_impl(
+            impl,
+            q_len=q.shape[1],
+            kv_len=k.shape[2],
+            dtype=q.dtype,
+            head_dim=q.shape[-1],
+            softcap=softcap,
+            self_attention=q.shape[1] == k.shape[2],
+        )
     if impl == "xla":
-        return _attend_xla(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale,
-                           sliding_window=sliding_window, softcap=softcap)
+        return _attend_xla(
+            q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale, sliding_window=sliding_window, softcap=softcap
+        )
     if impl == "chunked":
-        return _attend_chunked(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale, sliding_window=sliding_window,
-                               softcap=softcap, block_q=block_q, block_k=block_k)
+        return _attend_chunked(
+            q,
+            k,
+            v,
+            q_slots=q_slots,
+            kv_mask=kv_mask,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            block_q=block_q,
+            block_k=block_k,
+        )
     if impl in ("cudnn", "dpa_xla"):  # dpa_xla: the same call through XLA (tests the argument mapping on CPU)
         if softcap is not None:
             raise ValueError("attention impl 'cudnn' does not support soft-capping; use 'xla' or 'chunked'")
-        return _attend_dot_product(q, k, v, kv_mask=kv_mask, scale=scale, sliding_window=sliding_window,
-                                   implementation="cudnn" if impl == "cudnn" else "xla")
+        return _attend_dot_product(
+            q,
+            k,
+            v,
+            kv_mask=kv_mask,
+            scale=scale,
+            sliding_window=sliding_window,
+            implementation="cudnn" if impl == "cudnn" else "xla",
+        )
     raise ValueError(f"attention impl={impl!r}; one of {ATTENTION_IMPLS}")
 
 
@@ -129,9 +184,16 @@ def _attend_dot_product(q, k, v, *, kv_mask, scale, sliding_window, implementati
     # Padding anywhere (left or right) as a boolean mask; cuDNN wants it at full [.., T, S].
     mask = jnp.broadcast_to((kv_mask > 0)[:, None, None, :], (b, 1, t, s))
     window = None if sliding_window is None else (sliding_window - 1, 0)  # q - k <= window - 1
-    return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask,
-                                        scale=scale, is_causal=True, local_window_size=window,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q,
+        k.transpose(0, 2, 1, 3),
+        v.transpose(0, 2, 1, 3),
+        mask=mask,
+        scale=scale,
+        is_causal=True,
+        local_window_size=window,
+        implementation=implementation,
+    )
 
 
 def _pad_axis(x, axis, size, value=0):
@@ -183,18 +245,21 @@ def _attend_chunked(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap
         probs = jnp.exp(scores - new_max[..., None])  # [B, Hkv, G, bq, bk]
         correction = jnp.exp(running_max - new_max)
         running_sum = running_sum * correction + jnp.sum(probs, axis=-1)
-        weighted = jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v_block,
-                              preferred_element_type=jnp.float32)
+        weighted = jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v_block, preferred_element_type=jnp.float32)
         acc = acc * correction[..., None] + weighted
         return (new_max, running_sum, acc), None
 
     @jax.checkpoint
     def query_block(q_block, q_slot_block):
-        init = (jnp.full((b, kvh, g, bq), neg, jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
-                jnp.zeros((b, kvh, g, bq, hd), jnp.float32))
+        init = (
+            jnp.full((b, kvh, g, bq), neg, jnp.float32),
+            jnp.zeros((b, kvh, g, bq), jnp.float32),
+            jnp.zeros((b, kvh, g, bq, hd), jnp.float32),
+        )
         step = jax.checkpoint(lambda carry, xs: key_step(carry, xs, q_block, q_slot_block))
         (_, running_sum, acc), _ = jax.lax.scan(
-            step, init, (k_blocks, v_blocks, kv_mask_blocks, k_slot_blocks, k_exists))
+            step, init, (k_blocks, v_blocks, kv_mask_blocks, k_slot_blocks, k_exists)
+        )
         out = (acc / running_sum[..., None]).astype(v.dtype)  # [B, Hkv, G, bq, D]
         return out.transpose(0, 3, 1, 2, 4)  # [B, bq, Hkv, G, D]
 

@@ -32,7 +32,8 @@ Gemma norms are stored as HF stores them (w, applied as 1 + w).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 
@@ -40,13 +41,22 @@ from models.rope import ROPE_TYPES
 from models.transformer import TransformerConfig
 
 NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "gpt_neox", "phi3")
-CAUSAL_LM = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-             "gpt_neox": "GPTNeoXForCausalLM", "phi3": "Phi3ForCausalLM"}
-_CONFIG_CLASS = {"qwen3": "Qwen3Config", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig",
-                 "gpt_neox": "GPTNeoXConfig", "phi3": "Phi3Config"}
+CAUSAL_LM = {
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+_CONFIG_CLASS = {
+    "qwen3": "Qwen3Config",
+    "gemma2": "Gemma2Config",
+    "gemma3_text": "Gemma3TextConfig",
+    "gpt_neox": "GPTNeoXConfig",
+    "phi3": "Phi3Config",
+}
 # HF activation name -> ours (models/transformer.py `_activation`).
-_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu", "silu": "silu",
-                "relu": "relu"}
+_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}
 _HF_ACTIVATION = {"gemma2": "gelu_pytorch_tanh", "gemma3_text": "gelu_pytorch_tanh"}
 
 
@@ -81,17 +91,25 @@ def config_from_hf_family(hf: dict, common: dict) -> TransformerConfig:
     if getattr(cfg, "use_bidirectional_attention", False):
         _refuse(family, "use_bidirectional_attention=True (an encoder; only causal models are)")
     d, h = cfg.hidden_size, cfg.num_attention_heads
-    kw = dict(family=family, d_model=d, n_layers=cfg.num_hidden_layers, n_heads=h,
-              n_kv_heads=getattr(cfg, "num_key_value_heads", None) or h,
-              head_dim=getattr(cfg, "head_dim", None) or d // h, d_ff=cfg.intermediate_size,
-              max_position_embeddings=cfg.max_position_embeddings,
-              tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-              activation=_ACTIVATIONS[act_name], **common)
+    kw = dict(
+        family=family,
+        d_model=d,
+        n_layers=cfg.num_hidden_layers,
+        n_heads=h,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or h,
+        head_dim=getattr(cfg, "head_dim", None) or d // h,
+        d_ff=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        activation=_ACTIVATIONS[act_name],
+        **common,
+    )
     layer_types = getattr(cfg, "layer_types", None)
     if family == "gemma3_text":
         rp = cfg.rope_parameters
-        local_theta, local_pct, local_scaling = _rope(family, rp["sliding_attention"],
-                                                      "rope_parameters.sliding_attention")
+        local_theta, local_pct, local_scaling = _rope(
+            family, rp["sliding_attention"], "rope_parameters.sliding_attention"
+        )
         theta, pct, scaling = _rope(family, rp["full_attention"], "rope_parameters.full_attention")
         if local_scaling is not None or local_pct != 1.0 or pct != 1.0:
             _refuse(family, "scaled or partial RoPE on sliding layers")
@@ -102,8 +120,13 @@ def config_from_hf_family(hf: dict, common: dict) -> TransformerConfig:
 
     if family == "gpt_neox":
         bias = bool(cfg.attention_bias)
-        kw.update(norm_eps=cfg.layer_norm_eps, qkv_bias=bias, o_bias=bias, mlp_bias=True,
-                  parallel_residual=bool(cfg.use_parallel_residual))
+        kw.update(
+            norm_eps=cfg.layer_norm_eps,
+            qkv_bias=bias,
+            o_bias=bias,
+            mlp_bias=True,
+            parallel_residual=bool(cfg.use_parallel_residual),
+        )
         return TransformerConfig(**kw)
     kw["norm_eps"] = cfg.rms_norm_eps
     bias = bool(getattr(cfg, "attention_bias", False))
@@ -115,8 +138,11 @@ def config_from_hf_family(hf: dict, common: dict) -> TransformerConfig:
     if family in ("qwen3", "gemma3_text"):
         kw["qk_norm"] = True
     if family in ("gemma2", "gemma3_text"):
-        kw.update(query_pre_attn_scalar=float(cfg.query_pre_attn_scalar),
-                  attn_softcap=cfg.attn_logit_softcapping, final_softcap=cfg.final_logit_softcapping)
+        kw.update(
+            query_pre_attn_scalar=float(cfg.query_pre_attn_scalar),
+            attn_softcap=cfg.attn_logit_softcapping,
+            final_softcap=cfg.final_logit_softcapping,
+        )
     return TransformerConfig(**kw)
 
 
@@ -134,17 +160,32 @@ def config_to_hf_family(c: TransformerConfig, ids: dict):
 
     cls = getattr(transformers, _CONFIG_CLASS[c.family])
     act = _HF_ACTIVATION.get(c.family, c.activation)
-    kw = dict(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
-              num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-              max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_embeddings, **ids)
+    kw = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_embeddings,
+        **ids,
+    )
     if c.family == "gpt_neox":
         if c.n_kv_heads != c.n_heads or c.head_dim * c.n_heads != c.d_model:
             raise ValueError("gpt_neox export needs n_kv_heads == n_heads and head_dim * n_heads == d_model")
         if not (c.qkv_bias == c.o_bias and c.mlp_bias):
             raise ValueError("gpt_neox export needs qkv_bias == o_bias (one attention_bias flag) and mlp_bias")
-        return cls(hidden_act=c.activation, layer_norm_eps=c.norm_eps, use_parallel_residual=c.parallel_residual,
-                   attention_bias=c.qkv_bias, rope_parameters=_hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling),
-                   hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, **kw)
+        return cls(
+            hidden_act=c.activation,
+            layer_norm_eps=c.norm_eps,
+            use_parallel_residual=c.parallel_residual,
+            attention_bias=c.qkv_bias,
+            rope_parameters=_hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling),
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            classifier_dropout=0.0,
+            **kw,
+        )
     kw.update(num_key_value_heads=c.n_kv_heads, rms_norm_eps=c.norm_eps)
     if c.qkv_bias != c.o_bias:
         raise ValueError(f"{c.family} export needs qkv_bias == o_bias (HF has one attention_bias flag)")
@@ -153,31 +194,48 @@ def config_to_hf_family(c: TransformerConfig, ids: dict):
             raise ValueError("phi3 export needs no attention bias and head_dim * n_heads == d_model")
         rope = _hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling)
         original = rope.get("original_max_position_embeddings", c.max_position_embeddings)
-        return cls(hidden_act=act, sliding_window=c.sliding_window, rope_parameters=rope,
-                   original_max_position_embeddings=original, **kw)
+        return cls(
+            hidden_act=act,
+            sliding_window=c.sliding_window,
+            rope_parameters=rope,
+            original_max_position_embeddings=original,
+            **kw,
+        )
     kw.update(head_dim=c.head_dim, attention_bias=c.qkv_bias, hidden_act=act)
     layer_types = list(c.layer_types) if c.layer_types else ["full_attention"] * c.n_layers
     sliding = dict(sliding_window=c.sliding_window, layer_types=layer_types)
     if c.family == "qwen3":
         if c.sliding_window is not None and c.layer_types is None:
             layer_types[:] = ["sliding_attention"] * c.n_layers
-        return cls(rope_parameters=_hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling),
-                   use_sliding_window=c.sliding_window is not None, **sliding, **kw)
+        return cls(
+            rope_parameters=_hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling),
+            use_sliding_window=c.sliding_window is not None,
+            **sliding,
+            **kw,
+        )
     if c.sliding_window is not None and c.layer_types is None:
         raise ValueError(f"{c.family} export with a sliding_window needs layer_types")
     scalar = c.query_pre_attn_scalar or c.head_dim
     scalar = int(scalar) if float(scalar).is_integer() else scalar  # HF's strict config wants an int
-    gemma = dict(hidden_activation=act, query_pre_attn_scalar=scalar,
-                 attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap, **sliding)
+    gemma = dict(
+        hidden_activation=act,
+        query_pre_attn_scalar=scalar,
+        attn_logit_softcapping=c.attn_softcap,
+        final_logit_softcapping=c.final_softcap,
+        **sliding,
+    )
     if c.family == "gemma2":
         return cls(rope_parameters=_hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling), **gemma, **kw)
     local = c.rope_local_theta if c.rope_local_theta is not None else c.rope_theta
-    rope = {"full_attention": _hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling),
-            "sliding_attention": _hf_rope(local, 1.0, None)}
+    rope = {
+        "full_attention": _hf_rope(c.rope_theta, c.rotary_pct, c.rope_scaling),
+        "sliding_attention": _hf_rope(local, 1.0, None),
+    }
     return cls(rope_parameters=rope, **gemma, **kw)
 
 
 # ----------------------------------------------------------------------------- weights
+
 
 def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callable, skip: Callable) -> dict:
     """Our params from HF tensors (prefix stripped). take(name, transpose) returns an array and
@@ -203,9 +261,9 @@ def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callab
         b = take(name + ".bias") if bias else None
         parts, start = [], 0
         for n in sizes:
-            part = {"kernel": w[start:start + n].T}  # views, as above
+            part = {"kernel": w[start : start + n].T}  # views, as above
             if b is not None:
-                part["bias"] = b[start:start + n]
+                part["bias"] = b[start : start + n]
             parts.append(part)
             start += n
         return parts
@@ -216,8 +274,10 @@ def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callab
         layer = {"attn_norm": norm(p + "input_layernorm")}
         if c.family == "gpt_neox":
             w = take(p + "attention.query_key_value.weight").reshape(h, 3, hd, d)  # rows per head [q; k; v]
-            attn = {n: {"kernel": w[:, j].reshape(h * hd, d).T}  # one copy (the reshape)
-                    for j, n in enumerate(("q_proj", "k_proj", "v_proj"))}
+            attn = {
+                n: {"kernel": w[:, j].reshape(h * hd, d).T}  # one copy (the reshape)
+                for j, n in enumerate(("q_proj", "k_proj", "v_proj"))
+            }
             if c.qkv_bias:
                 b = take(p + "attention.query_key_value.bias").reshape(h, 3, hd)
                 for j, n in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -225,8 +285,10 @@ def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callab
             attn["o_proj"] = linear(p + "attention.dense", c.o_bias)
             for buf in ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq"):
                 skip(p + buf)
-            layer["mlp"] = {"up_proj": linear(p + "mlp.dense_h_to_4h", True),
-                            "down_proj": linear(p + "mlp.dense_4h_to_h", True)}
+            layer["mlp"] = {
+                "up_proj": linear(p + "mlp.dense_h_to_4h", True),
+                "down_proj": linear(p + "mlp.dense_4h_to_h", True),
+            }
             layer["mlp_norm"] = norm(p + "post_attention_layernorm")
         else:
             a = p + "self_attn."
@@ -260,8 +322,9 @@ def params_from_hf_family(config: TransformerConfig, take: Callable, has: Callab
     return params
 
 
-def params_to_hf_family(config: TransformerConfig, params: dict, *, prefix: bool,
-                        include_lm_head: bool) -> dict[str, np.ndarray]:
+def params_to_hf_family(
+    config: TransformerConfig, params: dict, *, prefix: bool, include_lm_head: bool
+) -> dict[str, np.ndarray]:
     """HF tensor dict (torch layout) of our params; inverse of `params_from_hf_family`."""
     c = config
     h, hd = c.n_heads, c.head_dim
@@ -287,7 +350,8 @@ def params_to_hf_family(config: TransformerConfig, params: dict, *, prefix: bool
             out[name + ".bias"] = arr(d["bias"])
 
     out[pre + ("embed_in.weight" if c.family == "gpt_neox" else "embed_tokens.weight")] = arr(
-        params["embed"]["embedding"])
+        params["embed"]["embedding"]
+    )
     for i in range(c.n_layers):
         lp, p = params[f"layers_{i}"], f"{pre}layers.{i}."
         a, m = lp["attn"], lp["mlp"]

@@ -21,8 +21,9 @@ class ScalarHead(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array) -> jax.Array:  # [..., d] -> [...]
         d = hidden.shape[-1]
-        kernel = self.param("kernel", nn.initializers.normal(1.0 / math.sqrt(d + 1)), (d, 1),
-                            jnp.dtype(self.param_dtype))
+        kernel = self.param(
+            "kernel", nn.initializers.normal(1.0 / math.sqrt(d + 1)), (d, 1), jnp.dtype(self.param_dtype)
+        )
         bias = self.param("bias", nn.initializers.zeros, (1,), jnp.dtype(self.param_dtype))
         out = hidden.astype(jnp.float32) @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
         return out[..., 0]

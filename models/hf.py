@@ -36,18 +36,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import safetensors_io
-from models.families import (CAUSAL_LM, NEW_FAMILIES, config_from_hf_family, config_to_hf_family,
-                             params_from_hf_family, params_to_hf_family)
+from models.families import (
+    CAUSAL_LM,
+    NEW_FAMILIES,
+    config_from_hf_family,
+    config_to_hf_family,
+    params_from_hf_family,
+    params_to_hf_family,
+)
 from models.transformer import FAMILIES, TransformerConfig
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
 # ----------------------------------------------------------------------------- configs
+
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "float32") -> TransformerConfig:
     """TransformerConfig from a HF config.json dict."""
@@ -59,9 +73,14 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         value = hf.get(key)
         return value[0] if isinstance(value, list) and value else value
 
-    common = dict(dtype=dtype, param_dtype=param_dtype, pad_token_id=ids("pad_token_id"),
-                  bos_token_id=ids("bos_token_id"), eos_token_id=ids("eos_token_id"),
-                  vocab_size=hf["vocab_size"])
+    common = dict(
+        dtype=dtype,
+        param_dtype=param_dtype,
+        pad_token_id=ids("pad_token_id"),
+        bos_token_id=ids("bos_token_id"),
+        eos_token_id=ids("eos_token_id"),
+        vocab_size=hf["vocab_size"],
+    )
     if model_type in NEW_FAMILIES:
         return config_from_hf_family(hf, common)
     if model_type == "gpt2":
@@ -69,10 +88,22 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
             raise ValueError("gpt2 with scale_attn_by_inverse_layer_idx=True is not supported")
         d = hf["n_embd"]
         return TransformerConfig(
-            family="gpt2", d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"], n_kv_heads=hf["n_head"],
-            head_dim=d // hf["n_head"], d_ff=hf.get("n_inner") or 4 * d, max_position_embeddings=hf["n_positions"],
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True, qkv_bias=True, o_bias=True,
-            mlp_bias=True, activation=hf.get("activation_function", "gelu_new"), **common)
+            family="gpt2",
+            d_model=d,
+            n_layers=hf["n_layer"],
+            n_heads=hf["n_head"],
+            n_kv_heads=hf["n_head"],
+            head_dim=d // hf["n_head"],
+            d_ff=hf.get("n_inner") or 4 * d,
+            max_position_embeddings=hf["n_positions"],
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=True,
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            activation=hf.get("activation_function", "gelu_new"),
+            **common,
+        )
 
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -94,12 +125,25 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
     if act != "silu":
         raise ValueError(f"{model_type} with hidden_act={act!r} is not supported (gated MLP with silu only)")
     return TransformerConfig(
-        family=model_type, d_model=d, n_layers=hf["num_hidden_layers"], n_heads=h,
-        n_kv_heads=hf.get("num_key_value_heads") or h, head_dim=hf.get("head_dim") or d // h,
-        d_ff=hf["intermediate_size"], max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope_scaling,
-        sliding_window=sliding_window, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(hf.get("mlp_bias", False)), activation="silu", **common)
+        family=model_type,
+        d_model=d,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=h,
+        n_kv_heads=hf.get("num_key_value_heads") or h,
+        head_dim=hf.get("head_dim") or d // h,
+        d_ff=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=rope_scaling,
+        sliding_window=sliding_window,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        activation="silu",
+        **common,
+    )
 
 
 def config_to_hf(config: TransformerConfig, *, architecture: str, extra: Optional[dict] = None) -> dict:
@@ -110,20 +154,41 @@ def config_to_hf(config: TransformerConfig, *, architecture: str, extra: Optiona
     ids = dict(pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
     if c.family == "gpt2":
         hf = transformers.GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.max_position_embeddings, n_embd=c.d_model, n_layer=c.n_layers,
-            n_head=c.n_heads, n_inner=c.d_ff, activation_function=c.activation, layer_norm_epsilon=c.norm_eps,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
-            tie_word_embeddings=True, **ids)
+            vocab_size=c.vocab_size,
+            n_positions=c.max_position_embeddings,
+            n_embd=c.d_model,
+            n_layer=c.n_layers,
+            n_head=c.n_heads,
+            n_inner=c.d_ff,
+            activation_function=c.activation,
+            layer_norm_epsilon=c.norm_eps,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            summary_first_dropout=0.0,
+            tie_word_embeddings=True,
+            **ids,
+        )
     elif c.family in NEW_FAMILIES:
         hf = config_to_hf_family(c, ids)
     else:
         rope = {"rope_theta": c.rope_theta, "rope_type": "default"}
         rope.update(dict(c.rope_scaling or ()))
         kwargs = dict(
-            vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
-            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-            max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps, rope_parameters=rope,
-            tie_word_embeddings=c.tie_embeddings, hidden_act=c.activation, **ids)
+            vocab_size=c.vocab_size,
+            hidden_size=c.d_model,
+            intermediate_size=c.d_ff,
+            num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads,
+            num_key_value_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            max_position_embeddings=c.max_position_embeddings,
+            rms_norm_eps=c.norm_eps,
+            rope_parameters=rope,
+            tie_word_embeddings=c.tie_embeddings,
+            hidden_act=c.activation,
+            **ids,
+        )
         if c.family == "llama":
             if c.qkv_bias != c.o_bias:
                 raise ValueError("llama export needs qkv_bias == o_bias (HF has one attention_bias flag)")
@@ -140,6 +205,7 @@ def config_to_hf(config: TransformerConfig, *, architecture: str, extra: Optiona
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
@@ -159,7 +225,8 @@ def _weight_files(path: str) -> list[str]:
         raise ValueError(
             f"{path} holds only pickle weights ({', '.join(sorted(pickles))}); this loader reads safetensors "
             "only and never unpickles (pickle can run arbitrary code). Convert it once in a trusted "
-            "environment, e.g. transformers' `model.save_pretrained(dir, safe_serialization=True)`.")
+            "environment, e.g. transformers' `model.save_pretrained(dir, safe_serialization=True)`."
+        )
     raise FileNotFoundError(f"no *.safetensors weights in {path}")
 
 
@@ -187,14 +254,15 @@ def _strip_prefix(tensors: dict, family: str) -> dict:
     for name, value in tensors.items():
         for p in prefixes:
             if name.startswith(p):
-                name = name[len(p):]
+                name = name[len(p) :]
                 break
         out[name] = value
     return out
 
 
-def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], *,
-                   cast: bool = True) -> tuple[dict, dict]:
+def params_from_hf(
+    config: TransformerConfig, tensors: dict[str, np.ndarray], *, cast: bool = True
+) -> tuple[dict, dict]:
     """Map HF tensors to our params. Returns (params, leftovers such as {'score.weight': ...}).
 
     cast=False returns NumPy views of `tensors` (transposed/sliced, not copied) instead of
@@ -217,8 +285,9 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], *,
 
     params: dict[str, Any] = {}
     if config.family in NEW_FAMILIES:
-        params = params_from_hf_family(config, lambda name, transpose=False: take(name, transpose),
-                                       lambda name: name in t, used.add)
+        params = params_from_hf_family(
+            config, lambda name, transpose=False: take(name, transpose), lambda name: name in t, used.add
+        )
     elif config.is_gpt2:
         params["embed"] = {"embedding": take("wte.weight")}
         params["pos_embed"] = {"embedding": take("wpe.weight")}
@@ -226,13 +295,21 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], *,
         for i in range(config.n_layers):
             p = f"h.{i}."
             qkv_w, qkv_b = take(p + "attn.c_attn.weight"), take(p + "attn.c_attn.bias")
-            attn = {name: {"kernel": qkv_w[:, j * d:(j + 1) * d], "bias": qkv_b[j * d:(j + 1) * d]}
-                    for j, name in enumerate(("q_proj", "k_proj", "v_proj"))}
+            attn = {
+                name: {"kernel": qkv_w[:, j * d : (j + 1) * d], "bias": qkv_b[j * d : (j + 1) * d]}
+                for j, name in enumerate(("q_proj", "k_proj", "v_proj"))
+            }
             attn["o_proj"] = {"kernel": take(p + "attn.c_proj.weight"), "bias": take(p + "attn.c_proj.bias")}
-            mlp = {"up_proj": {"kernel": take(p + "mlp.c_fc.weight"), "bias": take(p + "mlp.c_fc.bias")},
-                   "down_proj": {"kernel": take(p + "mlp.c_proj.weight"), "bias": take(p + "mlp.c_proj.bias")}}
-            params[f"layers_{i}"] = {"attn_norm": norm(p + "ln_1"), "attn": attn,
-                                     "mlp_norm": norm(p + "ln_2"), "mlp": mlp}
+            mlp = {
+                "up_proj": {"kernel": take(p + "mlp.c_fc.weight"), "bias": take(p + "mlp.c_fc.bias")},
+                "down_proj": {"kernel": take(p + "mlp.c_proj.weight"), "bias": take(p + "mlp.c_proj.bias")},
+            }
+            params[f"layers_{i}"] = {
+                "attn_norm": norm(p + "ln_1"),
+                "attn": attn,
+                "mlp_norm": norm(p + "ln_2"),
+                "mlp": mlp,
+            }
             for buf in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of old checkpoints
                 used.add(p + buf)
         params["final_norm"] = norm("ln_f")
@@ -251,8 +328,12 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], *,
             attn = {n: linear(p + "self_attn." + n, config.qkv_bias) for n in ("q_proj", "k_proj", "v_proj")}
             attn["o_proj"] = linear(p + "self_attn.o_proj", config.o_bias)
             mlp = {n: linear(p + "mlp." + n, config.mlp_bias) for n in ("gate_proj", "up_proj", "down_proj")}
-            params[f"layers_{i}"] = {"attn_norm": norm(p + "input_layernorm"), "attn": attn,
-                                     "mlp_norm": norm(p + "post_attention_layernorm"), "mlp": mlp}
+            params[f"layers_{i}"] = {
+                "attn_norm": norm(p + "input_layernorm"),
+                "attn": attn,
+                "mlp_norm": norm(p + "post_attention_layernorm"),
+                "mlp": mlp,
+            }
             used.add(p + "self_attn.rotary_emb.inv_freq")
         params["final_norm"] = norm("norm")
         if config.tie_embeddings:
@@ -301,8 +382,15 @@ def place_params(views: dict, *, param_dtype: str, mesh=None, rules=None) -> dic
     return jax.tree.map(place, views, shardings, is_leaf=lambda x: isinstance(x, np.ndarray))
 
 
-def load_hf_checkpoint(path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
-                       with_leftovers: bool = False, mesh=None, rules=None):
+def load_hf_checkpoint(
+    path: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: Optional[str] = None,
+    with_leftovers: bool = False,
+    mesh=None,
+    rules=None,
+):
     """Load a local HF folder into (TransformerConfig, params) [+ leftover tensors such as score.weight].
 
     A causal-LM folder without lm_head (a sequence-classification export) gets no `lm_head`
@@ -329,9 +417,12 @@ def load_hf_checkpoint(path: str, *, dtype: str = "float32", param_dtype: Option
 
 # ----------------------------------------------------------------------------- writing
 
-def params_to_hf(config: TransformerConfig, params: dict, *, prefix: bool = True,
-                 include_lm_head: bool = True) -> dict[str, np.ndarray]:
+
+def params_to_hf(
+    config: TransformerConfig, params: dict, *, prefix: bool = True, include_lm_head: bool = True
+) -> dict[str, np.ndarray]:
     """Our params -> HF tensor dict (numpy, torch layout)."""
+
     def np_(x):
         return np.ascontiguousarray(np.asarray(x))
 
@@ -345,8 +436,12 @@ def params_to_hf(config: TransformerConfig, params: dict, *, prefix: bool = True
         for i in range(config.n_layers):
             lp, p = params[f"layers_{i}"], f"{pre}h.{i}."
             a = lp["attn"]
-            out[p + "attn.c_attn.weight"] = np_(np.concatenate([np.asarray(a[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj")], 1))
-            out[p + "attn.c_attn.bias"] = np_(np.concatenate([np.asarray(a[n]["bias"]) for n in ("q_proj", "k_proj", "v_proj")]))
+            out[p + "attn.c_attn.weight"] = np_(
+                np.concatenate([np.asarray(a[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj")], 1)
+            )
+            out[p + "attn.c_attn.bias"] = np_(
+                np.concatenate([np.asarray(a[n]["bias"]) for n in ("q_proj", "k_proj", "v_proj")])
+            )
             out[p + "attn.c_proj.weight"] = np_(a["o_proj"]["kernel"])
             out[p + "attn.c_proj.bias"] = np_(a["o_proj"]["bias"])
             out[p + "mlp.c_fc.weight"] = np_(lp["mlp"]["up_proj"]["kernel"])
@@ -393,10 +488,18 @@ def copy_tokenizer_files(src: Optional[str], dst: str) -> list[str]:
     return copied
 
 
-def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
-                       tokenizer_dir: Optional[str] = None, architecture: Optional[str] = None,
-                       extra_tensors: Optional[dict] = None, extra_config: Optional[dict] = None,
-                       max_shard_bytes: int = 5 * 2**30, dtype: Optional[str] = None) -> str:
+def save_hf_checkpoint(
+    config: TransformerConfig,
+    params: dict,
+    out_dir: str,
+    *,
+    tokenizer_dir: Optional[str] = None,
+    architecture: Optional[str] = None,
+    extra_tensors: Optional[dict] = None,
+    extra_config: Optional[dict] = None,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: Optional[str] = None,
+) -> str:
     """Write a HF folder (config.json, model.safetensors, tokenizer files) loadable by transformers.
 
     `architecture` defaults to the causal-LM class; for a reward model pass e.g.
@@ -407,16 +510,23 @@ def save_hf_checkpoint(config: TransformerConfig, params: dict, out_dir: str, *,
     one copy of the weights while writing.
     """
     os.makedirs(out_dir, exist_ok=True)
-    default_arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "mistral": "MistralForCausalLM", **CAUSAL_LM}[config.family]
+    default_arch = {
+        "gpt2": "GPT2LMHeadModel",
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "mistral": "MistralForCausalLM",
+        **CAUSAL_LM,
+    }[config.family]
     architecture = architecture or default_arch
     causal = architecture.endswith("LMHeadModel") or architecture.endswith("ForCausalLM")
     tensors = params_to_hf(config, params, include_lm_head=causal)
     tensors.update({k: np.ascontiguousarray(np.asarray(v)) for k, v in (extra_tensors or {}).items()})
     if dtype is not None:
         target = np.dtype(jnp.dtype(dtype))
-        tensors = {k: np.ascontiguousarray(v.astype(target)) if jnp.issubdtype(v.dtype, jnp.floating) else v
-                   for k, v in tensors.items()}
+        tensors = {
+            k: np.ascontiguousarray(v.astype(target)) if jnp.issubdtype(v.dtype, jnp.floating) else v
+            for k, v in tensors.items()
+        }
     safetensors_io.save_tensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     hf = config_to_hf(config, architecture=architecture, extra=extra_config)
     floating = [v.dtype for v in tensors.values() if jnp.issubdtype(v.dtype, jnp.floating)]

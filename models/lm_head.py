@@ -37,9 +37,18 @@ def _chunk_logits(hidden, kernel, *, compute_dtype, final_softcap, temperature):
     return logits / temperature
 
 
-def chunked_token_stats(*, hidden, kernel, tokens, compute_dtype="float32", temperature: float = 1.0,
-                        final_softcap: Optional[float] = None, chunk: int = 128, with_entropy: bool = False,
-                        with_argmax: bool = False) -> dict:
+def chunked_token_stats(
+    *,
+    hidden,
+    kernel,
+    tokens,
+    compute_dtype="float32",
+    temperature: float = 1.0,
+    final_softcap: Optional[float] = None,
+    chunk: int = 128,
+    with_entropy: bool = False,
+    with_argmax: bool = False,
+) -> dict:
     """Per-position statistics of softmax(head(hidden) / temperature), chunk positions at a time.
 
     Args:
@@ -63,8 +72,9 @@ def chunked_token_stats(*, hidden, kernel, tokens, compute_dtype="float32", temp
 
     @jax.checkpoint
     def one_chunk(kernel, hidden_chunk, token_chunk):
-        logits = _chunk_logits(hidden_chunk, kernel, compute_dtype=compute_dtype, final_softcap=final_softcap,
-                               temperature=temperature)  # [B, c, V]
+        logits = _chunk_logits(
+            hidden_chunk, kernel, compute_dtype=compute_dtype, final_softcap=final_softcap, temperature=temperature
+        )  # [B, c, V]
         out = {}
         picked = jnp.take_along_axis(logits, token_chunk[..., None], axis=-1)[..., 0]  # [B, c]
         out["logprobs"] = picked - jax.nn.logsumexp(logits, axis=-1)
@@ -80,14 +90,29 @@ def chunked_token_stats(*, hidden, kernel, tokens, compute_dtype="float32", temp
     return {k: v.transpose(1, 0, 2).reshape(b, n * c)[:, :t] for k, v in stats.items()}  # each [B, T]
 
 
-def token_logprobs_from_hidden(config, params: dict, hidden, tokens, *, temperature: float = 1.0,
-                               with_entropy: bool = False, final_softcap: Optional[float] = None) -> dict:
+def token_logprobs_from_hidden(
+    config,
+    params: dict,
+    hidden,
+    tokens,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    final_softcap: Optional[float] = None,
+) -> dict:
     """`chunked_token_stats` with the head, dtype and chunk length of a TransformerConfig."""
     if final_softcap is None:
         final_softcap = config.final_softcap
-    return chunked_token_stats(hidden=hidden, kernel=lm_head_kernel(config, params), tokens=tokens,
-                               compute_dtype=config.dtype, temperature=temperature, final_softcap=final_softcap,
-                               chunk=config.logits_chunk or hidden.shape[1], with_entropy=with_entropy)
+    return chunked_token_stats(
+        hidden=hidden,
+        kernel=lm_head_kernel(config, params),
+        tokens=tokens,
+        compute_dtype=config.dtype,
+        temperature=temperature,
+        final_softcap=final_softcap,
+        chunk=config.logits_chunk or hidden.shape[1],
+        with_entropy=with_entropy,
+    )
 
 
 def next_token_nll_from_hidden(config, params: dict, hidden, input_ids, loss_mask):
@@ -98,9 +123,15 @@ def next_token_nll_from_hidden(config, params: dict, hidden, input_ids, loss_mas
     """
     targets = input_ids[:, 1:].astype(jnp.int32)  # [B, T-1]
     weights = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
-    stats = chunked_token_stats(hidden=hidden[:, :-1], kernel=lm_head_kernel(config, params), tokens=targets,
-                                compute_dtype=config.dtype, final_softcap=config.final_softcap,
-                                chunk=config.logits_chunk or hidden.shape[1], with_argmax=True)
+    stats = chunked_token_stats(
+        hidden=hidden[:, :-1],
+        kernel=lm_head_kernel(config, params),
+        tokens=targets,
+        compute_dtype=config.dtype,
+        final_softcap=config.final_softcap,
+        chunk=config.logits_chunk or hidden.shape[1],
+        with_argmax=True,
+    )
     nll = -stats["logprobs"] * weights
     correct = (stats["argmax"] == targets).astype(jnp.float32) * weights
     return nll, weights, correct

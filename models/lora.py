@@ -37,7 +37,8 @@ identity otherwise (inference, rollouts, the reference forward, `init`).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -47,9 +48,19 @@ if TYPE_CHECKING:  # lora.py is imported by transformer.py; keep the runtime gra
     from models.transformer import TransformerConfig
 
 __all__ = [
-    "LORA_LEAVES", "PROJECTIONS", "FAMILY_TARGET_ALIASES", "expand_lora_targets", "LoRADense", "lora_a_init",
-    "lora_delta", "lora_trainable",
-    "add_lora_params", "strip_lora", "merge_lora", "count_lora_params", "partition_params", "combine_params",
+    "LORA_LEAVES",
+    "PROJECTIONS",
+    "FAMILY_TARGET_ALIASES",
+    "expand_lora_targets",
+    "LoRADense",
+    "lora_a_init",
+    "lora_delta",
+    "lora_trainable",
+    "add_lora_params",
+    "strip_lora",
+    "merge_lora",
+    "partition_params",
+    "combine_params",
 ]
 
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -62,10 +73,13 @@ HEAD_NAMES = ("head", "value_head")  # reward/value heads (rm/model.py, ppo/trai
 # Every family's adapters live on our split names, so LoRA on the fused `query_key_value` of
 # GPT-NeoX is three adapters (q, k, v), each of the same rank.
 FAMILY_TARGET_ALIASES = {
-    "gpt2": {"c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"),
-             "c_fc": ("up_proj",)},
-    "gpt_neox": {"query_key_value": ("q_proj", "k_proj", "v_proj"), "dense": ("o_proj",),
-                 "dense_h_to_4h": ("up_proj",), "dense_4h_to_h": ("down_proj",)},
+    "gpt2": {"c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"), "c_fc": ("up_proj",)},
+    "gpt_neox": {
+        "query_key_value": ("q_proj", "k_proj", "v_proj"),
+        "dense": ("o_proj",),
+        "dense_h_to_4h": ("up_proj",),
+        "dense_4h_to_h": ("down_proj",),
+    },
     "phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
 }
 
@@ -96,8 +110,17 @@ def lora_a_init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.A
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
-def lora_delta(module: nn.Module, x: jax.Array, features: int, *, rank: int, alpha: float,
-               dropout: float, dtype: Any, param_dtype: Any) -> jax.Array:
+def lora_delta(
+    module: nn.Module,
+    x: jax.Array,
+    features: int,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    dtype: Any,
+    param_dtype: Any,
+) -> jax.Array:
     """(alpha / r) * (dropout(x) @ A) @ B, declaring 'lora_a' and 'lora_b' on `module`.
 
     Call from inside `module`'s compact `__call__` (LoRADense, QuantDense). x [..., in] ->
@@ -142,11 +165,20 @@ class LoRADense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         y = dense_base(x, kernel, bias, self.dtype)
-        return y + lora_delta(self, x, self.features, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                              dtype=self.dtype, param_dtype=self.param_dtype)
+        return y + lora_delta(
+            self,
+            x,
+            self.features,
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
 
 # ----------------------------------------------------------------------------- param transforms
+
 
 def _parts(path: str) -> list[str]:
     return [p for p in str(path).split("/") if p]
@@ -184,7 +216,7 @@ def _rebuild(tree: Any, fn: Callable[[tuple, dict], dict], prefix: tuple = ()) -
     return fn(prefix, children)
 
 
-def add_lora_params(params: dict, config: "TransformerConfig", rng: jax.Array) -> dict:
+def add_lora_params(params: dict, config: TransformerConfig, rng: jax.Array) -> dict:
     """Base-model params (e.g. from `load_hf_checkpoint`) + fresh adapters for `config`'s targets.
 
     Every module dict under a 'layers_*' component whose name is in `config.lora_targets` and
@@ -198,11 +230,16 @@ def add_lora_params(params: dict, config: "TransformerConfig", rng: jax.Array) -
         raise ValueError(f"add_lora_params: config.lora_rank must be > 0, got {rank}")
     pdtype = jnp.dtype(config.param_dtype)
     targets = set(config.lora_targets)
-    sites = [p for p, d in _walk_modules(params)
-             if p and p[-1] in targets and _is_layer_path(p[:-1]) and ("kernel" in d or "qvalue" in d)]
+    sites = [
+        p
+        for p, d in _walk_modules(params)
+        if p and p[-1] in targets and _is_layer_path(p[:-1]) and ("kernel" in d or "qvalue" in d)
+    ]
     if not sites:
-        raise ValueError(f"add_lora_params: no projection named {sorted(targets)} under a 'layers_*' "
-                         "module holds a 'kernel' or 'qvalue'; is this a Transformer param tree?")
+        raise ValueError(
+            f"add_lora_params: no projection named {sorted(targets)} under a 'layers_*' "
+            "module holds a 'kernel' or 'qvalue'; is this a Transformer param tree?"
+        )
     keys = dict(zip(sites, jax.random.split(rng, len(sites))))
 
     def add(prefix, d):
@@ -213,8 +250,7 @@ def add_lora_params(params: dict, config: "TransformerConfig", rng: jax.Array) -
             raise ValueError(f"add_lora_params: {'/'.join(prefix)} already has {present}; strip_lora first")
         w = d["kernel"] if "kernel" in d else d["qvalue"]  # [in, out]
         n_in, n_out = w.shape[-2], w.shape[-1]
-        return dict(d, lora_a=lora_a_init(keys[prefix], (n_in, rank), pdtype),
-                    lora_b=jnp.zeros((rank, n_out), pdtype))
+        return dict(d, lora_a=lora_a_init(keys[prefix], (n_in, rank), pdtype), lora_b=jnp.zeros((rank, n_out), pdtype))
 
     return _rebuild(params, add)
 
@@ -232,6 +268,7 @@ def partition_params(params: dict, trainable: Callable[[str], bool] = lora_train
     base it also keeps the frozen kernels' gradients from being computed and stored at all.
     Empty dicts are dropped from each part.
     """
+
     def split(tree, prefix):
         train, frozen = {}, {}
         for key, value in tree.items():
@@ -264,15 +301,7 @@ def combine_params(first: dict, second: dict) -> dict:
     return out
 
 
-def count_lora_params(params: Any) -> int:
-    """Number of scalars in LoRA leaves (for logging the trainable fraction)."""
-    total = 0
-    for _, d in _walk_modules(params):
-        total += sum(int(math.prod(d[k].shape)) for k in LORA_LEAVES if k in d and not isinstance(d[k], dict))
-    return total
-
-
-def merge_lora(params: dict, config: "TransformerConfig") -> tuple[dict, "TransformerConfig"]:
+def merge_lora(params: dict, config: TransformerConfig) -> tuple[dict, TransformerConfig]:
     """Folds adapters into the base weights: (plain params, config with lora_rank=0) for export.
 
     W' = W + (alpha / r) A @ B, computed in float32 and cast back to W's dtype. An int8 base
@@ -283,8 +312,10 @@ def merge_lora(params: dict, config: "TransformerConfig") -> tuple[dict, "Transf
     if not has_lora:
         return params, config.replace(lora_rank=0)
     if config.lora_rank <= 0:
-        raise ValueError("merge_lora: params hold lora_a/lora_b leaves but config.lora_rank is 0; pass "
-                         "the config the adapters were trained with (its lora_alpha / lora_rank scale them)")
+        raise ValueError(
+            "merge_lora: params hold lora_a/lora_b leaves but config.lora_rank is 0; pass "
+            "the config the adapters were trained with (its lora_alpha / lora_rank scale them)"
+        )
     if config.quant:
         from models.quant import dequantize_params  # quant.py imports this module
 
@@ -299,8 +330,9 @@ def merge_lora(params: dict, config: "TransformerConfig") -> tuple[dict, "Transf
             raise ValueError(f"merge_lora: {where} needs 'kernel', 'lora_a' and 'lora_b'; has {sorted(d)}")
         a, b, w = (jnp.asarray(d[k], jnp.float32) for k in ("lora_a", "lora_b", "kernel"))
         if a.shape[-1] != config.lora_rank:
-            raise ValueError(f"merge_lora: {where}/lora_a has rank {a.shape[-1]}, config.lora_rank is "
-                             f"{config.lora_rank}")
+            raise ValueError(
+                f"merge_lora: {where}/lora_a has rank {a.shape[-1]}, config.lora_rank is {config.lora_rank}"
+            )
         delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [in, out]; full f32 on TPU/GPU too
         merged = (w + scale * delta).astype(d["kernel"].dtype)
         out = {k: v for k, v in d.items() if k not in LORA_LEAVES}

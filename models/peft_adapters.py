@@ -32,12 +32,25 @@ __all__ = ["export_peft_adapter", "PEFT_FAMILIES"]
 # Families whose HF module names are mapped (and tested against peft) here.
 PEFT_FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text")
 
-_LLAMA_NAMES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-                "down_proj": "mlp.down_proj"}
+_LLAMA_NAMES = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
 _GPT2_NAMES = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
-_SECTION = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn", "gate_proj": "mlp",
-            "up_proj": "mlp", "down_proj": "mlp"}
+_SECTION = {
+    "q_proj": "attn",
+    "k_proj": "attn",
+    "v_proj": "attn",
+    "o_proj": "attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 def _f32(x):
@@ -56,8 +69,16 @@ def _adapters(config, params):
     return out
 
 
-def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, dtype: str = "float32",
-                        task_type: str = "CAUSAL_LM", modules_to_save: dict | None = None) -> str:
+def export_peft_adapter(
+    config,
+    params: dict,
+    out_dir: str,
+    *,
+    base_model: str,
+    dtype: str = "float32",
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: dict | None = None,
+) -> str:
     """Writes the LoRA adapters of a causal LM (`params` with lora_a / lora_b leaves) as a PEFT folder.
 
     A reward model (rm/export.py) passes task_type 'SEQ_CLS' and `modules_to_save`
@@ -75,11 +96,15 @@ def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, 
     if config.lora_rank <= 0:
         raise ValueError("this run has no LoRA adapters (lora_rank=0): export the full model instead")
     if config.quant:
-        raise ValueError(f"the adapters were trained on an int8 base (quant={config.quant!r}); on the float base "
-                         "PEFT loads they would compute something else: export the merged model instead")
+        raise ValueError(
+            f"the adapters were trained on an int8 base (quant={config.quant!r}); on the float base "
+            "PEFT loads they would compute something else: export the merged model instead"
+        )
     if config.family not in PEFT_FAMILIES:
-        raise ValueError(f"PEFT adapter export supports the families {PEFT_FAMILIES}; {config.family!r} fuses its "
-                         "projections differently in Hugging Face (e.g. query_key_value): export the merged model")
+        raise ValueError(
+            f"PEFT adapter export supports the families {PEFT_FAMILIES}; {config.family!r} fuses its "
+            "projections differently in Hugging Face (e.g. query_key_value): export the merged model"
+        )
     adapters = _adapters(config, params)
     if not adapters:
         raise ValueError("no lora_a / lora_b leaves in the params: nothing to export")
@@ -95,7 +120,7 @@ def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, 
                 b = np.zeros((3 * d_out, len(fused) * r), np.float32)  # block-diagonal [3 d, k r]
                 for j, n in enumerate(fused):
                     offset = ("q_proj", "k_proj", "v_proj").index(n) * d_out
-                    b[offset:offset + d_out, j * r:(j + 1) * r] = adapters[(i, n)][1].T
+                    b[offset : offset + d_out, j * r : (j + 1) * r] = adapters[(i, n)][1].T
                 tensors[f"{prefix}.{i}.attn.c_attn.lora_A.weight"] = a
                 tensors[f"{prefix}.{i}.attn.c_attn.lora_B.weight"] = b
                 targets.add("attn.c_attn")
@@ -108,7 +133,7 @@ def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, 
                     tensors[f"{prefix}.{i}.{theirs}.lora_A.weight"] = a.T
                     tensors[f"{prefix}.{i}.{theirs}.lora_B.weight"] = b.T
                     targets.add(theirs)
-        if ("gate_proj" in {n for _, n in adapters}):
+        if "gate_proj" in {n for _, n in adapters}:
             raise ValueError("gpt2 has no gate_proj")
         fan_in_fan_out = True
     else:
@@ -122,18 +147,28 @@ def export_peft_adapter(config, params: dict, out_dir: str, *, base_model: str, 
         for name, value in module_tensors.items():
             tensors[f"base_model.model.{module}.{name}"] = _f32(value)
     import jax.numpy as jnp
+
     target_dtype = np.dtype(jnp.dtype(dtype))
     tensors = {k: np.ascontiguousarray(v.astype(target_dtype)) for k, v in tensors.items()}
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     adapter_config = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
-        "r": r, "lora_alpha": alpha, "lora_dropout": float(config.lora_dropout), "bias": "none",
-        "target_modules": sorted(targets), "fan_in_fan_out": fan_in_fan_out, "use_rslora": False,
-        "init_lora_weights": True, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": float(config.lora_dropout),
+        "bias": "none",
+        "target_modules": sorted(targets),
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
         # PEFT matches modules_to_save by the module name's last component (score, ln_f)
         "modules_to_save": sorted({m.split(".")[-1] for m in modules_to_save}) if modules_to_save else None,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
     }
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(adapter_config, f, indent=2, sort_keys=True)

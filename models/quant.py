@@ -26,7 +26,8 @@ no calibration data.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -38,8 +39,7 @@ from models.lora import PROJECTIONS, lora_delta
 if TYPE_CHECKING:
     from models.transformer import TransformerConfig
 
-__all__ = ["QMAX", "quantize_kernel", "dequantize", "QuantDense", "quantize_params", "dequantize_params",
-           "param_bytes"]
+__all__ = ["QMAX", "quantize_kernel", "dequantize", "QuantDense", "quantize_params", "dequantize_params", "param_bytes"]
 
 QMAX = 127  # symmetric int8 range [-127, 127]; -128 unused so that q and -q are both representable
 
@@ -98,8 +98,10 @@ class QuantDense(nn.Module):
         qvalue = self.param("qvalue", lambda rng: draw(rng)[0])  # [in, out] int8
         scale = self.param("scale", lambda rng: draw(rng)[1])  # [out] f32
         if qvalue.dtype != jnp.int8 or tuple(qvalue.shape) != shape or tuple(scale.shape) != shape[1:]:
-            raise ValueError(f"QuantDense {self.name}: expected qvalue int8 {shape} and scale {shape[1:]}, got "
-                             f"{qvalue.dtype} {tuple(qvalue.shape)} and {tuple(scale.shape)}")
+            raise ValueError(
+                f"QuantDense {self.name}: expected qvalue int8 {shape} and scale {shape[1:]}, got "
+                f"{qvalue.dtype} {tuple(qvalue.shape)} and {tuple(scale.shape)}"
+            )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         h = x.astype(self.dtype)
         y = jax.lax.dot_general(h, qvalue.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))  # [..., out]
@@ -107,12 +109,21 @@ class QuantDense(nn.Module):
         if bias is not None:
             y = y + bias.astype(self.dtype)
         if self.lora_rank > 0:
-            y = y + lora_delta(self, x, self.features, rank=self.lora_rank, alpha=self.lora_alpha,
-                               dropout=self.lora_dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+            y = y + lora_delta(
+                self,
+                x,
+                self.features,
+                rank=self.lora_rank,
+                alpha=self.lora_alpha,
+                dropout=self.lora_dropout,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
         return y
 
 
 # ----------------------------------------------------------------------------- param transforms
+
 
 def _map_projections(params: Any, fn: Callable[[str, dict], dict], prefix: tuple = (), under_layer=False):
     """Copy of `params` with fn(path, d) applied to each projection dict under a 'layers_*' module."""
@@ -129,8 +140,9 @@ def _map_projections(params: Any, fn: Callable[[str, dict], dict], prefix: tuple
     return out
 
 
-def quantize_params(params: dict, config: "TransformerConfig", *,
-                    include_lm_head: bool = False) -> tuple[dict, "TransformerConfig"]:
+def quantize_params(
+    params: dict, config: TransformerConfig, *, include_lm_head: bool = False
+) -> tuple[dict, TransformerConfig]:
     """Float params -> int8 projections: (params with qvalue/scale instead of kernel, config quant='int8').
 
     Converts the 'kernel' of every q/k/v/o/gate/up/down projection under a 'layers_*'
@@ -143,7 +155,8 @@ def quantize_params(params: dict, config: "TransformerConfig", *,
     if include_lm_head:
         raise NotImplementedError(
             "quantize_params(include_lm_head=True): the Transformer builds lm_head as nn.Dense outside "
-            "_dense (models/transformer.py), so an int8 lm_head could not be read; lm_head stays float")
+            "_dense (models/transformer.py), so an int8 lm_head could not be read; lm_head stays float"
+        )
     if config.quant:
         raise ValueError(f"quantize_params: config.quant is already {config.quant!r}")
     converted = []
@@ -159,12 +172,14 @@ def quantize_params(params: dict, config: "TransformerConfig", *,
 
     new = _map_projections(params, convert)
     if not converted:
-        raise ValueError("quantize_params: found no projection (q_proj, ..., down_proj) under a 'layers_*' "
-                         "module; is this a Transformer param tree?")
+        raise ValueError(
+            "quantize_params: found no projection (q_proj, ..., down_proj) under a 'layers_*' "
+            "module; is this a Transformer param tree?"
+        )
     return new, config.replace(quant="int8")
 
 
-def dequantize_params(params: dict, config: "TransformerConfig") -> tuple[dict, "TransformerConfig"]:
+def dequantize_params(params: dict, config: TransformerConfig) -> tuple[dict, TransformerConfig]:
     """Inverse of `quantize_params`: float kernels (config.param_dtype) and config quant=''."""
     dtype = jnp.dtype(config.param_dtype)
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
-def rotary_dim(config: "TransformerConfig") -> int:
+def rotary_dim(config: TransformerConfig) -> int:
     """Number of rotated features per head (HF: int(head_dim * partial_rotary_factor))."""
     return int(config.head_dim * config.rotary_pct)
 
@@ -37,8 +37,9 @@ def _base_inv_freq(theta: float, dim: int) -> jax.Array:
     return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))  # [dim/2]
 
 
-def rope_inv_freq(config: "TransformerConfig", *, local: bool = False,
-                  positions: Optional[jax.Array] = None) -> tuple[jax.Array, float]:
+def rope_inv_freq(
+    config: TransformerConfig, *, local: bool = False, positions: Optional[jax.Array] = None
+) -> tuple[jax.Array, float]:
     """(inverse frequencies [rotary_dim/2], cos/sin multiplier) for a global or a local layer.
 
     `positions` [B, T] are needed only by 'longrope', which picks its factor set from the
@@ -89,7 +90,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attentio
     cos = (jnp.cos(angles) * attention_factor)[:, :, None, :]
     sin = (jnp.sin(angles) * attention_factor)[:, :, None, :]
     x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., :rot // 2], x32[..., rot // 2:rot]
+    x1, x2 = x32[..., : rot // 2], x32[..., rot // 2 : rot]
     parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
     if rot < x.shape[-1]:
         parts.append(x32[..., rot:])

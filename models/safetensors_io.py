@@ -16,15 +16,22 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
@@ -55,8 +62,10 @@ def lazy_tensors(path: str) -> dict[str, np.ndarray]:
         dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
         begin, end = info["data_offsets"]
         if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start + end > size:
-            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has inconsistent offsets "
-                             f"{begin}..{end} (file of {size} bytes)")
+            raise ValueError(
+                f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has inconsistent offsets "
+                f"{begin}..{end} (file of {size} bytes)"
+            )
         if end == begin:
             out[name] = np.zeros(shape, dtype)
         else:
@@ -70,8 +79,11 @@ def _write_file(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: 
     for name, array in items:
         if array.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}; safetensors takes {sorted(_NAMES.values())}")
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -29,7 +29,8 @@ draw, with key `fold_in(rng, t)` at step t, so a fixed rng gives fixed samples (
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import flax.struct
 import jax
@@ -63,6 +64,7 @@ class SampleOutput:
 # step) and Gumbel-max draws B*V random numbers per step, so the nucleus threshold is found by
 # bisection and tokens are drawn by inverse CDF with one uniform per row. Both are exact up to
 # float32 rounding and cost a few O(V) reductions on any backend.
+
 
 def top_k_filter(logits: jax.Array, *, k: int) -> jax.Array:
     """Keep the k largest logits of each row, set the rest to -inf. k <= 0 (or >= V) is a no-op.
@@ -128,8 +130,15 @@ def _inverse_cdf_draw(weights: jax.Array, uniform: jax.Array) -> jax.Array:
     return chosen * block + jnp.sum(inner_cdf <= rest[:, None], axis=-1)
 
 
-def sample_logits(logits: jax.Array, rng: Optional[jax.Array], *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+def sample_logits(
+    logits: jax.Array,
+    rng: Optional[jax.Array],
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row from logits [B, V]. Returns (tokens [B] int32, logprobs [B] f32).
 
     Order: logits / temperature -> top_k_filter -> top_p_filter -> draw (inverse CDF with
@@ -154,6 +163,7 @@ def sample_logits(logits: jax.Array, rng: Optional[jax.Array], *, temperature: f
 
 # ----------------------------------------------------------------------------- generation
 
+
 def _check_settings(config, max_new_tokens, temperature, top_k, top_p):
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -167,9 +177,17 @@ def _check_settings(config, max_new_tokens, temperature, top_k, top_p):
         raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
 
 
-def make_generate_fn(config: TransformerConfig, *, max_new_tokens: int, temperature: float = 1.0,
-                     top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
-                     stop_token_ids: Sequence[int] = (), greedy: bool = False):
+def make_generate_fn(
+    config: TransformerConfig,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    stop_token_ids: Sequence[int] = (),
+    greedy: bool = False,
+):
     """Jitted `fn(params, prompt_ids [B, P], prompt_mask [B, P], rng) -> SampleOutput`.
 
     Settings are compile-time constants; the function is cached per (config, settings), and
@@ -182,8 +200,15 @@ def make_generate_fn(config: TransformerConfig, *, max_new_tokens: int, temperat
     stops = {int(i) for i in stop_token_ids}
     if eos_token_id is not None and eos_token_id >= 0:
         stops.add(int(eos_token_id))
-    return _build_generate_fn(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p),
-                              tuple(sorted(stops)), bool(greedy or temperature == 0))
+    return _build_generate_fn(
+        config,
+        int(max_new_tokens),
+        float(temperature),
+        int(top_k),
+        float(top_p),
+        tuple(sorted(stops)),
+        bool(greedy or temperature == 0),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -205,8 +230,15 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
         cache = init_cache(config, b, p + n)
         if p > 1:
             positions = positions_from_mask(prompt_mask)  # [B, P]
-            cache = model.apply({"params": params}, prompt_ids[:, :-1], kv_mask, positions=positions[:, :-1],
-                                cache=cache, cache_index=0, return_logits=False).cache
+            cache = model.apply(
+                {"params": params},
+                prompt_ids[:, :-1],
+                kv_mask,
+                positions=positions[:, :-1],
+                cache=cache,
+                cache_index=0,
+                return_logits=False,
+            ).cache
 
         def cond(state):
             return (state["t"] < n) & ~jnp.all(state["done"])
@@ -214,11 +246,18 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
         def body(state):
             t = state["t"]
             positions = (prompt_lengths - 1 + t)[:, None]  # [B, 1]
-            out = model.apply({"params": params}, state["token"][:, None], kv_mask, positions=positions,
-                              cache=state["cache"], cache_index=p - 1 + t)
+            out = model.apply(
+                {"params": params},
+                state["token"][:, None],
+                kv_mask,
+                positions=positions,
+                cache=state["cache"],
+                cache_index=p - 1 + t,
+            )
             step_rng = None if greedy else jax.random.fold_in(rng, t)
-            token, logprob = sample_logits(out.logits[:, 0], step_rng, temperature=temperature,
-                                           top_k=top_k, top_p=top_p, greedy=greedy)  # [B], [B]
+            token, logprob = sample_logits(
+                out.logits[:, 0], step_rng, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+            )  # [B], [B]
             live = ~state["done"]
             token = jnp.where(live, token, pad_id)
             logprob = jnp.where(live, logprob, 0.0)
@@ -271,17 +310,33 @@ def _check_prompts(config, prompt_ids, prompt_mask, max_new_tokens):
     for row in range(mask.shape[0]):
         if lengths[row] == 0:
             raise ValueError(f"prompt row {row} has no real tokens (prompt_mask is all 0)")
-        if not mask[row, mask.shape[1] - lengths[row]:].all():
-            raise ValueError(f"prompt row {row} is not left-padded: prompt_mask must be 0...0 1...1, "
-                             f"got {mask[row].astype(int).tolist()}")
+        if not mask[row, mask.shape[1] - lengths[row] :].all():
+            raise ValueError(
+                f"prompt row {row} is not left-padded: prompt_mask must be 0...0 1...1, "
+                f"got {mask[row].astype(int).tolist()}"
+            )
     if config.is_gpt2 and lengths.max() + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"max_position_embeddings={config.max_position_embeddings} of this GPT-2 model")
+        raise ValueError(
+            f"longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_position_embeddings={config.max_position_embeddings} of this GPT-2 model"
+        )
 
 
-def generate(params, config: TransformerConfig, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
-             stop_token_ids: Sequence[int] = (), greedy: bool = False) -> SampleOutput:
+def generate(
+    params,
+    config: TransformerConfig,
+    prompt_ids,
+    prompt_mask,
+    rng,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    stop_token_ids: Sequence[int] = (),
+    greedy: bool = False,
+) -> SampleOutput:
     """Sample up to max_new_tokens for each LEFT-padded prompt (see the module docstring).
 
     params: the Transformer's parameters; prompt_ids, prompt_mask: [B, P] (mask 1 = real token);
@@ -295,6 +350,14 @@ def generate(params, config: TransformerConfig, prompt_ids, prompt_mask, rng, *,
         if not (greedy or temperature == 0):
             raise ValueError("rng is None but sampling is not greedy; pass a key from jax.random.key(seed)")
         rng = jax.random.key(0)  # unused by the greedy program
-    fn = make_generate_fn(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, eos_token_id=eos_token_id, stop_token_ids=stop_token_ids, greedy=greedy)
+    fn = make_generate_fn(
+        config,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        stop_token_ids=stop_token_ids,
+        greedy=greedy,
+    )
     return fn(params, prompt_ids, prompt_mask, rng)

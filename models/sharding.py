@@ -60,17 +60,26 @@ propagates shardings from the parameters and the batch through the computation.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from common.optim import param_path
 
 __all__ = [
-    "DEFAULT_RULES", "REPLICATED_RULES", "logical_axes", "spec_for", "tree_partition_specs",
-    "tree_shardings", "param_shardings", "shard_params", "abstract_sharded",
+    "DEFAULT_RULES",
+    "REPLICATED_RULES",
+    "logical_axes",
+    "spec_for",
+    "tree_partition_specs",
+    "tree_shardings",
+    "param_shardings",
+    "shard_params",
+    "abstract_sharded",
 ]
 
 MeshAxes = Union[None, str, Sequence[str]]
@@ -129,7 +138,7 @@ def logical_axes(path: str, shape: Sequence[int]) -> tuple[Optional[str], ...]:
     if where is None:
         return replicated
     in_axis, out_axis = _MATRIX_AXES[parts[where]]
-    rest = parts[where + 1:]  # what lies under the module: ['kernel'], ['lora_a'], ['lora_a', 'kernel'] ...
+    rest = parts[where + 1 :]  # what lies under the module: ['kernel'], ['lora_a'], ['lora_a', 'kernel'] ...
     if not rest:
         return replicated
     leaf = rest[-1]
@@ -206,14 +215,14 @@ def tree_partition_specs(tree: Any, mesh: Any, rules: Rules = DEFAULT_RULES) -> 
     `mesh` may be a `Mesh` or an `AbstractMesh` (only axis names and sizes are read).
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: spec_for(param_path(path), _shape_of(leaf), mesh, rules), tree)
+        lambda path, leaf: spec_for(param_path(path), _shape_of(leaf), mesh, rules), tree
+    )
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """NamedSharding per leaf (see `tree_partition_specs`); scalars and unknown leaves replicated."""
     specs = tree_partition_specs(tree, mesh, rules)
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
@@ -230,8 +239,9 @@ def shard_params(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     return jax.device_put(params, tree_shardings(params, mesh, rules))
 
 
-def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                     *args, **kwargs) -> tuple[Any, Any]:
+def abstract_sharded(
+    init_fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEFAULT_RULES, *args, **kwargs
+) -> tuple[Any, Any]:
     """Shapes and shardings of `init_fn(*args, **kwargs)`'s output, computed without running it.
 
     Returns (abstract, shardings): `abstract` is the `jax.eval_shape` tree with each
@@ -243,6 +253,5 @@ def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules = DEF
     """
     shapes = jax.eval_shape(init_fn, *args, **kwargs)
     shardings = tree_shardings(shapes, mesh, rules)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return abstract, shardings

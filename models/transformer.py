@@ -37,9 +37,11 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import ATTENTION_IMPLS, attend, resolve_attention_impl
-from models.rope import ROPE_TYPES, apply_rope, rope_inv_freq, rotary_dim  # noqa: F401 (re-exported)
-from models.lora import PROJECTIONS as _PROJECTIONS, LoRADense, expand_lora_targets as _expand_lora_targets
+from models.lora import PROJECTIONS as _PROJECTIONS
+from models.lora import LoRADense
+from models.lora import expand_lora_targets as _expand_lora_targets
 from models.quant import QuantDense
+from models.rope import ROPE_TYPES, apply_rope, rope_inv_freq, rotary_dim  # noqa: F401 (re-exported)
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "gpt_neox", "phi3")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF config.layer_types entries
@@ -118,16 +120,27 @@ class TransformerConfig:
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.rope_scaling is not None:  # JSON gives lists; longrope factors are lists of floats
-            object.__setattr__(self, "rope_scaling", tuple(sorted(
-                (str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in
-                (self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling))))
+            object.__setattr__(
+                self,
+                "rope_scaling",
+                tuple(
+                    sorted(
+                        (str(k), tuple(v) if isinstance(v, (list, tuple)) else v)
+                        for k, v in (
+                            self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling
+                        )
+                    )
+                ),
+            )
         unknown = [t for t in self.lora_targets if t not in _PROJECTIONS]
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r}; supported: {', '.join(FAMILIES)}")
         if unknown or self.lora_rank < 0 or self.quant not in ("", "int8") or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_targets={self.lora_targets} (each one of {_PROJECTIONS}), lora_rank="
-                             f"{self.lora_rank} (>= 0), lora_dropout={self.lora_dropout} (in [0, 1)), "
-                             f"quant={self.quant!r} ('' or 'int8'): invalid value")
+            raise ValueError(
+                f"lora_targets={self.lora_targets} (each one of {_PROJECTIONS}), lora_rank="
+                f"{self.lora_rank} (>= 0), lora_dropout={self.lora_dropout} (in [0, 1)), "
+                f"quant={self.quant!r} ('' or 'int8'): invalid value"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.attention not in ATTENTION_IMPLS:
@@ -136,13 +149,17 @@ class TransformerConfig:
             raise ValueError(f"logits_chunk={self.logits_chunk}; >= 0 (0 = full logits)")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; one of {sorted(_REMAT_POLICIES)}")
-        if self.layer_types is not None and (len(self.layer_types) != self.n_layers
-                                             or any(t not in LAYER_TYPES for t in self.layer_types)):
-            raise ValueError(f"layer_types={self.layer_types}: expected {self.n_layers} entries, each one of "
-                             f"{LAYER_TYPES}")
+        if self.layer_types is not None and (
+            len(self.layer_types) != self.n_layers or any(t not in LAYER_TYPES for t in self.layer_types)
+        ):
+            raise ValueError(
+                f"layer_types={self.layer_types}: expected {self.n_layers} entries, each one of {LAYER_TYPES}"
+            )
         if not 0 < rotary_dim(self) <= self.head_dim or rotary_dim(self) % 2:
-            raise ValueError(f"rotary_pct={self.rotary_pct} with head_dim={self.head_dim} gives rotary dim "
-                             f"{rotary_dim(self)}; it must be even and in (0, head_dim]")
+            raise ValueError(
+                f"rotary_pct={self.rotary_pct} with head_dim={self.head_dim} gives rotary dim "
+                f"{rotary_dim(self)}; it must be even and in (0, head_dim]"
+            )
 
     @property
     def is_gpt2(self) -> bool:
@@ -179,10 +196,11 @@ class TransformerConfig:
         """Smallest P with every layer i configured like layer i % P (window, local RoPE): 1 for
         uniform stacks, 2 for gemma2's alternation, 6 for gemma3's 5 local + 1 global."""
         kinds = [(self.layer_window(i), self.is_local_layer(i)) for i in range(self.n_layers)]
-        return next(p for p in range(1, self.n_layers + 1)
-                    if all(kinds[i] == kinds[i % p] for i in range(self.n_layers)))
+        return next(
+            p for p in range(1, self.n_layers + 1) if all(kinds[i] == kinds[i % p] for i in range(self.n_layers))
+        )
 
-    def replace(self, **changes) -> "TransformerConfig":
+    def replace(self, **changes) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
@@ -243,11 +261,21 @@ def _norm(config: TransformerConfig, name: str):
 def _dense(config: TransformerConfig, features: int, use_bias: bool, name: str):
     """Projection `name`: int8 QuantDense (config.quant), LoRADense (named in lora_targets), or nn.Dense."""
     lora = config.lora_rank > 0 and name in config.lora_targets
-    common = dict(features=features, use_bias=use_bias, dtype=jnp.dtype(config.dtype),
-                  param_dtype=jnp.dtype(config.param_dtype), kernel_init=nn.initializers.normal(0.02), name=name)
+    common = dict(
+        features=features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
     if config.quant == "int8":  # frozen int8 base, float adapters when also LoRA (QLoRA-style)
-        return QuantDense(lora_rank=config.lora_rank if lora else 0, lora_alpha=config.lora_alpha,
-                          lora_dropout=config.lora_dropout, **common)
+        return QuantDense(
+            lora_rank=config.lora_rank if lora else 0,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            **common,
+        )
     if lora:
         return LoRADense(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, **common)
     return nn.Dense(
@@ -300,11 +328,26 @@ class Attention(nn.Module):
             cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         scale = 1.0 / math.sqrt(cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar else hd)
-        impl = resolve_attention_impl(cfg.attention, q_len=t, kv_len=k.shape[2], dtype=q.dtype, head_dim=hd,
-                                      softcap=cfg.attn_softcap, self_attention=cache is None)
-        out = attend(q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale,
-                     sliding_window=cfg.layer_window(self.layer), softcap=cfg.attn_softcap,
-                     impl=impl).reshape(b, t, h * hd)
+        impl = resolve_attention_impl(
+            cfg.attention,
+            q_len=t,
+            kv_len=k.shape[2],
+            dtype=q.dtype,
+            head_dim=hd,
+            softcap=cfg.attn_softcap,
+            self_attention=cache is None,
+        )
+        out = attend(
+            q,
+            k,
+            v,
+            q_slots=q_slots,
+            kv_mask=kv_mask,
+            scale=scale,
+            sliding_window=cfg.layer_window(self.layer),
+            softcap=cfg.attn_softcap,
+            impl=impl,
+        ).reshape(b, t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 
@@ -376,14 +419,26 @@ class Transformer(nn.Module):
                 raise ValueError("decoding with a KV cache needs explicit positions and cache_index")
             q_slots = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t)
 
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
-                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=dtype,
+            param_dtype=pdtype,
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed",
+        )
         x = embed(input_ids)
         if cfg.is_gemma:  # HF multiplies by sqrt(d) rounded to the compute dtype
             x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         if cfg.is_gpt2:
-            x = x + nn.Embed(cfg.max_position_embeddings, cfg.d_model, dtype=dtype, param_dtype=pdtype,
-                             embedding_init=nn.initializers.normal(0.01), name="pos_embed")(positions)
+            x = x + nn.Embed(
+                cfg.max_position_embeddings,
+                cfg.d_model,
+                dtype=dtype,
+                param_dtype=pdtype,
+                embedding_init=nn.initializers.normal(0.01),
+                name="pos_embed",
+            )(positions)
 
         block_cls = Block
         if cfg.remat:
@@ -406,13 +461,18 @@ class Transformer(nn.Module):
             if cfg.tie_embeddings:
                 logits = embed.attend(x)
             else:
-                logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                                  kernel_init=nn.initializers.normal(0.02), name="lm_head")(x)
+                logits = nn.Dense(
+                    cfg.vocab_size,
+                    use_bias=False,
+                    dtype=dtype,
+                    param_dtype=pdtype,
+                    kernel_init=nn.initializers.normal(0.02),
+                    name="lm_head",
+                )(x)
             logits = logits.astype(jnp.float32)
             if cfg.final_softcap is not None:
                 logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         return Output(logits=logits, hidden_states=x.astype(jnp.float32), cache=new_cache)
-
 
     def _scanned_layers(self, x, positions, attention_mask, q_slots):
         """Layers 0 .. G*P-1 through a lax.scan over G = n_layers // P groups of P = layer_period()
@@ -424,21 +484,36 @@ class Transformer(nn.Module):
             return x, 0
         layer_params = self.variables["params"]
         # xs[j]: the params of layers j, j + P, j + 2P, ... stacked on a new leading axis [G, ...]
-        xs = {"params": [jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                                      *[layer_params[f"layers_{g * period + j}"] for g in range(groups)])
-                         for j in range(period)]}
+        xs = {
+            "params": [
+                jax.tree.map(
+                    lambda *leaves: jnp.stack(leaves),
+                    *[layer_params[f"layers_{g * period + j}"] for g in range(groups)],
+                )
+                for j in range(period)
+            ]
+        }
         has_dropout = self.has_rng("dropout")
         if has_dropout:  # one key per scanned layer (fold_in of the layer index); the unrolled
             # model folds module paths in instead, so its masks differ (same distribution)
             base = self.make_rng("dropout")
-            xs["dropout"] = [jax.vmap(lambda g, j=j: jax.random.fold_in(base, g * period + j))(jnp.arange(groups))
-                             for j in range(period)]
+            xs["dropout"] = [
+                jax.vmap(lambda g, j=j: jax.random.fold_in(base, g * period + j))(jnp.arange(groups))
+                for j in range(period)
+            ]
 
         def one_block(j, p, rng, h):
             # Static layer index j (< P): the block keeps that position's window and RoPE kind.
             out, _ = Block(cfg, layer=j, parent=None).apply(
-                {"params": p}, h, positions, attention_mask, q_slots, None, None,
-                rngs=None if rng is None else {"dropout": rng})
+                {"params": p},
+                h,
+                positions,
+                attention_mask,
+                q_slots,
+                None,
+                None,
+                rngs=None if rng is None else {"dropout": rng},
+            )
             return out
 
         if cfg.remat:

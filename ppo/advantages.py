@@ -39,8 +39,10 @@ CRITIC_FREE = ("rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_baseline")
 def _grouped(x, group_size: int, where: str):
     b = x.shape[0]
     if group_size < 1 or b % group_size:
-        raise ValueError(f"ppo/advantages.py {where}: batch of {b} rows does not split into groups of "
-                         f"group_size={group_size} (rows [g*K, (g+1)*K) must be one prompt's samples)")
+        raise ValueError(
+            f"ppo/advantages.py {where}: batch of {b} rows does not split into groups of "
+            f"group_size={group_size} (rows [g*K, (g+1)*K) must be one prompt's samples)"
+        )
     return x.reshape(b // group_size, group_size)
 
 
@@ -125,13 +127,16 @@ def kl_shaped_rewards(kl, scores, mask, *, beta) -> jax.Array:
     maskf = jnp.asarray(mask, jnp.float32)
     lengths = jnp.sum(maskf, axis=1).astype(jnp.int32)  # [B]
     at_last = jax.nn.one_hot(jnp.maximum(lengths - 1, 0), maskf.shape[1]) * (lengths > 0)[:, None]  # [B, T]
-    rewards = -jnp.asarray(beta, jnp.float32) * jnp.asarray(kl, jnp.float32) + at_last * jnp.asarray(
-        scores, jnp.float32)[:, None]
+    rewards = (
+        -jnp.asarray(beta, jnp.float32) * jnp.asarray(kl, jnp.float32)
+        + at_last * jnp.asarray(scores, jnp.float32)[:, None]
+    )
     return jnp.where(maskf != 0, rewards, 0.0)
 
 
-def critic_free_advantages(*, kind: str, scores, kl, mask, beta, group_size: int, eps: float = 1e-6,
-                           valid=None) -> tuple[jax.Array, jax.Array]:
+def critic_free_advantages(
+    *, kind: str, scores, kl, mask, beta, group_size: int, eps: float = 1e-6, valid=None
+) -> tuple[jax.Array, jax.Array]:
     """Token advantages and returns of a critic-free estimator (no value model).
 
     Args:

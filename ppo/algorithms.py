@@ -60,14 +60,20 @@ def resolve(config) -> Algorithm:
     if k < 1:
         raise ValueError(f"config.rollout.samples_per_prompt={k}; expected an integer >= 1")
     if kind in A.GROUP_KINDS and k < 2:
-        raise ValueError(f"config.algo.advantage={kind!r} needs config.rollout.samples_per_prompt >= 2 (a group "
-                         f"baseline over one sample is undefined), got {k}")
+        raise ValueError(
+            f"config.algo.advantage={kind!r} needs config.rollout.samples_per_prompt >= 2 (a group "
+            f"baseline over one sample is undefined), got {k}"
+        )
     if tc.batch_size % k:
-        raise ValueError(f"config.train.batch_size={tc.batch_size} (rollouts per iteration) must be divisible by "
-                         f"config.rollout.samples_per_prompt={k}")
+        raise ValueError(
+            f"config.train.batch_size={tc.batch_size} (rollouts per iteration) must be divisible by "
+            f"config.rollout.samples_per_prompt={k}"
+        )
     if k > 1 and (tc.batch_size // k) % tc.num_minibatches:
-        raise ValueError(f"config.train.num_minibatches={tc.num_minibatches} must divide the "
-                         f"{tc.batch_size // k} prompt groups per iteration (minibatches hold whole groups)")
+        raise ValueError(
+            f"config.train.num_minibatches={tc.num_minibatches} must divide the "
+            f"{tc.batch_size // k} prompt groups per iteration (minibatches hold whole groups)"
+        )
     if algo.kl_placement not in KL_PLACEMENTS:
         raise ValueError(f"config.algo.kl_placement={algo.kl_placement!r}; expected one of {KL_PLACEMENTS}")
     kl_in_loss = algo.kl_placement == "in_loss" or (algo.kl_placement == "auto" and kind in ("grpo", "dr_grpo"))
@@ -77,8 +83,7 @@ def resolve(config) -> Algorithm:
     if agg not in O.AGGREGATIONS:
         raise ValueError(f"config.algo.loss_agg={agg!r}; expected 'auto' or one of {O.AGGREGATIONS}")
     if algo.kl_loss_estimator not in L.KL_ESTIMATORS:
-        raise ValueError(f"config.algo.kl_loss_estimator={algo.kl_loss_estimator!r}; expected one of "
-                         f"{L.KL_ESTIMATORS}")
+        raise ValueError(f"config.algo.kl_loss_estimator={algo.kl_loss_estimator!r}; expected one of {L.KL_ESTIMATORS}")
     low = tc.clip_eps if algo.clip_eps_low < 0 else float(algo.clip_eps_low)
     high = tc.clip_eps if algo.clip_eps_high < 0 else float(algo.clip_eps_high)
     dual = float(algo.dual_clip_c)
@@ -86,12 +91,28 @@ def resolve(config) -> Algorithm:
         raise ValueError(f"config.algo.dual_clip_c={dual}; expected 0 (off) or a value > 1 (e.g. 3)")
     critic = kind == "gae"
     default = critic and not kl_in_loss and low == high == tc.clip_eps and not dual and agg == "token_mean"
-    variant = None if default else {
-        "clip_eps_low": low, "clip_eps_high": high, "dual_clip_c": dual or None, "aggregation": agg,
-        "norm_constant": float(algo.norm_constant) if algo.norm_constant > 0 else float(config.sampling.max_new_tokens),
-        "kl_estimator": algo.kl_loss_estimator}
-    return Algorithm(advantage=kind, group_size=k, kl_in_loss=kl_in_loss, critic=critic, variant=variant,
-                     group_eps=float(algo.group_eps))
+    variant = (
+        None
+        if default
+        else {
+            "clip_eps_low": low,
+            "clip_eps_high": high,
+            "dual_clip_c": dual or None,
+            "aggregation": agg,
+            "norm_constant": float(algo.norm_constant)
+            if algo.norm_constant > 0
+            else float(config.sampling.max_new_tokens),
+            "kl_estimator": algo.kl_loss_estimator,
+        }
+    )
+    return Algorithm(
+        advantage=kind,
+        group_size=k,
+        kl_in_loss=kl_in_loss,
+        critic=critic,
+        variant=variant,
+        group_eps=float(algo.group_eps),
+    )
 
 
 def policy_gradient_loss(logprobs, batch, maskf, *, variant: dict, kl_in_loss: bool):
@@ -101,11 +122,20 @@ def policy_gradient_loss(logprobs, batch, maskf, *, variant: dict, kl_in_loss: b
     'kl_coef' ([B] copies of this iteration's beta). Returns (loss, metrics with trainer names).
     """
     loss, m = O.policy_objective(
-        logprobs, batch["logprobs"], batch["advantages"], maskf, **variant,
+        logprobs,
+        batch["logprobs"],
+        batch["advantages"],
+        maskf,
+        **variant,
         ref_logprobs=batch["ref_logprobs"] if kl_in_loss else None,
-        kl_coef=jnp.mean(batch["kl_coef"]) if kl_in_loss else 0.0)
-    metrics = {"policy/pg_loss": m["pg_loss"], "policy/approxkl": m["approxkl"], "policy/clipfrac": m["clipfrac"],
-               "policy/ratio": m["ratio_mean"]}
+        kl_coef=jnp.mean(batch["kl_coef"]) if kl_in_loss else 0.0,
+    )
+    metrics = {
+        "policy/pg_loss": m["pg_loss"],
+        "policy/approxkl": m["approxkl"],
+        "policy/clipfrac": m["clipfrac"],
+        "policy/ratio": m["ratio_mean"],
+    }
     if variant["dual_clip_c"]:
         metrics["policy/dual_clipfrac"] = m["dual_clipfrac"]
     if kl_in_loss:

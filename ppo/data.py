@@ -25,9 +25,9 @@ from rm import data as rm_data
 class PromptData:
     """N prompts as left-padded int32 arrays [N, max_prompt_length]."""
 
-    input_ids: np.ndarray       # [N, P] int32, pad id before the prompt
+    input_ids: np.ndarray  # [N, P] int32, pad id before the prompt
     attention_mask: np.ndarray  # [N, P] int32, 1 on prompt tokens
-    texts: list                 # [N] prompt strings as rendered (before truncation)
+    texts: list  # [N] prompt strings as rendered (before truncation)
     stats: dict
 
     def __len__(self):
@@ -35,14 +35,14 @@ class PromptData:
 
 
 def _parse_prompt(row, *, tokenizer):
-    value = row.get('prompt')
+    value = row.get("prompt")
     if isinstance(value, (list, tuple)):
-        messages = rm_data.expect_messages(row, 'prompt')
+        messages = rm_data.expect_messages(row, "prompt")
         return rm_data.render_chat(tokenizer, messages, add_generation_prompt=True)
-    return rm_data.expect_text(row, 'prompt')
+    return rm_data.expect_text(row, "prompt")
 
 
-def load_prompts(files, tokenizer, *, max_prompt_length, on_bad_row='error', split='train') -> PromptData:
+def load_prompts(files, tokenizer, *, max_prompt_length, on_bad_row="error", split="train") -> PromptData:
     """Reads prompts from local files (.jsonl/.json/.parquet) or hub datasets.
 
     Args:
@@ -59,34 +59,35 @@ def load_prompts(files, tokenizer, *, max_prompt_length, on_bad_row='error', spl
     """
     rm_data.check_on_bad_row(on_bad_row)
     if max_prompt_length < 1:
-        raise ValueError(f'max_prompt_length must be >= 1, got {max_prompt_length}')
+        raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
     _, pad = rm_data.special_ids(tokenizer)
-    stats = {'rows': 0, 'prompts': 0, 'skipped': 0, 'truncated_prompt': 0, 'files': []}
+    stats = {"rows": 0, "prompts": 0, "skipped": 0, "truncated_prompt": 0, "files": []}
     texts = []
     for source in rm_data.resolve_sources(files):
         rows, columns = rm_data.read_table(source, split=split)
         rm_data.check_has_rows(source, rows)
-        if 'prompt' not in columns:
+        if "prompt" not in columns:
             raise ValueError(
                 f"{source}: columns {sorted(columns)} have no 'prompt'; expected a 'prompt' column "
-                f"holding strings or lists of {{role, content}} messages")
-        stats['rows'] += len(rows)
-        stats['files'].append(source)
+                f"holding strings or lists of {{role, content}} messages"
+            )
+        stats["rows"] += len(rows)
+        stats["files"].append(source)
         parse = lambda row: _parse_prompt(row, tokenizer=tokenizer)  # noqa: E731
         texts += [text for _, text in rm_data.parse_rows(source, rows, parse, on_bad_row=on_bad_row, stats=stats)]
 
     if not texts:
-        raise ValueError(f'no usable prompts in {stats["files"]} (stats: {stats})')
+        raise ValueError(f"no usable prompts in {stats['files']} (stats: {stats})")
     input_ids = np.full((len(texts), max_prompt_length), pad, np.int32)
     attention_mask = np.zeros((len(texts), max_prompt_length), np.int32)
     for i, ids in enumerate(rm_data.tokenize(tokenizer, texts)):
         if len(ids) > max_prompt_length:
-            stats['truncated_prompt'] += 1
-            ids = ids[len(ids) - max_prompt_length:]  # keep the end, next to the response
+            stats["truncated_prompt"] += 1
+            ids = ids[len(ids) - max_prompt_length :]  # keep the end, next to the response
         if ids:
-            input_ids[i, -len(ids):] = ids
-            attention_mask[i, -len(ids):] = 1
-    stats['prompts'] = len(texts)
+            input_ids[i, -len(ids) :] = ids
+            attention_mask[i, -len(ids) :] = 1
+    stats["prompts"] = len(texts)
     return PromptData(input_ids=input_ids, attention_mask=attention_mask, texts=texts, stats=stats)
 
 
@@ -96,8 +97,12 @@ def prompt_batches(data: PromptData, *, batch_size, seed, start_step=0):
     Same per-epoch permutation scheme as rm.data.train_batches. Batch keys: input_ids and
     attention_mask ([B, P] int32) and index ([B] int32, rows of `data`, e.g. for data.texts).
     """
+
     def make_batch(indices):
-        return {'input_ids': data.input_ids[indices], 'attention_mask': data.attention_mask[indices],
-                'index': indices.astype(np.int32)}
+        return {
+            "input_ids": data.input_ids[indices],
+            "attention_mask": data.attention_mask[indices],
+            "index": indices.astype(np.int32),
+        }
 
     return rm_data.stepped_batches(len(data), make_batch, batch_size=batch_size, seed=seed, start_step=start_step)

@@ -39,13 +39,19 @@ def export(workdir: str, out: str, *, step=None, dtype: str = "float32", peft_ad
         raise ValueError(f"{workdir} does not hold a PPO policy (params keys: {sorted(params)})")
     if peft_adapter:
         from models.peft_adapters import export_peft_adapter
+
         with open(os.path.join(workdir, "config.json")) as f:
             base = json.load(f)["policy"]["init_from"]
         export_peft_adapter(config, params["policy"], out, base_model=os.path.abspath(base), dtype=dtype)
         return out
     policy, config = merge_lora(params["policy"], config)  # the HF folder is a plain float model
-    save_hf_checkpoint(config, policy, out, tokenizer_dir=os.path.join(workdir, "tokenizer"),
-                       dtype=None if dtype == "float32" else dtype)
+    save_hf_checkpoint(
+        config,
+        policy,
+        out,
+        tokenizer_dir=os.path.join(workdir, "tokenizer"),
+        dtype=None if dtype == "float32" else dtype,
+    )
     return out
 
 
@@ -54,12 +60,17 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True, help="PPO workdir")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="dtype of the exported tensors")
-    ap.add_argument("--peft_adapter", action="store_true",
-                    help="LoRA runs: write only the adapters, in PEFT's format (base: the run's policy.init_from)")
+    ap.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype of the exported tensors"
+    )
+    ap.add_argument(
+        "--peft_adapter",
+        action="store_true",
+        help="LoRA runs: write only the adapters, in PEFT's format (base: the run's policy.init_from)",
+    )
     args = ap.parse_args(argv)
     from common.run_utils import exit_on_user_error
+
     with exit_on_user_error("ppo.export"):
         path = export(args.workdir, args.out, step=args.step, dtype=args.dtype, peft_adapter=args.peft_adapter)
     print(f"exported {'LoRA adapters' if args.peft_adapter else 'policy'} to {path}")

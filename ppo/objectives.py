@@ -64,8 +64,16 @@ def aggregate_loss(token_loss, mask, *, mode: str, norm_constant: float | None =
     return jnp.mean(seq_sum) / constant
 
 
-def clipped_token_losses(logprobs, old_logprobs, advantages, mask, *, clip_eps_low: float, clip_eps_high: float,
-                         dual_clip_c: float | None = None) -> tuple[jax.Array, dict]:
+def clipped_token_losses(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    dual_clip_c: float | None = None,
+) -> tuple[jax.Array, dict]:
     """Per-token clipped surrogate losses with asymmetric and optional dual clipping.
 
     Args:
@@ -84,8 +92,9 @@ def clipped_token_losses(logprobs, old_logprobs, advantages, mask, *, clip_eps_l
     """
     L._check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     if dual_clip_c and not dual_clip_c > 1.0:
-        raise ValueError(f"ppo/objectives.py clipped_token_losses: dual_clip_c must be > 1 (or 0 = off), "
-                         f"got {dual_clip_c}")
+        raise ValueError(
+            f"ppo/objectives.py clipped_token_losses: dual_clip_c must be > 1 (or 0 = off), got {dual_clip_c}"
+        )
     valid = jnp.asarray(mask) != 0  # [B, T]
     old_logprobs = jax.lax.stop_gradient(jnp.asarray(old_logprobs, jnp.float32))
     advantages = jnp.where(valid, jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32)), 0.0)
@@ -99,16 +108,31 @@ def clipped_token_losses(logprobs, old_logprobs, advantages, mask, *, clip_eps_l
         cap = -dual_clip_c * advantages  # [B, T], > 0 where A < 0
         dual = (advantages < 0) & (loss > cap)
         loss = jnp.where(dual, cap, loss)
-    info = {"clipped": (clipped > unclipped).astype(jnp.float32), "dual_clipped": dual.astype(jnp.float32),
-            "log_ratio": log_ratio, "ratio": ratio}
+    info = {
+        "clipped": (clipped > unclipped).astype(jnp.float32),
+        "dual_clipped": dual.astype(jnp.float32),
+        "log_ratio": log_ratio,
+        "ratio": ratio,
+    }
     info = jax.tree.map(jax.lax.stop_gradient, info)
     return jnp.where(valid, loss, 0.0), info
 
 
-def policy_objective(logprobs, old_logprobs, advantages, mask, *, clip_eps_low: float, clip_eps_high: float,
-                     dual_clip_c: float | None = None, aggregation: str = "token_mean",
-                     norm_constant: float | None = None, ref_logprobs=None, kl_coef=0.0,
-                     kl_estimator: str = "k3") -> tuple[jax.Array, dict]:
+def policy_objective(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    dual_clip_c: float | None = None,
+    aggregation: str = "token_mean",
+    norm_constant: float | None = None,
+    ref_logprobs=None,
+    kl_coef=0.0,
+    kl_estimator: str = "k3",
+) -> tuple[jax.Array, dict]:
     """Aggregated clipped policy loss, plus beta * KL(pi || pi_ref) as a loss term when given.
 
     Args:
@@ -123,8 +147,15 @@ def policy_objective(logprobs, old_logprobs, advantages, mask, *, clip_eps_low: 
       (loss scalar f32, metrics: pg_loss, kl_loss (unweighted), clipfrac, dual_clipfrac,
       approxkl, ratio_mean, all token means over the mask).
     """
-    token_pg, info = clipped_token_losses(logprobs, old_logprobs, advantages, mask, clip_eps_low=clip_eps_low,
-                                          clip_eps_high=clip_eps_high, dual_clip_c=dual_clip_c)
+    token_pg, info = clipped_token_losses(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high,
+        dual_clip_c=dual_clip_c,
+    )
     pg_loss = aggregate_loss(token_pg, mask, mode=aggregation, norm_constant=norm_constant)
     loss = pg_loss
     kl_loss = jnp.float32(0.0)
@@ -134,7 +165,8 @@ def policy_objective(logprobs, old_logprobs, advantages, mask, *, clip_eps_low: 
         kl_loss = aggregate_loss(token_kl, mask, mode=aggregation, norm_constant=norm_constant)
         loss = loss + jnp.asarray(kl_coef, jnp.float32) * kl_loss
     metrics = {
-        "pg_loss": pg_loss, "kl_loss": kl_loss,
+        "pg_loss": pg_loss,
+        "kl_loss": kl_loss,
         "clipfrac": L.masked_mean(info["clipped"], mask),
         "dual_clipfrac": L.masked_mean(info["dual_clipped"], mask),
         "approxkl": L.masked_mean(0.5 * jnp.square(info["log_ratio"]), mask),

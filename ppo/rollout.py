@@ -79,14 +79,24 @@ class ModelSpecs:
         return self.reference or self.policy
 
 
-def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query_mask, response_ids,
-                               response_mask, dropout_rng=None, *, return_logits: bool = True):
+def response_logits_and_values(
+    specs: ModelSpecs,
+    params: dict,
+    query_ids,
+    query_mask,
+    response_ids,
+    response_mask,
+    dropout_rng=None,
+    *,
+    return_logits: bool = True,
+):
     """Policy logits [B, N, V] for the response tokens and values [B, N], one forward each.
 
     With `dropout_rng` (PPO updates), models with lora_dropout > 0 drop adapter inputs; rollouts
     pass none, so the old log-probs and values come from the deterministic model. With
     return_logits=False the first output is the policy's hidden states [B, N, d] at the same
     positions instead (for models/lm_head.py's chunked log-probs)."""
+
     def rngs(config, i):
         if dropout_rng is None or config.lora_dropout <= 0:
             return None
@@ -95,49 +105,67 @@ def response_logits_and_values(specs: ModelSpecs, params: dict, query_ids, query
     ids = jnp.concatenate([query_ids, response_ids], axis=1)  # [B, P+N]
     mask = jnp.concatenate([query_mask, response_mask], axis=1)
     p, n = query_ids.shape[1], response_ids.shape[1]
-    out = Transformer(specs.policy).apply({"params": params["policy"]}, ids, mask, rngs=rngs(specs.policy, 0),
-                                          return_logits=return_logits)
-    logits = (out.logits if return_logits else out.hidden_states)[:, p - 1:p + n - 1]  # t predicts token t+1
+    out = Transformer(specs.policy).apply(
+        {"params": params["policy"]}, ids, mask, rngs=rngs(specs.policy, 0), return_logits=return_logits
+    )
+    logits = (out.logits if return_logits else out.hidden_states)[:, p - 1 : p + n - 1]  # t predicts token t+1
     if not specs.critic:
         return logits, None
     if specs.value_head_on_policy:
         values = ScalarHead(param_dtype=specs.policy.param_dtype).apply(
-            {"params": params["value_head"]}, out.hidden_states)
+            {"params": params["value_head"]}, out.hidden_states
+        )
     else:
-        values = RewardModel(specs.value).apply({"params": params["value"]}, ids, mask, per_token=True,
-                                                rngs=rngs(specs.value, 1))
-    return logits, values[:, p - 1:p + n - 1]
+        values = RewardModel(specs.value).apply(
+            {"params": params["value"]}, ids, mask, per_token=True, rngs=rngs(specs.value, 1)
+        )
+    return logits, values[:, p - 1 : p + n - 1]
 
 
-def response_logprobs_and_values(specs: ModelSpecs, params: dict, query_ids, query_mask, response_ids,
-                                 response_mask, dropout_rng=None, *, temperature, with_entropy=True):
+def response_logprobs_and_values(
+    specs: ModelSpecs,
+    params: dict,
+    query_ids,
+    query_mask,
+    response_ids,
+    response_mask,
+    dropout_rng=None,
+    *,
+    temperature,
+    with_entropy=True,
+):
     """(log-probs [B, N], entropies [B, N] or None, values [B, N]) of the tempered policy.
 
     With `specs.policy.logits_chunk` > 0 they come from the hidden states over sequence chunks
     (models/lm_head.py: no [B, N, V] float32 logits held); with 0 from the full logits."""
     if specs.policy.logits_chunk:
-        hidden, values = response_logits_and_values(specs, params, query_ids, query_mask, response_ids,
-                                                    response_mask, dropout_rng, return_logits=False)
-        stats = token_logprobs_from_hidden(specs.policy, params["policy"], hidden, response_ids,
-                                           temperature=temperature, with_entropy=with_entropy)
+        hidden, values = response_logits_and_values(
+            specs, params, query_ids, query_mask, response_ids, response_mask, dropout_rng, return_logits=False
+        )
+        stats = token_logprobs_from_hidden(
+            specs.policy, params["policy"], hidden, response_ids, temperature=temperature, with_entropy=with_entropy
+        )
         return stats["logprobs"], stats.get("entropy"), values
-    logits, values = response_logits_and_values(specs, params, query_ids, query_mask, response_ids, response_mask,
-                                                dropout_rng)
+    logits, values = response_logits_and_values(
+        specs, params, query_ids, query_mask, response_ids, response_mask, dropout_rng
+    )
     tempered = logits / temperature
     entropy = L.entropy_from_logits(tempered) if with_entropy else None
     return L.logprobs_from_logits(tempered, response_ids), entropy, values
 
 
-def reference_logprobs(config: TransformerConfig, ref_params, query_ids, query_mask, response_ids, response_mask,
-                       *, temperature):
+def reference_logprobs(
+    config: TransformerConfig, ref_params, query_ids, query_mask, response_ids, response_mask, *, temperature
+):
     ids = jnp.concatenate([query_ids, response_ids], axis=1)
     mask = jnp.concatenate([query_mask, response_mask], axis=1)
     p, n = query_ids.shape[1], response_ids.shape[1]
     if config.logits_chunk:  # log-probs over chunks of the hidden states (models/lm_head.py)
         out = Transformer(config).apply({"params": ref_params}, ids, mask, return_logits=False)
-        return token_logprobs_from_hidden(config, ref_params, out.hidden_states[:, p - 1:p + n - 1], response_ids,
-                                          temperature=temperature)["logprobs"]
-    logits = Transformer(config).apply({"params": ref_params}, ids, mask).logits[:, p - 1:p + n - 1]
+        return token_logprobs_from_hidden(
+            config, ref_params, out.hidden_states[:, p - 1 : p + n - 1], response_ids, temperature=temperature
+        )["logprobs"]
+    logits = Transformer(config).apply({"params": ref_params}, ids, mask).logits[:, p - 1 : p + n - 1]
     return L.logprobs_from_logits(logits / temperature, response_ids)
 
 
@@ -160,23 +188,42 @@ def make_rollout_fn(specs: ModelSpecs, settings):
     if advantage not in A.ADVANTAGE_KINDS:
         raise ValueError(f"ppo/rollout.py: advantage={advantage!r}; expected one of {A.ADVANTAGE_KINDS}")
     if (advantage == "gae") != specs.critic:
-        raise ValueError(f"ppo/rollout.py: advantage={advantage!r} with specs.critic={specs.critic}: GAE needs "
-                         "the value model and the critic-free estimators have none")
-    generate = make_generate_fn(specs.policy, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
-                                top_k=s["top_k"], top_p=s["top_p"], eos_token_id=s["eos_token_id"],
-                                stop_token_ids=tuple(s["stop_token_ids"]))
+        raise ValueError(
+            f"ppo/rollout.py: advantage={advantage!r} with specs.critic={specs.critic}: GAE needs "
+            "the value model and the critic-free estimators have none"
+        )
+    generate = make_generate_fn(
+        specs.policy,
+        max_new_tokens=s["max_new_tokens"],
+        temperature=s["temperature"],
+        top_k=s["top_k"],
+        top_p=s["top_p"],
+        eos_token_id=s["eos_token_id"],
+        stop_token_ids=tuple(s["stop_token_ids"]),
+    )
 
     def rollout(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng):
         sample = generate(params["policy"], query_ids, query_mask, rng)
         response_ids, response_mask = sample.response_ids, sample.response_mask
         maskf = response_mask.astype(jnp.float32)
 
-        logprobs, entropy, values = response_logprobs_and_values(specs, params, query_ids, query_mask, response_ids,
-                                                                 response_mask, temperature=s["temperature"])
+        logprobs, entropy, values = response_logprobs_and_values(
+            specs, params, query_ids, query_mask, response_ids, response_mask, temperature=s["temperature"]
+        )
         logprobs, entropy = logprobs * maskf, entropy * maskf
         ref_tree = strip_lora(params["policy"]) if specs.reference_adapters_off else ref_params
-        ref_logprobs = reference_logprobs(specs.reference_config(), ref_tree, query_ids, query_mask, response_ids,
-                                          response_mask, temperature=s["temperature"]) * maskf
+        ref_logprobs = (
+            reference_logprobs(
+                specs.reference_config(),
+                ref_tree,
+                query_ids,
+                query_mask,
+                response_ids,
+                response_mask,
+                temperature=s["temperature"],
+            )
+            * maskf
+        )
         values = jnp.zeros_like(maskf) if values is None else values * maskf
 
         # Reward-model score of prompt + response (the mask stops at the stop token).
@@ -199,14 +246,33 @@ def make_rollout_fn(specs: ModelSpecs, settings):
             advantages = L.masked_whiten(advantages, maskf)
         else:
             rewards = A.kl_shaped_rewards(kl, scores, maskf, beta=reward_beta)
-            advantages, returns = A.critic_free_advantages(kind=advantage, scores=scores, kl=kl, mask=maskf,
-                                                           beta=reward_beta, group_size=group_size,
-                                                           eps=s.get("group_eps", 1e-6))
-        return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                       response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                       rewards=rewards, advantages=advantages, returns=returns, scores=scores,
-                       raw_scores=raw_scores, kl=kl, entropy=entropy, ended_with_eos=sample.ended_with_eos,
-                       kl_coef=jnp.full(scores.shape, beta, jnp.float32))
+            advantages, returns = A.critic_free_advantages(
+                kind=advantage,
+                scores=scores,
+                kl=kl,
+                mask=maskf,
+                beta=reward_beta,
+                group_size=group_size,
+                eps=s.get("group_eps", 1e-6),
+            )
+        return Rollout(
+            query_ids=query_ids,
+            query_mask=query_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+            scores=scores,
+            raw_scores=raw_scores,
+            kl=kl,
+            entropy=entropy,
+            ended_with_eos=sample.ended_with_eos,
+            kl_coef=jnp.full(scores.shape, beta, jnp.float32),
+        )
 
     return rollout
 

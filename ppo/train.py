@@ -33,11 +33,11 @@ from common.distributed import gather_to_host, is_main_process
 from common.loop import open_checkpoints, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.metrics import Progress
-from common.tracking import open_metrics, plot_training_curves, report_start
 from common.optim import accumulate_gradients, make_optimizer
 from common.run_utils import PreemptionHandler, check_finite
-from models.hf import load_hf_checkpoint
+from common.tracking import open_metrics, plot_training_curves, report_start
 from models.heads import ScalarHead
+from models.hf import load_hf_checkpoint
 from models.lora import combine_params, lora_trainable, merge_lora, partition_params, strip_lora
 from models.quant import quantize_params
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
@@ -49,12 +49,19 @@ from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, response_logprobs_
 from rm import data as rm_data
 from rm.model import add_lora_and_quant, load_reward_model, save_model_config
 
-UPDATE_KEYS = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values", "advantages",
-               "returns")
+UPDATE_KEYS = (
+    "query_ids",
+    "query_mask",
+    "response_ids",
+    "response_mask",
+    "logprobs",
+    "values",
+    "advantages",
+    "returns",
+)
 
 
-def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, vf_coef, variant=None,
-             kl_in_loss=False):
+def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, vf_coef, variant=None, kl_in_loss=False):
     """Clipped policy loss + vf_coef * clipped value loss on one micro-batch (LoRA dropout uses `rng`).
 
     variant: None = the PPO policy loss; else the keyword arguments of ppo/objectives.py's
@@ -62,8 +69,15 @@ def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, v
     Without a critic (specs.critic False) there is no value loss.
     """
     logprobs, token_entropy, values = response_logprobs_and_values(
-        specs, params, batch["query_ids"], batch["query_mask"], batch["response_ids"], batch["response_mask"],
-        dropout_rng=rng, temperature=temperature)
+        specs,
+        params,
+        batch["query_ids"],
+        batch["query_mask"],
+        batch["response_ids"],
+        batch["response_mask"],
+        dropout_rng=rng,
+        temperature=temperature,
+    )
     maskf = batch["response_mask"].astype(jnp.float32)
     if variant is not None:
         loss, metrics = algos.policy_gradient_loss(logprobs, batch, maskf, variant=variant, kl_in_loss=kl_in_loss)
@@ -77,13 +91,20 @@ def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, v
     vf_loss, vf_m = L.value_loss(values, batch["values"], batch["returns"], maskf, clip_eps=vf_clip_eps)
     entropy = L.masked_mean(token_entropy, maskf)
     loss = pg_loss + vf_coef * vf_loss
-    return loss, {"policy/pg_loss": pg_loss, "val/vf_loss": vf_loss, "policy/approxkl": pg_m["approxkl"],
-                  "policy/clipfrac": pg_m["clipfrac"], "val/clipfrac": vf_m["vf_clipfrac"],
-                  "policy/entropy": entropy, "policy/ratio": pg_m["ratio_mean"]}
+    return loss, {
+        "policy/pg_loss": pg_loss,
+        "val/vf_loss": vf_loss,
+        "policy/approxkl": pg_m["approxkl"],
+        "policy/clipfrac": pg_m["clipfrac"],
+        "val/clipfrac": vf_m["vf_clipfrac"],
+        "policy/entropy": entropy,
+        "policy/ratio": pg_m["ratio_mean"],
+    }
 
 
-def ppo_update(state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, num_minibatches, accum_steps,
-               group_size=1):
+def ppo_update(
+    state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, num_minibatches, accum_steps, group_size=1
+):
     """All PPO epochs over shuffled minibatches of one rollout batch, as one pure function.
 
     group_size K > 1: rows [g*K, (g+1)*K) are one prompt's group and are shuffled as a unit
@@ -102,18 +123,25 @@ def ppo_update(state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, nu
     b = rollout["query_ids"].shape[0]
     mb = b // num_minibatches
     if group_size > 1:
-        order = algos.minibatch_order(jax.random.fold_in(rng, 1), batch=b, group_size=group_size,
-                                      ppo_epochs=ppo_epochs, num_minibatches=num_minibatches)
+        order = algos.minibatch_order(
+            jax.random.fold_in(rng, 1),
+            batch=b,
+            group_size=group_size,
+            ppo_epochs=ppo_epochs,
+            num_minibatches=num_minibatches,
+        )
     else:
         perms = jax.vmap(lambda k: jax.random.permutation(k, b))(
-            jax.random.split(jax.random.fold_in(rng, 1), ppo_epochs))
+            jax.random.split(jax.random.fold_in(rng, 1), ppo_epochs)
+        )
         order = perms.reshape(ppo_epochs * num_minibatches, mb)  # [E*M, mb] row indices
 
     def one_minibatch(carry, idx):
         params, opt_state, i = carry
         batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rollout)
-        _, aux, grads = accumulate_gradients(trainable_loss, params, batch, jax.random.fold_in(rng, i),
-                                             accum_steps=accum_steps)
+        _, aux, grads = accumulate_gradients(
+            trainable_loss, params, batch, jax.random.fold_in(rng, i), accum_steps=accum_steps
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         aux = dict(aux, **{"policy/grad_norm": optax.tree.norm(grads)})
@@ -128,26 +156,38 @@ def _load_models(config, tokenizer):
     """Policy (+ reference copy), reward model, and value-model initialisation."""
     mc = config.policy
     policy_config, policy_params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
-    policy_config = policy_config.replace(remat=mc.remat, remat_policy=mc.remat_policy,
-                                          attention=mc.get("attention", "auto"),
-                                          logits_chunk=mc.get("logits_chunk", 128),
-                                          scan_layers=mc.get("scan_layers", False))
+    policy_config = policy_config.replace(
+        remat=mc.remat,
+        remat_policy=mc.remat_policy,
+        attention=mc.get("attention", "auto"),
+        logits_chunk=mc.get("logits_chunk", 128),
+        scan_layers=mc.get("scan_layers", False),
+    )
     if policy_config.pad_token_id is None:
         policy_config = policy_config.replace(pad_token_id=tokenizer.pad_token_id)
     if bool(config.reward.workdir) == bool(config.reward.init_from):
-        raise ValueError("set exactly one of config.reward.workdir (an RM workdir) and config.reward.init_from "
-                         "(an exported Hugging Face reward folder)")
+        raise ValueError(
+            "set exactly one of config.reward.workdir (an RM workdir) and config.reward.init_from "
+            "(an exported Hugging Face reward folder)"
+        )
     reward = load_reward_model(config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype)
     reward.config = reward.config.replace(scan_layers=config.reward.get("scan_layers", False))
     if reward.config.vocab_size < policy_config.vocab_size:
-        raise ValueError(f"reward model vocab ({reward.config.vocab_size}) is smaller than the policy's "
-                         f"({policy_config.vocab_size}): policy and reward model must share a tokenizer")
+        raise ValueError(
+            f"reward model vocab ({reward.config.vocab_size}) is smaller than the policy's "
+            f"({policy_config.vocab_size}): policy and reward model must share a tokenizer"
+        )
     if reward.tokenizer_path:
         rm_tok = rm_data.load_tokenizer(reward.tokenizer_path)
         probe = "The quick brown fox, 123!"
-        if rm_tok(probe, add_special_tokens=False)["input_ids"] != tokenizer(probe, add_special_tokens=False)["input_ids"]:
-            raise ValueError("the reward model's tokenizer differs from the policy's; PPO here scores token ids "
-                             "directly, so both must share a tokenizer")
+        if (
+            rm_tok(probe, add_special_tokens=False)["input_ids"]
+            != tokenizer(probe, add_special_tokens=False)["input_ids"]
+        ):
+            raise ValueError(
+                "the reward model's tokenizer differs from the policy's; PPO here scores token ids "
+                "directly, so both must share a tokenizer"
+            )
     return policy_config, policy_params, reward
 
 
@@ -184,11 +224,15 @@ def _reference(pc, policy_config, policy_params):
         raise ValueError(f"config.policy.ref_quant={pc.ref_quant!r}; expected '' or 'int8'")
     if mode == "adapters_off":
         if policy_config.lora_rank <= 0:
-            raise ValueError("config.policy.reference='adapters_off' needs config.policy.lora_rank > 0: without "
-                             "adapters the policy has no frozen base to serve as the reference")
+            raise ValueError(
+                "config.policy.reference='adapters_off' needs config.policy.lora_rank > 0: without "
+                "adapters the policy has no frozen base to serve as the reference"
+            )
         if pc.ref_quant:
-            raise ValueError("config.policy.ref_quant quantises a separate reference copy (reference='copy'); with "
-                             "reference='adapters_off' the reference is the policy's base: set config.policy.quant")
+            raise ValueError(
+                "config.policy.ref_quant quantises a separate reference copy (reference='copy'); with "
+                "reference='adapters_off' the reference is the policy's base: set config.policy.quant"
+            )
         return True, None, None
     ref_config = policy_config.replace(lora_rank=0)
     ref_params = jax.tree.map(jnp.array, strip_lora(policy_params))  # a copy: the policy's leaves get donated
@@ -199,6 +243,7 @@ def _reference(pc, policy_config, policy_params):
 
 def _trainable_predicate(*, policy_lora: bool, value_lora: bool):
     """Path predicate for partition_params: a LoRA'd model trains only adapters and heads."""
+
     def trainable(path: str) -> bool:
         top = path.split("/", 1)[0]
         if (top == "policy" and policy_lora) or (top == "value" and value_lora):
@@ -217,8 +262,9 @@ def train(config, workdir: str) -> dict:
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
     tokenizer = rm_data.load_tokenizer(config.policy.tokenizer or config.policy.init_from, setting="policy.tokenizer")
     prompt_files = [f.strip() for f in str(config.data.prompt_files).split(",") if f.strip()]
-    prompts = load_prompts(prompt_files, tokenizer,
-                           max_prompt_length=config.data.max_prompt_length, on_bad_row=config.data.on_bad_row)
+    prompts = load_prompts(
+        prompt_files, tokenizer, max_prompt_length=config.data.max_prompt_length, on_bad_row=config.data.on_bad_row
+    )
     data_identity = run.check_data(prompt_files, rows=prompts.stats["rows"])
     write_json(os.path.join(workdir, "data_stats.json"), prompts.stats)
 
@@ -226,8 +272,16 @@ def train(config, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     pc, vc = config.policy, config.value
     policy_config, policy_params = add_lora_and_quant(
-        policy_config, policy_params, lora_rank=pc.lora_rank, lora_alpha=pc.lora_alpha, lora_targets=pc.lora_targets,
-        lora_dropout=pc.lora_dropout, quant=pc.quant, rng=jax.random.fold_in(rng, 4), where="policy")
+        policy_config,
+        policy_params,
+        lora_rank=pc.lora_rank,
+        lora_alpha=pc.lora_alpha,
+        lora_targets=pc.lora_targets,
+        lora_dropout=pc.lora_dropout,
+        quant=pc.quant,
+        rng=jax.random.fold_in(rng, 4),
+        where="policy",
+    )
     if is_main_process():
         save_model_config(workdir, policy_config)  # records lora_* / quant: ppo.export merges the adapters
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
@@ -241,35 +295,64 @@ def train(config, workdir: str) -> dict:
         value_config, value_tree = rm_config, {}
     elif head_on_policy:
         if vc.lora_rank:
-            raise ValueError("config.value.lora_rank applies to a separate value model (value.init='reward'); with "
-                             "value.init='policy_head' the value head sits on the policy (use policy.lora_rank)")
+            raise ValueError(
+                "config.value.lora_rank applies to a separate value model (value.init='reward'); with "
+                "value.init='policy_head' the value head sits on the policy (use policy.lora_rank)"
+            )
         value_config = rm_config
-        value_tree = {"value_head": ScalarHead(param_dtype=policy_config.param_dtype).init(
-            jax.random.fold_in(rng, 3), jnp.zeros((1, policy_config.d_model)))["params"]}
+        value_tree = {
+            "value_head": ScalarHead(param_dtype=policy_config.param_dtype).init(
+                jax.random.fold_in(rng, 3), jnp.zeros((1, policy_config.d_model))
+            )["params"]
+        }
     else:  # the value model starts as the (merged, float) reward model
         value_config, value_params = add_lora_and_quant(
-            rm_config, rm_params, lora_rank=vc.lora_rank, lora_alpha=vc.lora_alpha, lora_targets=vc.lora_targets,
-            lora_dropout=vc.lora_dropout, quant=vc.quant, rng=jax.random.fold_in(rng, 5), where="value")
+            rm_config,
+            rm_params,
+            lora_rank=vc.lora_rank,
+            lora_alpha=vc.lora_alpha,
+            lora_targets=vc.lora_targets,
+            lora_dropout=vc.lora_dropout,
+            quant=vc.quant,
+            rng=jax.random.fold_in(rng, 5),
+            where="value",
+        )
         value_config = value_config.replace(scan_layers=vc.get("scan_layers", False))
         value_tree = {"value": value_params}
-    specs = ModelSpecs(policy=policy_config, reward=reward_config, value=value_config,
-                       value_head_on_policy=head_on_policy, reference=ref_config,
-                       reference_adapters_off=ref_adapters_off, critic=algo.critic)
+    specs = ModelSpecs(
+        policy=policy_config,
+        reward=reward_config,
+        value=value_config,
+        value_head_on_policy=head_on_policy,
+        reference=ref_config,
+        reference_adapters_off=ref_adapters_off,
+        critic=algo.critic,
+    )
     # Train state holds only the trainable part (everything without LoRA; adapters + heads with it).
-    trainable = _trainable_predicate(policy_lora=policy_config.lora_rank > 0,
-                                     value_lora=algo.critic and not head_on_policy and value_config.lora_rank > 0)
+    trainable = _trainable_predicate(
+        policy_lora=policy_config.lora_rank > 0,
+        value_lora=algo.critic and not head_on_policy and value_config.lora_rank > 0,
+    )
     params, frozen = partition_params({"policy": policy_params, **value_tree}, trainable)
     if "value" in params:  # the update donates trainable leaves: they must not alias the reward model's arrays
         params["value"] = jax.tree.map(jnp.array, params["value"])
 
     tc = config.train
     if tc.batch_size % tc.num_minibatches or (tc.batch_size // tc.num_minibatches) % tc.grad_accum_steps:
-        raise ValueError(f"train.batch_size={tc.batch_size} must split into num_minibatches={tc.num_minibatches} "
-                         f"minibatches, each divisible by grad_accum_steps={tc.grad_accum_steps}")
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} must split into num_minibatches={tc.num_minibatches} "
+            f"minibatches, each divisible by grad_accum_steps={tc.grad_accum_steps}"
+        )
     updates_total = tc.steps * tc.ppo_epochs * tc.num_minibatches
-    tx, _ = make_optimizer(learning_rate=tc.learning_rate, total_steps=updates_total,
-                           warmup_steps=min(tc.warmup_steps, max(updates_total - 1, 0)), weight_decay=tc.weight_decay,
-                           max_grad_norm=tc.max_grad_norm, min_lr_ratio=tc.min_lr_ratio, eps=tc.adam_eps)
+    tx, _ = make_optimizer(
+        learning_rate=tc.learning_rate,
+        total_steps=updates_total,
+        warmup_steps=min(tc.warmup_steps, max(updates_total - 1, 0)),
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        min_lr_ratio=tc.min_lr_ratio,
+        eps=tc.adam_eps,
+    )
 
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
@@ -279,22 +362,37 @@ def train(config, workdir: str) -> dict:
     ref_params = None if ref_params is None else shard_params(ref_params, mesh, rules)
     reward_params = shard_params(reward_params, mesh, rules)
     opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32),
-             "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
+    state = {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
+    }
     state_sharding = tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_sharding)
-    memory = {"memory/train_state_bytes": algos.tree_bytes(state), "memory/frozen_bytes": algos.tree_bytes(frozen),
-              "memory/value_param_bytes": algos.tree_bytes(params.get("value", params.get("value_head", {})))}
+    memory = {
+        "memory/train_state_bytes": algos.tree_bytes(state),
+        "memory/frozen_bytes": algos.tree_bytes(frozen),
+        "memory/value_param_bytes": algos.tree_bytes(params.get("value", params.get("value_head", {}))),
+    }
 
     def to_save(state):  # checkpoints also hold the frozen bases, so the workdir is self-contained
         return dict(state, frozen=frozen) if frozen else state
 
-    kl_ctl = make_kl_controller(kind=config.kl.kind, init_beta=config.kl.init_beta, target=config.kl.target,
-                                horizon=config.kl.horizon)
-    report_start(config, trainable=state["params"], frozen=frozen, opt_state=state["opt_state"],
-                 data_stats={"prompts": prompts.stats}, extra_frozen={"reference": ref_params, "reward": reward_params})
-    ckpt, restored, extra, start_step = open_checkpoints(workdir, to_save(state), save_every=tc.save_every,
-                                                         keep=tc.keep_checkpoints, config=config)
+    kl_ctl = make_kl_controller(
+        kind=config.kl.kind, init_beta=config.kl.init_beta, target=config.kl.target, horizon=config.kl.horizon
+    )
+    report_start(
+        config,
+        trainable=state["params"],
+        frozen=frozen,
+        opt_state=state["opt_state"],
+        data_stats={"prompts": prompts.stats},
+        extra_frozen={"reference": ref_params, "reward": reward_params},
+    )
+    ckpt, restored, extra, start_step = open_checkpoints(
+        workdir, to_save(state), save_every=tc.save_every, keep=tc.keep_checkpoints, config=config
+    )
     state = {k: v for k, v in restored.items() if k != "frozen"}
     frozen = restored.get("frozen", frozen)
     if start_step:
@@ -306,25 +404,54 @@ def train(config, workdir: str) -> dict:
     sc = config.sampling
     eos = tokenizer.eos_token_id
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in sc.stop_tokens.split(",") if t] if sc.stop_tokens else []
-    settings = dict(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
-                    eos_token_id=eos, stop_token_ids=stop_ids, missing_eos_penalty=config.reward.missing_eos_penalty,
-                    kl_estimator=config.kl.estimator, gamma=tc.gamma, lam=tc.lam, whiten_rewards=tc.whiten_rewards,
-                    advantage=algo.advantage, group_size=algo.group_size, group_eps=algo.group_eps,
-                    kl_in_loss=algo.kl_in_loss)
+    settings = dict(
+        max_new_tokens=sc.max_new_tokens,
+        temperature=sc.temperature,
+        top_k=sc.top_k,
+        top_p=sc.top_p,
+        eos_token_id=eos,
+        stop_token_ids=stop_ids,
+        missing_eos_penalty=config.reward.missing_eos_penalty,
+        kl_estimator=config.kl.estimator,
+        gamma=tc.gamma,
+        lam=tc.lam,
+        whiten_rewards=tc.whiten_rewards,
+        advantage=algo.advantage,
+        group_size=algo.group_size,
+        group_eps=algo.group_eps,
+        kl_in_loss=algo.kl_in_loss,
+    )
     rollout_fn = jax.jit(make_rollout_fn(specs, settings))
-    loss_fn = functools.partial(ppo_loss, specs=specs, temperature=sc.temperature, clip_eps=tc.clip_eps,
-                                vf_clip_eps=tc.vf_clip_eps, vf_coef=tc.vf_coef, variant=algo.variant,
-                                kl_in_loss=algo.kl_in_loss)
-    update_fn = jax.jit(functools.partial(ppo_update, tx=tx, loss_fn=loss_fn, ppo_epochs=tc.ppo_epochs,
-                                          num_minibatches=tc.num_minibatches, accum_steps=tc.grad_accum_steps,
-                                          group_size=algo.group_size),
-                        in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
-                        out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+    loss_fn = functools.partial(
+        ppo_loss,
+        specs=specs,
+        temperature=sc.temperature,
+        clip_eps=tc.clip_eps,
+        vf_clip_eps=tc.vf_clip_eps,
+        vf_coef=tc.vf_coef,
+        variant=algo.variant,
+        kl_in_loss=algo.kl_in_loss,
+    )
+    update_fn = jax.jit(
+        functools.partial(
+            ppo_update,
+            tx=tx,
+            loss_fn=loss_fn,
+            ppo_epochs=tc.ppo_epochs,
+            num_minibatches=tc.num_minibatches,
+            accum_steps=tc.grad_accum_steps,
+            group_size=algo.group_size,
+        ),
+        in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,),
+    )
     norm = jnp.asarray([reward.gain, reward.bias], jnp.float32)
 
     # K samples per prompt: batch_size / K prompts, each repeated K times (a group = K consecutive rows).
-    batches = prompt_batches(prompts, batch_size=tc.batch_size // algo.group_size, seed=config.seed,
-                             start_step=start_step)
+    batches = prompt_batches(
+        prompts, batch_size=tc.batch_size // algo.group_size, seed=config.seed, start_step=start_step
+    )
     update_keys = algos.update_keys(UPDATE_KEYS, algo)
     progress = Progress(tc.steps, initial=start_step, desc="ppo")
     step, last_saved, last, preempted = start_step, ckpt.latest_step(), {}, False
@@ -337,8 +464,16 @@ def train(config, workdir: str) -> dict:
             beta = kl_ctl.value
             t1 = time.time()
             roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-            rollout = rollout_fn(combine_params(state["params"], frozen), ref_params, reward_params, norm,
-                                 jnp.float32(beta), batch["input_ids"], batch["attention_mask"], roll_rng)
+            rollout = rollout_fn(
+                combine_params(state["params"], frozen),
+                ref_params,
+                reward_params,
+                norm,
+                jnp.float32(beta),
+                batch["input_ids"],
+                batch["attention_mask"],
+                roll_rng,
+            )
             rmetrics = jax.device_get(rollout_metrics(rollout, beta, critic=algo.critic, group_size=algo.group_size))
             t2 = time.time()
             state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in update_keys}, frozen)
@@ -347,10 +482,18 @@ def train(config, workdir: str) -> dict:
             timing["rollout"] += t2 - t1
             timing["update"] += t3 - t2
             step += 1
-            metrics = {**{k: float(v) for k, v in rmetrics.items()}, **{k: float(v) for k, v in umetrics.items()},
-                       "kl/beta": beta, "time/rollout_s": t2 - t1, "time/update_s": t3 - t2}
-            finite_keys = ("objective/scores", "val/vf_loss", "policy/pg_loss") if algo.critic else \
-                ("objective/scores", "policy/pg_loss")  # critic-free: no value loss
+            metrics = {
+                **{k: float(v) for k, v in rmetrics.items()},
+                **{k: float(v) for k, v in umetrics.items()},
+                "kl/beta": beta,
+                "time/rollout_s": t2 - t1,
+                "time/update_s": t3 - t2,
+            }
+            finite_keys = (
+                ("objective/scores", "val/vf_loss", "policy/pg_loss")
+                if algo.critic
+                else ("objective/scores", "policy/pg_loss")
+            )  # critic-free: no value loss
             for key in finite_keys:
                 check_finite(metrics[key], step=step, name=key, workdir=workdir, last_checkpoint_step=last_saved)
             kl_ctl.update(metrics["objective/kl"], tc.batch_size)
@@ -373,14 +516,35 @@ def train(config, workdir: str) -> dict:
     if preempted:
         print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
         return {"preempted_at": step}
-    summary = dict(last, step=step, wall_time_s=time.time() - t0, **{f"time/total_{k}_s": v for k, v in timing.items()},
-                   **memory, **{"memory/peak_rss_mib": algos.peak_rss_mib()})
+    summary = dict(
+        last,
+        step=step,
+        wall_time_s=time.time() - t0,
+        **{f"time/total_{k}_s": v for k, v in timing.items()},
+        **memory,
+        **{"memory/peak_rss_mib": algos.peak_rss_mib()},
+    )
     write_json(os.path.join(workdir, "summary.json"), summary)
-    plot_training_curves(workdir, ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
-                                   "policy/approxkl", "policy/clipfrac", "val/vf_loss", "kl/beta",
-                                   "rollout/response_length"), title=f"PPO, step {step}")
-    print(f"done: step {step}; score {last.get('objective/scores', float('nan')):.4f}, "
-          f"KL {last.get('objective/kl', float('nan')):.4f}, beta {last.get('kl/beta', float('nan')):.4g}", flush=True)
+    plot_training_curves(
+        workdir,
+        (
+            "objective/scores",
+            "objective/kl",
+            "objective/rlhf_reward",
+            "objective/entropy",
+            "policy/approxkl",
+            "policy/clipfrac",
+            "val/vf_loss",
+            "kl/beta",
+            "rollout/response_length",
+        ),
+        title=f"PPO, step {step}",
+    )
+    print(
+        f"done: step {step}; score {last.get('objective/scores', float('nan')):.4f}, "
+        f"KL {last.get('objective/kl', float('nan')):.4f}, beta {last.get('kl/beta', float('nan')):.4g}",
+        flush=True,
+    )
     return summary
 
 
@@ -403,4 +567,6 @@ def _write_samples(path, step, tokenizer, rollout: Rollout, n):
         for i in range(min(n, len(q))):
             prompt = tokenizer.decode(q[i][qm[i] > 0], skip_special_tokens=True)
             response = tokenizer.decode(r[i][rmask[i] > 0], skip_special_tokens=True)
-            f.write(json.dumps({"step": step, "prompt": prompt, "response": response, "score": float(scores[i])}) + "\n")
+            f.write(
+                json.dumps({"step": step, "prompt": prompt, "response": response, "score": float(scores[i])}) + "\n"
+            )

@@ -40,8 +40,9 @@ def _gaps_and_labels(chosen_rewards, rejected_rewards, labels):
     chosen = np.asarray(chosen_rewards, np.float64).reshape(-1)
     rejected = np.asarray(rejected_rewards, np.float64).reshape(-1)
     if chosen.shape != rejected.shape or chosen.size == 0:
-        raise ValueError(f"rm/calibration.py: need paired, non-empty rewards; got {chosen.size} chosen and "
-                         f"{rejected.size} rejected")
+        raise ValueError(
+            f"rm/calibration.py: need paired, non-empty rewards; got {chosen.size} chosen and {rejected.size} rejected"
+        )
     if not (np.all(np.isfinite(chosen)) and np.all(np.isfinite(rejected))):
         raise ValueError("rm/calibration.py: rewards must be finite")
     labels = np.ones_like(chosen) if labels is None else np.asarray(labels, np.float64).reshape(-1)
@@ -58,8 +59,9 @@ def temperature_nll(reward_gaps, labels, temperature: float) -> float:
     return float(np.mean(y * np.logaddexp(0.0, -d) + (1.0 - y) * np.logaddexp(0.0, d)))
 
 
-def fit_temperature(chosen_rewards, rejected_rewards, *, labels=None, t_min: float = 1e-2, t_max: float = 1e2,
-                    iterations: int = 200) -> float:
+def fit_temperature(
+    chosen_rewards, rejected_rewards, *, labels=None, t_min: float = 1e-2, t_max: float = 1e2, iterations: int = 200
+) -> float:
     """The temperature T in [t_min, t_max] minimising the NLL of held-out pairs.
 
     Args:
@@ -108,8 +110,12 @@ def calibration_metrics(chosen_rewards, rejected_rewards, *, temperature: float 
     probs = np.concatenate([p, 1.0 - p])  # [2N] symmetrised: (p, 1) and (1 - p, 0)
     labels = np.concatenate([ones, np.zeros_like(ones)])
     bins = reliability_bins(probs, labels, n_bins=n_bins)
-    return {"ece": bins["ece"], "brier": float(np.mean(np.square(p - 1.0))),
-            "nll": temperature_nll(gaps, ones, temperature), "accuracy": float(np.mean(gaps > 0))}
+    return {
+        "ece": bins["ece"],
+        "brier": float(np.mean(np.square(p - 1.0))),
+        "nll": temperature_nll(gaps, ones, temperature),
+        "accuracy": float(np.mean(gaps > 0)),
+    }
 
 
 def calibrated_probability(chosen_rewards, rejected_rewards, temperature: float = 1.0) -> np.ndarray:

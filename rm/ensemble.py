@@ -63,12 +63,15 @@ def average_params(member_params: Sequence) -> dict:
     structure = jax.tree.structure(member_params[0])
     for index, params in enumerate(member_params[1:], start=1):
         if jax.tree.structure(params) != structure:
-            raise ValueError(f"rm/ensemble.py: member {index}'s parameter tree differs from member 0's; WARM "
-                             f"averages members of one architecture (fine-tuned from one initialisation)")
+            raise ValueError(
+                f"rm/ensemble.py: member {index}'s parameter tree differs from member 0's; WARM "
+                f"averages members of one architecture (fine-tuned from one initialisation)"
+            )
         for a, b in zip(jax.tree.leaves(member_params[0]), jax.tree.leaves(params)):
             if np.shape(a) != np.shape(b):
-                raise ValueError(f"rm/ensemble.py: member {index} has a leaf of shape {np.shape(b)} where member 0 "
-                                 f"has {np.shape(a)}")
+                raise ValueError(
+                    f"rm/ensemble.py: member {index} has a leaf of shape {np.shape(b)} where member 0 has {np.shape(a)}"
+                )
 
     def mean(*leaves):
         dtype = np.asarray(leaves[0]).dtype
@@ -80,9 +83,16 @@ def average_params(member_params: Sequence) -> dict:
 # ----------------------------------------------------------------------------- WARM workdirs
 
 
-def write_reward_workdir(workdir: str, config, params: dict, *, tokenizer_dir: str | None = None,
-                         config_json: str | None = None, normalization: dict | None = None,
-                         extra: dict | None = None) -> str:
+def write_reward_workdir(
+    workdir: str,
+    config,
+    params: dict,
+    *,
+    tokenizer_dir: str | None = None,
+    config_json: str | None = None,
+    normalization: dict | None = None,
+    extra: dict | None = None,
+) -> str:
     """Writes an RM workdir that `rm.model.load_reward_model`, rm.score and rm.export read.
 
     workdir/model_config.json, tokenizer/ (copied from tokenizer_dir), config.json (copied from
@@ -133,11 +143,14 @@ def warm_average(workdirs: Sequence[str], out: str, *, normalize_on: str = "", b
     members = [load_reward_model(w) for w in workdirs]
     for workdir, member in zip(workdirs, members):
         if member.config.lora_rank > 0 or member.config.quant:
-            raise ValueError(f"{workdir}: a LoRA / int8 reward model; WARM averages full fine-tunes only "
-                             f"(averaging adapters A and B separately is not averaging their product)")
+            raise ValueError(
+                f"{workdir}: a LoRA / int8 reward model; WARM averages full fine-tunes only "
+                f"(averaging adapters A and B separately is not averaging their product)"
+            )
         if member.config != members[0].config:
-            raise ValueError(f"{workdir}: model config differs from {workdirs[0]}'s; WARM averages members of one "
-                             f"architecture")
+            raise ValueError(
+                f"{workdir}: model config differs from {workdirs[0]}'s; WARM averages members of one architecture"
+            )
     params = average_params([m.params for m in members])
     normalization = {"gain": 1.0, "bias": 0.0, "source": "none"}
     first = workdirs[0]
@@ -147,14 +160,24 @@ def warm_average(workdirs: Sequence[str], out: str, *, normalize_on: str = "", b
         tokenizer = rm_data.load_tokenizer(members[0].tokenizer_path or first)
         data = rm_data.load_preference_data(normalize_on.split(","), tokenizer, max_length=_training_max_length(first))
         averaged = LoadedRewardModel(config=members[0].config, params=params)
-        rewards = np.concatenate([score_arrays(averaged, data.chosen_ids, data.chosen_mask, batch_size=batch_size),
-                                  score_arrays(averaged, data.rejected_ids, data.rejected_mask, batch_size=batch_size)])
+        rewards = np.concatenate(
+            [
+                score_arrays(averaged, data.chosen_ids, data.chosen_mask, batch_size=batch_size),
+                score_arrays(averaged, data.rejected_ids, data.rejected_mask, batch_size=batch_size),
+            ]
+        )
         gain, bias = compute_normalization(rewards)
         normalization = {"gain": gain, "bias": bias, "source": normalize_on, "n": int(rewards.size)}
     config_json = os.path.join(first, "config.json")
-    write_reward_workdir(out, members[0].config, params, tokenizer_dir=members[0].tokenizer_path,
-                         config_json=config_json if os.path.exists(config_json) else None,
-                         normalization=normalization, extra={"warm_members": list(workdirs)})
+    write_reward_workdir(
+        out,
+        members[0].config,
+        params,
+        tokenizer_dir=members[0].tokenizer_path,
+        config_json=config_json if os.path.exists(config_json) else None,
+        normalization=normalization,
+        extra={"warm_members": list(workdirs)},
+    )
     return normalization
 
 
@@ -170,8 +193,9 @@ def main(argv=None):
     ap.add_argument("--normalize_on", default="", help="preference files to recompute gain/bias on")
     args = ap.parse_args(argv)
     with exit_on_user_error("rm.ensemble"):
-        normalization = warm_average([w for w in args.workdirs.split(",") if w], args.out,
-                                     normalize_on=args.normalize_on)
+        normalization = warm_average(
+            [w for w in args.workdirs.split(",") if w], args.out, normalize_on=args.normalize_on
+        )
         print(f"WARM: averaged {args.workdirs} -> {args.out} (normalisation {normalization})")
 
 

@@ -53,11 +53,17 @@ from rm import data as rm_data
 from rm.model import load_reward_model
 
 PAD_TOKEN = "<|rm_pad|>"
-SEQ_CLS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
-           "qwen2": "Qwen2ForSequenceClassification", "mistral": "MistralForSequenceClassification",
-           "qwen3": "Qwen3ForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
-           "gemma3_text": "Gemma3TextForSequenceClassification",
-           "gpt_neox": "GPTNeoXForSequenceClassification", "phi3": "Phi3ForSequenceClassification"}
+SEQ_CLS = {
+    "gpt2": "GPT2ForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3_text": "Gemma3TextForSequenceClassification",
+    "gpt_neox": "GPTNeoXForSequenceClassification",
+    "phi3": "Phi3ForSequenceClassification",
+}
 
 
 def _append_eos_postprocessor(tokenizer):
@@ -66,7 +72,8 @@ def _append_eos_postprocessor(tokenizer):
 
     eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, eos_id)])
+        single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, eos_id)]
+    )
 
 
 def export(workdir: str, out: str, *, normalize: bool = True, dtype: str = "float32") -> str:
@@ -76,8 +83,18 @@ def export(workdir: str, out: str, *, normalize: bool = True, dtype: str = "floa
     params, config = merge_lora(model.params, model.config)
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
     gain, c = (model.gain, model.bias) if normalize else (1.0, 0.0)
-    return write_sequence_classifier(config, params, tokenizer, out, gain=gain, bias=c, normalize=normalize,
-                                     source=workdir, dtype=dtype, temperature=abs(gain) * model.temperature)
+    return write_sequence_classifier(
+        config,
+        params,
+        tokenizer,
+        out,
+        gain=gain,
+        bias=c,
+        normalize=normalize,
+        source=workdir,
+        dtype=dtype,
+        temperature=abs(gain) * model.temperature,
+    )
 
 
 def export_adapter(workdir: str, out: str, *, normalize: bool = True, dtype: str = "float32") -> str:
@@ -93,14 +110,16 @@ def export_adapter(workdir: str, out: str, *, normalize: bool = True, dtype: str
     model = load_reward_model(workdir)
     config = model.config
     if config.lora_rank <= 0:
-        raise ValueError(f"{workdir} is not a LoRA reward model (model.lora_rank=0): export the full model "
-                         "without --peft_adapter")
+        raise ValueError(
+            f"{workdir} is not a LoRA reward model (model.lora_rank=0): export the full model without --peft_adapter"
+        )
     try:
         with open(os.path.join(workdir, "config.json")) as f:
             base = json.load(f)["model"]["init_from"]
     except (OSError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{workdir}/config.json does not name the run's model.init_from (the adapters' base): "
-                         f"{e!r}") from None
+        raise ValueError(
+            f"{workdir}/config.json does not name the run's model.init_from (the adapters' base): {e!r}"
+        ) from None
     base = os.path.abspath(base)
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise ValueError(f"the adapters' base {base} (model.init_from of {workdir}) has no config.json")
@@ -111,10 +130,12 @@ def export_adapter(workdir: str, out: str, *, normalize: bool = True, dtype: str
         # token before the final EOS. A new pad id needs an embedding row the base does not have
         # when the tokenizer already fills it; the adapter cannot grow the base's embedding.
         if len(tokenizer) >= config.vocab_size:
-            raise ValueError(f"the tokenizer of {workdir} pads with EOS and the base's embedding has no spare row "
-                             f"for a pad token (vocab_size {config.vocab_size}, tokenizer {len(tokenizer)} tokens): "
-                             "an adapter cannot grow the base's embedding; export the merged model "
-                             "(rm.export without --peft_adapter), which adds the row")
+            raise ValueError(
+                f"the tokenizer of {workdir} pads with EOS and the base's embedding has no spare row "
+                f"for a pad token (vocab_size {config.vocab_size}, tokenizer {len(tokenizer)} tokens): "
+                "an adapter cannot grow the base's embedding; export the merged model "
+                "(rm.export without --peft_adapter), which adds the row"
+            )
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         pad_id = tokenizer.pad_token_id
     gain, c = (model.gain, model.bias) if normalize else (1.0, 0.0)
@@ -123,28 +144,46 @@ def export_adapter(workdir: str, out: str, *, normalize: bool = True, dtype: str
     if config.uses_layernorm:  # the constant was folded into ln_f's bias (gpt2)
         norm = backbone["final_norm"]
         modules["transformer.ln_f"] = {"weight": norm["scale"], "bias": norm["bias"]}
-    export_peft_adapter(config, model.params["backbone"], out, base_model=base, dtype=dtype, task_type="SEQ_CLS",
-                        modules_to_save=modules)
+    export_peft_adapter(
+        config,
+        model.params["backbone"],
+        out,
+        base_model=base,
+        dtype=dtype,
+        task_type="SEQ_CLS",
+        modules_to_save=modules,
+    )
     _append_eos_postprocessor(tokenizer)
     tokenizer.save_pretrained(out)
-    info = {"base_model": base, "num_labels": 1, "pad_token_id": int(pad_id), "reward_offset": float(offset),
-            "reward_normalization": {"gain": float(gain), "bias": float(c), "head_bias": head_bias,
-                                     "applied": bool(normalize)},
-            "reward_temperature": float(abs(gain) * model.temperature)}
+    info = {
+        "base_model": base,
+        "num_labels": 1,
+        "pad_token_id": int(pad_id),
+        "reward_offset": float(offset),
+        "reward_normalization": {
+            "gain": float(gain),
+            "bias": float(c),
+            "head_bias": head_bias,
+            "applied": bool(normalize),
+        },
+        "reward_temperature": float(abs(gain) * model.temperature),
+    }
     with open(os.path.join(out, "reward_model.json"), "w") as f:
         json.dump(info, f, indent=2)
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(f"# LoRA reward-model adapters exported from {os.path.abspath(workdir)}\n\n"
-                "```python\n"
-                "from peft import PeftModel\n"
-                "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
-                f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=1, "
-                f"pad_token_id={int(pad_id)})\n"
-                "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n"
-                "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)  # appends EOS, pads with pad_token_id\n"
-                f"score = model(**tokenizer(texts, padding=True, return_tensors='pt')).logits[:, 0] + {float(offset)!r}"
-                "\n```\n\nnum_labels=1 and pad_token_id must be passed (the base folder is a causal LM's); "
-                "the offset is reward_model.json's reward_offset (0 for GPT-2: folded into ln_f's bias).\n")
+        f.write(
+            f"# LoRA reward-model adapters exported from {os.path.abspath(workdir)}\n\n"
+            "```python\n"
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+            f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=1, "
+            f"pad_token_id={int(pad_id)})\n"
+            "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n"
+            "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)  # appends EOS, pads with pad_token_id\n"
+            f"score = model(**tokenizer(texts, padding=True, return_tensors='pt')).logits[:, 0] + {float(offset)!r}"
+            "\n```\n\nnum_labels=1 and pad_token_id must be passed (the base folder is a causal LM's); "
+            "the offset is reward_model.json's reward_offset (0 for GPT-2: folded into ln_f's bias).\n"
+        )
     return out
 
 
@@ -167,9 +206,19 @@ def fold_head(config, params, *, gain: float, bias: float):
     return score_weight, backbone, offset, b
 
 
-def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: float, bias: float,
-                              normalize: bool, source: str, dtype: str = "float32",
-                              temperature: float = 1.0) -> str:
+def write_sequence_classifier(
+    config,
+    params,
+    tokenizer,
+    out: str,
+    *,
+    gain: float,
+    bias: float,
+    normalize: bool,
+    source: str,
+    dtype: str = "float32",
+    temperature: float = 1.0,
+) -> str:
     """Write the HF sequence-classification folder of a reward model's float params
     ({'backbone', 'head'}) whose score is gain * head(h) + bias (see the module docstring);
     `dtype` 'bfloat16' / 'float16' casts the tensors on disk."""
@@ -187,23 +236,33 @@ def write_sequence_classifier(config, params, tokenizer, out: str, *, gain: floa
     config = config.replace(pad_token_id=pad_id, dtype="float32")
 
     extra_config = {
-        "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+        "num_labels": 1,
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
         "reward_offset": float(offset),
         "reward_normalization": {"gain": float(gain), "bias": float(c), "head_bias": b, "applied": bool(normalize)},
         "reward_temperature": float(temperature),
     }
     os.makedirs(out, exist_ok=True)
-    save_hf_checkpoint(config, backbone, out, architecture=SEQ_CLS[config.family],
-                       extra_tensors={"score.weight": score_weight}, extra_config=extra_config,
-                       dtype=None if dtype == "float32" else dtype)
+    save_hf_checkpoint(
+        config,
+        backbone,
+        out,
+        architecture=SEQ_CLS[config.family],
+        extra_tensors={"score.weight": score_weight},
+        extra_config=extra_config,
+        dtype=None if dtype == "float32" else dtype,
+    )
     _append_eos_postprocessor(tokenizer)
     tokenizer.save_pretrained(out)
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(f"# Reward model exported from {os.path.abspath(source)}\n\n"
-                "score = logits[:, 0] + config.reward_offset (0.0 for GPT-2 and GPT-NeoX, where it is "
-                "folded into the final LayerNorm's bias).\n"
-                "The tokenizer appends EOS; pad with its pad token (either side).\n"
-                f"Normalisation applied: {normalize} (gain={gain:.6g}, bias={c:.6g}).\n")
+        f.write(
+            f"# Reward model exported from {os.path.abspath(source)}\n\n"
+            "score = logits[:, 0] + config.reward_offset (0.0 for GPT-2 and GPT-NeoX, where it is "
+            "folded into the final LayerNorm's bias).\n"
+            "The tokenizer appends EOS; pad with its pad token (either side).\n"
+            f"Normalisation applied: {normalize} (gain={gain:.6g}, bias={c:.6g}).\n"
+        )
     return out
 
 
@@ -215,18 +274,24 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True, help="RM workdir (rm trainer output)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--no-normalize", action="store_true", help="export raw scores (no gain/bias)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="dtype of the exported tensors")
-    ap.add_argument("--peft_adapter", action="store_true",
-                    help="LoRA reward models: write only the adapters (+ score head) in PEFT's SEQ_CLS format")
+    ap.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype of the exported tensors"
+    )
+    ap.add_argument(
+        "--peft_adapter",
+        action="store_true",
+        help="LoRA reward models: write only the adapters (+ score head) in PEFT's SEQ_CLS format",
+    )
     args = ap.parse_args(argv)
     with exit_on_user_error("rm.export"):
         if args.peft_adapter:
             path = export_adapter(args.workdir, args.out, normalize=not args.no_normalize, dtype=args.dtype)
             with open(os.path.join(path, "reward_model.json")) as f:
                 info = json.load(f)
-            print(f"exported LoRA adapters (PEFT SEQ_CLS) to {path} (base {info['base_model']}, "
-                  f"pad_token_id={info['pad_token_id']}, reward_offset={info['reward_offset']:.6g})")
+            print(
+                f"exported LoRA adapters (PEFT SEQ_CLS) to {path} (base {info['base_model']}, "
+                f"pad_token_id={info['pad_token_id']}, reward_offset={info['reward_offset']:.6g})"
+            )
             return
         path = export(args.workdir, args.out, normalize=not args.no_normalize, dtype=args.dtype)
     with open(os.path.join(path, "config.json")) as f:

@@ -31,8 +31,14 @@ def _bin_name(low: float, high: float) -> str:
     return f"{low:g}<=diff<{high:g}"
 
 
-def length_bias_metrics(chosen_rewards, rejected_rewards, chosen_lengths, rejected_lengths, *,
-                        diff_edges: Sequence[float] = DEFAULT_DIFF_EDGES) -> dict:
+def length_bias_metrics(
+    chosen_rewards,
+    rejected_rewards,
+    chosen_lengths,
+    rejected_lengths,
+    *,
+    diff_edges: Sequence[float] = DEFAULT_DIFF_EDGES,
+) -> dict:
     """Reward-length correlations and accuracy binned by length difference.
 
     Args:
@@ -50,20 +56,26 @@ def length_bias_metrics(chosen_rewards, rejected_rewards, chosen_lengths, reject
       with <name> 'diff<-0.5' (chosen shorter), '-0.5<=diff<0.5' (same), 'diff>=0.5' (longer)
       for the default edges.
     """
-    arrays = [np.asarray(a, np.float64).reshape(-1)
-              for a in (chosen_rewards, rejected_rewards, chosen_lengths, rejected_lengths)]
+    arrays = [
+        np.asarray(a, np.float64).reshape(-1)
+        for a in (chosen_rewards, rejected_rewards, chosen_lengths, rejected_lengths)
+    ]
     n = arrays[0].size
     if n == 0 or any(a.size != n for a in arrays):
-        raise ValueError(f"rm/length_bias.py: need four arrays of the same non-zero length, got "
-                         f"{[a.size for a in arrays]}")
+        raise ValueError(
+            f"rm/length_bias.py: need four arrays of the same non-zero length, got {[a.size for a in arrays]}"
+        )
     chosen, rejected, len_c, len_r = arrays
     edges = np.asarray(diff_edges, np.float64)
     if edges.ndim != 1 or np.any(np.diff(edges) <= 0):
         raise ValueError(f"rm/length_bias.py: diff_edges must be increasing, got {list(diff_edges)}")
     rewards = np.concatenate([chosen, rejected])  # [2N]
     lengths = np.concatenate([len_c, len_r])  # [2N]
-    out = {"length/pearson": pearson(rewards, lengths), "length/spearman": spearman(rewards, lengths),
-           "length/chosen_longer_fraction": float(np.mean(len_c > len_r))}
+    out = {
+        "length/pearson": pearson(rewards, lengths),
+        "length/spearman": spearman(rewards, lengths),
+        "length/chosen_longer_fraction": float(np.mean(len_c > len_r)),
+    }
     diff = len_c - len_r  # [N]
     correct = chosen > rejected  # [N]
     bounds = np.concatenate([[-np.inf], edges, [np.inf]])

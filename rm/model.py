@@ -52,10 +52,18 @@ def rm_params_from_backbone(config: TransformerConfig, backbone: dict, rng: jax.
     return {"backbone": backbone, "head": init_head(config, rng)}
 
 
-def add_lora_and_quant(config: TransformerConfig, params: dict, *, lora_rank: int = 0, lora_alpha: float = 16.0,
-                       lora_targets=("q_proj", "v_proj"), lora_dropout: float = 0.0, quant: str = "",
-                       rng: Optional[jax.Array] = None,
-                       where: str = "model") -> tuple[TransformerConfig, dict]:
+def add_lora_and_quant(
+    config: TransformerConfig,
+    params: dict,
+    *,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets=("q_proj", "v_proj"),
+    lora_dropout: float = 0.0,
+    quant: str = "",
+    rng: Optional[jax.Array] = None,
+    where: str = "model",
+) -> tuple[TransformerConfig, dict]:
     """Float params (a bare Transformer tree or one nested, e.g. {'backbone', 'head'}) -> LoRA / QLoRA.
 
     quant='int8' turns the base projections into int8 (models/quant.py) and is allowed only
@@ -67,8 +75,10 @@ def add_lora_and_quant(config: TransformerConfig, params: dict, *, lora_rank: in
     if quant not in ("", "int8"):
         raise ValueError(f"config.{where}.quant={quant!r}; expected '' or 'int8'")
     if quant and lora_rank <= 0:
-        raise ValueError(f"config.{where}.quant={quant!r} needs config.{where}.lora_rank > 0: int8 is the frozen "
-                         "base under LoRA (QLoRA); a fully fine-tuned model cannot have int8 weights")
+        raise ValueError(
+            f"config.{where}.quant={quant!r} needs config.{where}.lora_rank > 0: int8 is the frozen "
+            "base under LoRA (QLoRA); a fully fine-tuned model cannot have int8 weights"
+        )
     if lora_rank < 0:
         raise ValueError(f"config.{where}.lora_rank={lora_rank}; expected >= 0 (0 = no adapters)")
     if lora_rank == 0:
@@ -76,8 +86,12 @@ def add_lora_and_quant(config: TransformerConfig, params: dict, *, lora_rank: in
     if isinstance(lora_targets, str):  # 'q_proj,v_proj' from a command-line override
         lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
     try:
-        config = config.replace(lora_rank=int(lora_rank), lora_alpha=float(lora_alpha),
-                                lora_targets=tuple(lora_targets), lora_dropout=float(lora_dropout))
+        config = config.replace(
+            lora_rank=int(lora_rank),
+            lora_alpha=float(lora_alpha),
+            lora_targets=tuple(lora_targets),
+            lora_dropout=float(lora_dropout),
+        )
     except ValueError as e:
         raise ValueError(f"config.{where}.lora_rank / lora_alpha / lora_targets / lora_dropout: {e}") from e
     if quant:
@@ -96,16 +110,12 @@ def split_trainable(config: TransformerConfig, params: dict) -> tuple[dict, dict
     return partition_params(params, lora_trainable)
 
 
-def compute_rewards(config: TransformerConfig, params: dict, input_ids, attention_mask,
-                    dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+def compute_rewards(
+    config: TransformerConfig, params: dict, input_ids, attention_mask, dropout_rng: Optional[jax.Array] = None
+) -> jax.Array:
     """Scalar rewards [B] (raw, before normalisation). `dropout_rng` turns on LoRA dropout (training only)."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return RewardModel(config).apply({"params": params}, input_ids, attention_mask, rngs=rngs)
-
-
-def compute_values(config: TransformerConfig, params: dict, input_ids, attention_mask) -> jax.Array:
-    """Per-token scalars [B, T] (value model)."""
-    return RewardModel(config).apply({"params": params}, input_ids, attention_mask, per_token=True)
 
 
 def save_model_config(workdir: str, config: TransformerConfig) -> None:
@@ -147,8 +157,9 @@ class LoadedRewardModel:
         return calibrated_probability(raw_a, raw_b, self.temperature)
 
 
-def load_reward_model(path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
-                      step: Optional[int] = None) -> LoadedRewardModel:
+def load_reward_model(
+    path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None, step: Optional[int] = None
+) -> LoadedRewardModel:
     """Load a reward model from an RM workdir (Orbax) or an exported HF sequence-classification folder."""
     if os.path.exists(os.path.join(path, "model_config.json")):
         return _load_from_workdir(path, dtype=dtype, param_dtype=param_dtype, step=step)
@@ -168,8 +179,13 @@ def describe_workdir(workdir: str, ckpt=None) -> str:
     keys = ckpt.subtree_keys("params") if ckpt is not None else []
     kind = {"ppo": "a PPO workdir", "sft": "an SFT workdir", "rm": "a reward-model workdir"}.get(trainer)
     if kind is None:
-        kind = ("a PPO workdir" if "policy" in keys else "a causal-LM (SFT) workdir" if "embed" in keys
-                else f"a workdir of trainer {trainer!r}")
+        kind = (
+            "a PPO workdir"
+            if "policy" in keys
+            else "a causal-LM (SFT) workdir"
+            if "embed" in keys
+            else f"a workdir of trainer {trainer!r}"
+        )
     return f"{kind} (checkpoint params: {', '.join(keys) or 'none'})"
 
 
@@ -183,15 +199,19 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
             raise ValueError(
                 f"{workdir} is not a reward-model workdir: it is {describe_workdir(workdir, ckpt)}. rm.score and "
                 f"rm.export need a workdir written by the rm trainer (configs/rm.py) or an exported reward folder "
-                f"(python -m rm.export); a PPO run's reward model is the one its config.reward.workdir names")
+                f"(python -m rm.export); a PPO run's reward model is the one its config.reward.workdir names"
+            )
     finally:
         ckpt.close()
     overrides = {"dtype": dtype}
     if param_dtype:
         overrides["param_dtype"] = param_dtype
     config = load_model_config(workdir, **overrides)
-    abstract = jax.eval_shape(lambda: RewardModel(config).init(
-        jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))["params"])
+    abstract = jax.eval_shape(
+        lambda: RewardModel(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))[
+            "params"
+        ]
+    )
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     try:
         if ckpt.latest_step() is None:
@@ -207,10 +227,15 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
         ckpt.close()
     norm = extra.get("normalization") or {}
     tok = os.path.join(workdir, "tokenizer")
-    return LoadedRewardModel(config=config, params=params, gain=float(norm.get("gain", 1.0)),
-                             bias=float(norm.get("bias", 0.0)), tokenizer_path=tok if os.path.isdir(tok) else None,
-                             step=int(extra.get("step", -1)),
-                             temperature=float((extra.get("calibration") or {}).get("temperature", 1.0)))
+    return LoadedRewardModel(
+        config=config,
+        params=params,
+        gain=float(norm.get("gain", 1.0)),
+        bias=float(norm.get("bias", 0.0)),
+        tokenizer_path=tok if os.path.isdir(tok) else None,
+        step=int(extra.get("step", -1)),
+        temperature=float((extra.get("calibration") or {}).get("temperature", 1.0)),
+    )
 
 
 def _load_from_hf(path, *, dtype, param_dtype):
@@ -223,13 +248,20 @@ def _load_from_hf(path, *, dtype, param_dtype):
         hf_config = json.load(f)
     kernel = jnp.asarray(leftovers["score.weight"], jnp.float32).T  # [d, 1]
     if kernel.shape != (config.d_model, 1):
-        raise ValueError(f"{path}: score.weight has shape {leftovers['score.weight'].shape}, expected (1, {config.d_model})")
+        raise ValueError(
+            f"{path}: score.weight has shape {leftovers['score.weight'].shape}, expected (1, {config.d_model})"
+        )
     # The export folds gain into score.weight and (for GPT-2) the offset into ln_f's bias; what
     # could not be folded is `reward_offset` (see rm/export.py).
-    head = {"kernel": kernel.astype(param_dtype),
-            "bias": jnp.asarray([hf_config.get("reward_offset", 0.0)], jnp.float32).astype(param_dtype)}
+    head = {
+        "kernel": kernel.astype(param_dtype),
+        "bias": jnp.asarray([hf_config.get("reward_offset", 0.0)], jnp.float32).astype(param_dtype),
+    }
     backbone = {k: v for k, v in backbone.items() if k != "lm_head"}
     has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
-    return LoadedRewardModel(config=config, params={"backbone": backbone, "head": head},
-                             tokenizer_path=path if has_tokenizer else None,
-                             temperature=float(hf_config.get("reward_temperature", 1.0)))
+    return LoadedRewardModel(
+        config=config,
+        params={"backbone": backbone, "head": head},
+        tokenizer_path=path if has_tokenizer else None,
+        temperature=float(hf_config.get("reward_temperature", 1.0)),
+    )

@@ -47,19 +47,47 @@ import numpy as np
 
 # The leaderboard's per-subset example counts and subset -> section map (reward-bench constants.py).
 EXAMPLE_COUNTS = {
-    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
-    "mt-bench-med": 40, "mt-bench-hard": 37, "math-prm": 984, "refusals-dangerous": 100,
-    "refusals-offensive": 100, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
-    "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
-    "xstest-should-refuse": 154, "xstest-should-respond": 250, "donotanswer": 136,
-    "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+    "alpacaeval-easy": 100,
+    "alpacaeval-length": 95,
+    "alpacaeval-hard": 95,
+    "mt-bench-easy": 28,
+    "mt-bench-med": 40,
+    "mt-bench-hard": 37,
+    "math-prm": 984,
+    "refusals-dangerous": 100,
+    "refusals-offensive": 100,
+    "llmbar-natural": 100,
+    "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92,
+    "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46,
+    "xstest-should-refuse": 154,
+    "xstest-should-respond": 250,
+    "donotanswer": 136,
+    "hep-cpp": 164,
+    "hep-go": 164,
+    "hep-java": 164,
+    "hep-js": 164,
+    "hep-python": 164,
+    "hep-rust": 164,
 }
 SECTIONS = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
-    "Chat Hard": ("mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-                  "llmbar-adver-GPTOut", "llmbar-adver-manual"),
-    "Safety": ("refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-               "donotanswer"),
+    "Chat Hard": (
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ),
+    "Safety": (
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ),
     "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
 }
 TIES_SUBSET = "ties"
@@ -73,8 +101,10 @@ def v1_subset_accuracy(chosen_scores, rejected_scores, subsets: Sequence[str]) -
     chosen = np.asarray(chosen_scores, np.float64)
     rejected = np.asarray(rejected_scores, np.float64)
     if not (chosen.shape == rejected.shape == (len(subsets),)):
-        raise ValueError(f"rm/rewardbench.py: {chosen.size} chosen, {rejected.size} rejected scores and "
-                         f"{len(subsets)} subset names; expected one of each per pair")
+        raise ValueError(
+            f"rm/rewardbench.py: {chosen.size} chosen, {rejected.size} rejected scores and "
+            f"{len(subsets)} subset names; expected one of each per pair"
+        )
     names = np.asarray(subsets, dtype=object)
     return {name: float(np.mean(chosen[names == name] > rejected[names == name])) for name in sorted(set(subsets))}
 
@@ -119,13 +149,16 @@ def ties_score(ids: Sequence[str], scores: Sequence[Sequence[float]], num_correc
     for row_id, row_scores, n_correct in zip(ids, scores, num_correct):
         kind, _, prompt = str(row_id).partition(":")
         if kind not in stats or not prompt:
-            raise ValueError(f"rm/rewardbench.py: Ties row id {row_id!r}; expected 'ref:<prompt id>' or "
-                             f"'tied:<prompt id>'")
+            raise ValueError(
+                f"rm/rewardbench.py: Ties row id {row_id!r}; expected 'ref:<prompt id>' or 'tied:<prompt id>'"
+            )
         row_scores = np.asarray(row_scores, np.float64)
         if not 1 <= int(n_correct) < row_scores.size:
-            raise ValueError(f"rm/rewardbench.py: Ties row {row_id!r}: num_correct={n_correct} with "
-                             f"{row_scores.size} scores; need at least one correct and one incorrect")
-        stats[kind][prompt] = _prompt_stats(row_scores[:int(n_correct)], row_scores[int(n_correct):])
+            raise ValueError(
+                f"rm/rewardbench.py: Ties row {row_id!r}: num_correct={n_correct} with "
+                f"{row_scores.size} scores; need at least one correct and one incorrect"
+            )
+        stats[kind][prompt] = _prompt_stats(row_scores[: int(n_correct)], row_scores[int(n_correct) :])
     ref, tied = stats["ref"], stats["tied"]
     ref_accuracy = float(np.mean([s[0] for s in ref.values()])) if ref else 0.0
     tied_accuracy = float(np.mean([s[0] for s in tied.values()])) if tied else 0.0
@@ -138,8 +171,7 @@ def ties_score(ids: Sequence[str], scores: Sequence[Sequence[float]], num_correc
         preferred_hard = float(np.mean(np.minimum(gap_ref, gap_tied) > spread)) if both else float("nan")
         margin = np.nan_to_num(np.tanh(np.minimum(gap_ref, gap_tied) / spread - 1.0), nan=0.0)
     margin_score = float(np.mean(margin)) if both else float("nan")
-    return (0.30 * tied_accuracy + 0.30 * ref_accuracy + 0.20 * preferred + 0.20 * preferred_hard
-            + 0.01 * margin_score)
+    return 0.30 * tied_accuracy + 0.30 * ref_accuracy + 0.20 * preferred + 0.20 * preferred_hard + 0.01 * margin_score
 
 
 def v2_scores(rows: Sequence[dict], row_scores: Sequence[Sequence[float]]) -> dict:
@@ -150,8 +182,11 @@ def v2_scores(rows: Sequence[dict], row_scores: Sequence[Sequence[float]]) -> di
     out = {}
     for subset, indices in sorted(by_subset.items()):
         if subset.lower() == TIES_SUBSET:
-            out[subset] = ties_score([rows[i].get("id") for i in indices], [row_scores[i] for i in indices],
-                                     [rows[i].get("num_correct", len(rows[i]["chosen"])) for i in indices])
+            out[subset] = ties_score(
+                [rows[i].get("id") for i in indices],
+                [row_scores[i] for i in indices],
+                [rows[i].get("num_correct", len(rows[i]["chosen"])) for i in indices],
+            )
         else:
             out[subset] = float(np.mean([best_of_k_result(row_scores[i]) for i in indices]))
     subset_scores = dict(out)
@@ -166,16 +201,20 @@ def detect_version(file: str, rows: Sequence[dict]) -> str:
     """'v1' (chosen/rejected strings) or 'v2' (chosen/rejected lists of strings); ValueError otherwise."""
     for index, row in enumerate(rows):
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row or "prompt" not in row:
-            raise ValueError(f"{file}: row {index} (0-based): RewardBench layout needs 'prompt', 'chosen', "
-                             f"'rejected' and 'subset'; got {sorted(row) if isinstance(row, dict) else row!r}")
+            raise ValueError(
+                f"{file}: row {index} (0-based): RewardBench layout needs 'prompt', 'chosen', "
+                f"'rejected' and 'subset'; got {sorted(row) if isinstance(row, dict) else row!r}"
+            )
     first = rows[0]["chosen"]
     return "v2" if isinstance(first, list) else "v1"
 
 
 def _check_text(file, index, key, value):
     if not isinstance(value, str):
-        raise ValueError(f"{file}: row {index} (0-based): key '{key}': expected a string, got "
-                         f"{type(value).__name__} {str(value)[:40]!r}")
+        raise ValueError(
+            f"{file}: row {index} (0-based): key '{key}': expected a string, got "
+            f"{type(value).__name__} {str(value)[:40]!r}"
+        )
     return value
 
 
@@ -193,8 +232,10 @@ def score_rows(file: str, rows: Sequence[dict], score_fn: Callable[[list, list],
         else:
             for key in ("chosen", "rejected"):
                 if not isinstance(row[key], list) or not row[key]:
-                    raise ValueError(f"{file}: row {index} (0-based): key '{key}': expected a non-empty list of "
-                                     f"strings (RewardBench 2 layout)")
+                    raise ValueError(
+                        f"{file}: row {index} (0-based): key '{key}': expected a non-empty list of "
+                        f"strings (RewardBench 2 layout)"
+                    )
             texts = [_check_text(file, index, k, t) for k in ("chosen", "rejected") for t in row[k]]
         spans.append((len(responses), len(responses) + len(texts)))
         prompts.extend([prompt] * len(texts))
@@ -254,8 +295,9 @@ def _main(argv=None):
         raise ValueError(f"{source}: row {bad} (0-based, line {rows[bad].line}): {rows[bad].detail}")
     model = load_reward_model(args.workdir)
     tokenizer = rm_data.load_tokenizer(model.tokenizer_path or args.workdir)
-    score_fn = model_score_fn(model, tokenizer, max_length=args.max_length or _training_max_length(args.workdir),
-                              batch_size=args.batch_size)
+    score_fn = model_score_fn(
+        model, tokenizer, max_length=args.max_length or _training_max_length(args.workdir), batch_size=args.batch_size
+    )
     results = score_rows(source, rows, score_fn)
     text = json.dumps(results, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
     print(text)

@@ -74,24 +74,36 @@ def tokenize_single(tokenizer, rows, *, file, max_length):
             # After a non-empty prompt an empty response is EOS alone (scored like a PPO rollout that
             # stopped at once); without a prompt there would be nothing to score.
             if not isinstance(response, str) or not (response.strip() or prompt.strip()):
-                raise _bad(file, i, key, f"expected a string (non-empty without a prompt), "
-                                         f"got {rm_data.describe(response)}")
+                raise _bad(
+                    file, i, key, f"expected a string (non-empty without a prompt), got {rm_data.describe(response)}"
+                )
             prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0] if prompt else []
             response_ids = rm_data.tokenize(tokenizer, [response])[0]
         elif "text" in row:
             text = row["text"]
             if not isinstance(text, str) or not text.strip():
-                raise _bad(file, i, "text", f"expected a non-empty string, got {rm_data.describe(text)}",
-                           "empty" if isinstance(text, str) else "wrong_type")
+                raise _bad(
+                    file,
+                    i,
+                    "text",
+                    f"expected a non-empty string, got {rm_data.describe(text)}",
+                    "empty" if isinstance(text, str) else "wrong_type",
+                )
             prompt_ids, response_ids = [], rm_data.tokenize(tokenizer, [text])[0]
         else:
-            raise _bad(file, i, None, f"expected preference columns (chosen, rejected) or one of 'text', "
-                                      f"'prompt'+'response', 'messages'; got keys {sorted(row)}", "missing")
+            raise _bad(
+                file,
+                i,
+                None,
+                f"expected preference columns (chosen, rejected) or one of 'text', "
+                f"'prompt'+'response', 'messages'; got keys {sorted(row)}",
+                "missing",
+            )
         response_ids = response_ids if response_ids and response_ids[-1] == eos else response_ids + [eos]
         if len(prompt_ids) + len(response_ids) > max_length:
             truncated += 1
             keep = max(max_length - len(response_ids), 0)
-            prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep else []
+            prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
             response_ids = response_ids[:max_length]
         seqs.append(prompt_ids + response_ids)
     return seqs, truncated
@@ -102,8 +114,8 @@ def pad_right(seqs, pad_id, width=None):
     ids = np.full((len(seqs), width), pad_id, np.int32)
     mask = np.zeros((len(seqs), width), np.int32)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
@@ -112,13 +124,13 @@ def score_arrays(model: LoadedRewardModel, ids, mask, *, batch_size=32, bucket=3
     fn = jax.jit(lambda p, i, m: compute_rewards(model.config, p, i, m))
     out = np.zeros(len(ids), np.float32)
     for start in range(0, len(ids), batch_size):
-        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+        b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
         n = len(b_ids)
         width = min(ids.shape[1], -(-int(b_mask.sum(1).max()) // bucket) * bucket)
         pad_rows = batch_size - n
         b_ids = np.concatenate([b_ids[:, :width], np.repeat(b_ids[:1, :width], pad_rows, 0)])
         b_mask = np.concatenate([b_mask[:, :width], np.repeat(b_mask[:1, :width], pad_rows, 0)])
-        out[start:start + n] = np.asarray(fn(model.params, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n]
+        out[start : start + n] = np.asarray(fn(model.params, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n]
     return out
 
 
@@ -140,15 +152,22 @@ def main(argv=None):
 
 def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True,
-                    help="RM workdir or exported HF reward folder; several, comma-separated, score as an ensemble")
+    ap.add_argument(
+        "--workdir",
+        required=True,
+        help="RM workdir or exported HF reward folder; several, comma-separated, score as an ensemble",
+    )
     ap.add_argument("--data", required=True, help="JSONL/JSON/Parquet file to score")
     ap.add_argument("--out", required=True, help="output JSONL, one line per input row")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_length", type=int, default=None, help="default: the training run's data.max_length")
-    ap.add_argument("--objective", default="mean", choices=OBJECTIVES,
-                    help="ensemble objective over the members' normalised scores (several --workdir): mean | wco "
-                         "(min over members) | uwo (mean - uwo_lambda * variance)")
+    ap.add_argument(
+        "--objective",
+        default="mean",
+        choices=OBJECTIVES,
+        help="ensemble objective over the members' normalised scores (several --workdir): mean | wco "
+        "(min over members) | uwo (mean - uwo_lambda * variance)",
+    )
     ap.add_argument("--uwo_lambda", type=float, default=1.0, help="variance weight of --objective uwo")
     args = ap.parse_args(argv)
 
@@ -157,13 +176,19 @@ def _main(argv=None):
         members = [_score_with(w, args) for w in workdirs]
         records = ensemble_records([m[0] for m in members], objective=args.objective, uwo_lambda=args.uwo_lambda)
         _write(args.out, records)
-        print(f"scored {len(records)} rows with a {len(workdirs)}-member ensemble ({args.objective}) -> {args.out} "
-              f"(truncated: {[m[1] for m in members]})", file=sys.stderr)
+        print(
+            f"scored {len(records)} rows with a {len(workdirs)}-member ensemble ({args.objective}) -> {args.out} "
+            f"(truncated: {[m[1] for m in members]})",
+            file=sys.stderr,
+        )
         return
     records, truncated, model = _score_with(args.workdir, args)
     _write(args.out, records)
-    print(f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
-          f"bias={model.bias:.6g}; temperature={model.temperature:.6g})", file=sys.stderr)
+    print(
+        f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
+        f"bias={model.bias:.6g}; temperature={model.temperature:.6g})",
+        file=sys.stderr,
+    )
 
 
 def ensemble_records(member_records, *, objective, uwo_lambda=1.0):
@@ -175,17 +200,26 @@ def ensemble_records(member_records, *, objective, uwo_lambda=1.0):
     first = member_records[0]
     counts = [len(m) for m in member_records]
     if len(set(counts)) != 1:
-        raise ValueError(f"ensemble members scored different numbers of rows {counts} (pairs that one member's "
-                         f"tokenizer truncates to identical texts are dropped); use members with one tokenizer")
+        raise ValueError(
+            f"ensemble members scored different numbers of rows {counts} (pairs that one member's "
+            f"tokenizer truncates to identical texts are dropped); use members with one tokenizer"
+        )
     if "chosen_score" in first[0]:
         chosen = np.array([[r["chosen_score"] for r in m] for m in member_records])  # [K, N]
         rejected = np.array([[r["rejected_score"] for r in m] for m in member_records])  # [K, N]
         probability = np.array([[r["probability"] for r in m] for m in member_records]).mean(0)  # [N]
         chosen_score = combine_scores(chosen, objective=objective, uwo_lambda=uwo_lambda)
         rejected_score = combine_scores(rejected, objective=objective, uwo_lambda=uwo_lambda)
-        return [{"chosen_score": float(chosen_score[i]), "rejected_score": float(rejected_score[i]),
-                 "chosen_members": chosen[:, i].tolist(), "rejected_members": rejected[:, i].tolist(),
-                 "probability": float(probability[i])} for i in range(chosen.shape[1])]
+        return [
+            {
+                "chosen_score": float(chosen_score[i]),
+                "rejected_score": float(rejected_score[i]),
+                "chosen_members": chosen[:, i].tolist(),
+                "rejected_members": rejected[:, i].tolist(),
+                "probability": float(probability[i]),
+            }
+            for i in range(chosen.shape[1])
+        ]
     scores = np.array([[r["score"] for r in m] for m in member_records])  # [K, N]
     combined = combine_scores(scores, objective=objective, uwo_lambda=uwo_lambda)
     return [{"score": float(combined[i]), "members": scores[:, i].tolist()} for i in range(scores.shape[1])]
@@ -210,9 +244,15 @@ def _score_with(workdir, args):
         chosen = score_arrays(model, pairs.chosen_ids, pairs.chosen_mask, batch_size=args.batch_size)
         rejected = score_arrays(model, pairs.rejected_ids, pairs.rejected_mask, batch_size=args.batch_size)
         for c, r in zip(chosen, rejected):
-            records.append({"chosen_score": float(model.normalize(c)), "rejected_score": float(model.normalize(r)),
-                            "chosen_raw": float(c), "rejected_raw": float(r),
-                            "probability": float(model.preference_probability(c, r))})
+            records.append(
+                {
+                    "chosen_score": float(model.normalize(c)),
+                    "rejected_score": float(model.normalize(r)),
+                    "chosen_raw": float(c),
+                    "rejected_raw": float(r),
+                    "probability": float(model.preference_probability(c, r)),
+                }
+            )
         truncated = pairs.stats.get("truncated_prompt", 0) + pairs.stats.get("truncated_response", 0)
     else:
         seqs, truncated = tokenize_single(tokenizer, rows, file=args.data, max_length=max_length)
@@ -220,11 +260,15 @@ def _score_with(workdir, args):
         ids, mask = pad_right(seqs, pad)
         raw = score_arrays(model, ids, mask, batch_size=args.batch_size)
         records = [{"score": float(model.normalize(r)), "raw": float(r)} for r in raw]
-    raws = [r.get("raw", r.get("chosen_raw")) for r in records] + [r["rejected_raw"] for r in records
-                                                                   if "rejected_raw" in r]
+    raws = [r.get("raw", r.get("chosen_raw")) for r in records] + [
+        r["rejected_raw"] for r in records if "rejected_raw" in r
+    ]
     if len(raws) > 1 and len(set(raws)) == 1:
-        print(f"rm.score: warning ({workdir}): all {len(raws)} scores are the same ({raws[0]:.6g}): the model or "
-              "its tokenizer is probably broken (e.g. an empty tokenizer or an untrained head)", file=sys.stderr)
+        print(
+            f"rm.score: warning ({workdir}): all {len(raws)} scores are the same ({raws[0]:.6g}): the model or "
+            "its tokenizer is probably broken (e.g. an empty tokenizer or an untrained head)",
+            file=sys.stderr,
+        )
     return records, truncated, model
 
 

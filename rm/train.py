@@ -24,19 +24,19 @@ import numpy as np
 import optax
 
 from common.distributed import is_main_process
-from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
-from common.tracking import open_metrics, plot_training_curves, report_start
+from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.optim import accumulate_gradients, make_optimizer
+from common.stats import bootstrap_ci
+from common.tracking import open_metrics, plot_training_curves, report_start
 from models.hf import load_hf_checkpoint
+from models.lora import combine_params
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 from rm import data as rm_data
-from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
 from rm.calibration import calibration_metrics, fit_temperature, write_calibration
+from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
 from rm.length_bias import length_bias_metrics, response_lengths
 from rm.losses import TIE_MODELS, bradley_terry_loss
-from common.stats import bootstrap_ci
-from models.lora import combine_params
 from rm.model import add_lora_and_quant, compute_rewards, rm_params_from_backbone, save_model_config, split_trainable
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,22 @@ def pair_rewards(model_config, params, batch, dropout_rng=None):
     return rewards[:b], rewards[b:]
 
 
-def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_steps, center_coef, use_margin,
-               nan_step, label_smoothing=0.0, tie_model="none", tie_theta=1.5):
+def train_step(
+    state,
+    batch,
+    frozen=None,
+    *,
+    model_config,
+    tx,
+    schedule,
+    accum_steps,
+    center_coef,
+    use_margin,
+    nan_step,
+    label_smoothing=0.0,
+    tie_model="none",
+    tie_theta=1.5,
+):
     """One optimizer step (with gradient accumulation). Pure: (state, batch, frozen) -> (state, metrics).
 
     state['params'] is the trainable tree only (all params, or LoRA adapters + head); `frozen`
@@ -89,8 +103,16 @@ def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_s
         dropout_rng = micro_rng if model_config.lora_dropout > 0 else None
         chosen, rejected = pair_rewards(model_config, combine_params(params, frozen), micro, dropout_rng)
         margin = micro["margin"] if use_margin else None
-        return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef, labels=micro.get("label"),
-                                  label_smoothing=label_smoothing, tie_model=tie_model, tie_theta=tie_theta)
+        return bradley_terry_loss(
+            chosen,
+            rejected,
+            margin=margin,
+            center_coef=center_coef,
+            labels=micro.get("label"),
+            label_smoothing=label_smoothing,
+            tie_model=tie_model,
+            tie_theta=tie_theta,
+        )
 
     loss, aux, grads = accumulate_gradients(loss_fn, state["params"], batch, rng, accum_steps=accum_steps)
     # Fault injection for testing the NaN guard (nan_step < 0: never).
@@ -124,8 +146,12 @@ def normalization_rewards(config, eval_fn, params, train_data, eval_data, tokeni
     elif source in ("train", "eval"):
         data, used = train_data, "train"
     else:
-        data, used = rm_data.load_preference_data(split_files(source), tokenizer, max_length=config.data.max_length,
-                                                  on_bad_row=config.data.on_bad_row), str(source)
+        data, used = (
+            rm_data.load_preference_data(
+                split_files(source), tokenizer, max_length=config.data.max_length, on_bad_row=config.data.on_bad_row
+            ),
+            str(source),
+        )
     chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
     return np.concatenate([chosen, rejected]), used
 
@@ -148,8 +174,7 @@ def check_loss_options(config):
             raise FileNotFoundError(f"config.eval.calibrate_on: {path}: no such file")
 
 
-def fit_calibration(config, eval_fn, params, eval_data, tokenizer, eval_chosen, eval_rejected, *, batch_size,
-                    bucket):
+def fit_calibration(config, eval_fn, params, eval_data, tokenizer, eval_chosen, eval_rejected, *, batch_size, bucket):
     """Temperature fitted on the pairs named by eval.calibrate_on ('eval', 'none' or preference files).
 
     Returns the JSON-able record stored in the checkpoint and calibration.json: temperature, source, n,
@@ -161,27 +186,40 @@ def fit_calibration(config, eval_fn, params, eval_data, tokenizer, eval_chosen, 
         temperature = fit_temperature(eval_chosen, eval_rejected, labels=eval_data.label)
         n, used = len(eval_data), "eval"
     else:
-        data = rm_data.load_preference_data(split_files(source), tokenizer, max_length=config.data.max_length,
-                                            on_bad_row=config.data.on_bad_row)
+        data = rm_data.load_preference_data(
+            split_files(source), tokenizer, max_length=config.data.max_length, on_bad_row=config.data.on_bad_row
+        )
         chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
         temperature, n, used = fit_temperature(chosen, rejected, labels=data.label), len(data), source
     n_bins = config.eval.n_bins
     # at_bound: T hit fit_temperature's [0.01, 100] limits, e.g. separable pairs (every gap > 0), where the
     # NLL keeps falling as T -> 0: the calibrated probabilities are then ~0/1 and say so.
-    return {"temperature": temperature, "source": used, "n": n, "at_bound": temperature in (1e-2, 1e2),
-            "before": calibration_metrics(eval_chosen, eval_rejected, temperature=1.0, n_bins=n_bins),
-            "after": calibration_metrics(eval_chosen, eval_rejected, temperature=temperature, n_bins=n_bins)}
+    return {
+        "temperature": temperature,
+        "source": used,
+        "n": n,
+        "at_bound": temperature in (1e-2, 1e2),
+        "before": calibration_metrics(eval_chosen, eval_rejected, temperature=1.0, n_bins=n_bins),
+        "after": calibration_metrics(eval_chosen, eval_rejected, temperature=temperature, n_bins=n_bins),
+    }
 
 
 def final_diagnostics(config, eval_data, chosen, rejected, calibration) -> dict:
     """eval/ metrics added at the end of training: temperature and calibrated ECE/Brier/NLL, the accuracy's
     bootstrap 95% interval over pairs, and length bias (reward-length correlations, accuracy by length diff)."""
     after = calibration["after"]
-    out = {"eval/temperature": calibration["temperature"], "eval/calibrated/ece": after["ece"],
-           "eval/calibrated/brier": after["brier"], "eval/calibrated/nll": after["nll"]}
+    out = {
+        "eval/temperature": calibration["temperature"],
+        "eval/calibrated/ece": after["ece"],
+        "eval/calibrated/brier": after["brier"],
+        "eval/calibrated/nll": after["nll"],
+    }
     if config.eval.bootstrap_resamples > 0:
-        ci = bootstrap_ci((chosen > rejected).astype(np.float64), n_resamples=int(config.eval.bootstrap_resamples),
-                          seed=int(config.seed))
+        ci = bootstrap_ci(
+            (chosen > rejected).astype(np.float64),
+            n_resamples=int(config.eval.bootstrap_resamples),
+            seed=int(config.seed),
+        )
         out.update({"eval/accuracy_ci_low": ci["low"], "eval/accuracy_ci_high": ci["high"]})
     chosen_lengths, rejected_lengths = response_lengths(eval_data)
     metrics = length_bias_metrics(chosen, rejected, chosen_lengths, rejected_lengths)
@@ -201,8 +239,12 @@ def train(config, workdir: str) -> dict:
     tokenizer = rm_data.load_tokenizer(config.model.tokenizer or config.model.init_from)
 
     # ---- data
-    load = functools.partial(rm_data.load_preference_data, tokenizer=tokenizer, max_length=config.data.max_length,
-                             on_bad_row=config.data.on_bad_row)
+    load = functools.partial(
+        rm_data.load_preference_data,
+        tokenizer=tokenizer,
+        max_length=config.data.max_length,
+        on_bad_row=config.data.on_bad_row,
+    )
     train_files = split_files(config.data.train_files)
     train_data = load(train_files)
     data_identity = run.check_data(train_files, rows=train_data.stats["rows"])
@@ -212,21 +254,32 @@ def train(config, workdir: str) -> dict:
     write_json(os.path.join(workdir, "data_stats.json"), stats)
 
     # ---- model
-    model_config, backbone = load_hf_checkpoint(config.model.init_from, dtype=config.model.dtype,
-                                                param_dtype=config.model.param_dtype)
-    model_config = model_config.replace(remat=config.model.remat, remat_policy=config.model.remat_policy,
-                                        attention=config.model.get("attention", "auto"),
-                                        scan_layers=config.model.get("scan_layers", False))
+    model_config, backbone = load_hf_checkpoint(
+        config.model.init_from, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+    )
+    model_config = model_config.replace(
+        remat=config.model.remat,
+        remat_policy=config.model.remat_policy,
+        attention=config.model.get("attention", "auto"),
+        scan_layers=config.model.get("scan_layers", False),
+    )
     if model_config.pad_token_id is None:
         model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
     rng = jax.random.key(config.seed)
     params = rm_params_from_backbone(model_config, backbone, jax.random.fold_in(rng, 1))
     del backbone
     mc = config.model
-    model_config, params = add_lora_and_quant(model_config, params, lora_rank=mc.lora_rank, lora_alpha=mc.lora_alpha,
-                                              lora_targets=mc.lora_targets, lora_dropout=mc.lora_dropout,
-                                              quant=mc.quant,
-                                              rng=jax.random.fold_in(rng, 3), where="model")
+    model_config, params = add_lora_and_quant(
+        model_config,
+        params,
+        lora_rank=mc.lora_rank,
+        lora_alpha=mc.lora_alpha,
+        lora_targets=mc.lora_targets,
+        lora_dropout=mc.lora_dropout,
+        quant=mc.quant,
+        rng=jax.random.fold_in(rng, 3),
+        where="model",
+    )
     if is_main_process():
         save_model_config(workdir, model_config)  # records lora_* and quant: the loader rebuilds the same tree
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
@@ -235,18 +288,29 @@ def train(config, workdir: str) -> dict:
     params, frozen = split_trainable(model_config, params)
 
     tc = config.train
-    tx, schedule = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps,
-                                  warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
-                                  weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm,
-                                  min_lr_ratio=tc.min_lr_ratio, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps)
+    tx, schedule = make_optimizer(
+        learning_rate=tc.learning_rate,
+        total_steps=tc.steps,
+        warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        min_lr_ratio=tc.min_lr_ratio,
+        b1=tc.adam_b1,
+        b2=tc.adam_b2,
+        eps=tc.adam_eps,
+    )
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
     params = shard_params(params, mesh, rules)
     frozen_sharding = tree_shardings(frozen, mesh, rules)
     frozen = shard_params(frozen, mesh, rules)  # placed as the params are (same rules)
     opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32),
-             "rng": jax.random.key_data(jax.random.fold_in(rng, 2))}
+    state = {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
+    }
     state_sharding = tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_sharding)
 
@@ -257,21 +321,33 @@ def train(config, workdir: str) -> dict:
         return combine_params(state["params"], frozen)
 
     report_start(config, trainable=state["params"], frozen=frozen, opt_state=state["opt_state"], data_stats=stats)
-    ckpt, restored, _, start_step = open_checkpoints(workdir, to_save(state), save_every=tc.save_every,
-                                                     keep=tc.keep_checkpoints, config=config)
+    ckpt, restored, _, start_step = open_checkpoints(
+        workdir, to_save(state), save_every=tc.save_every, keep=tc.keep_checkpoints, config=config
+    )
     state = {k: v for k, v in restored.items() if k != "frozen"}
     frozen = restored.get("frozen", frozen)
     metrics_writer = open_metrics(workdir, config, resume_step=start_step if start_step else -1)
     if start_step == 0:
         metrics_writer.write(0, flat_data_stats(stats))
 
-    step_fn = jax.jit(functools.partial(
-        train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
-        center_coef=tc.center_coef, use_margin=bool(tc.use_margin and train_data.has_margin),
-        nan_step=config.debug.inject_nan_at_step, label_smoothing=float(tc.label_smoothing),
-        tie_model=str(tc.tie_model), tie_theta=float(tc.tie_theta)),
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model_config=model_config,
+            tx=tx,
+            schedule=schedule,
+            accum_steps=tc.grad_accum_steps,
+            center_coef=tc.center_coef,
+            use_margin=bool(tc.use_margin and train_data.has_margin),
+            nan_step=config.debug.inject_nan_at_step,
+            label_smoothing=float(tc.label_smoothing),
+            tie_model=str(tc.tie_model),
+            tie_theta=float(tc.tie_theta),
+        ),
         in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
-        out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,),
+    )
     # Replicated outputs: every process can read all rewards (np.asarray) in a multi-process run.
     eval_fn = jax.jit(functools.partial(pair_rewards, model_config), out_shardings=replicated(mesh))
     eval_bs = config.eval.batch_size
@@ -287,11 +363,22 @@ def train(config, workdir: str) -> dict:
 
     batches = rm_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
     loop = run_train_loop(
-        step_fn=lambda s, b: step_fn(s, b, frozen), state=state,
+        step_fn=lambda s, b: step_fn(s, b, frozen),
+        state=state,
         batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
-        start_step=start_step, total_steps=tc.steps, ckpt=ckpt, metrics_writer=metrics_writer, workdir=workdir,
-        log_every=tc.log_every, eval_every=tc.eval_every, run_eval=lambda s, st: run_eval(s, full_params(st)),
-        to_save=to_save, desc="rm", progress_keys=("loss", "accuracy"), extra={"data": data_identity})
+        start_step=start_step,
+        total_steps=tc.steps,
+        ckpt=ckpt,
+        metrics_writer=metrics_writer,
+        workdir=workdir,
+        log_every=tc.log_every,
+        eval_every=tc.eval_every,
+        run_eval=lambda s, st: run_eval(s, full_params(st)),
+        to_save=to_save,
+        desc="rm",
+        progress_keys=("loss", "accuracy"),
+        extra={"data": data_identity},
+    )
     state, step = loop.state, loop.step
     if loop.preempted:
         ckpt.close()
@@ -303,33 +390,74 @@ def train(config, workdir: str) -> dict:
     # Calibration needs eval pairs to report on; without eval files T stays 1 and says why.
     calibration = {"temperature": 1.0, "source": "none", "n": 0, "reason": "no eval files"}
     if eval_data is not None:
-        chosen, rejected = evaluate(eval_fn, full_params(state), eval_data, batch_size=eval_bs,
-                                    bucket=config.data.bucket)
-        calibration = fit_calibration(config, eval_fn, full_params(state), eval_data, tokenizer, chosen, rejected,
-                                      batch_size=eval_bs, bucket=config.data.bucket)
+        chosen, rejected = evaluate(
+            eval_fn, full_params(state), eval_data, batch_size=eval_bs, bucket=config.data.bucket
+        )
+        calibration = fit_calibration(
+            config,
+            eval_fn,
+            full_params(state),
+            eval_data,
+            tokenizer,
+            chosen,
+            rejected,
+            batch_size=eval_bs,
+            bucket=config.data.bucket,
+        )
         extra_metrics = final_diagnostics(config, eval_data, chosen, rejected, calibration)
         metrics_writer.write(step, extra_metrics)
         final.update(extra_metrics)
         if is_main_process():
-            plot_reliability_diagram(chosen, rejected, os.path.join(workdir, "reliability.png"),
-                                     n_bins=config.eval.n_bins, title=f"reward model, step {step}",
-                                     temperature=calibration["temperature"])
+            plot_reliability_diagram(
+                chosen,
+                rejected,
+                os.path.join(workdir, "reliability.png"),
+                n_bins=config.eval.n_bins,
+                title=f"reward model, step {step}",
+                temperature=calibration["temperature"],
+            )
     if is_main_process():
         write_calibration(workdir, calibration)
-    norm_rewards, norm_source = normalization_rewards(config, eval_fn, full_params(state), train_data, eval_data,
-                                                      tokenizer, batch_size=eval_bs, bucket=config.data.bucket)
+    norm_rewards, norm_source = normalization_rewards(
+        config,
+        eval_fn,
+        full_params(state),
+        train_data,
+        eval_data,
+        tokenizer,
+        batch_size=eval_bs,
+        bucket=config.data.bucket,
+    )
     gain, bias = compute_normalization(norm_rewards)
-    normalization = {"gain": gain, "bias": bias, "source": norm_source, "requested": str(config.eval.normalize_on),
-                     "n": int(norm_rewards.size)}
+    normalization = {
+        "gain": gain,
+        "bias": bias,
+        "source": norm_source,
+        "requested": str(config.eval.normalize_on),
+        "n": int(norm_rewards.size),
+    }
     write_json(os.path.join(workdir, "normalization.json"), normalization)
-    ckpt.save(step, to_save(state), {"step": step, "normalization": normalization, "data": data_identity,
-                                     "calibration": calibration}, force=True)
+    ckpt.save(
+        step,
+        to_save(state),
+        {"step": step, "normalization": normalization, "data": data_identity, "calibration": calibration},
+        force=True,
+    )
     ckpt.close()
     metrics_writer.close()
-    plot_training_curves(workdir, ("train/loss", "train/accuracy", "train/grad_norm", "eval/accuracy", "eval/ece"),
-                         title=f"reward model, step {step}")
-    summary = dict(final, step=step, wall_time_s=time.time() - t0, normalization=normalization,
-                   calibration=calibration, data=flat_data_stats(stats))
+    plot_training_curves(
+        workdir,
+        ("train/loss", "train/accuracy", "train/grad_norm", "eval/accuracy", "eval/ece"),
+        title=f"reward model, step {step}",
+    )
+    summary = dict(
+        final,
+        step=step,
+        wall_time_s=time.time() - t0,
+        normalization=normalization,
+        calibration=calibration,
+        data=flat_data_stats(stats),
+    )
     write_json(os.path.join(workdir, "eval_final.json"), summary)
     _report(summary, stats)
     return summary
@@ -338,15 +466,21 @@ def train(config, workdir: str) -> dict:
 def _report(summary, stats):
     lines = [f"done: step {summary['step']} in {summary['wall_time_s']:.1f}s"]
     if "eval/accuracy" in summary:
-        lines.append(f"eval accuracy {summary['eval/accuracy']:.4f}  margin {summary['eval/margin']:.3f}  "
-                     f"ECE {summary['eval/ece']:.4f}  Brier {summary['eval/brier']:.4f}")
+        lines.append(
+            f"eval accuracy {summary['eval/accuracy']:.4f}  margin {summary['eval/margin']:.3f}  "
+            f"ECE {summary['eval/ece']:.4f}  Brier {summary['eval/brier']:.4f}"
+        )
         if "eval/temperature" in summary:
-            lines.append(f"temperature {summary['eval/temperature']:.4g} (fitted on "
-                         f"{summary['calibration']['source']}): ECE {summary['eval/calibrated/ece']:.4f}  "
-                         f"Brier {summary['eval/calibrated/brier']:.4f}")
+            lines.append(
+                f"temperature {summary['eval/temperature']:.4g} (fitted on "
+                f"{summary['calibration']['source']}): ECE {summary['eval/calibrated/ece']:.4f}  "
+                f"Brier {summary['eval/calibrated/brier']:.4f}"
+            )
     for split, s in stats.items():
         if s:
             skipped = {k: v for k, v in s.items() if k.startswith("skipped") and v}
-            lines.append(f"{split} data: {s.get('pairs')} pairs kept of {s.get('rows')} rows; skipped {skipped or 0}; "
-                         f"truncated prompts {s.get('truncated_prompt', 0)}, responses {s.get('truncated_response', 0)}")
+            lines.append(
+                f"{split} data: {s.get('pairs')} pairs kept of {s.get('rows')} rows; skipped {skipped or 0}; "
+                f"truncated prompts {s.get('truncated_prompt', 0)}, responses {s.get('truncated_response', 0)}"
+            )
     print("\n".join(lines), flush=True)

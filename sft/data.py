@@ -28,50 +28,56 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from rm import data as rm_data
 
-ARRAY_KEYS = ('input_ids', 'attention_mask', 'loss_mask')
-FORMATS = ('text', 'prompt_completion', 'conversational')
+ARRAY_KEYS = ("input_ids", "attention_mask", "loss_mask")
+FORMATS = ("text", "prompt_completion", "conversational")
 
 
 @dataclasses.dataclass
 class SFTData:
     """N examples as right-padded int32 arrays [N, max_length]; masks are the truth."""
 
-    input_ids: np.ndarray       # [N, L] int32, pad id after the sequence
+    input_ids: np.ndarray  # [N, L] int32, pad id after the sequence
     attention_mask: np.ndarray  # [N, L] int32, 1 on real tokens (EOS included)
-    loss_mask: np.ndarray       # [N, L] int32, 1 where the token is a target (never column 0)
+    loss_mask: np.ndarray  # [N, L] int32, 1 where the token is a target (never column 0)
     stats: dict
 
     def __len__(self):
         return int(self.input_ids.shape[0])
 
-    def select(self, indices) -> 'SFTData':
+    def select(self, indices) -> SFTData:
         """An SFTData holding only the given rows (e.g. a held-out split)."""
         indices = np.asarray(indices, dtype=np.int64)
         arrays = {k: getattr(self, k)[indices] for k in ARRAY_KEYS}
-        stats = dict(self.stats, examples=len(indices), target_tokens=int(arrays['loss_mask'].sum()),
-                     tokens=int(arrays['attention_mask'].sum()))
+        stats = dict(
+            self.stats,
+            examples=len(indices),
+            target_tokens=int(arrays["loss_mask"].sum()),
+            tokens=int(arrays["attention_mask"].sum()),
+        )
         return SFTData(**arrays, stats=stats)
 
 
 def detect_format(file, rows, columns) -> str:
     """'text' | 'prompt_completion' | 'conversational' from a file's columns."""
     rm_data.check_has_rows(file, rows)
-    if 'messages' in columns:
-        return 'conversational'
-    if 'prompt' in columns and 'completion' in columns:
-        return 'prompt_completion'
-    if 'text' in columns:
-        return 'text'
+    if "messages" in columns:
+        return "conversational"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    if "text" in columns:
+        return "text"
     raise ValueError(
         f"{file}: columns {sorted(columns)} are not a known SFT layout; expected 'text' (loss on all "
         f"tokens), 'prompt' + 'completion' (loss on the completion; strings or {{role, content}} message "
-        f"lists) or 'messages' (a list of {{role, content}} messages; loss on the assistant turns)")
+        f"lists) or 'messages' (a list of {{role, content}} messages; loss on the assistant turns)"
+    )
 
 
 # ----------------------------------------------------------------------------- rows -> text segments
@@ -79,40 +85,49 @@ def detect_format(file, rows, columns) -> str:
 
 
 def _parse_text(row):
-    return [(rm_data.expect_text(row, 'text'), True)]
+    return [(rm_data.expect_text(row, "text"), True)]
 
 
 def _parse_prompt_completion(row, *, tokenizer):
-    if isinstance(row.get('prompt'), (list, tuple)) or isinstance(row.get('completion'), (list, tuple)):
-        prompt = rm_data.expect_messages(row, 'prompt')
-        completion = rm_data.expect_messages(row, 'completion')
+    if isinstance(row.get("prompt"), (list, tuple)) or isinstance(row.get("completion"), (list, tuple)):
+        prompt = rm_data.expect_messages(row, "prompt")
+        completion = rm_data.expect_messages(row, "completion")
         prompt_text = rm_data.render_chat(tokenizer, prompt, add_generation_prompt=True)
         full = rm_data.render_chat(tokenizer, prompt + completion, add_generation_prompt=False)
         if not full.startswith(prompt_text):
-            raise rm_data.RowIssue('completion', 'template',
-                                   'the chat template does not render the prompt as a prefix of prompt + completion, '
-                                   'so the completion tokens cannot be told apart')
-        return [(prompt_text, False), (full[len(prompt_text):], True)]
-    return [(rm_data.expect_text(row, 'prompt'), False), (rm_data.expect_text(row, 'completion'), True)]
+            raise rm_data.RowIssue(
+                "completion",
+                "template",
+                "the chat template does not render the prompt as a prefix of prompt + completion, "
+                "so the completion tokens cannot be told apart",
+            )
+        return [(prompt_text, False), (full[len(prompt_text) :], True)]
+    return [(rm_data.expect_text(row, "prompt"), False), (rm_data.expect_text(row, "completion"), True)]
 
 
 def _parse_messages(row, *, tokenizer):
-    messages = rm_data.expect_messages(row, 'messages')
-    turns = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
+    messages = rm_data.expect_messages(row, "messages")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
-        roles = [m['role'] for m in messages]
-        raise rm_data.RowIssue('messages', 'no_assistant',
-                               f"expected at least one message with role 'assistant' (the targets), got roles {roles}")
+        roles = [m["role"] for m in messages]
+        raise rm_data.RowIssue(
+            "messages",
+            "no_assistant",
+            f"expected at least one message with role 'assistant' (the targets), got roles {roles}",
+        )
     full = rm_data.render_chat(tokenizer, messages, add_generation_prompt=False)
     # Character offsets where targets start and end, checked to be prefixes of `full`.
     bounds, position = [], 0
     for i in turns:
-        start = rm_data.render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ''
-        end = rm_data.render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        start = rm_data.render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        end = rm_data.render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(start) and full.startswith(end) and position <= len(start) < len(end)):
-            raise rm_data.RowIssue('messages', 'template',
-                                   f'message {i}: the chat template does not render the conversation up to this '
-                                   f'assistant turn as a prefix of the whole, so its tokens cannot be told apart')
+            raise rm_data.RowIssue(
+                "messages",
+                "template",
+                f"message {i}: the chat template does not render the conversation up to this "
+                f"assistant turn as a prefix of the whole, so its tokens cannot be told apart",
+            )
         bounds.append((len(start), len(end)))
         position = len(end)
     segments, position = [], 0
@@ -145,7 +160,7 @@ def _tokenize_examples(parsed, tokenizer, eos):
     return out
 
 
-def load_sft_data(files, tokenizer, *, max_length, on_bad_row='error', split='train') -> SFTData:
+def load_sft_data(files, tokenizer, *, max_length, on_bad_row="error", split="train") -> SFTData:
     """Reads SFT examples from local files (or hub datasets) into padded token arrays.
 
     Args:
@@ -164,25 +179,35 @@ def load_sft_data(files, tokenizer, *, max_length, on_bad_row='error', split='tr
     """
     rm_data.check_on_bad_row(on_bad_row)
     if max_length < 2:
-        raise ValueError(f'max_length must be >= 2, got {max_length}')
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
     eos, pad = rm_data.special_ids(tokenizer)
-    stats = {'rows': 0, 'examples': 0, 'skipped': 0, 'truncated': 0, 'tokens': 0, 'target_tokens': 0,
-             'files': [], 'formats': []}
+    stats = {
+        "rows": 0,
+        "examples": 0,
+        "skipped": 0,
+        "truncated": 0,
+        "tokens": 0,
+        "target_tokens": 0,
+        "files": [],
+        "formats": [],
+    }
     examples = []  # (ids, targets)
-    parsers = {'text': _parse_text,
-               'prompt_completion': functools.partial(_parse_prompt_completion, tokenizer=tokenizer),
-               'conversational': functools.partial(_parse_messages, tokenizer=tokenizer)}
+    parsers = {
+        "text": _parse_text,
+        "prompt_completion": functools.partial(_parse_prompt_completion, tokenizer=tokenizer),
+        "conversational": functools.partial(_parse_messages, tokenizer=tokenizer),
+    }
     for source in rm_data.resolve_sources(files):
         rows, columns = rm_data.read_table(source, split=split)
         fmt = detect_format(source, rows, columns)
-        stats['rows'] += len(rows)
-        stats['files'].append(source)
-        stats['formats'].append(fmt)
+        stats["rows"] += len(rows)
+        stats["files"].append(source)
+        stats["formats"].append(fmt)
         good = rm_data.parse_rows(source, rows, parsers[fmt], on_bad_row=on_bad_row, stats=stats)
         for (index, _), (ids, targets) in zip(good, _tokenize_examples([g for _, g in good], tokenizer, eos)):
             if not any(targets):  # e.g. a completion that tokenises to nothing
-                key = {'text': 'text', 'prompt_completion': 'completion'}.get(fmt, 'messages')
-                issue = rm_data.RowIssue(key, 'no_targets', 'no target token left after tokenisation')
+                key = {"text": "text", "prompt_completion": "completion"}.get(fmt, "messages")
+                issue = rm_data.RowIssue(key, "no_targets", "no target token left after tokenisation")
                 rm_data.reject(source, index, issue, on_bad_row=on_bad_row, stats=stats)
                 continue
             examples.append((ids, targets))
@@ -196,29 +221,29 @@ def load_sft_data(files, tokenizer, *, max_length, on_bad_row='error', split='tr
         if len(ids) > max_length:
             ids, targets = ids[:max_length], targets[:max_length]
             if not any(targets):  # the prompt alone fills max_length
-                stats['skipped'] += 1
-                stats['skipped/no_targets_after_truncation'] = stats.get('skipped/no_targets_after_truncation', 0) + 1
+                stats["skipped"] += 1
+                stats["skipped/no_targets_after_truncation"] = stats.get("skipped/no_targets_after_truncation", 0) + 1
                 continue
-            stats['truncated'] += 1
-        input_ids[kept, :len(ids)] = ids
-        attention_mask[kept, :len(ids)] = 1
-        loss_mask[kept, :len(ids)] = targets
+            stats["truncated"] += 1
+        input_ids[kept, : len(ids)] = ids
+        attention_mask[kept, : len(ids)] = 1
+        loss_mask[kept, : len(ids)] = targets
         kept += 1
     input_ids, attention_mask, loss_mask = input_ids[:kept], attention_mask[:kept], loss_mask[:kept]
     stats.update(examples=kept, tokens=int(attention_mask.sum()), target_tokens=int(loss_mask.sum()))
     if kept == 0:
-        raise ValueError(f'no usable SFT examples in {stats["files"]} (stats: {stats})')
+        raise ValueError(f"no usable SFT examples in {stats['files']} (stats: {stats})")
     return SFTData(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, stats=stats)
 
 
 def split_heldout(data: SFTData, *, fraction, seed) -> tuple[SFTData, SFTData]:
     """(train, held-out) split of `data`: a seeded random `fraction` of rows (at least 1) held out."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f'fraction must be in (0, 1), got {fraction}')
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     n = len(data)
     n_eval = max(1, int(round(n * fraction)))
     if n_eval >= n:
-        raise ValueError(f'holding out {fraction} of {n} examples leaves none to train on')
+        raise ValueError(f"holding out {fraction} of {n} examples leaves none to train on")
     perm = np.random.default_rng((seed, 0x5F7)).permutation(n)
     return data.select(np.sort(perm[n_eval:])), data.select(np.sort(perm[:n_eval]))
 
@@ -231,6 +256,7 @@ def train_batches(data: SFTData, *, batch_size, seed, start_step=0) -> Iterator[
 
     Keys: input_ids, attention_mask, loss_mask [B, L] int32.
     """
+
     def make_batch(indices):
         return {k: getattr(data, k)[indices] for k in ARRAY_KEYS}
 
@@ -245,7 +271,7 @@ def eval_batches(data: SFTData, *, batch_size) -> Iterator[dict[str, Any]]:
     the training keys plus valid [B] int32 and index [B] int32 (row in `data`, -1 on padding).
     """
     if batch_size <= 0:
-        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(data)
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(start + batch_size, n))
@@ -253,7 +279,7 @@ def eval_batches(data: SFTData, *, batch_size) -> Iterator[dict[str, Any]]:
         indices = np.concatenate([rows, np.zeros(fill, np.int64)])
         valid = np.concatenate([np.ones(len(rows), np.int32), np.zeros(fill, np.int32)])
         batch = {k: getattr(data, k)[indices] for k in ARRAY_KEYS}
-        batch['loss_mask'] = batch['loss_mask'] * valid[:, None]
-        batch['valid'] = valid
-        batch['index'] = np.concatenate([rows, np.full(fill, -1)]).astype(np.int32)
+        batch["loss_mask"] = batch["loss_mask"] * valid[:, None]
+        batch["valid"] = valid
+        batch["index"] = np.concatenate([rows, np.full(fill, -1)]).astype(np.int32)
         yield batch

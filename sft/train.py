@@ -31,10 +31,10 @@ import numpy as np
 import optax
 
 from common.distributed import is_main_process
-from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
-from common.tracking import open_metrics, plot_training_curves, report_start
+from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.optim import accumulate_gradients, make_optimizer
+from common.tracking import open_metrics, plot_training_curves, report_start
 from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, abstract_sharded, shard_params, tree_shardings
@@ -86,7 +86,7 @@ def next_token_loss(*, logits, input_ids, loss_mask, num_targets=None):
 
 def lm_logits(model_config, params, input_ids, attention_mask):
     """[B, T, V] float32 logits of the causal LM."""
-    return Transformer(model_config).apply({'params': params}, input_ids, attention_mask).logits
+    return Transformer(model_config).apply({"params": params}, input_ids, attention_mask).logits
 
 
 def lm_nll(model_config, params, input_ids, attention_mask, loss_mask):
@@ -94,8 +94,11 @@ def lm_nll(model_config, params, input_ids, attention_mask, loss_mask):
     model_config.logits_chunk > 0 (models/lm_head.py: no [B, T, V] float32 logits), else from
     the full logits."""
     if model_config.logits_chunk:
-        hidden = Transformer(model_config).apply({'params': params}, input_ids, attention_mask,
-                                                 return_logits=False).hidden_states  # [B, T, d]
+        hidden = (
+            Transformer(model_config)
+            .apply({"params": params}, input_ids, attention_mask, return_logits=False)
+            .hidden_states
+        )  # [B, T, d]
         return next_token_nll_from_hidden(model_config, params, hidden, input_ids, loss_mask)
     logits = lm_logits(model_config, params, input_ids, attention_mask)  # [B, T, V]
     return next_token_nll(logits=logits, input_ids=input_ids, loss_mask=loss_mask)
@@ -103,33 +106,39 @@ def lm_nll(model_config, params, input_ids, attention_mask, loss_mask):
 
 def train_step(state, batch, *, model_config, tx, schedule, accum_steps, nan_step):
     """One optimizer step (with gradient accumulation). Pure: (state, batch) -> (state, metrics)."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
-    num_targets = jnp.maximum(jnp.sum(batch['loss_mask'][:, 1:]).astype(jnp.float32), 1.0)
-    rows = batch['input_ids'].shape[0]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    num_targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]).astype(jnp.float32), 1.0)
+    rows = batch["input_ids"].shape[0]
     # accumulate_gradients averages micro-batch losses; dividing each micro-batch's NLL sum
     # by num_targets / accum_steps makes that average the exact per-token mean of the batch.
     batch = dict(batch, denominator=jnp.full((rows,), num_targets / accum_steps, jnp.float32))
 
     def loss_fn(params, micro, _rng):
-        nll, _, correct = lm_nll(model_config, params, micro['input_ids'], micro['attention_mask'], micro['loss_mask'])
-        denominator = micro['denominator'][0]
-        return jnp.sum(nll) / denominator, {'accuracy': jnp.sum(correct) / denominator}
+        nll, _, correct = lm_nll(model_config, params, micro["input_ids"], micro["attention_mask"], micro["loss_mask"])
+        denominator = micro["denominator"][0]
+        return jnp.sum(nll) / denominator, {"accuracy": jnp.sum(correct) / denominator}
 
-    loss, aux, grads = accumulate_gradients(loss_fn, state['params'], batch, rng, accum_steps=accum_steps)
+    loss, aux, grads = accumulate_gradients(loss_fn, state["params"], batch, rng, accum_steps=accum_steps)
     # Fault injection for testing the NaN guard (nan_step < 0: never).
-    loss = jnp.where(state['step'] == nan_step, jnp.nan, loss)
-    grads = jax.tree.map(lambda g: jnp.where(state['step'] == nan_step, jnp.nan, g), grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state['step']),
-                   target_tokens=num_targets)
-    return dict(state, params=params, opt_state=opt_state, step=state['step'] + 1), metrics
+    loss = jnp.where(state["step"] == nan_step, jnp.nan, loss)
+    grads = jax.tree.map(lambda g: jnp.where(state["step"] == nan_step, jnp.nan, g), grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(
+        aux,
+        loss=loss,
+        grad_norm=optax.tree.norm(grads),
+        learning_rate=schedule(state["step"]),
+        target_tokens=num_targets,
+    )
+    return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
 def eval_sums(model_config, params, batch):
     """(NLL sum, target count, correct count) of one eval batch, float32 scalars."""
-    nll, weights, correct = lm_nll(model_config, params, batch['input_ids'], batch['attention_mask'],
-                                   batch['loss_mask'])
+    nll, weights, correct = lm_nll(
+        model_config, params, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    )
     return jnp.sum(nll), jnp.sum(weights), jnp.sum(correct)
 
 
@@ -142,8 +151,12 @@ def evaluate(eval_fn, params, data, *, batch_size, bucket) -> dict:
         totals += np.asarray(jax.device_get(sums), np.float64)
     nll, count, correct = totals
     loss = nll / max(count, 1.0)
-    return {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)), 'accuracy': correct / max(count, 1.0),
-            'target_tokens': int(count)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "accuracy": correct / max(count, 1.0),
+        "target_tokens": int(count),
+    }
 
 
 # ----------------------------------------------------------------------------- setup
@@ -155,39 +168,60 @@ def split_files(value) -> list[str]:
         return []
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
-    return [v.strip() for v in str(value).split(',') if v.strip()]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def trim_to_bucket(batch: dict, bucket: int) -> dict:
     """Drop all-padding columns beyond the longest sequence, rounded up to `bucket` (few jit shapes)."""
     if bucket <= 0:
         return batch
-    width = batch['input_ids'].shape[1]
-    keep = min(width, -(-int(batch['attention_mask'].sum(1).max()) // bucket) * bucket)
+    width = batch["input_ids"].shape[1]
+    keep = min(width, -(-int(batch["attention_mask"].sum(1).max()) // bucket) * bucket)
     return {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in batch.items()}
 
 
 def scratch_model_config(mc, tokenizer) -> TransformerConfig:
     """TransformerConfig of a from-scratch model: config.model's architecture, the tokenizer's vocab/ids."""
-    if mc.family not in ('gpt2', 'llama'):
+    if mc.family not in ("gpt2", "llama"):
         raise ValueError(f"model.family={mc.family!r}: from-scratch models are 'gpt2' or 'llama'")
     if mc.d_model % mc.n_heads:
-        raise ValueError(f'model.d_model={mc.d_model} must be a multiple of model.n_heads={mc.n_heads}')
+        raise ValueError(f"model.d_model={mc.d_model} must be a multiple of model.n_heads={mc.n_heads}")
     n_kv = mc.n_kv_heads or mc.n_heads
-    gpt2 = mc.family == 'gpt2'
+    gpt2 = mc.family == "gpt2"
     if gpt2 and n_kv != mc.n_heads:
-        raise ValueError(f'model.family=gpt2 has no grouped-query attention: n_kv_heads ({n_kv}) must equal '
-                         f'n_heads ({mc.n_heads}) or be 0')
+        raise ValueError(
+            f"model.family=gpt2 has no grouped-query attention: n_kv_heads ({n_kv}) must equal "
+            f"n_heads ({mc.n_heads}) or be 0"
+        )
     eos, pad = rm_data.special_ids(tokenizer)
     return TransformerConfig(
-        family=mc.family, vocab_size=len(tokenizer), d_model=mc.d_model, n_layers=mc.n_layers, n_heads=mc.n_heads,
-        n_kv_heads=n_kv, head_dim=mc.d_model // mc.n_heads, d_ff=mc.d_ff or 4 * mc.d_model,
-        max_position_embeddings=mc.max_position_embeddings, norm_eps=mc.norm_eps, rope_theta=float(mc.rope_theta),
-        tie_embeddings=True if gpt2 else bool(mc.tie_embeddings), qkv_bias=gpt2, o_bias=gpt2, mlp_bias=gpt2,
-        activation='gelu_new' if gpt2 else 'silu', dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
-        remat_policy=mc.remat_policy, attention=mc.get('attention', 'auto'), scan_layers=mc.get('scan_layers', False),
-        logits_chunk=mc.get('logits_chunk', 128), pad_token_id=pad, eos_token_id=eos,
-        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
+        family=mc.family,
+        vocab_size=len(tokenizer),
+        d_model=mc.d_model,
+        n_layers=mc.n_layers,
+        n_heads=mc.n_heads,
+        n_kv_heads=n_kv,
+        head_dim=mc.d_model // mc.n_heads,
+        d_ff=mc.d_ff or 4 * mc.d_model,
+        max_position_embeddings=mc.max_position_embeddings,
+        norm_eps=mc.norm_eps,
+        rope_theta=float(mc.rope_theta),
+        tie_embeddings=True if gpt2 else bool(mc.tie_embeddings),
+        qkv_bias=gpt2,
+        o_bias=gpt2,
+        mlp_bias=gpt2,
+        activation="gelu_new" if gpt2 else "silu",
+        dtype=mc.dtype,
+        param_dtype=mc.param_dtype,
+        remat=mc.remat,
+        remat_policy=mc.remat_policy,
+        attention=mc.get("attention", "auto"),
+        scan_layers=mc.get("scan_layers", False),
+        logits_chunk=mc.get("logits_chunk", 128),
+        pad_token_id=pad,
+        eos_token_id=eos,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+    )
 
 
 def build_model(config, tokenizer, mesh, rules, rng):
@@ -195,14 +229,20 @@ def build_model(config, tokenizer, mesh, rules, rng):
     mc = config.model
     if mc.init_from:
         model_config, params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
-        model_config = model_config.replace(remat=mc.remat, remat_policy=mc.remat_policy,
-                                            attention=mc.get('attention', 'auto'), logits_chunk=mc.get('logits_chunk', 128),
-                                            scan_layers=mc.get('scan_layers', False))
+        model_config = model_config.replace(
+            remat=mc.remat,
+            remat_policy=mc.remat_policy,
+            attention=mc.get("attention", "auto"),
+            logits_chunk=mc.get("logits_chunk", 128),
+            scan_layers=mc.get("scan_layers", False),
+        )
         if model_config.pad_token_id is None:
             model_config = model_config.replace(pad_token_id=rm_data.special_ids(tokenizer)[1])
-        if not model_config.tie_embeddings and 'lm_head' not in params:
-            raise ValueError(f'{mc.init_from} has no lm_head weights: not a causal LM (a sequence-classification '
-                             f'export?); give a causal-LM folder')
+        if not model_config.tie_embeddings and "lm_head" not in params:
+            raise ValueError(
+                f"{mc.init_from} has no lm_head weights: not a causal LM (a sequence-classification "
+                f"export?); give a causal-LM folder"
+            )
         params = shard_params(params, mesh, rules)
     else:
         model_config = scratch_model_config(mc, tokenizer)
@@ -210,11 +250,15 @@ def build_model(config, tokenizer, mesh, rules, rng):
         _, shardings = abstract_sharded(init_fn, mesh, rules)
         params = jax.jit(init_fn, out_shardings=shardings)()  # created already sharded
     if model_config.is_gpt2 and config.data.max_length > model_config.max_position_embeddings:
-        raise ValueError(f'config.data.max_length={config.data.max_length} exceeds the model\'s '
-                         f'{model_config.max_position_embeddings} learned positions (gpt2): lower data.max_length')
+        raise ValueError(
+            f"config.data.max_length={config.data.max_length} exceeds the model's "
+            f"{model_config.max_position_embeddings} learned positions (gpt2): lower data.max_length"
+        )
     if len(tokenizer) > model_config.vocab_size:
-        raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model only {model_config.vocab_size} '
-                         f'embeddings: use the tokenizer the model was trained with')
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {model_config.vocab_size} "
+            f"embeddings: use the tokenizer the model was trained with"
+        )
     return model_config, params
 
 
@@ -226,25 +270,31 @@ def train(config, workdir: str) -> dict:
     t0 = time.time()
     mc, tc = config.model, config.train
     if not (mc.init_from or mc.tokenizer):
-        raise ValueError('set config.model.init_from (a Hugging Face causal-LM folder) or, to train from scratch, '
-                         'config.model.tokenizer (a tokenizer folder) with the config.model architecture fields')
+        raise ValueError(
+            "set config.model.init_from (a Hugging Face causal-LM folder) or, to train from scratch, "
+            "config.model.tokenizer (a tokenizer folder) with the config.model architecture fields"
+        )
     if not split_files(config.data.train_files):
-        raise ValueError('config.data.train_files is empty: give one or more SFT files (comma-separated)')
+        raise ValueError("config.data.train_files is empty: give one or more SFT files (comma-separated)")
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
     tokenizer = rm_data.load_tokenizer(mc.tokenizer or mc.init_from)
 
     # ---- data
-    load = functools.partial(sft_data.load_sft_data, tokenizer=tokenizer, max_length=config.data.max_length,
-                             on_bad_row=config.data.on_bad_row)
+    load = functools.partial(
+        sft_data.load_sft_data,
+        tokenizer=tokenizer,
+        max_length=config.data.max_length,
+        on_bad_row=config.data.on_bad_row,
+    )
     train_files = split_files(config.data.train_files)
     train_data = load(train_files)
-    data_identity = run.check_data(train_files, rows=train_data.stats['rows'])
+    data_identity = run.check_data(train_files, rows=train_data.stats["rows"])
     eval_files = split_files(config.data.eval_files)
     eval_data = load(eval_files) if eval_files else None
     if eval_data is None and config.data.eval_fraction > 0:
         train_data, eval_data = sft_data.split_heldout(train_data, fraction=config.data.eval_fraction, seed=config.seed)
-    stats = {'train': train_data.stats, 'eval': eval_data.stats if eval_data else None}
-    write_json(os.path.join(workdir, 'data_stats.json'), stats)
+    stats = {"train": train_data.stats, "eval": eval_data.stats if eval_data else None}
+    write_json(os.path.join(workdir, "data_stats.json"), stats)
 
     # ---- model, optimizer, state
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
@@ -253,30 +303,50 @@ def train(config, workdir: str) -> dict:
     model_config, params = build_model(config, tokenizer, mesh, rules, jax.random.fold_in(rng, 1))
     if is_main_process():
         save_model_config(workdir, model_config)
-        tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
 
-    tx, schedule = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps,
-                                  warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
-                                  weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm,
-                                  min_lr_ratio=tc.min_lr_ratio, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps)
+    tx, schedule = make_optimizer(
+        learning_rate=tc.learning_rate,
+        total_steps=tc.steps,
+        warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        min_lr_ratio=tc.min_lr_ratio,
+        b1=tc.adam_b1,
+        b2=tc.adam_b2,
+        eps=tc.adam_eps,
+    )
     opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
-    state = {'params': params, 'opt_state': opt_state, 'step': jnp.asarray(0, jnp.int32),
-             'rng': jax.random.key_data(jax.random.fold_in(rng, 2))}
+    state = {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
+    }
     state_sharding = tree_shardings(state, mesh, rules)
     state = jax.device_put(state, state_sharding)
 
-    report_start(config, trainable=state['params'], opt_state=state['opt_state'], data_stats=stats)
-    ckpt, state, _, start_step = open_checkpoints(workdir, state, save_every=tc.save_every, keep=tc.keep_checkpoints,
-                                                  config=config)
+    report_start(config, trainable=state["params"], opt_state=state["opt_state"], data_stats=stats)
+    ckpt, state, _, start_step = open_checkpoints(
+        workdir, state, save_every=tc.save_every, keep=tc.keep_checkpoints, config=config
+    )
     metrics_writer = open_metrics(workdir, config, resume_step=start_step if start_step else -1)
     if start_step == 0:
         metrics_writer.write(0, flat_data_stats(stats))
 
-    step_fn = jax.jit(functools.partial(
-        train_step, model_config=model_config, tx=tx, schedule=schedule, accum_steps=tc.grad_accum_steps,
-        nan_step=config.debug.inject_nan_at_step),
-        in_shardings=(state_sharding, batch_sharding(mesh)), out_shardings=(state_sharding, replicated(mesh)),
-        donate_argnums=(0,))
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model_config=model_config,
+            tx=tx,
+            schedule=schedule,
+            accum_steps=tc.grad_accum_steps,
+            nan_step=config.debug.inject_nan_at_step,
+        ),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,),
+    )
     # Replicated outputs: every process can read the sums in a multi-process run.
     eval_fn = jax.jit(functools.partial(eval_sums, model_config), out_shardings=replicated(mesh))
 
@@ -284,57 +354,74 @@ def train(config, workdir: str) -> dict:
         if eval_data is None:
             return {}
         m = evaluate(eval_fn, params, eval_data, batch_size=config.eval.batch_size, bucket=config.data.bucket)
-        out = {f'eval/{k}': v for k, v in m.items()}
+        out = {f"eval/{k}": v for k, v in m.items()}
         if write:
             metrics_writer.write(step, out)
         return out
 
     if start_step == 0 and config.eval.at_start:
-        initial = run_eval(0, state['params'])
+        initial = run_eval(0, state["params"])
         if initial:
             print(f"initial eval loss {initial['eval/loss']:.4f}", flush=True)
     batches = sft_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
     loop = run_train_loop(
-        step_fn=step_fn, state=state,
+        step_fn=step_fn,
+        state=state,
         batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
-        start_step=start_step, total_steps=tc.steps, ckpt=ckpt, metrics_writer=metrics_writer, workdir=workdir,
-        log_every=tc.log_every, eval_every=tc.eval_every, run_eval=lambda s, st: run_eval(s, st['params']),
-        desc='sft', progress_keys=('loss', 'accuracy'), extra={'data': data_identity})
+        start_step=start_step,
+        total_steps=tc.steps,
+        ckpt=ckpt,
+        metrics_writer=metrics_writer,
+        workdir=workdir,
+        log_every=tc.log_every,
+        eval_every=tc.eval_every,
+        run_eval=lambda s, st: run_eval(s, st["params"]),
+        desc="sft",
+        progress_keys=("loss", "accuracy"),
+        extra={"data": data_identity},
+    )
     state, step = loop.state, loop.step
     if loop.preempted:
         ckpt.close()
         metrics_writer.close()
-        return {'preempted_at': step}
+        return {"preempted_at": step}
 
     # ---- final evaluation, checkpoint and Hugging Face export
     # A re-run of a finished command logs nothing new (unless the first run died before the end).
-    already_done = start_step >= tc.steps and os.path.exists(os.path.join(workdir, 'eval_final.json'))
-    final = run_eval(step, state['params'], write=not already_done)
-    ckpt.save(step, state, {'step': step, 'data': data_identity}, force=True)
+    already_done = start_step >= tc.steps and os.path.exists(os.path.join(workdir, "eval_final.json"))
+    final = run_eval(step, state["params"], write=not already_done)
+    ckpt.save(step, state, {"step": step, "data": data_identity}, force=True)
     ckpt.close()
     metrics_writer.close()
-    plot_training_curves(workdir, ('train/loss', 'train/accuracy', 'train/grad_norm', 'eval/loss', 'eval/perplexity'),
-                         title=f'SFT, step {step}')
+    plot_training_curves(
+        workdir,
+        ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss", "eval/perplexity"),
+        title=f"SFT, step {step}",
+    )
     hf_dir = None
     if config.export.hf:
-        hf_dir = os.path.join(workdir, 'hf')
-        save_causal_lm(model_config, state['params'], hf_dir, tokenizer_dir=os.path.join(workdir, 'tokenizer'))
+        hf_dir = os.path.join(workdir, "hf")
+        save_causal_lm(model_config, state["params"], hf_dir, tokenizer_dir=os.path.join(workdir, "tokenizer"))
     summary = dict(final, step=step, wall_time_s=time.time() - t0, hf_dir=hf_dir, data=flat_data_stats(stats))
-    write_json(os.path.join(workdir, 'eval_final.json'), summary)
+    write_json(os.path.join(workdir, "eval_final.json"), summary)
     _report(summary, stats)
     return summary
 
 
 def _report(summary, stats):
     lines = [f"done: step {summary['step']} in {summary['wall_time_s']:.1f}s"]
-    if 'eval/loss' in summary:
-        lines.append(f"eval loss {summary['eval/loss']:.4f}  perplexity {summary['eval/perplexity']:.3f}  "
-                     f"token accuracy {summary['eval/accuracy']:.4f}")
+    if "eval/loss" in summary:
+        lines.append(
+            f"eval loss {summary['eval/loss']:.4f}  perplexity {summary['eval/perplexity']:.3f}  "
+            f"token accuracy {summary['eval/accuracy']:.4f}"
+        )
     for split, s in stats.items():
         if s:
-            skipped = {k: v for k, v in s.items() if k.startswith('skipped') and v}
-            lines.append(f"{split} data: {s['examples']} examples kept of {s['rows']} rows ({s['target_tokens']} "
-                         f"target tokens); skipped {skipped or 0}; truncated {s['truncated']}")
-    if summary.get('hf_dir'):
+            skipped = {k: v for k, v in s.items() if k.startswith("skipped") and v}
+            lines.append(
+                f"{split} data: {s['examples']} examples kept of {s['rows']} rows ({s['target_tokens']} "
+                f"target tokens); skipped {skipped or 0}; truncated {s['truncated']}"
+            )
+    if summary.get("hf_dir"):
         lines.append(f"Hugging Face causal LM: {summary['hf_dir']}")
-    print('\n'.join(lines), flush=True)
+    print("\n".join(lines), flush=True)

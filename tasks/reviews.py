@@ -29,119 +29,178 @@ import random
 import numpy as np
 
 GRID = np.linspace(-1.0, 1.0, 9)  # latent sentiment values, uniform prior
-BETA = 2.5                        # strength of the sentiment bias on choices
-EOS_TOKEN = '<|endoftext|>'
-PAD_TOKEN = '<|pad|>'
-CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+BETA = 2.5  # strength of the sentiment bias on choices
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _table(spec):
     """'word:valence word ...' (valence 0 when omitted) -> [(word, valence)]."""
     out = []
     for item in spec.split():
-        word, _, value = item.partition(':')
+        word, _, value = item.partition(":")
         out.append((word, float(value or 0.0)))
     return out
 
 
 # Valences follow VADER's lexicon where it has the word, so the latent sentiment and the
 # VADER-based gold scorer agree; the rest (sturdy, flimsy, ...) are ours and VADER-blind.
-_GENERAL_ADJ = ('great:3.1 wonderful:2.7 amazing:2.8 excellent:2.7 fantastic:2.6 brilliant:2.8 superb:3.1 '
-                'good:1.9 nice:1.8 lovely:2.8 beautiful:2.9 perfect:2.7 outstanding:3 impressive:2.3 solid:0.6 '
-                'terrific:2.1 awesome:3.1 pleasant:2.3 fine:0.8 fabulous:2.4 marvelous:2.9 remarkable:2.6 '
-                'splendid:2.8 decent:1 awful:-2 terrible:-2.1 horrible:-2.5 bad:-2.5 poor:-2.1 weak:-1.9 '
-                'disappointing:-2.2 lousy:-2.5 dreadful:-1.9 pathetic:-2.7 useless:-1.8 worthless:-1.9 '
-                'miserable:-2.2 disastrous:-2.9 annoying:-1.7 frustrating:-1.9 ugly:-2.3 mediocre:-1.2 '
-                'okay:0.9 average ordinary simple typical standard basic plain different unusual')
-_FILM_ADJ = ('hilarious:1.7 funny:1.9 moving:1.5 touching:1.5 gripping:1.8 entertaining:1.9 engaging:1.4 '
-             'inspiring:1.8 memorable:1.8 exciting:2.2 thrilling:2.1 charming:2.8 delightful:2.8 clever:2 '
-             'stunning:1.6 enjoyable:1.9 boring:-1.3 dull:-1.7 tedious:-1.8 bland:-1.2 predictable:-1 '
-             'forgettable:-1.5 stupid:-2.4 lame:-1.8 painful:-1.9 messy:-1.5 ridiculous:-1.5 confusing:-0.9 '
-             'pointless:-1.8 dreary:-1.4 depressing:-1.6 long short slow:-0.3 dark quiet loud strange:-0.8')
-_PRODUCT_ADJ = ('sturdy:1.5 durable:1.5 reliable:1.6 comfortable:2.3 handy:1.2 sleek:1.2 smooth:1 elegant:2.1 '
-                'powerful:1.8 stylish:1.4 compact:0.5 flimsy:-1.6 fragile:-1 cheap:-1 broken:-2.1 noisy:-0.7 '
-                'uncomfortable:-1.6 unreliable:-1.6 shoddy:-1.8 faulty:-1.3 clumsy:-1.2 awkward:-0.6 bulky:-0.5 '
-                'expensive:-0.5 heavy light small large new')
-_NUMBERS = 'one two three four five six seven eight nine ten'.split()
+_GENERAL_ADJ = (
+    "great:3.1 wonderful:2.7 amazing:2.8 excellent:2.7 fantastic:2.6 brilliant:2.8 superb:3.1 "
+    "good:1.9 nice:1.8 lovely:2.8 beautiful:2.9 perfect:2.7 outstanding:3 impressive:2.3 solid:0.6 "
+    "terrific:2.1 awesome:3.1 pleasant:2.3 fine:0.8 fabulous:2.4 marvelous:2.9 remarkable:2.6 "
+    "splendid:2.8 decent:1 awful:-2 terrible:-2.1 horrible:-2.5 bad:-2.5 poor:-2.1 weak:-1.9 "
+    "disappointing:-2.2 lousy:-2.5 dreadful:-1.9 pathetic:-2.7 useless:-1.8 worthless:-1.9 "
+    "miserable:-2.2 disastrous:-2.9 annoying:-1.7 frustrating:-1.9 ugly:-2.3 mediocre:-1.2 "
+    "okay:0.9 average ordinary simple typical standard basic plain different unusual"
+)
+_FILM_ADJ = (
+    "hilarious:1.7 funny:1.9 moving:1.5 touching:1.5 gripping:1.8 entertaining:1.9 engaging:1.4 "
+    "inspiring:1.8 memorable:1.8 exciting:2.2 thrilling:2.1 charming:2.8 delightful:2.8 clever:2 "
+    "stunning:1.6 enjoyable:1.9 boring:-1.3 dull:-1.7 tedious:-1.8 bland:-1.2 predictable:-1 "
+    "forgettable:-1.5 stupid:-2.4 lame:-1.8 painful:-1.9 messy:-1.5 ridiculous:-1.5 confusing:-0.9 "
+    "pointless:-1.8 dreary:-1.4 depressing:-1.6 long short slow:-0.3 dark quiet loud strange:-0.8"
+)
+_PRODUCT_ADJ = (
+    "sturdy:1.5 durable:1.5 reliable:1.6 comfortable:2.3 handy:1.2 sleek:1.2 smooth:1 elegant:2.1 "
+    "powerful:1.8 stylish:1.4 compact:0.5 flimsy:-1.6 fragile:-1 cheap:-1 broken:-2.1 noisy:-0.7 "
+    "uncomfortable:-1.6 unreliable:-1.6 shoddy:-1.8 faulty:-1.3 clumsy:-1.2 awkward:-0.6 bulky:-0.5 "
+    "expensive:-0.5 heavy light small large new"
+)
+_NUMBERS = "one two three four five six seven eight nine ten".split()
 CLASSES = {
-    'F_ADJ': _table(_GENERAL_ADJ + ' ' + _FILM_ADJ),
-    'P_ADJ': _table(_GENERAL_ADJ + ' ' + _PRODUCT_ADJ),
-    'INTENS': _table('really very extremely incredibly absolutely quite so totally completely thoroughly '
-                     'utterly somewhat slightly fairly rather'),
-    'ADVV': _table('really absolutely totally just actually simply'),
-    'VERB_PAST': _table('loved:2.9 liked:1.8 enjoyed:2.3 adored:1.8 admired:2.3 appreciated:2.3 hated:-3.2 '
-                        'disliked:-1.7 despised:-1.7 loathed:-2.1 noticed remembered expected'),
-    'VERB_PRES': _table('love:3.2 like:1.5 enjoy:2.2 adore:2.6 appreciate:1.7 hate:-2.7 dislike:-1.6 '
-                        'regret:-1.8 use need'),
-    'MANNER': _table('well:1.1 perfectly:3.2 fine:0.8 great:3.1 flawlessly:0.8 smoothly:1.2 badly:-2.1 '
-                     'poorly:-2 terribly:-2.6 horribly:-2.4 okay:0.9'),
-    'SADV': _table('sadly:-1.8 unfortunately:-1.4 thankfully:1.8 luckily:2.3 happily:2.6 surprisingly:1.2 '
-                   'frankly personally admittedly'),
-    'NUMBER': [(w, 3.0 * (i - 4.5) / 4.5) for i, w in enumerate(_NUMBERS)],
-    'CONJ': _table('and but although while'),
-    'NAME': _table('smith garcia chen nolan jones patel kim rossi novak silva muller kowalski tanaka okafor '
-                   'dubois larsen murphy walsh moreau costa ivanova schmidt nakamura oliveira haddad'),
-    'BRAND': _table('acme zenith nova orion vertex lumen apex solis quanta helix kairo tessla'),
-    'FNOUN': _table('film movie picture drama documentary sequel musical western cartoon remake'),
-    'FASPECT': _table('acting plot story script dialogue ending soundtrack music cinematography direction '
-                      'pacing cast editing finale opening twist premise screenplay lighting atmosphere setting '
-                      'tone camera animation climax lead'),
-    'FASPECTS': _table('effects characters actors visuals costumes songs scenes sets performances '
-                       'locations stunts'),
-    'ROLE': _table('detective mother father king soldier doctor teacher captain stranger widow lawyer pilot'),
-    'FRIEND': _table('wife husband kids family parents brother sister son daughter girlfriend boyfriend'),
-    'PNOUN': _table('phone laptop blender vacuum camera headset charger kettle chair backpack speaker toaster '
-                    'lamp watch keyboard mattress monitor router tablet printer drill heater mixer jacket umbrella'),
-    'PASPECT': _table('battery screen design price quality sound build handle lid fabric packaging delivery '
-                      'setup manual material finish motor strap cable display interface zipper warranty app '
-                      'size weight color'),
-    'PASPECTS': _table('buttons instructions speakers wheels batteries pockets blades controls accessories '
-                       'settings'),
+    "F_ADJ": _table(_GENERAL_ADJ + " " + _FILM_ADJ),
+    "P_ADJ": _table(_GENERAL_ADJ + " " + _PRODUCT_ADJ),
+    "INTENS": _table(
+        "really very extremely incredibly absolutely quite so totally completely thoroughly "
+        "utterly somewhat slightly fairly rather"
+    ),
+    "ADVV": _table("really absolutely totally just actually simply"),
+    "VERB_PAST": _table(
+        "loved:2.9 liked:1.8 enjoyed:2.3 adored:1.8 admired:2.3 appreciated:2.3 hated:-3.2 "
+        "disliked:-1.7 despised:-1.7 loathed:-2.1 noticed remembered expected"
+    ),
+    "VERB_PRES": _table(
+        "love:3.2 like:1.5 enjoy:2.2 adore:2.6 appreciate:1.7 hate:-2.7 dislike:-1.6 regret:-1.8 use need"
+    ),
+    "MANNER": _table(
+        "well:1.1 perfectly:3.2 fine:0.8 great:3.1 flawlessly:0.8 smoothly:1.2 badly:-2.1 "
+        "poorly:-2 terribly:-2.6 horribly:-2.4 okay:0.9"
+    ),
+    "SADV": _table(
+        "sadly:-1.8 unfortunately:-1.4 thankfully:1.8 luckily:2.3 happily:2.6 surprisingly:1.2 "
+        "frankly personally admittedly"
+    ),
+    "NUMBER": [(w, 3.0 * (i - 4.5) / 4.5) for i, w in enumerate(_NUMBERS)],
+    "CONJ": _table("and but although while"),
+    "NAME": _table(
+        "smith garcia chen nolan jones patel kim rossi novak silva muller kowalski tanaka okafor "
+        "dubois larsen murphy walsh moreau costa ivanova schmidt nakamura oliveira haddad"
+    ),
+    "BRAND": _table("acme zenith nova orion vertex lumen apex solis quanta helix kairo tessla"),
+    "FNOUN": _table("film movie picture drama documentary sequel musical western cartoon remake"),
+    "FASPECT": _table(
+        "acting plot story script dialogue ending soundtrack music cinematography direction "
+        "pacing cast editing finale opening twist premise screenplay lighting atmosphere setting "
+        "tone camera animation climax lead"
+    ),
+    "FASPECTS": _table("effects characters actors visuals costumes songs scenes sets performances locations stunts"),
+    "ROLE": _table("detective mother father king soldier doctor teacher captain stranger widow lawyer pilot"),
+    "FRIEND": _table("wife husband kids family parents brother sister son daughter girlfriend boyfriend"),
+    "PNOUN": _table(
+        "phone laptop blender vacuum camera headset charger kettle chair backpack speaker toaster "
+        "lamp watch keyboard mattress monitor router tablet printer drill heater mixer jacket umbrella"
+    ),
+    "PASPECT": _table(
+        "battery screen design price quality sound build handle lid fabric packaging delivery "
+        "setup manual material finish motor strap cable display interface zipper warranty app "
+        "size weight color"
+    ),
+    "PASPECTS": _table("buttons instructions speakers wheels batteries pockets blades controls accessories settings"),
 }
 
 # NONTERMINAL: [(weight, right-hand side, rule valence)]. Upper-case tokens are nonterminals or
 # classes; anything else is a literal word. '' derives the empty string.
 RULES = {
-    'REVIEW': [(0.55, 'FILM'), (0.45, 'PRODUCT')], 'FILM': [(1, 'F_OPEN F_SENT F_MORE F_CLOSE')],
-    'F_MORE': [(0.6, ''), (0.4, 'F_SENT F_MORE')],
-    'F_OPEN': [(3, 'this FNOUN COP F_PRED .'), (2, 'i watched the FNOUN WHEN and F_FOLLOW .'),
-               (1, 'i went to see this FNOUN WHEN and F_FOLLOW .'), (1.5, 'the new FNOUN by NAME COP F_PRED .'),
-               (1, 'SADV , this FNOUN COP F_PRED .')],
-    'WHEN': [(3, ''), (1, 'last night'), (1, 'yesterday'), (1, 'this weekend'), (1, 'with my FRIEND'),
-             (1, 'at home')],
-    'F_FOLLOW': [(2, 'it was F_PRED'), (1, 'i VERB_PAST it'), (0.5, 'i ADVV VERB_PAST it'),
-                 (0.5, 'we VERB_PAST it')],
-    'COP': [(8, 'was'), (1, 'felt'), (1, 'seemed')], 'COPS': [(8, 'were'), (1, 'felt'), (1, 'seemed')],
-    'F_PRED': [(11, 'F_ADJ'), (6, 'INTENS F_ADJ'), (2, 'not ~F_ADJ'), (1, 'not INTENS ~F_ADJ')],
-    'F_SENT': [(6, 'F_CLAUSE .'), (2.5, 'F_CLAUSE , CONJ F_CLAUSE .'), (1.5, 'SADV , F_CLAUSE .'),
-               (2, 'i VERB_PAST the FASPECT .'), (1, 'i ADVV VERB_PAST the FASPECT .'),
-               (1, 'NAME was F_PRED as the ROLE .'), (1, 'it was F_PRED from start to finish .')],
-    'F_CLAUSE': [(4, 'the FASPECT COP F_PRED'), (2, 'the FASPECTS COPS F_PRED'),
-                 (1, 'the performance by NAME COP F_PRED')],
-    'F_CLOSE': [(2, 'i would recommend it RECIP .', 2), (2, 'i would not recommend it .', -2),
-                (2, 'NUMBER out of ten .'), (1.5, 'overall , it was F_PRED .'), (1, 'avoid this FNOUN .', -2.5),
-                (1, 'do not waste your time .', -2.5), (1, 'i VERB_PAST every minute of it .'),
-                (1, 'go and see it .', 2), (1, 'definitely worth watching .', 2)],
-    'RECIP': [(3, ''), (1, 'to anyone'), (1, 'to everyone'), (1, 'to my family')],
-    'PRODUCT': [(1, 'P_OPEN P_SENT P_MORE P_CLOSE')], 'P_MORE': [(0.6, ''), (0.4, 'P_SENT P_MORE')],
-    'P_OPEN': [(3, 'this PNOUN is P_PRED .'), (2, 'i bought this PNOUN WHENP and P_FOLLOW .'),
-               (1.5, 'i have used this PNOUN for DURATION and P_FOLLOW .'), (1, 'SADV , this PNOUN is P_PRED .'),
-               (1.5, 'the new PNOUN from BRAND is P_PRED .')],
-    'WHENP': [(3, ''), (1, 'last month'), (1, 'a week ago'), (1, 'for my FRIEND'), (1, 'online')],
-    'P_FOLLOW': [(2, 'it is P_PRED'), (1, 'it works MANNER'), (1, 'i VERB_PRES it'), (0.5, 'i ADVV VERB_PRES it')],
-    'COPP': [(8, 'is'), (1, 'feels'), (1, 'seems')],
-    'P_PRED': [(11, 'P_ADJ'), (6, 'INTENS P_ADJ'), (2, 'not ~P_ADJ'), (1, 'not INTENS ~P_ADJ')],
-    'P_SENT': [(6, 'P_CLAUSE .'), (2.5, 'P_CLAUSE , CONJ P_CLAUSE .'), (1.5, 'SADV , P_CLAUSE .'),
-               (2, 'i VERB_PRES the PASPECT .'), (1, 'it broke after DURATION .', -2),
-               (1, 'it still works after DURATION .', 1.5)],
-    'P_CLAUSE': [(4, 'the PASPECT COPP P_PRED'), (2, 'the PASPECTS are P_PRED'), (1, 'it works MANNER')],
-    'P_CLOSE': [(2, 'i would buy it again .', 2), (2, 'i would not buy it again .', -2), (2, 'NUMBER out of ten .'),
-                (1, 'worth every penny .', 2.5), (1, 'what a waste of money .', -2.5),
-                (1, 'i returned it the next day .', -2), (1.5, 'overall , it is P_PRED .'),
-                (1, 'i would recommend it RECIP .', 2), (1, 'i would not recommend it .', -2)],
-    'DURATION': [(1, 'a week'), (1, 'a month'), (1, 'two weeks'), (1, 'six months'), (1, 'a year'),
-                 (1, 'three days')],
+    "REVIEW": [(0.55, "FILM"), (0.45, "PRODUCT")],
+    "FILM": [(1, "F_OPEN F_SENT F_MORE F_CLOSE")],
+    "F_MORE": [(0.6, ""), (0.4, "F_SENT F_MORE")],
+    "F_OPEN": [
+        (3, "this FNOUN COP F_PRED ."),
+        (2, "i watched the FNOUN WHEN and F_FOLLOW ."),
+        (1, "i went to see this FNOUN WHEN and F_FOLLOW ."),
+        (1.5, "the new FNOUN by NAME COP F_PRED ."),
+        (1, "SADV , this FNOUN COP F_PRED ."),
+    ],
+    "WHEN": [(3, ""), (1, "last night"), (1, "yesterday"), (1, "this weekend"), (1, "with my FRIEND"), (1, "at home")],
+    "F_FOLLOW": [(2, "it was F_PRED"), (1, "i VERB_PAST it"), (0.5, "i ADVV VERB_PAST it"), (0.5, "we VERB_PAST it")],
+    "COP": [(8, "was"), (1, "felt"), (1, "seemed")],
+    "COPS": [(8, "were"), (1, "felt"), (1, "seemed")],
+    "F_PRED": [(11, "F_ADJ"), (6, "INTENS F_ADJ"), (2, "not ~F_ADJ"), (1, "not INTENS ~F_ADJ")],
+    "F_SENT": [
+        (6, "F_CLAUSE ."),
+        (2.5, "F_CLAUSE , CONJ F_CLAUSE ."),
+        (1.5, "SADV , F_CLAUSE ."),
+        (2, "i VERB_PAST the FASPECT ."),
+        (1, "i ADVV VERB_PAST the FASPECT ."),
+        (1, "NAME was F_PRED as the ROLE ."),
+        (1, "it was F_PRED from start to finish ."),
+    ],
+    "F_CLAUSE": [
+        (4, "the FASPECT COP F_PRED"),
+        (2, "the FASPECTS COPS F_PRED"),
+        (1, "the performance by NAME COP F_PRED"),
+    ],
+    "F_CLOSE": [
+        (2, "i would recommend it RECIP .", 2),
+        (2, "i would not recommend it .", -2),
+        (2, "NUMBER out of ten ."),
+        (1.5, "overall , it was F_PRED ."),
+        (1, "avoid this FNOUN .", -2.5),
+        (1, "do not waste your time .", -2.5),
+        (1, "i VERB_PAST every minute of it ."),
+        (1, "go and see it .", 2),
+        (1, "definitely worth watching .", 2),
+    ],
+    "RECIP": [(3, ""), (1, "to anyone"), (1, "to everyone"), (1, "to my family")],
+    "PRODUCT": [(1, "P_OPEN P_SENT P_MORE P_CLOSE")],
+    "P_MORE": [(0.6, ""), (0.4, "P_SENT P_MORE")],
+    "P_OPEN": [
+        (3, "this PNOUN is P_PRED ."),
+        (2, "i bought this PNOUN WHENP and P_FOLLOW ."),
+        (1.5, "i have used this PNOUN for DURATION and P_FOLLOW ."),
+        (1, "SADV , this PNOUN is P_PRED ."),
+        (1.5, "the new PNOUN from BRAND is P_PRED ."),
+    ],
+    "WHENP": [(3, ""), (1, "last month"), (1, "a week ago"), (1, "for my FRIEND"), (1, "online")],
+    "P_FOLLOW": [(2, "it is P_PRED"), (1, "it works MANNER"), (1, "i VERB_PRES it"), (0.5, "i ADVV VERB_PRES it")],
+    "COPP": [(8, "is"), (1, "feels"), (1, "seems")],
+    "P_PRED": [(11, "P_ADJ"), (6, "INTENS P_ADJ"), (2, "not ~P_ADJ"), (1, "not INTENS ~P_ADJ")],
+    "P_SENT": [
+        (6, "P_CLAUSE ."),
+        (2.5, "P_CLAUSE , CONJ P_CLAUSE ."),
+        (1.5, "SADV , P_CLAUSE ."),
+        (2, "i VERB_PRES the PASPECT ."),
+        (1, "it broke after DURATION .", -2),
+        (1, "it still works after DURATION .", 1.5),
+    ],
+    "P_CLAUSE": [(4, "the PASPECT COPP P_PRED"), (2, "the PASPECTS are P_PRED"), (1, "it works MANNER")],
+    "P_CLOSE": [
+        (2, "i would buy it again .", 2),
+        (2, "i would not buy it again .", -2),
+        (2, "NUMBER out of ten ."),
+        (1, "worth every penny .", 2.5),
+        (1, "what a waste of money .", -2.5),
+        (1, "i returned it the next day .", -2),
+        (1.5, "overall , it is P_PRED ."),
+        (1, "i would recommend it RECIP .", 2),
+        (1, "i would not recommend it .", -2),
+    ],
+    "DURATION": [(1, "a week"), (1, "a month"), (1, "two weeks"), (1, "six months"), (1, "a year"), (1, "three days")],
 }
 
 
@@ -161,47 +220,48 @@ class Grammar:
     """
 
     def __init__(self, rules, classes, *, start, grid=GRID, beta=BETA):
-        self.grid = np.asarray(grid, np.float64)                         # [G]
-        self.prior = np.full(len(self.grid), 1.0 / len(self.grid))       # [G]
+        self.grid = np.asarray(grid, np.float64)  # [G]
+        self.prior = np.full(len(self.grid), 1.0 / len(self.grid))  # [G]
         self.beta = float(beta)
-        self.rules = {nt: self._normalise([(r[0], r[2] if len(r) > 2 else 0.0) for r in rs], nt)
-                      for nt, rs in rules.items()}
+        self.rules = {
+            nt: self._normalise([(r[0], r[2] if len(r) > 2 else 0.0) for r in rs], nt) for nt, rs in rules.items()
+        }
         self.rhs = {nt: [r[1].split() for r in rs] for nt, rs in rules.items()}
         self.emissions, self.class_words = {}, {}
         for name, entries in classes.items():
             words = [e[0] for e in entries]
             if len(set(words)) != len(words):
-                raise ValueError(f'class {name}: repeated words')
-            pol = _polarity([e[1] for e in entries])                      # [W]
+                raise ValueError(f"class {name}: repeated words")
+            pol = _polarity([e[1] for e in entries])  # [W]
             base = np.array([e[2] if len(e) > 2 else 1.0 for e in entries])
             for flipped in (False, True):
                 logits = np.log(base)[:, None] + self.beta * (-pol if flipped else pol)[:, None] * self.grid
                 probs = np.exp(logits - logits.max(0))
-                self.emissions[('~' if flipped else '') + name] = probs / probs.sum(0)  # [W, G]
+                self.emissions[("~" if flipped else "") + name] = probs / probs.sum(0)  # [W, G]
             self.class_words[name] = words
         self._compile(start)
 
     def _normalise(self, weight_valence, nt):
         w = np.array([wv[0] for wv in weight_valence], np.float64)
         if not len(w) or (w <= 0).any():
-            raise ValueError(f'nonterminal {nt}: rule weights must be positive, got {w.tolist()}')
+            raise ValueError(f"nonterminal {nt}: rule weights must be positive, got {w.tolist()}")
         logits = np.log(w)[:, None] + self.beta * _polarity([wv[1] for wv in weight_valence])[:, None] * self.grid
         p = np.exp(logits - logits.max(0))
-        return p / p.sum(0)                                               # [R, G]
+        return p / p.sum(0)  # [R, G]
 
     def symbol_kind(self, token):
         """'nonterminal', 'class' (also for '~class') or 'literal'."""
         if token in self.rules:
-            return 'nonterminal'
-        if token.lstrip('~') in self.class_words:
-            return 'class'
+            return "nonterminal"
+        if token.lstrip("~") in self.class_words:
+            return "class"
         if any(c.isupper() for c in token):
-            raise ValueError(f'unknown grammar symbol {token!r}: not a nonterminal or word class')
-        return 'literal'
+            raise ValueError(f"unknown grammar symbol {token!r}: not a nonterminal or word class")
+        return "literal"
 
     def _compile(self, start):
         ones = np.ones(len(self.grid))
-        eps, emit = [[]], [[]]   # per state: [(dst, w[G])], [(dst, symbol, w[G])]
+        eps, emit = [[]], [[]]  # per state: [(dst, w[G])], [(dst, symbol, w[G])]
 
         def new_state():
             eps.append([]), emit.append([])
@@ -213,12 +273,12 @@ class Grammar:
                 eps[entry].append((cur, weights))
                 for i, tok in enumerate(rhs):
                     kind = self.symbol_kind(tok)
-                    if tok == nt and i == len(rhs) - 1:   # tail call: loop back, same exit
+                    if tok == nt and i == len(rhs) - 1:  # tail call: loop back, same exit
                         eps[cur].append((entry, ones))
                         cur = None
-                    elif kind == 'nonterminal':
+                    elif kind == "nonterminal":
                         if tok in stack:
-                            raise ValueError(f'{nt} -> {" ".join(rhs)}: only tail recursion is supported')
+                            raise ValueError(f"{nt} -> {' '.join(rhs)}: only tail recursion is supported")
                         sub_entry, sub_exit = new_state(), new_state()
                         eps[cur].append((sub_entry, ones))
                         build(tok, sub_entry, sub_exit, stack + (tok,))
@@ -239,7 +299,7 @@ class Grammar:
             if s in closures:
                 return closures[s]
             if s in active:
-                raise ValueError('the grammar has an epsilon cycle (a loop that derives the empty string)')
+                raise ValueError("the grammar has an epsilon cycle (a loop that derives the empty string)")
             out = {s: ones} if emit[s] or s == final else {}
             for dst, w in eps[s]:
                 for t, v in closure(dst, active + (s,)).items():
@@ -250,9 +310,9 @@ class Grammar:
         live = [0] + sorted({d for arcs in emit for d, _, _ in arcs})
         index = {s: i for i, s in enumerate(live)}
         self.start = 0
-        self.final = np.zeros((len(live), len(self.grid)))               # [S, G] stop weights
-        self.arcs = []       # per state: [(dst, symbol, w[G])] for sampling
-        self.table = []      # per state: {word: ((dst, weights [G]), ...)} for parsing
+        self.final = np.zeros((len(live), len(self.grid)))  # [S, G] stop weights
+        self.arcs = []  # per state: [(dst, symbol, w[G])] for sampling
+        self.table = []  # per state: {word: ((dst, weights [G]), ...)} for parsing
         for s in live:
             c = closure(s)
             self.final[index[s]] = c.get(final, 0.0)
@@ -260,8 +320,8 @@ class Grammar:
             for t, ct in c.items():
                 for dst, sym, w in emit[t]:
                     arcs.append((index[dst], sym, ct * w))
-                    if self.symbol_kind(sym) == 'class':
-                        words, probs = self.class_words[sym.lstrip('~')], self.emissions[sym] * (ct * w)
+                    if self.symbol_kind(sym) == "class":
+                        words, probs = self.class_words[sym.lstrip("~")], self.emissions[sym] * (ct * w)
                     else:
                         words, probs = [sym], (ct * w)[None]
                     for word, p in zip(words, probs):
@@ -273,10 +333,14 @@ class Grammar:
         # Sampling tables as Python lists (bisect beats numpy on such short rows): per state and
         # grid point the cumulative weights of [stop, arc 1, arc 2, ...] (they sum to 1), and
         # per arc (dst, class name or None, literal word).
-        self._option_cdf = [np.cumsum(np.concatenate([self.final[i][None]] + [a[2][None] for a in arcs]), 0).T.tolist()
-                            for i, arcs in enumerate(self.arcs)]
-        self._arc_info = [[(dst, sym if self.symbol_kind(sym) == 'class' else None, sym) for dst, sym, _ in arcs]
-                          for arcs in self.arcs]
+        self._option_cdf = [
+            np.cumsum(np.concatenate([self.final[i][None]] + [a[2][None] for a in arcs]), 0).T.tolist()
+            for i, arcs in enumerate(self.arcs)
+        ]
+        self._arc_info = [
+            [(dst, sym if self.symbol_kind(sym) == "class" else None, sym) for dst, sym, _ in arcs]
+            for arcs in self.arcs
+        ]
         self._emission_cdf = {k: np.cumsum(v, 0).T.tolist() for k, v in self.emissions.items()}
 
     # ------------------------------------------------------------------ parsing
@@ -291,7 +355,7 @@ class Grammar:
         for i, word in enumerate(words):
             new = {}
             for state, a in alpha.items():
-                for dst, weights in table[state].get(word, ()):   # weights [G]
+                for dst, weights in table[state].get(word, ()):  # weights [G]
                     contrib = weights * a
                     new[dst] = new[dst] + contrib if dst in new else contrib
             if not new:
@@ -331,7 +395,7 @@ class Grammar:
 
     def sample_from(self, state, g, rng, *, max_words=400):
         """Words from automaton state `state` under sentiment grid index g, until it stops."""
-        uniform = random.Random(int(rng.integers(2 ** 63))).random   # ~10x cheaper per draw than numpy's
+        uniform = random.Random(int(rng.integers(2**63))).random  # ~10x cheaper per draw than numpy's
         words = []
         while True:
             cdf = self._option_cdf[state][g]
@@ -342,10 +406,10 @@ class Grammar:
             if cls is not None:
                 cdf = self._emission_cdf[cls][g]
                 i = min(bisect.bisect_right(cdf, uniform() * cdf[-1]), len(cdf) - 1)
-                word = self.class_words[cls.lstrip('~')][i]
+                word = self.class_words[cls.lstrip("~")][i]
             words.append(word)
             if len(words) > max_words:
-                raise RuntimeError(f'sample exceeded {max_words} words')
+                raise RuntimeError(f"sample exceeded {max_words} words")
 
     def sample(self, rng):
         """(words, sentiment) of one derivation: s from the prior, then the automaton."""
@@ -356,9 +420,9 @@ class Grammar:
         """Words continuing a prefix, drawn from P(rest | prefix) (state and s from the posterior)."""
         alpha, _ = self.forward(words)
         if alpha is None:
-            raise ValueError(f'{" ".join(words)!r} is not a prefix of any derivation')
+            raise ValueError(f"{' '.join(words)!r} is not a prefix of any derivation")
         states = list(alpha)
-        flat = np.concatenate([alpha[s] for s in states])               # [S * G]
+        flat = np.concatenate([alpha[s] for s in states])  # [S * G]
         k = int(rng.choice(len(flat), p=flat / flat.sum()))
         return self.sample_from(states[k // len(self.grid)], k % len(self.grid), rng)
 
@@ -372,17 +436,19 @@ class ReviewWorld:
     seed-dependent order within each class) and jitters rule weights, so different seeds are
     different worlds; every sampler below is deterministic given (world seed, its own seed)."""
 
-    def __init__(self, seed=0, *, rules=RULES, classes=CLASSES, start='REVIEW', grid=GRID, beta=BETA):
+    def __init__(self, seed=0, *, rules=RULES, classes=CLASSES, start="REVIEW", grid=GRID, beta=BETA):
         self.seed = int(seed)
         rng = np.random.default_rng([self.seed, 7919])
-        jittered_rules = {nt: [(r[0] * float(np.exp(0.3 * rng.standard_normal())),) + tuple(r[1:]) for r in rs]
-                          for nt, rs in rules.items()}
+        jittered_rules = {
+            nt: [(r[0] * float(np.exp(0.3 * rng.standard_normal())),) + tuple(r[1:]) for r in rs]
+            for nt, rs in rules.items()
+        }
         jittered_classes = {}
         for name, entries in classes.items():
             ranks = rng.permutation(len(entries))
             jittered_classes[name] = [(w, v, float((r + 2.0) ** -0.6)) for (w, v), r in zip(entries, ranks)]
         self.grammar = Grammar(jittered_rules, jittered_classes, start=start, grid=grid, beta=beta)
-        self.vocabulary = self.grammar.vocabulary   # sorted words of the world
+        self.vocabulary = self.grammar.vocabulary  # sorted words of the world
 
     @staticmethod
     def words(text):
@@ -391,7 +457,7 @@ class ReviewWorld:
 
     def sample_review_with_sentiment(self, rng):
         words, sentiment = self.grammar.sample(_rng(rng))
-        return ' '.join(words), sentiment
+        return " ".join(words), sentiment
 
     def sample_review(self, rng):
         """One review text; rng is a numpy Generator or an int seed."""
@@ -405,8 +471,8 @@ class ReviewWorld:
     def prompt_of(self, review, rng):
         """The first 2-5 words of a review, stopping before its first '.' (mid-sentence)."""
         words = review.split()
-        first_stop = words.index('.')
-        return ' '.join(words[:int(_rng(rng).integers(2, min(5, first_stop) + 1))])
+        first_stop = words.index(".")
+        return " ".join(words[: int(_rng(rng).integers(2, min(5, first_stop) + 1))])
 
     def prompts(self, n, seed):
         """n review openings such as 'this film was' or 'i watched the movie and'."""
@@ -416,7 +482,7 @@ class ReviewWorld:
     def sample_continuation(self, prompt, rng):
         """A continuation (leading space) drawn from the world given the prompt's words."""
         rest = self.grammar.sample_continuation(self.words(prompt), _rng(rng))
-        return ' ' + ' '.join(rest) if rest else ''
+        return " " + " ".join(rest) if rest else ""
 
     def log_prob(self, text):
         """Exact log P(text) under the world (sentiment marginalised); None if ungrammatical."""
@@ -433,7 +499,7 @@ class ReviewWorld:
     def is_grammatical(self, text):
         return self.log_prob(text) is not None
 
-    def is_grammatical_prefix(self, text):   # prompts and truncated reviews are prefixes
+    def is_grammatical_prefix(self, text):  # prompts and truncated reviews are prefixes
         return self.prefix_log_prob(text) is not None
 
     def expected_sentiment(self, text):
@@ -458,18 +524,28 @@ def train_tokenizer(texts, out_dir, *, vocab_size=512):
 
     texts = list(texts)
     if not texts:
-        raise ValueError('train_tokenizer: no texts to train on')
+        raise ValueError("train_tokenizer: no texts to train on")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN, PAD_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     hf_tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-        model_max_length=1_000_000, clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=1_000_000,
+        clean_up_tokenization_spaces=False,
+    )
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(out_dir)
     return out_dir
@@ -480,21 +556,21 @@ def write_jsonl(rows, path):
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     count = 0
-    with open(path, 'w', encoding='utf-8') as f:
+    with open(path, "w", encoding="utf-8") as f:
         for count, row in enumerate(rows, 1):
             if not isinstance(row, dict):
-                raise TypeError(f'{path}: row {count - 1} (0-based) must be a dict, got {type(row).__name__}')
-            f.write(json.dumps(row, ensure_ascii=False) + '\n')
+                raise TypeError(f"{path}: row {count - 1} (0-based) must be a dict, got {type(row).__name__}")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return count
 
 
 def write_corpus_jsonl(path, n, seed, *, world=None):
     """n reviews as rows {"text": ...} (world defaults to ReviewWorld(seed=0))."""
     world = world or ReviewWorld(0)
-    return write_jsonl(({'text': t} for t in world.corpus(n, seed)), path)
+    return write_jsonl(({"text": t} for t in world.corpus(n, seed)), path)
 
 
 def write_prompts_jsonl(path, n, seed, *, world=None):
     """n review openings as rows {"prompt": ...} (the PPO prompt format)."""
     world = world or ReviewWorld(0)
-    return write_jsonl(({'prompt': p} for p in world.prompts(n, seed)), path)
+    return write_jsonl(({"prompt": p} for p in world.prompts(n, seed)), path)

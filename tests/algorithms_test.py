@@ -25,15 +25,25 @@ def read_text(path):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Cheap XLA:CPU compilation (as tests/ppo_sharding_test.py): compiling is most of a tiny run's cost.
-FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true " \
-        "--xla_cpu_use_fusion_emitters=false"
+FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+)
 
 
 def test_algorithms_tiny(tmp_path):
     workdir = str(tmp_path / "algos")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAGS).strip())
-    cmd = [sys.executable, "-m", "experiments.run", "--config", "configs/algorithms.py:size=tiny", "--workdir",
-           workdir, "--config.algos.names=('ppo', 'grpo')", "--config.rl.steps=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        "configs/algorithms.py:size=tiny",
+        "--workdir",
+        workdir,
+        "--config.algos.names=('ppo', 'grpo')",
+        "--config.rl.steps=3",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = load_json(os.path.join(workdir, "summary.json"))

@@ -57,13 +57,14 @@ def _numpy_reference(q, k, v, kv_mask, *, q_slots, scale, window=None, softcap=N
 def test_chunked_equals_plain_values_and_grads(mask_kind, window, softcap):
     q, k, v = _inputs(0)
     kv_mask = jnp.asarray(_masks(T)[mask_kind])
-    kw = dict(q_slots=jnp.arange(T), kv_mask=kv_mask, scale=D ** -0.5, sliding_window=window, softcap=softcap)
+    kw = dict(q_slots=jnp.arange(T), kv_mask=kv_mask, scale=D**-0.5, sliding_window=window, softcap=softcap)
     plain = attend(q, k, v, impl="xla", **kw)
     chunked = attend(q, k, v, impl="chunked", block_q=4, block_k=3, **kw)  # blocks that do not divide T
     np.testing.assert_allclose(chunked, plain, atol=1e-5, rtol=1e-5)
     real = np.asarray(kv_mask)[:, :, None, None] > 0
-    ref = _numpy_reference(q, k, v, np.asarray(kv_mask), q_slots=np.arange(T), scale=D ** -0.5, window=window,
-                           softcap=softcap)
+    ref = _numpy_reference(
+        q, k, v, np.asarray(kv_mask), q_slots=np.arange(T), scale=D**-0.5, window=window, softcap=softcap
+    )
     np.testing.assert_allclose(np.where(real, chunked, 0), np.where(real, ref, 0), atol=1e-5)
 
     weights = jax.random.normal(jax.random.key(1), plain.shape)
@@ -87,12 +88,17 @@ def test_chunked_decode_with_cache_offsets():
     valid[1, :10] = 1
     for q_slots in (jnp.arange(6, 9), jnp.arange(9, 12)):
         kw = dict(q_slots=q_slots, kv_mask=jnp.asarray(valid), scale=0.3, sliding_window=6)
-        np.testing.assert_allclose(attend(q, k, v, impl="chunked", block_q=2, block_k=4, **kw),
-                                   attend(q, k, v, impl="xla", **kw), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            attend(q, k, v, impl="chunked", block_q=2, block_k=4, **kw),
+            attend(q, k, v, impl="xla", **kw),
+            atol=1e-5,
+            rtol=1e-5,
+        )
     q1 = q[:, :1]
     kw = dict(q_slots=jnp.array([9]), kv_mask=jnp.asarray(valid), scale=0.3)
-    np.testing.assert_allclose(attend(q1, k, v, impl="chunked", block_k=5, **kw),
-                               attend(q1, k, v, impl="xla", **kw), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        attend(q1, k, v, impl="chunked", block_k=5, **kw), attend(q1, k, v, impl="xla", **kw), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("window", [None, 4])
@@ -101,7 +107,7 @@ def test_dot_product_attention_mapping(window):
     checked through its XLA implementation on the real query rows."""
     q, k, v = _inputs(3)
     kv_mask = jnp.asarray(_masks(T)["left"] * _masks(T)["right"])
-    kw = dict(q_slots=jnp.arange(T), kv_mask=kv_mask, scale=D ** -0.5, sliding_window=window)
+    kw = dict(q_slots=jnp.arange(T), kv_mask=kv_mask, scale=D**-0.5, sliding_window=window)
     real = np.asarray(kv_mask)[:, :, None, None] > 0
     plain = attend(q, k, v, impl="xla", **kw)
     dpa = attend(q, k, v, impl="dpa_xla", **kw)
@@ -112,8 +118,9 @@ def test_resolve_attention_impl():
     common = dict(head_dim=64, softcap=None, self_attention=True)
     assert resolve_attention_impl("auto", q_len=16, kv_len=16, dtype=jnp.bfloat16, backend="gpu", **common) == "cudnn"
     assert resolve_attention_impl("auto", q_len=16, kv_len=16, dtype=jnp.float32, backend="gpu", **common) == "xla"
-    assert resolve_attention_impl("auto", q_len=4096, kv_len=4096, dtype=jnp.float32, backend="cpu",
-                                  **common) == "chunked"
+    assert (
+        resolve_attention_impl("auto", q_len=4096, kv_len=4096, dtype=jnp.float32, backend="cpu", **common) == "chunked"
+    )
     assert resolve_attention_impl("auto", q_len=16, kv_len=16, dtype=jnp.bfloat16, backend="cpu", **common) == "xla"
     assert resolve_attention_impl("auto", q_len=15, kv_len=15, dtype=jnp.bfloat16, backend="gpu", **common) == "xla"
     capped = dict(common, softcap=50.0)

@@ -57,12 +57,27 @@ PHI3_TEMPLATE = (
 
 # family -> (template, special tokens, eos, bos, pad)
 CHAT_FORMATS = {
-    "qwen3": (QWEN3_TEMPLATE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
-              "<|im_end|>", None, "<|endoftext|>"),
-    "gemma": (GEMMA_TEMPLATE, ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
-              "<eos>", "<bos>", "<pad>"),
-    "phi3": (PHI3_TEMPLATE, ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-             "<|endoftext|>", "<s>", "<|endoftext|>"),
+    "qwen3": (
+        QWEN3_TEMPLATE,
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        "<|im_end|>",
+        None,
+        "<|endoftext|>",
+    ),
+    "gemma": (
+        GEMMA_TEMPLATE,
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<eos>",
+        "<bos>",
+        "<pad>",
+    ),
+    "phi3": (
+        PHI3_TEMPLATE,
+        ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        "<|endoftext|>",
+        "<s>",
+        "<|endoftext|>",
+    ),
 }
 
 
@@ -76,11 +91,17 @@ def make_chat_tokenizer(out_dir, fmt: str, *, texts, vocab_size: int = 300) -> s
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos,
-                                                  pad_token=pad, model_max_length=1_000_000)
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token=pad, model_max_length=1_000_000
+    )
     hf_tok.chat_template = template
     hf_tok.save_pretrained(out_dir)
     return out_dir

@@ -9,19 +9,30 @@ from rm import data as rm_data
 from tests.chat_templates import make_chat_tokenizer
 from tests.rm_data_gen import corpus, write_jsonl
 
-ROW = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Review: the film"}],
-       "chosen": [{"role": "assistant", "content": "great film"}],
-       "rejected": [{"role": "assistant", "content": "awful plot"}]}
+ROW = {
+    "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Review: the film"}],
+    "chosen": [{"role": "assistant", "content": "great film"}],
+    "rejected": [{"role": "assistant", "content": "awful plot"}],
+}
 
 # fmt -> (prompt as rendered with the generation prompt, the chosen response after it, EOS the reader appends)
 EXPECTED = {
-    "qwen3": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nReview: the film<|im_end|>\n"
-              "<|im_start|>assistant\n",
-              "<think>\n\n</think>\n\ngreat film<|im_end|>\n", "<|im_end|>"),
-    "gemma": ("<bos><start_of_turn>user\nBe brief.\n\nReview: the film<end_of_turn>\n<start_of_turn>model\n",
-              "great film<end_of_turn>\n", "<eos>"),
-    "phi3": ("<|system|>\nBe brief.<|end|>\n<|user|>\nReview: the film<|end|>\n<|assistant|>\n",
-             "great film<|end|>\n<|endoftext|>", ""),  # the template already ends with EOS
+    "qwen3": (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nReview: the film<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        "<think>\n\n</think>\n\ngreat film<|im_end|>\n",
+        "<|im_end|>",
+    ),
+    "gemma": (
+        "<bos><start_of_turn>user\nBe brief.\n\nReview: the film<end_of_turn>\n<start_of_turn>model\n",
+        "great film<end_of_turn>\n",
+        "<eos>",
+    ),
+    "phi3": (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nReview: the film<|end|>\n<|assistant|>\n",
+        "great film<|end|>\n<|endoftext|>",
+        "",
+    ),  # the template already ends with EOS
 }
 
 
@@ -35,7 +46,7 @@ def test_conversational_rows_render_in_the_family_format(tmp_path, fmt):
     ids = data.chosen_ids[0, :n].tolist()
     assert tok.decode(ids[:k], skip_special_tokens=False) == prompt
     assert tok.decode(ids[k:], skip_special_tokens=False) == chosen + eos
-    rejected = data.rejected_ids[0, :int(data.rejected_mask[0].sum())].tolist()
+    rejected = data.rejected_ids[0, : int(data.rejected_mask[0].sum())].tolist()
     assert rejected[:k] == ids[:k]  # the prompt is shared token for token
     assert "awful plot" in tok.decode(rejected[k:])
     # Turn markers are single special tokens, as in the released vocabularies.

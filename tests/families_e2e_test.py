@@ -38,12 +38,23 @@ def finite(metrics):
 @pytest.mark.parametrize("family", ["qwen3", "gpt_neox"])
 def test_sft_rm_ppo_end_to_end(tmp_path, family):
     chat = family == "qwen3"
-    tok_dir = (make_chat_tokenizer(tmp_path / "tok", "qwen3", texts=corpus()) if chat
-               else make_tiny_tokenizer(tmp_path / "tok", texts=corpus(), vocab_size=300))
+    tok_dir = (
+        make_chat_tokenizer(tmp_path / "tok", "qwen3", texts=corpus())
+        if chat
+        else make_tiny_tokenizer(tmp_path / "tok", texts=corpus(), vocab_size=300)
+    )
     tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
     base = str(tmp_path / "base")
-    make_tiny_hf_model(family, base, tokenizer_dir=tok_dir, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, d=32, heads=2)
+    make_tiny_hf_model(
+        family,
+        base,
+        tokenizer_dir=tok_dir,
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        d=32,
+        heads=2,
+    )
     rows = make_rows(48, 0, fmt="conversational" if chat else "explicit")
     prefs = write_jsonl(tmp_path / "prefs.jsonl", rows)
     if chat:
@@ -51,7 +62,7 @@ def test_sft_rm_ppo_end_to_end(tmp_path, family):
         prompts = [{"prompt": r["prompt"]} for r in rows[:16]]
     else:
         sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
-        prompts = [{"prompt": "Review: " + " ".join(NEUTRAL[i:i + 3])} for i in range(8)]
+        prompts = [{"prompt": "Review: " + " ".join(NEUTRAL[i : i + 3])} for i in range(8)]
     sft_file = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     prompt_file = write_jsonl(tmp_path / "prompts.jsonl", prompts)
 
@@ -90,16 +101,26 @@ def test_sft_rm_ppo_end_to_end(tmp_path, family):
     reward = load_reward_model(rm_dir)
     cls = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    texts = [tok.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False) if chat else r["prompt"] + r["chosen"]
-             for r in rows[:4]]
+    texts = [
+        tok.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False) if chat else r["prompt"] + r["chosen"]
+        for r in rows[:4]
+    ]
     enc = hf_tok(texts, padding=True, return_tensors="np")
     offset = json.load(open(os.path.join(out, "config.json")))["reward_offset"]
     with torch.no_grad():
-        scores = cls(input_ids=torch.tensor(enc["input_ids"]),
-                     attention_mask=torch.tensor(enc["attention_mask"])).logits[:, 0].numpy() + offset
+        scores = (
+            cls(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]))
+            .logits[:, 0]
+            .numpy()
+            + offset
+        )
     batch_ids = np.where(enc["attention_mask"] > 0, enc["input_ids"], 0)
-    seqs = (("chosen_ids", batch_ids), ("chosen_mask", enc["attention_mask"]), ("rejected_ids", batch_ids),
-            ("rejected_mask", enc["attention_mask"]))
+    seqs = (
+        ("chosen_ids", batch_ids),
+        ("chosen_mask", enc["attention_mask"]),
+        ("rejected_ids", batch_ids),
+        ("rejected_mask", enc["attention_mask"]),
+    )
     batch = {k: jnp.asarray(v, jnp.int32) for k, v in seqs}
     raw, _ = pair_rewards(reward.config, reward.params, batch)
     np.testing.assert_allclose(scores, reward.normalize(np.asarray(raw)), atol=1e-4)

@@ -41,8 +41,9 @@ FEATURES = {
 
 
 def ours(config, params, ids, mask, **kw):
-    return Transformer(config).apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                                     **kw)
+    return Transformer(config).apply(
+        {"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), **kw
+    )
 
 
 def tensor_names(folder):
@@ -71,8 +72,9 @@ def test_logits_match_pytorch_and_save_roundtrips(tmp_path, variant):
         ids, mask = ids[:, :6], mask[:, :6]
         ref_logits, _ = torch_logits(model, ids, mask)
         real = mask.astype(bool)
-        np.testing.assert_allclose(np.asarray(ours(config, params, ids, mask).logits)[real], ref_logits[real],
-                                   atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(ours(config, params, ids, mask).logits)[real], ref_logits[real], atol=1e-4, rtol=1e-4
+        )
     ids, mask = padded_batch("left")
     base = np.asarray(ours(config, params, ids, mask).logits)[mask.astype(bool)]
     for key, value in FEATURES[variant].items():
@@ -102,14 +104,20 @@ def test_greedy_generation_matches_hf_generate(tmp_path, family):
     rng = np.random.default_rng(1)
     ids, mask = np.zeros((3, p), np.int64), np.zeros((3, p), np.int64)
     for row, length in enumerate((8, 5, 2)):
-        ids[row, p - length:] = rng.integers(1, vocab, length)
-        mask[row, p - length:] = 1
+        ids[row, p - length :] = rng.integers(1, vocab, length)
+        mask[row, p - length :] = 1
     out = generate(params, config, ids, mask, None, max_new_tokens=n, greedy=True, eos_token_id=-1)
     tokens = np.asarray(out.response_ids)
     eos = next(i for i in range(1, vocab) if i not in set(tokens.ravel().tolist()))  # never emitted by us
     with torch.no_grad():
-        ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                             max_new_tokens=n, pad_token_id=0, eos_token_id=eos).numpy()
+        ref = model.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=0,
+            eos_token_id=eos,
+        ).numpy()
     np.testing.assert_array_equal(tokens, ref[:, p:], err_msg=family)
     assert len(set(tokens.ravel().tolist())) > 4  # not trivially constant
 
@@ -122,7 +130,8 @@ def test_lora_int8_remat_and_sharding_rules(tmp_path, family):
     base = ours(config, params, ids, mask).logits
     # LoRA targets may use the family's HF names (fused GPT-NeoX / Phi-3 projections).
     targets = {"gpt_neox": ("query_key_value", "dense_4h_to_h"), "phi3": ("qkv_proj", "gate_up_proj")}.get(
-        family, ("q_proj", "v_proj", "down_proj"))
+        family, ("q_proj", "v_proj", "down_proj")
+    )
     lcfg = config.replace(lora_rank=2, lora_targets=targets)
     assert set(lcfg.lora_targets) <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     lparams = add_lora_params(params, lcfg, jax.random.key(0))
@@ -137,6 +146,7 @@ def test_lora_int8_remat_and_sharding_rules(tmp_path, family):
     # (Gemma 3's sandwich norms, q/k norms and local RoPE; NeoX's parallel residual), since
     # eager gradients cost ~10 s of CPU per family.
     if family in ("gemma3_text", "gpt_neox"):
+
         def loss(p, cfg):
             return jnp.mean(ours(cfg, p, ids, mask).logits ** 2)
 
@@ -169,15 +179,24 @@ def test_rm_export_scores_match_pytorch(tmp_path, tokenizer_dir, family):
     from rm.train import pair_rewards
 
     tok = rm_data.load_tokenizer(tokenizer_dir)
-    make_tiny_hf_model(family, str(tmp_path / "src"), vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    make_tiny_hf_model(
+        family, str(tmp_path / "src"), vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     config, backbone = hf.load_hf_checkpoint(str(tmp_path / "src"))
     backbone = {k: v for k, v in backbone.items() if k != "lm_head"}
     head = ScalarHead().init(jax.random.key(1), jnp.zeros((1, config.d_model)))["params"]
     head = {"kernel": head["kernel"], "bias": jnp.asarray([0.7])}
     gain, bias = 1.7, -0.4
-    out = write_sequence_classifier(config, {"backbone": backbone, "head": head}, tok, str(tmp_path / "rm"),
-                                    gain=gain, bias=bias, normalize=True, source=str(tmp_path))
+    out = write_sequence_classifier(
+        config,
+        {"backbone": backbone, "head": head},
+        tok,
+        str(tmp_path / "rm"),
+        gain=gain,
+        bias=bias,
+        normalize=True,
+        source=str(tmp_path),
+    )
     texts = ["The cat sat on the mat.", "A reward model scores a response", "Good morning!"]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -188,8 +207,12 @@ def test_rm_export_scores_match_pytorch(tmp_path, tokenizer_dir, family):
         hf_tok.padding_side = side
         enc = hf_tok(texts, padding=True, return_tensors="np")
         with torch.no_grad():
-            theirs = model(input_ids=torch.tensor(enc["input_ids"]),
-                           attention_mask=torch.tensor(enc["attention_mask"])).logits[:, 0].numpy() + offset
+            theirs = (
+                model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]))
+                .logits[:, 0]
+                .numpy()
+                + offset
+            )
         ids = np.where(enc["attention_mask"] > 0, enc["input_ids"], 0)  # the export's new pad id is beyond our vocab
         hidden = ours(config, backbone, ids, enc["attention_mask"], return_logits=False).hidden_states
         raw = ScalarHead().apply({"params": head}, gather_last(hidden, jnp.asarray(enc["attention_mask"])))
@@ -198,5 +221,6 @@ def test_rm_export_scores_match_pytorch(tmp_path, tokenizer_dir, family):
         ids, m = jnp.asarray(enc["input_ids"], jnp.int32), jnp.asarray(enc["attention_mask"], jnp.int32)
         batch = {"chosen_ids": ids, "chosen_mask": m, "rejected_ids": ids, "rejected_mask": m}
         reloaded = load_reward_model(out)
-        np.testing.assert_allclose(np.asarray(pair_rewards(reloaded.config, reloaded.params, batch)[0]), theirs,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(pair_rewards(reloaded.config, reloaded.params, batch)[0]), theirs, atol=1e-4
+        )

@@ -9,8 +9,8 @@ Nothing here downloads anything. Tests that need a Hugging Face tokenizer folder
 import os
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 import transformers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"

@@ -17,11 +17,24 @@ from rm.model import RewardModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SMALL_LLAMA = TransformerConfig(family="llama", vocab_size=100, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                head_dim=16, d_ff=128)
-SMALL_GPT2 = TransformerConfig(family="gpt2", vocab_size=100, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4,
-                               head_dim=8, d_ff=128, qkv_bias=True, o_bias=True, mlp_bias=True,
-                               activation="gelu_new", tie_embeddings=True)
+SMALL_LLAMA = TransformerConfig(
+    family="llama", vocab_size=100, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128
+)
+SMALL_GPT2 = TransformerConfig(
+    family="gpt2",
+    vocab_size=100,
+    d_model=32,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=4,
+    head_dim=8,
+    d_ff=128,
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+    activation="gelu_new",
+    tie_embeddings=True,
+)
 
 
 def test_flops_per_token_small_llama_by_hand():
@@ -75,14 +88,19 @@ def test_peak_table_and_mfu():
 
 def test_cli_checks(capsys):
     assert gpu.parse_args(["--sizes", "rm_pairs=16, rm_seq=1024"]).sizes == {"rm_pairs": 16, "rm_seq": 1024}
-    for argv, message in ((["--only", "rm,sampl"], "sampl"), (["--sizes", "rm_batch=3"], "rm_batch"),
-                          (["--sizes", "rm_seq=0"], "positive integer")):
+    for argv, message in (
+        (["--only", "rm,sampl"], "sampl"),
+        (["--sizes", "rm_batch=3"], "rm_batch"),
+        (["--sizes", "rm_seq=0"], "positive integer"),
+    ):
         with pytest.raises(SystemExit):
             gpu.parse_args(argv)
         assert message in capsys.readouterr().err
 
 
-_FAKE_RM = dict(pairs=1, seq_len=2, tokens_per_s=1000.0, step_s=0.004, model_tflops_per_s=1.0, peak_flops=None, mfu=None)
+_FAKE_RM = dict(
+    pairs=1, seq_len=2, tokens_per_s=1000.0, step_s=0.004, model_tflops_per_s=1.0, peak_flops=None, mfu=None
+)
 
 
 def test_a_failing_section_is_recorded_and_the_rest_kept(tmp_path, monkeypatch, capsys):
@@ -106,8 +124,14 @@ def test_tiny_run_end_to_end(tmp_path):
     # compiles them about a third faster (CPU run speed is irrelevant here).
     flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--shape", "tiny", "--reps", "2", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--shape", "tiny", "--reps", "2", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| RM train step |" in proc.stdout and "| PPO: update |" in proc.stdout
     report = json.loads(out.read_text())

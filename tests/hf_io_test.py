@@ -35,8 +35,10 @@ def test_bf16_folder_loads_as_bf16_and_saves_as_bf16(tmp_path):
     assert config.param_dtype == "bfloat16"
     assert str(params["embed"]["embedding"].dtype) == "bfloat16"
     want = _torch_state(model.to(torch.bfloat16))
-    np.testing.assert_array_equal(np.asarray(params["layers_0"]["attn"]["q_proj"]["kernel"], np.float32),
-                                  want["model.layers.0.self_attn.q_proj.weight"].T)
+    np.testing.assert_array_equal(
+        np.asarray(params["layers_0"]["attn"]["q_proj"]["kernel"], np.float32),
+        want["model.layers.0.self_attn.q_proj.weight"].T,
+    )
 
     save_hf_checkpoint(config, params, out)
     header, _ = read_header(os.path.join(out, "model.safetensors"))
@@ -74,8 +76,9 @@ def test_sharded_index_folder_in_and_out(tmp_path):
     for name, value in _torch_state(model).items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
     _, params2 = load_hf_checkpoint(out)
-    np.testing.assert_array_equal(params2["layers_1"]["mlp"]["down_proj"]["kernel"],
-                                  params["layers_1"]["mlp"]["down_proj"]["kernel"])
+    np.testing.assert_array_equal(
+        params2["layers_1"]["mlp"]["down_proj"]["kernel"], params["layers_1"]["mlp"]["down_proj"]["kernel"]
+    )
 
 
 def _worker(folder):
@@ -87,10 +90,12 @@ def _worker(folder):
     mesh = make_mesh((2, 4), ("data", "model"))
     _, params = load_hf_checkpoint(folder, mesh=mesh)
     _, tensors = read_hf_folder(folder)
-    full = {"embed/embedding": tensors["model.embed_tokens.weight"],
-            "layers_0/attn/q_proj/kernel": tensors["model.layers.0.self_attn.q_proj.weight"].T,
-            "layers_1/mlp/down_proj/kernel": tensors["model.layers.1.mlp.down_proj.weight"].T,
-            "final_norm/scale": tensors["model.norm.weight"]}
+    full = {
+        "embed/embedding": tensors["model.embed_tokens.weight"],
+        "layers_0/attn/q_proj/kernel": tensors["model.layers.0.self_attn.q_proj.weight"].T,
+        "layers_1/mlp/down_proj/kernel": tensors["model.layers.1.mlp.down_proj.weight"].T,
+        "final_norm/scale": tensors["model.norm.weight"],
+    }
     report = {"devices": jax.device_count()}
     for path, want in full.items():
         array = params
@@ -98,7 +103,8 @@ def _worker(folder):
             array = array[key]
         shards = array.addressable_shards
         report[path] = {
-            "global": list(array.shape), "spec": [str(s) for s in array.sharding.spec],
+            "global": list(array.shape),
+            "spec": [str(s) for s in array.sharding.spec],
             "devices": sorted(s.device.id for s in shards),
             "shard_shapes": sorted({tuple(s.data.shape) for s in shards}),
             "shards_match": all(np.array_equal(np.asarray(s.data), np.asarray(want)[s.index]) for s in shards),
@@ -112,10 +118,20 @@ def test_load_onto_8_device_mesh_places_each_shard(tmp_path):
 
     folder = str(tmp_path / "llama")
     make_tiny_hf_model("llama", folder, d=64, layers=2, vocab_size=128)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", folder], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", folder],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8

@@ -31,8 +31,15 @@ def test_chunked_stats_equal_full_logits(chunk, temperature, softcap):
     tokens = jax.random.randint(kt, (B, T), 0, V)
 
     def chunked(hidden, kernel):
-        s = chunked_token_stats(hidden=hidden, kernel=kernel, tokens=tokens, temperature=temperature,
-                                final_softcap=softcap, chunk=chunk, with_entropy=True)
+        s = chunked_token_stats(
+            hidden=hidden,
+            kernel=kernel,
+            tokens=tokens,
+            temperature=temperature,
+            final_softcap=softcap,
+            chunk=chunk,
+            with_entropy=True,
+        )
         return s["logprobs"], s["entropy"]
 
     def full(hidden, kernel):
@@ -43,10 +50,14 @@ def test_chunked_stats_equal_full_logits(chunk, temperature, softcap):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     # An independent reference: log_softmax in float64 NumPy.
     logits64 = np.asarray(_full_logits(hidden, kernel, temperature, softcap), np.float64)
-    logp64 = logits64 - np.log(np.exp(logits64 - logits64.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp64 = (
+        logits64
+        - np.log(np.exp(logits64 - logits64.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits64.max(-1, keepdims=True)
-    np.testing.assert_allclose(chunked(hidden, kernel)[0], np.take_along_axis(logp64, np.asarray(tokens)[..., None],
-                                                                              -1)[..., 0], atol=1e-5)
+    )
+    np.testing.assert_allclose(
+        chunked(hidden, kernel)[0], np.take_along_axis(logp64, np.asarray(tokens)[..., None], -1)[..., 0], atol=1e-5
+    )
 
     w1, w2 = jax.random.normal(jax.random.key(1), (2, B, T))
 
@@ -61,8 +72,18 @@ def test_chunked_stats_equal_full_logits(chunk, temperature, softcap):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_sft_nll_from_hidden_equals_next_token_nll(tied):
-    config = TransformerConfig(family="llama", vocab_size=V, d_model=D, n_layers=1, n_heads=2, n_kv_heads=1,
-                               head_dim=8, d_ff=32, tie_embeddings=tied, logits_chunk=4)
+    config = TransformerConfig(
+        family="llama",
+        vocab_size=V,
+        d_model=D,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=8,
+        d_ff=32,
+        tie_embeddings=tied,
+        logits_chunk=4,
+    )
     params = init_params(config, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (B, T), 0, V)
     mask = jnp.ones((B, T), jnp.int32).at[0, :3].set(0)  # left padding in row 0
@@ -88,8 +109,17 @@ def _ppo_setup(vocab, chunk, n_layers=1, d=16):
     from ppo.train import ppo_loss
     from rm.model import init_head
 
-    config = TransformerConfig(family="llama", vocab_size=vocab, d_model=d, n_layers=n_layers, n_heads=2,
-                               n_kv_heads=1, head_dim=8, d_ff=32, logits_chunk=chunk)
+    config = TransformerConfig(
+        family="llama",
+        vocab_size=vocab,
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=8,
+        d_ff=32,
+        logits_chunk=chunk,
+    )
     specs = ModelSpecs(policy=config, reward=config, value=config)
     loss = functools.partial(ppo_loss, specs=specs, temperature=0.7, clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1)
     return config, loss, init_head
@@ -98,18 +128,26 @@ def _ppo_setup(vocab, chunk, n_layers=1, d=16):
 def _ppo_batch(b, p, n, vocab, seed=0):
     ks = jax.random.split(jax.random.key(seed), 5)
     query_mask = jnp.ones((b, p), jnp.int32).at[0, :2].set(0)
-    response_mask = jnp.ones((b, n), jnp.int32).at[1, n - 3:].set(0)
-    return {"query_ids": jax.random.randint(ks[0], (b, p), 0, vocab), "query_mask": query_mask,
-            "response_ids": jax.random.randint(ks[1], (b, n), 0, vocab), "response_mask": response_mask,
-            "logprobs": -jax.random.uniform(ks[2], (b, n)) * 3, "values": jax.random.normal(ks[3], (b, n)),
-            "advantages": jax.random.normal(ks[4], (b, n)), "returns": jax.random.normal(ks[4], (b, n)) + 1}
+    response_mask = jnp.ones((b, n), jnp.int32).at[1, n - 3 :].set(0)
+    return {
+        "query_ids": jax.random.randint(ks[0], (b, p), 0, vocab),
+        "query_mask": query_mask,
+        "response_ids": jax.random.randint(ks[1], (b, n), 0, vocab),
+        "response_mask": response_mask,
+        "logprobs": -jax.random.uniform(ks[2], (b, n)) * 3,
+        "values": jax.random.normal(ks[3], (b, n)),
+        "advantages": jax.random.normal(ks[4], (b, n)),
+        "returns": jax.random.normal(ks[4], (b, n)) + 1,
+    }
 
 
 def test_ppo_loss_chunked_equals_full():
     config, loss_chunked, init_head = _ppo_setup(V, chunk=3)
     _, loss_full, _ = _ppo_setup(V, chunk=0)
-    params = {"policy": init_params(config, jax.random.key(0)),
-              "value": {"backbone": init_params(config, jax.random.key(1)), "head": init_head(config, jax.random.key(2))}}
+    params = {
+        "policy": init_params(config, jax.random.key(0)),
+        "value": {"backbone": init_params(config, jax.random.key(1)), "head": init_head(config, jax.random.key(2))},
+    }
     batch = _ppo_batch(B, 5, 7, V)
     (lc, mc), gc = jax.jit(jax.value_and_grad(loss_chunked, has_aux=True))(params, batch, None)
     (lf, mf), gf = jax.jit(jax.value_and_grad(loss_full, has_aux=True))(params, batch, None)
@@ -125,9 +163,15 @@ def test_ppo_loss_grad_holds_no_full_logits():
 
     def temp_bytes(chunk):
         config, loss, init_head = _ppo_setup(vocab, chunk=chunk)
-        params = jax.eval_shape(lambda: {"policy": init_params(config, jax.random.key(0)),
-                                         "value": {"backbone": init_params(config, jax.random.key(1)),
-                                                   "head": init_head(config, jax.random.key(2))}})
+        params = jax.eval_shape(
+            lambda: {
+                "policy": init_params(config, jax.random.key(0)),
+                "value": {
+                    "backbone": init_params(config, jax.random.key(1)),
+                    "head": init_head(config, jax.random.key(2)),
+                },
+            }
+        )
         batch = jax.eval_shape(lambda: _ppo_batch(b, p, n, vocab))
         grad = jax.jit(jax.grad(lambda prm, bt: loss(prm, bt, None)[0]))
         return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes

@@ -15,8 +15,7 @@ import pytest
 
 from common.optim import make_optimizer, param_path
 from models import hf
-from models.lora import (add_lora_params, combine_params, lora_trainable, merge_lora, partition_params,
-                         strip_lora)
+from models.lora import add_lora_params, combine_params, lora_trainable, merge_lora, partition_params, strip_lora
 from models.quant import dequantize, dequantize_params, param_bytes, quantize_kernel, quantize_params
 from models.transformer import Transformer, TransformerConfig, init_params
 from rm.model import RewardModel, init_head
@@ -26,8 +25,17 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def tiny_config(family="llama", **kw):
-    base = dict(family=family, vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2 if family != "gpt2" else 4,
-                head_dim=8, d_ff=64, max_position_embeddings=64)
+    base = dict(
+        family=family,
+        vocab_size=96,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2 if family != "gpt2" else 4,
+        head_dim=8,
+        d_ff=64,
+        max_position_embeddings=64,
+    )
     if family == "gpt2":
         base.update(tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, activation="gelu_new")
     base.update(kw)
@@ -43,7 +51,7 @@ def batch(vocab=96, b=3, t=9, seed=1):
     return jnp.asarray(ids, jnp.int32), jnp.asarray(mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(config):
     # One compiled forward per config: much faster than op-by-op dispatch on a small CPU.
     return jax.jit(lambda params, ids, mask: Transformer(config).apply({"params": params}, ids, mask).logits)
@@ -76,6 +84,7 @@ def kl_per_token(p_logits, q_logits, mask):
 
 # ----------------------------------------------------------------------------- LoRA
 
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_zero_b_equals_base_and_structure_matches_init(family):
     config = tiny_config(family)
@@ -106,7 +115,9 @@ def test_random_b_matches_merged_kernels_and_adapters_off_is_base():
     merged, mconfig = merge_lora(params, lconfig)
     assert mconfig.lora_rank == 0 and jax.tree.structure(merged) == jax.tree.structure(base)
     d = params["layers_0"]["mlp"]["down_proj"]  # merged kernel = W + (alpha/r) A B, in NumPy
-    ref = np.asarray(d["kernel"], np.float64) + 2.0 * np.asarray(d["lora_a"], np.float64) @ np.asarray(d["lora_b"], np.float64)
+    ref = np.asarray(d["kernel"], np.float64) + 2.0 * np.asarray(d["lora_a"], np.float64) @ np.asarray(
+        d["lora_b"], np.float64
+    )
     np.testing.assert_allclose(merged["layers_0"]["mlp"]["down_proj"]["kernel"], ref, atol=1e-6)
     np.testing.assert_allclose(logits(mconfig, merged, ids, mask), lora_out, atol=1e-5)
 
@@ -123,8 +134,11 @@ def test_lora_dropout_only_with_dropout_rng():
     ids, mask = batch()
     plain = logits(config.replace(lora_dropout=0.0), params, ids, mask)
     np.testing.assert_array_equal(logits(config, params, ids, mask), plain)  # no rng: identity
-    dropped = np.asarray(jax.jit(lambda p, key: Transformer(config).apply(
-        {"params": p}, ids, mask, rngs={"dropout": key}).logits)(params, jax.random.key(3)))
+    dropped = np.asarray(
+        jax.jit(lambda p, key: Transformer(config).apply({"params": p}, ids, mask, rngs={"dropout": key}).logits)(
+            params, jax.random.key(3)
+        )
+    )
     assert np.abs(dropped - plain).max() > 1e-3
 
 
@@ -134,9 +148,13 @@ def test_ppo_forward_uses_dropout_rng_only_for_models_with_lora_dropout():
 
     policy = tiny_config(lora_rank=4, lora_dropout=0.5)
     value = tiny_config(lora_rank=4, lora_dropout=0.0)
-    params = {"policy": randomize_b(init_params(policy, jax.random.key(0))),
-              "value": {"backbone": randomize_b(init_params(value, jax.random.key(1))),
-                        "head": init_head(value, jax.random.key(2))}}
+    params = {
+        "policy": randomize_b(init_params(policy, jax.random.key(0))),
+        "value": {
+            "backbone": randomize_b(init_params(value, jax.random.key(1))),
+            "head": init_head(value, jax.random.key(2)),
+        },
+    }
     specs = ModelSpecs(policy=policy, reward=value, value=value)
     ids, mask = batch()
     q, r = ids[:, :3], ids[:, 3:]
@@ -159,7 +177,10 @@ def test_config_fields_validated_and_lists_become_tuples():
 def test_optimizer_trains_only_adapters_and_head():
     lconfig = tiny_config(lora_rank=4, lora_targets=("q_proj", "v_proj", "down_proj"))
     backbone = init_params(lconfig, jax.random.key(0))
-    params = {"backbone": {k: v for k, v in backbone.items() if k != "lm_head"}, "head": init_head(lconfig, jax.random.key(1))}
+    params = {
+        "backbone": {k: v for k, v in backbone.items() if k != "lm_head"},
+        "head": init_head(lconfig, jax.random.key(1)),
+    }
     ids, mask = batch()
     target = jnp.array([1.0, -1.0, 0.5])
 
@@ -167,8 +188,10 @@ def test_optimizer_trains_only_adapters_and_head():
         rewards = RewardModel(lconfig).apply({"params": p}, ids, mask)
         return jnp.mean((rewards - target) ** 2)
 
-    tx, _ = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0, weight_decay=0.1,
-                           trainable=lora_trainable)
+    tx, _ = make_optimizer(
+        learning_rate=1e-2, total_steps=10, warmup_steps=0, weight_decay=0.1, trainable=lora_trainable
+    )
+
     @jax.jit
     def step(p, state):
         updates, state = tx.update(jax.grad(loss_fn)(p), state, p)
@@ -209,6 +232,7 @@ def test_partition_and_combine_round_trip():
 
 
 # ----------------------------------------------------------------------------- int8
+
 
 def test_quantize_kernel_per_channel_error_bound():
     rng = np.random.default_rng(0)
@@ -260,7 +284,9 @@ def test_int8_model_matches_dequantized_forward_and_float_model():
                 return x + u * s
             return x
 
-        noise_kl = kl_per_token(float_out, logits(config, jax.tree_util.tree_map_with_path(noisy, params), ids, mask), mask)
+        noise_kl = kl_per_token(
+            float_out, logits(config, jax.tree_util.tree_map_with_path(noisy, params), ids, mask), mask
+        )
         assert 0.25 < kl / noise_kl < 4.0, (kl, noise_kl)
     # int8 projections: about a quarter of the float bytes for the matrices (embeddings stay float).
     proj_bytes = sum(param_bytes(params[f"layers_{i}"]) for i in range(config.n_layers))
@@ -300,6 +326,7 @@ def test_qlora_forward_and_finite_adapter_grads():
 
 # ----------------------------------------------------------------------------- export
 
+
 def test_merged_export_loads_in_transformers(tmp_path):
     import torch
     import transformers
@@ -315,8 +342,11 @@ def test_merged_export_loads_in_transformers(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     pos = np.maximum(np.cumsum(np.asarray(mask), -1) - 1, 0)
     with torch.no_grad():
-        theirs = model(input_ids=torch.tensor(np.asarray(ids, np.int64)), attention_mask=torch.tensor(np.asarray(mask, np.int64)),
-                       position_ids=torch.tensor(pos)).logits.numpy()
+        theirs = model(
+            input_ids=torch.tensor(np.asarray(ids, np.int64)),
+            attention_mask=torch.tensor(np.asarray(mask, np.int64)),
+            position_ids=torch.tensor(pos),
+        ).logits.numpy()
     real = np.asarray(mask, bool)
     assert np.abs(ours - logits(config, base, ids, mask))[real].max() > 1e-3  # the export carries the adapters
     np.testing.assert_allclose(theirs[real], ours[real], atol=1e-4, rtol=1e-4)

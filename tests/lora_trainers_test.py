@@ -33,9 +33,13 @@ def setup(tmp_path_factory):
     make_tiny_policy(d)
     rng = np.random.default_rng(0)
     prompts = [{"prompt": "Review: " + " ".join(rng.choice(NEUTRAL, size=int(rng.integers(2, 5))))} for _ in range(32)]
-    return {"dir": d, "hf": str(d / "hf"), "train": write_jsonl(d / "train.jsonl", make_rows(400, 0)),
-            "eval": write_jsonl(d / "eval.jsonl", make_rows(64, 1)),
-            "prompts": write_jsonl(d / "prompts.jsonl", prompts)}
+    return {
+        "dir": d,
+        "hf": str(d / "hf"),
+        "train": write_jsonl(d / "train.jsonl", make_rows(400, 0)),
+        "eval": write_jsonl(d / "eval.jsonl", make_rows(64, 1)),
+        "prompts": write_jsonl(d / "prompts.jsonl", prompts),
+    }
 
 
 def rm_cfg(setup, **model):
@@ -160,8 +164,9 @@ def test_qlora_rm_runs_on_frozen_int8_base(setup, qlora_rm):
     # It scores: rewards of a few eval pairs are finite and not all equal.
     tok = rm_data.load_tokenizer(model.tokenizer_path)
     data = rm_data.load_preference_data([setup["eval"]], tok, max_length=64, on_bad_row="error")
-    chosen, _ = evaluate(jax.jit(lambda p, b: pair_rewards(model.config, p, b)), model.params, data, batch_size=32,
-                         bucket=0)
+    chosen, _ = evaluate(
+        jax.jit(lambda p, b: pair_rewards(model.config, p, b)), model.params, data, batch_size=32, bucket=0
+    )
     assert np.all(np.isfinite(chosen)) and np.std(chosen) > 0
 
 
@@ -245,8 +250,9 @@ def test_qlora_rm_dropout_trains_only_and_resume_is_exact(setup, qlora_rm):
     # Step 1 of this run and of the dropout-free QLoRA run: same batch, same init, B = 0, so the
     # forward pass (and the loss) is the base model's in both; dropout changes A's input, so the
     # gradient of B, and the gradient norm, differ. Evaluation runs without dropout.
-    plain, dropped = (next(m for m in metrics_lines(w) if m["step"] == 1 and "train/loss" in m)
-                      for w in (qlora_rm[0], workdir))
+    plain, dropped = (
+        next(m for m in metrics_lines(w) if m["step"] == 1 and "train/loss" in m) for w in (qlora_rm[0], workdir)
+    )
     assert abs(plain["train/loss"] - dropped["train/loss"]) < 1e-6, (plain, dropped)
     assert abs(plain["train/grad_norm"] - dropped["train/grad_norm"]) > 1e-3 * plain["train/grad_norm"]
     assert json.load(open(os.path.join(workdir, "model_config.json")))["lora_dropout"] == 0.5
@@ -293,13 +299,17 @@ def test_bad_lora_settings_are_clear_errors():
     from ppo.train import _reference
     from rm.model import add_lora_and_quant
 
-    cfg = TransformerConfig(family="llama", vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
-                            head_dim=8, d_ff=32)
+    cfg = TransformerConfig(
+        family="llama", vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32
+    )
     params = init_params(cfg, jax.random.key(0))
     with pytest.raises(ValueError, match=r"config.model.quant='int8' needs config.model.lora_rank > 0"):
         add_lora_and_quant(cfg, params, lora_rank=0, quant="int8", where="model")
-    with pytest.raises(ValueError, match=r"config.policy.lora_rank / lora_alpha / lora_targets / lora_dropout:.*"
-                                         r"lora_targets=\('qproj',\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.policy.lora_rank / lora_alpha / lora_targets / lora_dropout:.*"
+        r"lora_targets=\('qproj',\)",
+    ):
         add_lora_and_quant(cfg, params, lora_rank=4, lora_targets=("qproj",), where="policy")
     with pytest.raises(ValueError, match=r"config.value.lora_rank / .*lora_dropout=1.5 \(in \[0, 1\)\)"):
         add_lora_and_quant(cfg, params, lora_rank=4, lora_dropout=1.5, where="value")

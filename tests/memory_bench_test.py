@@ -9,8 +9,16 @@ import pytest
 from benchmarks import memory as M
 
 D, LAYERS, HEADS, KV, HD, FF, VOCAB, RANK = 64, 2, 4, 2, 16, 128, 256, 4
-DIMS = dict(vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV, head_dim=HD, d_ff=FF,
-            tie_embeddings=True)
+DIMS = dict(
+    vocab_size=VOCAB,
+    d_model=D,
+    n_layers=LAYERS,
+    n_heads=HEADS,
+    n_kv_heads=KV,
+    head_dim=HD,
+    d_ff=FF,
+    tie_embeddings=True,
+)
 WORKLOAD = dict(rm_pairs=2, rm_len=16, ppo_rollouts=2, prompt_len=8, response_len=8)
 
 # Projections of one layer as (in, out).

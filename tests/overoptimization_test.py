@@ -44,13 +44,22 @@ def test_overoptimization_tiny_with_gold_rm(tmp_path):
     # Gold of best-of-1 is the mean gold-RM score of all best-of-n samples: score them with the
     # rm.score CLI on the gold RM's workdir and compare; the VADER scorer gives something else.
     bon = json.load(open(os.path.join(workdir, "bon_samples.json")))
-    rows = [{"prompt": p, "response": r} for p, g in zip(bon["prompts"], bon["responses"])
-            for r in g]
+    rows = [{"prompt": p, "response": r} for p, g in zip(bon["prompts"], bon["responses"]) for r in g]
     data, out = tmp_path / "bon.jsonl", tmp_path / "bon_scores.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     max_length = str(c.sampling.max_prompt_length + c.sampling.max_new_tokens)  # the driver's RM max_length
-    score_main(["--workdir", os.path.join(workdir, "gold_rm"), "--data", str(data), "--out", str(out),
-                "--max_length", max_length])
+    score_main(
+        [
+            "--workdir",
+            os.path.join(workdir, "gold_rm"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max_length",
+            max_length,
+        ]
+    )
     gold = np.array([json.loads(l)["score"] for l in open(out)]).reshape(len(bon["prompts"]), -1)
     for label in labels:
         assert abs(points["bon"][label]["gold"][0] - gold.mean()) < 1e-4
@@ -58,8 +67,18 @@ def test_overoptimization_tiny_with_gold_rm(tmp_path):
     # in the proxy are measure-zero here): the unbiased estimator must agree.
     proxy_rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     data.write_text("".join(json.dumps(r) + "\n" for r in proxy_rows))
-    score_main(["--workdir", os.path.join(workdir, f"proxy_{c.label_counts[-1]}"), "--data", str(data),
-                "--out", str(out), "--max_length", max_length])
+    score_main(
+        [
+            "--workdir",
+            os.path.join(workdir, f"proxy_{c.label_counts[-1]}"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max_length",
+            max_length,
+        ]
+    )
     proxy = np.array([json.loads(l)["score"] for l in open(out)]).reshape(gold.shape)
     pairs_gold, pairs_proxy = [], []
     for p in range(gold.shape[0]):
@@ -81,6 +100,7 @@ def test_overoptimization_tiny_with_gold_rm(tmp_path):
 
 def test_unfittable_points_give_nan_and_reason_not_a_crash():
     from experiments.overoptimization import _fit
+
     out = _fit(fits.fit_rl, np.array([0.0, 0.0, 0.3]), np.array([0.0, 0.1, 0.2]), "rl test gold")
     assert np.isnan(out["alpha"]) and np.isnan(out["beta"]) and "two distinct d > 0" in out["error"]
     ok = _fit(fits.fit_bon, np.array([0.0, 0.5, 1.0, 1.5]), np.array([0.0, 0.5, 0.8, 0.9]), "bon test gold")

@@ -22,18 +22,27 @@ if ROOT not in sys.path:
 
 KINDS = ("rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_baseline")
 K, STEPS, SAVE_EVERY = 4, 16, 4
-FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true " \
-        "--xla_cpu_use_fusion_emitters=false"
+FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+)
 
 
 def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAGS).strip())
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAGS).strip(),
+    )
 
 
 def _overrides(kind):
-    return {"algo.advantage": kind, "rollout.samples_per_prompt": K, "train.steps": STEPS,
-            "train.save_every": SAVE_EVERY}
+    return {
+        "algo.advantage": kind,
+        "rollout.samples_per_prompt": K,
+        "train.steps": STEPS,
+        "train.save_every": SAVE_EVERY,
+    }
 
 
 if __name__ != "__main__":
@@ -45,10 +54,18 @@ if __name__ != "__main__":
     @pytest.fixture(scope="module")
     def runs(setup):  # noqa: F811
         t0 = time.time()
-        arg = json.dumps({"hf": setup["hf"], "rm": setup["rm"], "prompts": setup["prompts"],
-                          "out": str(setup["dir"] / "algos")})
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", arg], env=_env(), cwd=ROOT,
-                              capture_output=True, text=True, timeout=600, check=False)
+        arg = json.dumps(
+            {"hf": setup["hf"], "rm": setup["rm"], "prompts": setup["prompts"], "out": str(setup["dir"] / "algos")}
+        )
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", arg],
+            env=_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"estimators worker: {time.time() - t0:.1f}s wall, {report['cpu_s']}")
@@ -74,10 +91,18 @@ if __name__ != "__main__":
         assert 0 <= summary["memory/train_state_bytes"] - 3 * run["policy_bytes"] < 1024, (summary, run)
 
     def _cli(workdir, setup):  # noqa: F811
-        return [sys.executable, "-m", "experiments.run", "--config", "configs/ppo.py:size=tiny", "--workdir", workdir,
-                f"--config.policy.init_from={setup['hf']}", f"--config.reward.workdir={setup['rm']}",
-                f"--config.data.prompt_files={setup['prompts']}"] + \
-            [f"--config.{k}={v}" for k, v in _overrides("grpo").items()]
+        return [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config",
+            "configs/ppo.py:size=tiny",
+            "--workdir",
+            workdir,
+            f"--config.policy.init_from={setup['hf']}",
+            f"--config.reward.workdir={setup['rm']}",
+            f"--config.data.prompt_files={setup['prompts']}",
+        ] + [f"--config.{k}={v}" for k, v in _overrides("grpo").items()]
 
     def test_critic_free_estimators_end_to_end(runs, setup):  # noqa: F811
         """Each estimator raises the score with bounded KL and holds no value model; then a GRPO K=4
@@ -97,8 +122,9 @@ if __name__ != "__main__":
         assert not failures, "\n".join(failures)
 
         killed = str(setup["dir"] / "grpo_killed")
-        proc = subprocess.Popen(_cli(killed, setup), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _cli(killed, setup), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         ckpts = os.path.join(killed, "checkpoints")
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -146,11 +172,16 @@ def _worker(arg):
         params, _ = ckpt.restore_subtree("params")
         ckpt.close()
         with open(os.path.join(workdir, "checkpoints", str(STEPS), "state", "_METADATA")) as f:
-            stored = list(json.load(f)["tree_metadata"])  # every stored leaf's key path, e.g. "('params', 'policy', ...)"
-        report["runs"][kind] = {"workdir": workdir, "checkpoint_params": sorted(params),
-                                "checkpoint_has_value": any("'value" in path for path in stored),
-                                "checkpoint_has_policy_moments": any("'mu', 'policy'" in path for path in stored),
-                                "policy_bytes": tree_bytes(policy)}
+            stored = list(
+                json.load(f)["tree_metadata"]
+            )  # every stored leaf's key path, e.g. "('params', 'policy', ...)"
+        report["runs"][kind] = {
+            "workdir": workdir,
+            "checkpoint_params": sorted(params),
+            "checkpoint_has_value": any("'value" in path for path in stored),
+            "checkpoint_has_policy_moments": any("'mu', 'policy'" in path for path in stored),
+            "policy_bytes": tree_bytes(policy),
+        }
         cpu[kind] = round(time.process_time() - t, 1)
     report["cpu_s"] = cpu
     del jax

@@ -107,8 +107,9 @@ def test_discounted_returns_and_group_size_errors():
     rs = np.random.RandomState(3)
     rewards = rs.normal(size=(4, 6)).astype(np.float32)
     mask = (rs.uniform(size=(4, 6)) > 0.3).astype(np.float32)  # non-prefix: masked steps are skipped
-    np.testing.assert_allclose(np.asarray(A.discounted_returns(rewards, mask, gamma=0.9)),
-                               returns_reference(rewards, mask, 0.9), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(A.discounted_returns(rewards, mask, gamma=0.9)), returns_reference(rewards, mask, 0.9), atol=1e-5
+    )
     with pytest.raises(ValueError, match="group_size=3"):
         A.group_advantages(np.zeros(8), group_size=3, kind="rloo")
 
@@ -143,8 +144,9 @@ def test_asymmetric_and_dual_clip_values_and_gradients(low, high, c):
     want, want_grad = clip_reference(logp, old, adv, mask, low, high, c)
 
     def total(lp):
-        token_loss, _ = O.clipped_token_losses(lp, old, adv, mask, clip_eps_low=low, clip_eps_high=high,
-                                               dual_clip_c=c or None)
+        token_loss, _ = O.clipped_token_losses(
+            lp, old, adv, mask, clip_eps_low=low, clip_eps_high=high, dual_clip_c=c or None
+        )
         return jnp.sum(token_loss), token_loss
 
     (_, token_loss), grad = jax.value_and_grad(total, has_aux=True)(jnp.asarray(logp))
@@ -157,14 +159,17 @@ def test_asymmetric_and_dual_clip_values_and_gradients(low, high, c):
 def test_aggregation_modes_against_hand_sums():
     loss = np.array([[1.0, 2.0, 3.0, 99.0], [4.0, 99.0, 99.0, 99.0], [5.0, 6.0, 99.0, 99.0]], np.float32)
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]], np.float32)
-    hand = {"token_mean": (1 + 2 + 3 + 4 + 5 + 6) / 6,
-            "seq_mean_token_mean": ((1 + 2 + 3) / 3 + 4 / 1 + (5 + 6) / 2) / 3,
-            "seq_mean_token_sum": (6 + 4 + 11) / 3,
-            "seq_mean_token_sum_norm": (6 + 4 + 11) / 3 / 4}  # constant = T = 4
+    hand = {
+        "token_mean": (1 + 2 + 3 + 4 + 5 + 6) / 6,
+        "seq_mean_token_mean": ((1 + 2 + 3) / 3 + 4 / 1 + (5 + 6) / 2) / 3,
+        "seq_mean_token_sum": (6 + 4 + 11) / 3,
+        "seq_mean_token_sum_norm": (6 + 4 + 11) / 3 / 4,
+    }  # constant = T = 4
     for mode, value in hand.items():
         np.testing.assert_allclose(float(O.aggregate_loss(loss, mask, mode=mode)), value, rtol=1e-6)
-    np.testing.assert_allclose(float(O.aggregate_loss(loss, mask, mode="seq_mean_token_sum_norm",
-                                                      norm_constant=10.0)), 21 / 3 / 10, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(O.aggregate_loss(loss, mask, mode="seq_mean_token_sum_norm", norm_constant=10.0)), 21 / 3 / 10, rtol=1e-6
+    )
     with pytest.raises(ValueError, match="mode='mean'"):
         O.aggregate_loss(loss, mask, mode="mean")
 
@@ -180,13 +185,22 @@ def test_kl_loss_term_value_and_gradient(estimator):
     adv = np.zeros(shape, np.float32)  # no policy-gradient part: the loss is the KL term alone
 
     def loss_fn(lp):
-        return O.policy_objective(lp, logp, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2,
-                                  aggregation="seq_mean_token_mean", ref_logprobs=ref, kl_coef=beta,
-                                  kl_estimator=estimator)[0]
+        return O.policy_objective(
+            lp,
+            logp,
+            adv,
+            mask,
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            aggregation="seq_mean_token_mean",
+            ref_logprobs=ref,
+            kl_coef=beta,
+            kl_estimator=estimator,
+        )[0]
 
     value, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logp))
     l = ref.astype(np.float64) - logp
-    tok = np.exp(l) - 1 - l if estimator == "k3" else 0.5 * l ** 2
+    tok = np.exp(l) - 1 - l if estimator == "k3" else 0.5 * l**2
     dtok = 1 - np.exp(l) if estimator == "k3" else -l  # d kl_t / d logp_t
     lengths = mask.sum(1, keepdims=True)
     np.testing.assert_allclose(float(value), beta * np.mean((tok * mask).sum(1) / lengths[:, 0]), rtol=1e-5)
@@ -219,8 +233,9 @@ def test_resolve_defaults_and_estimators():
 
 
 def test_minibatch_order_keeps_groups_together():
-    order = np.asarray(algos.minibatch_order(jax.random.key(0), batch=24, group_size=4, ppo_epochs=3,
-                                             num_minibatches=2))
+    order = np.asarray(
+        algos.minibatch_order(jax.random.key(0), batch=24, group_size=4, ppo_epochs=3, num_minibatches=2)
+    )
     assert order.shape == (6, 12)
     for epoch in order.reshape(3, 24):
         assert sorted(epoch) == list(range(24))  # every row once per epoch

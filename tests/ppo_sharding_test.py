@@ -35,20 +35,48 @@ if ROOT not in sys.path:
 
 PAD, EOS = 0, 1
 # d_ff differs between policy and value model so a mix-up of the two trees cannot go unnoticed.
-POLICY = dict(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-              d_ff=64, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS)
+POLICY = dict(
+    family="llama",
+    vocab_size=64,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=64,
+    max_position_embeddings=64,
+    pad_token_id=PAD,
+    eos_token_id=EOS,
+)
 VALUE = dict(POLICY, n_layers=1, d_ff=32)
 BATCH, PROMPT_LEN = 8, 5
-SETTINGS = dict(max_new_tokens=6, temperature=0.7, top_k=0, top_p=1.0, eos_token_id=EOS, stop_token_ids=(),
-                missing_eos_penalty=1.0, kl_estimator="k1", gamma=1.0, lam=0.95, whiten_rewards=False)
+SETTINGS = dict(
+    max_new_tokens=6,
+    temperature=0.7,
+    top_k=0,
+    top_p=1.0,
+    eos_token_id=EOS,
+    stop_token_ids=(),
+    missing_eos_penalty=1.0,
+    kl_estimator="k1",
+    gamma=1.0,
+    lam=0.95,
+    whiten_rewards=False,
+)
 UPDATE = dict(ppo_epochs=2, num_minibatches=2, accum_steps=2)
 LOSS = dict(clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1)
 BETA = 0.05
 MESHES = [(2, 4), (8, 1), (1, 8)]  # (data, model)
 GRPO_MESHES = [(2, 4), (8, 1)]
 GRPO_K = 4
-GRPO_VARIANT = {"clip_eps_low": 0.2, "clip_eps_high": 0.28, "dual_clip_c": 3.0, "aggregation": "seq_mean_token_mean",
-                "norm_constant": 6.0, "kl_estimator": "k3"}
+GRPO_VARIANT = {
+    "clip_eps_low": 0.2,
+    "clip_eps_high": 0.28,
+    "dual_clip_c": 3.0,
+    "aggregation": "seq_mean_token_mean",
+    "norm_constant": 6.0,
+    "kl_estimator": "k3",
+}
 TOL = 1e-5
 SEED = int(os.environ.get("PPO_SHARDING_TEST_SEED", 0))  # to try other random models by hand
 EOS_BOOST = 10.0  # scales the lm_head column of EOS so some rows stop early
@@ -59,13 +87,25 @@ ADAM_EPS = 1e-6
 
 
 def test_ppo_rollout_and_update_match_single_device_under_meshes():
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " \
-            "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+    flags = (
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+    )
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
+    )
     t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"ppo sharding worker: {time.time() - t0:.1f}s, timings {report['timings']}")
@@ -177,12 +217,23 @@ def _worker():
     t = time.process_time()
     dev0 = jax.devices()[0]
     on0 = functools.partial(jax.device_put, device=dev0)
-    rollout = jax.device_get(jax.jit(rollout_fn)(on0(params0), on0(ref), on0(reward), on0(norm), beta, on0(qids),
-                                                 on0(qmask), roll_rng))
+    rollout = jax.device_get(
+        jax.jit(rollout_fn)(on0(params0), on0(ref), on0(reward), on0(norm), beta, on0(qids), on0(qmask), roll_rng)
+    )
     timings["rollout_single_s"] = round(time.process_time() - t, 2)
     report = {"device_count": jax.device_count()}
-    floats = ("logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns", "scores", "raw_scores",
-              "kl", "entropy")
+    floats = (
+        "logprobs",
+        "ref_logprobs",
+        "values",
+        "rewards",
+        "advantages",
+        "returns",
+        "scores",
+        "raw_scores",
+        "kl",
+        "entropy",
+    )
     report["rollout"] = {
         "max_abs_kl": float(np.max(np.abs(rollout.kl))),
         "eos_rows": int(np.sum(rollout.ended_with_eos)),
@@ -195,9 +246,16 @@ def _worker():
     mesh = make_mesh((2, 4))
     prompts = shard_batch({"ids": qids, "mask": qmask}, mesh)
     sharded_params = shard_params(params0, mesh, DEFAULT_RULES)
-    mesh_rollout = jax.jit(rollout_fn)(sharded_params, shard_params(ref, mesh, DEFAULT_RULES),
-                                       shard_params(reward, mesh, DEFAULT_RULES), norm, beta, prompts["ids"],
-                                       prompts["mask"], roll_rng)
+    mesh_rollout = jax.jit(rollout_fn)(
+        sharded_params,
+        shard_params(ref, mesh, DEFAULT_RULES),
+        shard_params(reward, mesh, DEFAULT_RULES),
+        norm,
+        beta,
+        prompts["ids"],
+        prompts["mask"],
+        roll_rng,
+    )
     mesh_rollout = jax.device_get(mesh_rollout)
     report["mesh_rollout"] = {
         "q_kernel_spec": list(sharded_params["policy"]["layers_0"]["attn"]["q_proj"]["kernel"].sharding.spec),
@@ -210,10 +268,22 @@ def _worker():
 
     # ---- PPO update: one device, then each mesh, from the same state and rollout batch
     updates_total = UPDATE["ppo_epochs"] * UPDATE["num_minibatches"]
-    tx, _ = make_optimizer(learning_rate=1e-3, total_steps=2 * updates_total, warmup_steps=0, weight_decay=0.01,
-                           max_grad_norm=1.0, eps=ADAM_EPS)
-    state0 = jax.device_get({"params": params0, "opt_state": tx.init(params0), "step": jnp.asarray(0, jnp.int32),
-                             "rng": jax.random.key_data(jax.random.key(4))})
+    tx, _ = make_optimizer(
+        learning_rate=1e-3,
+        total_steps=2 * updates_total,
+        warmup_steps=0,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        eps=ADAM_EPS,
+    )
+    state0 = jax.device_get(
+        {
+            "params": params0,
+            "opt_state": tx.init(params0),
+            "step": jnp.asarray(0, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(4)),
+        }
+    )
     batch = {k: np.asarray(getattr(rollout, k)) for k in UPDATE_KEYS}
     loss_fn = functools.partial(ppo_loss, specs=specs, temperature=SETTINGS["temperature"], **LOSS)
     update = functools.partial(ppo_update, tx=tx, loss_fn=loss_fn, **UPDATE)
@@ -237,10 +307,15 @@ def _worker():
         mesh = make_mesh(shape)
         state_sharding = tree_shardings(state0, mesh, DEFAULT_RULES)
         frozen_sharding = tree_shardings(frozen, mesh, DEFAULT_RULES)
-        update_fn = jax.jit(update, in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
-                            out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
-        state, metrics = update_fn(jax.device_put(state0, state_sharding), shard_batch(batch, mesh),
-                                   jax.device_put(frozen, frozen_sharding))
+        update_fn = jax.jit(
+            update,
+            in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
+            out_shardings=(state_sharding, replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        state, metrics = update_fn(
+            jax.device_put(state0, state_sharding), shard_batch(batch, mesh), jax.device_put(frozen, frozen_sharding)
+        )
         q_spec = list(state["params"]["policy"]["layers_0"]["attn"]["q_proj"]["kernel"].sharding.spec)
         state, metrics = summarise(state, metrics)
         report["meshes"]["x".join(map(str, shape))] = {
@@ -259,26 +334,43 @@ def _worker():
     cf_specs = ModelSpecs(policy=pcfg, reward=vcfg, value=vcfg, critic=False)
     cf_rollout_fn = make_rollout_fn(cf_specs, dict(SETTINGS, advantage="grpo", group_size=GRPO_K, kl_in_loss=True))
     cf_params0 = {"policy": policy}
-    cf_rollout = jax.device_get(jax.jit(cf_rollout_fn)(on0(cf_params0), on0(ref), on0(reward), on0(norm), beta,
-                                                       on0(qids), on0(qmask), roll_rng))
-    cf_state0 = jax.device_get({"params": cf_params0, "opt_state": tx.init(cf_params0),
-                                "step": jnp.asarray(0, jnp.int32), "rng": jax.random.key_data(jax.random.key(4))})
+    cf_rollout = jax.device_get(
+        jax.jit(cf_rollout_fn)(on0(cf_params0), on0(ref), on0(reward), on0(norm), beta, on0(qids), on0(qmask), roll_rng)
+    )
+    cf_state0 = jax.device_get(
+        {
+            "params": cf_params0,
+            "opt_state": tx.init(cf_params0),
+            "step": jnp.asarray(0, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(4)),
+        }
+    )
     keys = tuple(k for k in UPDATE_KEYS if k not in ("values", "returns")) + ("ref_logprobs", "kl_coef")
     cf_batch = {k: np.asarray(getattr(cf_rollout, k)) for k in keys}
-    cf_loss = functools.partial(ppo_loss, specs=cf_specs, temperature=SETTINGS["temperature"], **LOSS,
-                                variant=GRPO_VARIANT, kl_in_loss=True)
+    cf_loss = functools.partial(
+        ppo_loss, specs=cf_specs, temperature=SETTINGS["temperature"], **LOSS, variant=GRPO_VARIANT, kl_in_loss=True
+    )
     cf_update = functools.partial(ppo_update, tx=tx, loss_fn=cf_loss, group_size=GRPO_K, **UPDATE)
     cf_single, cf_metrics = summarise(*jax.jit(cf_update)(on0(cf_state0), on0(cf_batch), {}))
-    report["grpo"] = {"param_trees": sorted(cf_single["params"]), "metrics": cf_metrics,
-                      "max_abs_advantage": float(np.max(np.abs(cf_rollout.advantages))),
-                      "policy_change": max_diff(cf_single["params"]["policy"], policy), "meshes": {}}
+    report["grpo"] = {
+        "param_trees": sorted(cf_single["params"]),
+        "metrics": cf_metrics,
+        "max_abs_advantage": float(np.max(np.abs(cf_rollout.advantages))),
+        "policy_change": max_diff(cf_single["params"]["policy"], policy),
+        "meshes": {},
+    }
     for shape in GRPO_MESHES:
         mesh = make_mesh(shape)
         state_sharding = tree_shardings(cf_state0, mesh, DEFAULT_RULES)
-        update_fn = jax.jit(cf_update, in_shardings=(state_sharding, batch_sharding(mesh), {}),
-                            out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
-        state, metrics = summarise(*update_fn(jax.device_put(cf_state0, state_sharding), shard_batch(cf_batch, mesh),
-                                              {}))
+        update_fn = jax.jit(
+            cf_update,
+            in_shardings=(state_sharding, batch_sharding(mesh), {}),
+            out_shardings=(state_sharding, replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        state, metrics = summarise(
+            *update_fn(jax.device_put(cf_state0, state_sharding), shard_batch(cf_batch, mesh), {})
+        )
         report["grpo"]["meshes"]["x".join(map(str, shape))] = {
             "metrics": metrics,
             "max_policy_diff": max_diff(state["params"]["policy"], cf_single["params"]["policy"]),

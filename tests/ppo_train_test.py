@@ -69,8 +69,18 @@ def test_score_rises_with_bounded_kl(ppo_run):
     workdir, seconds = ppo_run
     assert seconds < 90
     m = read(os.path.join(workdir, "metrics.jsonl"))
-    for key in ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
-                "policy/clipfrac", "val/vf_loss", "kl/beta", "rollout/eos_fraction", "rollout/response_length"):
+    for key in (
+        "objective/scores",
+        "objective/kl",
+        "objective/rlhf_reward",
+        "objective/entropy",
+        "policy/approxkl",
+        "policy/clipfrac",
+        "val/vf_loss",
+        "kl/beta",
+        "rollout/eos_fraction",
+        "rollout/response_length",
+    ):
         assert key in m[-1], key
     first = np.mean([x["objective/scores"] for x in m[:3]])
     last = np.mean([x["objective/scores"] for x in m[-4:]])
@@ -98,41 +108,73 @@ def test_export_matches_pytorch(setup, ppo_run, tmp_path):
 
     workdir, _ = ppo_run
     out = str(tmp_path / "policy")
-    subprocess.run([sys.executable, "-m", "ppo.export", "--workdir", workdir, "--out", out], check=True, cwd=ROOT,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "ppo.export", "--workdir", workdir, "--out", out],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     from models.hf import load_hf_checkpoint
+
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     params, _ = ckpt.restore_subtree("params")
     ckpt.close()
     config, _ = load_hf_checkpoint(out)
     ids = np.random.default_rng(0).integers(1, 200, (2, 12))
-    ours = Transformer(config).apply({"params": params["policy"]}, jnp.asarray(ids), jnp.ones((2, 12), jnp.int32)).logits
+    ours = (
+        Transformer(config).apply({"params": params["policy"]}, jnp.asarray(ids), jnp.ones((2, 12), jnp.int32)).logits
+    )
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         theirs = model(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
     # The exported policy is the trained one, not the initial checkpoint.
     init_cfg, init_params_ = load_hf_checkpoint(setup["hf"])
-    assert not np.allclose(np.asarray(params["policy"]["embed"]["embedding"]),
-                           np.asarray(init_params_["embed"]["embedding"]))
+    assert not np.allclose(
+        np.asarray(params["policy"]["embed"]["embedding"]), np.asarray(init_params_["embed"]["embedding"])
+    )
 
 
 def test_rollout_rewards_eos_penalty_and_masking():
     """Per-token rewards, scores, EOS penalty and masks against an independent numpy computation."""
-    pcfg = TransformerConfig(family="llama", vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
-                             head_dim=8, d_ff=64, pad_token_id=0, eos_token_id=3)
+    pcfg = TransformerConfig(
+        family="llama",
+        vocab_size=16,
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        d_ff=64,
+        pad_token_id=0,
+        eos_token_id=3,
+    )
     policy = init_params(pcfg, jax.random.key(0))
     ref = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), policy)
     rcfg = pcfg.replace(n_layers=1)
-    rparams = RewardModel(rcfg).init(jax.random.key(2), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))["params"]
+    rparams = RewardModel(rcfg).init(jax.random.key(2), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))[
+        "params"
+    ]
     specs = ModelSpecs(policy=pcfg, reward=rcfg, value=rcfg)
-    settings = dict(max_new_tokens=12, temperature=1.3, top_k=0, top_p=1.0, eos_token_id=3, stop_token_ids=(),
-                    missing_eos_penalty=2.5, kl_estimator="k1", gamma=1.0, lam=0.95, whiten_rewards=False)
+    settings = dict(
+        max_new_tokens=12,
+        temperature=1.3,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=3,
+        stop_token_ids=(),
+        missing_eos_penalty=2.5,
+        kl_estimator="k1",
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+    )
     q = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], jnp.int32)
     qm = (q > 0).astype(jnp.int32)
     beta, gain, bias = 0.1, 2.0, -0.5
-    r = jax.jit(make_rollout_fn(specs, settings))({"policy": policy, "value": rparams}, ref, rparams,
-                                                  jnp.asarray([gain, bias]), beta, q, qm, jax.random.key(7))
+    r = jax.jit(make_rollout_fn(specs, settings))(
+        {"policy": policy, "value": rparams}, ref, rparams, jnp.asarray([gain, bias]), beta, q, qm, jax.random.key(7)
+    )
     resp, rmask = np.asarray(r.response_ids), np.asarray(r.response_mask)
     eos_rows = np.asarray(r.ended_with_eos)
     assert 0 < eos_rows.sum() < 4, "need rows with and without EOS; change the key"
@@ -164,9 +206,20 @@ def test_rollout_rewards_eos_penalty_and_masking():
 
 
 def _cli(workdir, setup):
-    return [sys.executable, "-m", "experiments.run", "--config", "configs/ppo.py:size=tiny", "--workdir", workdir,
-            f"--config.policy.init_from={setup['hf']}", f"--config.reward.workdir={setup['rm']}",
-            f"--config.data.prompt_files={setup['prompts']}", "--config.train.steps=8", "--config.train.save_every=2"]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        "configs/ppo.py:size=tiny",
+        "--workdir",
+        workdir,
+        f"--config.policy.init_from={setup['hf']}",
+        f"--config.reward.workdir={setup['rm']}",
+        f"--config.data.prompt_files={setup['prompts']}",
+        "--config.train.steps=8",
+        "--config.train.save_every=2",
+    ]
 
 
 def test_resume_after_sigkill_is_exact(setup):

@@ -48,8 +48,13 @@ from tests.rm_data_gen import NEUTRAL, corpus, make_rows, write_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVERS_PRINT_ONLY = ("configs/quickstart.py", "configs/overoptimization.py", "configs/algorithms.py")
 TINY_RM = ["--config.train.steps=2"]
-TINY_PPO = ["--config.train.steps=1", "--config.train.batch_size=4", "--config.train.num_minibatches=1",
-            "--config.train.ppo_epochs=1", "--config.sampling.max_new_tokens=4"]
+TINY_PPO = [
+    "--config.train.steps=1",
+    "--config.train.batch_size=4",
+    "--config.train.num_minibatches=1",
+    "--config.train.ppo_epochs=1",
+    "--config.sampling.max_new_tokens=4",
+]
 
 
 def readme_commands(text):
@@ -78,8 +83,14 @@ def _tiny_sft_folder(d):
 
     tok_dir = make_tiny_tokenizer(str(d / "tok"), texts=corpus(), vocab_size=300)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    make_tiny_hf_model("gpt2", str(d / "hf"), tokenizer_dir=tok_dir, vocab_size=len(tok) + 4,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make_tiny_hf_model(
+        "gpt2",
+        str(d / "hf"),
+        tokenizer_dir=tok_dir,
+        vocab_size=len(tok) + 4,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return str(d / "hf")
 
 
@@ -89,8 +100,9 @@ def _substitute(args, names):
 
 def _run_trainer(module, args, cwd):
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"{module} {shlex.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -113,16 +125,28 @@ def test_every_readme_command_runs(tmp_path):
     write_jsonl(cwd / "train.jsonl", make_rows(24, 0))
     write_jsonl(cwd / "eval.jsonl", make_rows(8, 1))
     rng = np.random.default_rng(0)
-    write_jsonl(cwd / "prompts.jsonl", [{"prompt": "Review: " + " ".join(rng.choice(NEUTRAL, size=3))}
-                                        for _ in range(8)])
+    write_jsonl(
+        cwd / "prompts.jsonl", [{"prompt": "Review: " + " ".join(rng.choice(NEUTRAL, size=3))} for _ in range(8)]
+    )
     bench = [dict(r, subset=s) for r, s in zip(make_rows(6, 2), ["alpacaeval-easy", "mt-bench-hard"] * 3)]
     write_jsonl(cwd / "rewardbench.jsonl", bench)
     commands = readme_commands(open(os.path.join(ROOT, "README.md")).read())
     modules = [m for m, _ in commands]
-    assert {"experiments.run", "experiments.sweep", "rm.score", "rm.export", "ppo.export", "rm.rewardbench",
-            "rm.ensemble"} <= set(modules), modules
-    names = {"/path/to/sft_model": hf, "W": "runs/rm", "FILE": "rewardbench.jsonl",
-             "FILES": "eval.jsonl"}  # A,B,C: after the sweep
+    assert {
+        "experiments.run",
+        "experiments.sweep",
+        "rm.score",
+        "rm.export",
+        "ppo.export",
+        "rm.rewardbench",
+        "rm.ensemble",
+    } <= set(modules), modules
+    names = {
+        "/path/to/sft_model": hf,
+        "W": "runs/rm",
+        "FILE": "rewardbench.jsonl",
+        "FILES": "eval.jsonl",
+    }  # A,B,C: after the sweep
     ran, printed = [], []
     old_cwd = os.getcwd()
     os.chdir(cwd)
@@ -159,6 +183,7 @@ def test_every_readme_command_runs(tmp_path):
                 i, spec = _config_arg(args)
                 args[i] = os.path.join(ROOT, spec)
                 from experiments import sweep
+
                 assert sweep.main([*args, "--dry_run"]) == 0  # all 4 points planned
                 # run 2 of the 4 points (the first axis' first value): each point is a full tiny
                 # RM run (~12 s); the other two differ only in a float setting
@@ -176,6 +201,7 @@ def test_every_readme_command_runs(tmp_path):
                 names["A,B,C"] = "member0,member1"
             else:
                 import importlib
+
                 if module == "rm.score" and "--data" not in args:  # the ensemble fragment: add the I/O
                     args += ["--data", "eval.jsonl", "--out", "ensemble_scores.jsonl"]
                 importlib.import_module(module).main(args)

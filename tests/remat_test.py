@@ -11,9 +11,20 @@ from rm.model import RewardModel
 
 @pytest.mark.parametrize("family,policy", [("gpt2", "nothing_saveable"), ("llama", "dots_saveable")])
 def test_remat_gives_same_gradients(family, policy):
-    cfg = TransformerConfig(family=family, vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2 if family == "llama" else 4,
-                            head_dim=8, d_ff=64, qkv_bias=family == "gpt2", o_bias=family == "gpt2",
-                            mlp_bias=family == "gpt2", activation="gelu_new" if family == "gpt2" else "silu")
+    cfg = TransformerConfig(
+        family=family,
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2 if family == "llama" else 4,
+        head_dim=8,
+        d_ff=64,
+        qkv_bias=family == "gpt2",
+        o_bias=family == "gpt2",
+        mlp_bias=family == "gpt2",
+        activation="gelu_new" if family == "gpt2" else "silu",
+    )
     ids = jax.random.randint(jax.random.key(0), (3, 9), 0, 50)
     mask = jnp.ones((3, 9), jnp.int32).at[1, 6:].set(0)
     params = RewardModel(cfg).init(jax.random.key(1), ids, mask)["params"]
@@ -27,5 +38,6 @@ def test_remat_gives_same_gradients(family, policy):
     # The remat program really recomputes: its jaxpr holds a checkpoint (remat) primitive.
     jaxpr = str(jax.make_jaxpr(loss, static_argnums=1)(params, remat_cfg))
     assert "checkpoint" in jaxpr or "remat" in jaxpr
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
-                 plain, remat)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), plain, remat
+    )

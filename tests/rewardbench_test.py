@@ -27,18 +27,30 @@ def g(n):
 
 def test_v1_sections_by_hand(tmp_path):
     pair = lambda subset, c, r: {"prompt": "q", "chosen": g(c), "rejected": g(r), "subset": subset}
-    rows = _rows(tmp_path / "v1.jsonl", [
-        pair("alpacaeval-easy", 2, 1), pair("alpacaeval-easy", 1, 1),  # a tie is wrong: 0.5
-        pair("mt-bench-easy", 3, 0),  # 1.0
-        pair("math-prm", 1, 0), pair("math-prm", 0, 2),  # 0.5
-        pair("hep-python", 1, 0), pair("hep-python", 4, 3),  # 1.0
-        pair("refusals-dangerous", 0, 1),  # 0.0
-        pair("mine", 2, 0),  # outside every section
-    ])
+    rows = _rows(
+        tmp_path / "v1.jsonl",
+        [
+            pair("alpacaeval-easy", 2, 1),
+            pair("alpacaeval-easy", 1, 1),  # a tie is wrong: 0.5
+            pair("mt-bench-easy", 3, 0),  # 1.0
+            pair("math-prm", 1, 0),
+            pair("math-prm", 0, 2),  # 0.5
+            pair("hep-python", 1, 0),
+            pair("hep-python", 4, 3),  # 1.0
+            pair("refusals-dangerous", 0, 1),  # 0.0
+            pair("mine", 2, 0),  # outside every section
+        ],
+    )
     out = score_rows("v1.jsonl", rows, reward_by_rule)
     assert out["version"] == "v1" and out["n_rows"] == 9
-    assert out["subsets"] == {"alpacaeval-easy": 0.5, "mt-bench-easy": 1.0, "math-prm": 0.5, "hep-python": 1.0,
-                              "refusals-dangerous": 0.0, "mine": 1.0}
+    assert out["subsets"] == {
+        "alpacaeval-easy": 0.5,
+        "mt-bench-easy": 1.0,
+        "math-prm": 0.5,
+        "hep-python": 1.0,
+        "refusals-dangerous": 0.0,
+        "mine": 1.0,
+    }
     # Leaderboard counts, not row counts: Chat = (0.5 * 100 + 1.0 * 28) / 128; Reasoning =
     # (0.5 * 984 + 1.0 * 164) / 1148 = 4/7; Safety = 0; Chat Hard has no subset here.
     assert out["sections"] == pytest.approx({"Chat": 78 / 128, "Reasoning": 4 / 7, "Safety": 0.0})
@@ -47,19 +59,29 @@ def test_v1_sections_by_hand(tmp_path):
 
 def test_v2_best_of_4_and_ties_by_hand(tmp_path):
     def row(subset, chosen, rejected, row_id="x", num_correct=None):
-        r = {"prompt": "q", "chosen": [g(n) for n in chosen], "rejected": [g(n) for n in rejected],
-             "subset": subset, "id": row_id}
+        r = {
+            "prompt": "q",
+            "chosen": [g(n) for n in chosen],
+            "rejected": [g(n) for n in rejected],
+            "subset": subset,
+            "id": row_id,
+        }
         if num_correct is not None:
             r["num_correct"] = num_correct
         return r
 
-    rows = _rows(tmp_path / "v2.jsonl", [
-        row("Focus", [3], [1, 2, 0]),  # chosen on top alone: 1
-        row("Focus", [2], [2, 1, 0]),  # shares the top with one rejected: 1/2
-        row("Focus", [1], [3, 0, 0]),  # 0
-        row("Ties", [5], [1, 2], "ref:1", 1), row("Ties", [4, 6], [1], "tied:1", 2),
-        row("Ties", [2], [3], "ref:2", 1), row("Ties", [3, 3], [1], "tied:2", 2),
-    ])
+    rows = _rows(
+        tmp_path / "v2.jsonl",
+        [
+            row("Focus", [3], [1, 2, 0]),  # chosen on top alone: 1
+            row("Focus", [2], [2, 1, 0]),  # shares the top with one rejected: 1/2
+            row("Focus", [1], [3, 0, 0]),  # 0
+            row("Ties", [5], [1, 2], "ref:1", 1),
+            row("Ties", [4, 6], [1], "tied:1", 2),
+            row("Ties", [2], [3], "ref:2", 1),
+            row("Ties", [3, 3], [1], "tied:2", 2),
+        ],
+    )
     out = score_rows("v2.jsonl", rows, reward_by_rule)
     assert out["version"] == "v2"
     assert out["subsets"]["Focus"] == pytest.approx(0.5)

@@ -41,16 +41,22 @@ def test_fitted_temperature_matches_grid_and_scipy():
     grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 20001))
     nll = [np.mean(np.log1p(np.exp(-gaps / t))) for t in grid]
     assert abs(temperature - grid[int(np.argmin(nll))]) / temperature < 1e-3
-    ref = scipy.optimize.minimize_scalar(lambda log_t: np.mean(np.log1p(np.exp(-gaps / np.exp(log_t)))),
-                                         bounds=(np.log(0.05), np.log(20.0)), method="bounded",
-                                         options={"xatol": 1e-10})
+    ref = scipy.optimize.minimize_scalar(
+        lambda log_t: np.mean(np.log1p(np.exp(-gaps / np.exp(log_t)))),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
     np.testing.assert_allclose(temperature, np.exp(ref.x), rtol=1e-5)
     # Soft labels: the fit minimises the soft cross-entropy.
     labels = np.random.default_rng(1).uniform(0.3, 1.0, gaps.size)
     t_soft = fit_temperature(chosen, rejected, labels=labels)
-    ref = scipy.optimize.minimize_scalar(lambda log_t: temperature_nll(gaps, labels, np.exp(log_t)),
-                                         bounds=(np.log(0.05), np.log(20.0)), method="bounded",
-                                         options={"xatol": 1e-10})
+    ref = scipy.optimize.minimize_scalar(
+        lambda log_t: temperature_nll(gaps, labels, np.exp(log_t)),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
     np.testing.assert_allclose(t_soft, np.exp(ref.x), rtol=1e-5)
 
 

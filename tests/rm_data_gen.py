@@ -34,8 +34,13 @@ def make_rows(n, seed, fmt="explicit"):
             rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
         else:
             p = [{"role": "user", "content": prompt}]
-            rows.append({"prompt": p, "chosen": [{"role": "assistant", "content": chosen.strip()}],
-                         "rejected": [{"role": "assistant", "content": rejected.strip()}]})
+            rows.append(
+                {
+                    "prompt": p,
+                    "chosen": [{"role": "assistant", "content": chosen.strip()}],
+                    "rejected": [{"role": "assistant", "content": rejected.strip()}],
+                }
+            )
     return rows
 
 
@@ -63,6 +68,12 @@ def make_tiny_policy(d):
 
     tok_dir = make_tiny_tokenizer(str(d / "tok"), texts=corpus(), vocab_size=300)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    make_tiny_hf_model("gpt2", str(d / "hf"), tokenizer_dir=tok_dir, vocab_size=len(tok),
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make_tiny_hf_model(
+        "gpt2",
+        str(d / "hf"),
+        tokenizer_dir=tok_dir,
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return str(d / "hf")

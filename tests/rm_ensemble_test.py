@@ -41,9 +41,16 @@ def members(tmp_path_factory):
         params = rm_params_from_backbone(config, backbone, jax.random.key(10 + k))
         noise = jax.random.key(20 + k)
         params = jax.tree.map(lambda x, n=noise: x + 0.01 * jax.random.normal(n, x.shape, x.dtype), params)
-        workdirs.append(write_reward_workdir(str(d / f"m{k}"), config, params, tokenizer_dir=str(d / "tok"),
-                                             config_json=str(d / "run_config.json"),
-                                             normalization={"gain": 1.0 + k, "bias": -0.5 * k}))
+        workdirs.append(
+            write_reward_workdir(
+                str(d / f"m{k}"),
+                config,
+                params,
+                tokenizer_dir=str(d / "tok"),
+                config_json=str(d / "run_config.json"),
+                normalization={"gain": 1.0 + k, "bias": -0.5 * k},
+            )
+        )
     data = write_jsonl(d / "pairs.jsonl", make_rows(12, 0))
     return d, workdirs, data
 
@@ -71,12 +78,12 @@ def test_score_ensemble_of_workdirs(members, tmp_path):
         else:
             out = ensemble_records(single, objective=objective, uwo_lambda=2.0)
         got = np.array([r["chosen_score"] for r in out])
-        expected = {"mean": chosen.mean(0), "wco": chosen.min(0),
-                    "uwo": chosen.mean(0) - 2 * chosen.var(0)}[objective]
+        expected = {"mean": chosen.mean(0), "wco": chosen.min(0), "uwo": chosen.mean(0) - 2 * chosen.var(0)}[objective]
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose([r["rejected_members"] for r in out], rejected.T, rtol=1e-6)
-        np.testing.assert_allclose([r["probability"] for r in out],
-                                   np.mean([[r["probability"] for r in s] for s in single], 0), rtol=1e-6)
+        np.testing.assert_allclose(
+            [r["probability"] for r in out], np.mean([[r["probability"] for r in s] for s in single], 0), rtol=1e-6
+        )
 
 
 def test_warm_averages_weights(members, tmp_path):
@@ -87,8 +94,9 @@ def test_warm_averages_weights(members, tmp_path):
     normalization = warm_average(workdirs, out, normalize_on=data)
     averaged = load_reward_model(out)
     loaded = [load_reward_model(w) for w in workdirs]
-    for a, m0, m1 in zip(jax.tree.leaves(averaged.params), jax.tree.leaves(loaded[0].params),
-                         jax.tree.leaves(loaded[1].params)):
+    for a, m0, m1 in zip(
+        jax.tree.leaves(averaged.params), jax.tree.leaves(loaded[0].params), jax.tree.leaves(loaded[1].params)
+    ):
         np.testing.assert_allclose(np.asarray(a), (np.asarray(m0) + np.asarray(m1)) / 2, rtol=1e-6, atol=1e-7)
     # The averaged model scores like any reward model; its normalisation is its own (mean 0 / std 1 on data).
     scored = _score([out], data, tmp_path / "warm.jsonl")

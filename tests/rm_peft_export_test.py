@@ -30,8 +30,15 @@ def _lora_rm(tmp_path, family):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     hf = str(tmp_path / "hf")
     # 4 spare embedding rows (as real vocabularies padded to a multiple of 64/128 have)
-    make_tiny_hf_model(family, hf, seed=3, tokenizer_dir=tok_dir, vocab_size=len(tok) + 4,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make_tiny_hf_model(
+        family,
+        hf,
+        seed=3,
+        tokenizer_dir=tok_dir,
+        vocab_size=len(tok) + 4,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     c = rm_config.get_config("size=tiny")
     c.model.init_from = hf
     c.data.train_files = write_jsonl(tmp_path / "train.jsonl", make_rows(32, 0))
@@ -53,11 +60,17 @@ def test_rm_peft_adapter_matches_rm_score(tmp_path, family):
     workdir, hf = _lora_rm(tmp_path, family)
     out = str(tmp_path / "adapter")
     rm_export.main(["--workdir", workdir, "--out", out, "--peft_adapter"])
-    assert {"adapter_config.json", "adapter_model.safetensors", "reward_model.json", "README.md",
-            "tokenizer.json"} <= set(os.listdir(out))
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "reward_model.json",
+        "README.md",
+        "tokenizer.json",
+    } <= set(os.listdir(out))
     info = json.load(open(os.path.join(out, "reward_model.json")))
     assert info["base_model"] == os.path.abspath(hf) and info["reward_normalization"]["applied"]
     from safetensors import safe_open
+
     with safe_open(os.path.join(out, "adapter_model.safetensors"), "np") as f:
         keys = set(f.keys())
     assert "base_model.model.score.weight" in keys
@@ -70,8 +83,9 @@ def test_rm_peft_adapter_matches_rm_score(tmp_path, family):
     rm_score.main(["--workdir", workdir, "--data", data, "--out", str(tmp_path / "s.jsonl")])
     ours = np.array([json.loads(line)["score"] for line in open(tmp_path / "s.jsonl")])
 
-    base = AutoModelForSequenceClassification.from_pretrained(hf, num_labels=1, pad_token_id=info["pad_token_id"],
-                                                              dtype=torch.float32)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        hf, num_labels=1, pad_token_id=info["pad_token_id"], dtype=torch.float32
+    )
     model = peft.PeftModel.from_pretrained(base, out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.pad_token_id == info["pad_token_id"] != tokenizer.eos_token_id
@@ -84,8 +98,15 @@ def test_rm_peft_adapter_matches_rm_score(tmp_path, family):
         no_lora = model(**batch).logits[:, 0].numpy() + info["reward_offset"]
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     assert np.ptp(ours) > 1e-2 and np.abs(no_lora - ours).max() > 1e-3
-    print(family, "max |peft - rm.score|", float(np.abs(theirs - ours).max()), "score range", float(np.ptp(ours)),
-          "without adapters max diff", float(np.abs(no_lora - ours).max()))
+    print(
+        family,
+        "max |peft - rm.score|",
+        float(np.abs(theirs - ours).max()),
+        "score range",
+        float(np.ptp(ours)),
+        "without adapters max diff",
+        float(np.abs(no_lora - ours).max()),
+    )
     if family == "gpt2":  # no spare row left once the tokenizer is one token longer: refused, by name
         real = rm_data.load_tokenizer
 

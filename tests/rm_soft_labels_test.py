@@ -44,8 +44,9 @@ def pairs():
 def test_default_label_is_todays_loss(pairs):
     chosen, rejected, _, margin = pairs
     old, _ = bradley_terry_loss(jnp.asarray(chosen), jnp.asarray(rejected), margin=jnp.asarray(margin))
-    new, _ = bradley_terry_loss(jnp.asarray(chosen), jnp.asarray(rejected), margin=jnp.asarray(margin),
-                                labels=jnp.ones(16))
+    new, _ = bradley_terry_loss(
+        jnp.asarray(chosen), jnp.asarray(rejected), margin=jnp.asarray(margin), labels=jnp.ones(16)
+    )
     np.testing.assert_allclose(float(new), float(old), rtol=1e-6)
     np.testing.assert_allclose(float(old), _numpy_loss(chosen, rejected, np.ones(16), margin=margin), rtol=1e-5)
 
@@ -54,30 +55,48 @@ def test_default_label_is_todays_loss(pairs):
 @pytest.mark.parametrize("tie_model", ["none", "rao_kupper"])
 def test_soft_and_tie_losses_match_numpy(pairs, eps, tie_model):
     chosen, rejected, labels, margin = pairs
-    loss, metrics = bradley_terry_loss(jnp.asarray(chosen), jnp.asarray(rejected), margin=jnp.asarray(margin),
-                                       labels=jnp.asarray(labels), label_smoothing=eps, tie_model=tie_model,
-                                       tie_theta=2.0)
+    loss, metrics = bradley_terry_loss(
+        jnp.asarray(chosen),
+        jnp.asarray(rejected),
+        margin=jnp.asarray(margin),
+        labels=jnp.asarray(labels),
+        label_smoothing=eps,
+        tie_model=tie_model,
+        tie_theta=2.0,
+    )
     ref = _numpy_loss(chosen, rejected, labels, margin=margin, eps=eps, tie_model=tie_model, theta=2.0)
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
     assert float(metrics["bt_loss"]) == pytest.approx(float(loss))
     # Gradient against central differences of the NumPy reference.
-    grad = jax.grad(lambda c: bradley_terry_loss(c, jnp.asarray(rejected), margin=jnp.asarray(margin),
-                                                 labels=jnp.asarray(labels), label_smoothing=eps,
-                                                 tie_model=tie_model, tie_theta=2.0)[0])(jnp.asarray(chosen))
+    grad = jax.grad(
+        lambda c: bradley_terry_loss(
+            c,
+            jnp.asarray(rejected),
+            margin=jnp.asarray(margin),
+            labels=jnp.asarray(labels),
+            label_smoothing=eps,
+            tie_model=tie_model,
+            tie_theta=2.0,
+        )[0]
+    )(jnp.asarray(chosen))
     h = 1e-5
     for i in (0, 5, 9):
         up, down = chosen.copy(), chosen.copy()
         up[i] += h
         down[i] -= h
-        fd = (_numpy_loss(up, rejected, labels, margin=margin, eps=eps, tie_model=tie_model, theta=2.0)
-              - _numpy_loss(down, rejected, labels, margin=margin, eps=eps, tie_model=tie_model, theta=2.0)) / (2 * h)
+        fd = (
+            _numpy_loss(up, rejected, labels, margin=margin, eps=eps, tie_model=tie_model, theta=2.0)
+            - _numpy_loss(down, rejected, labels, margin=margin, eps=eps, tie_model=tie_model, theta=2.0)
+        ) / (2 * h)
         np.testing.assert_allclose(float(grad[i]), fd, rtol=1e-3, atol=1e-6)
 
 
 def test_tie_loss_is_minimal_at_zero_gap_and_finite_far_away():
     gaps = jnp.linspace(-3.0, 3.0, 61)
-    losses = [float(bradley_terry_loss(g[None], jnp.zeros(1), labels=jnp.full(1, 0.5), tie_model="rao_kupper")[0])
-              for g in gaps]
+    losses = [
+        float(bradley_terry_loss(g[None], jnp.zeros(1), labels=jnp.full(1, 0.5), tie_model="rao_kupper")[0])
+        for g in gaps
+    ]
     assert int(np.argmin(losses)) == 30  # gap 0
     far, _ = bradley_terry_loss(jnp.array([200.0]), jnp.zeros(1), labels=jnp.full(1, 0.5), tie_model="rao_kupper")
     assert np.isfinite(float(far)) and float(far) > 150  # log form: no log(0)
@@ -113,8 +132,9 @@ def test_loader_reads_labels_per_row(policy, tmp_path):
     with pytest.raises(rm_data.BadRowError, match=r"row 1 .*'probability'.*\[0, 1\]"):
         rm_data.load_preference_data(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_length=64)
     rows[1]["probability"] = "high"
-    skipped = rm_data.load_preference_data(write_jsonl(tmp_path / "e.jsonl", rows), tok, max_length=64,
-                                           on_bad_row="skip")
+    skipped = rm_data.load_preference_data(
+        write_jsonl(tmp_path / "e.jsonl", rows), tok, max_length=64, on_bad_row="skip"
+    )
     assert len(skipped) == 2 and skipped.stats["skipped/wrong_type"] == 1
 
 
@@ -143,10 +163,12 @@ def test_all_ties_train_to_zero_gap(policy, tmp_path):
     from rm.score import score_arrays
 
     model = load_reward_model(str(tmp_path / "w"))
-    eval_data = rm_data.load_preference_data(c.data.eval_files, rm_data.load_tokenizer(str(policy / "hf")),
-                                             max_length=c.data.max_length)
-    gaps = (score_arrays(model, eval_data.chosen_ids, eval_data.chosen_mask)
-            - score_arrays(model, eval_data.rejected_ids, eval_data.rejected_mask))
+    eval_data = rm_data.load_preference_data(
+        c.data.eval_files, rm_data.load_tokenizer(str(policy / "hf")), max_length=c.data.max_length
+    )
+    gaps = score_arrays(model, eval_data.chosen_ids, eval_data.chosen_mask) - score_arrays(
+        model, eval_data.rejected_ids, eval_data.rejected_mask
+    )
     # Per pair, not just on average. Measured: 0.011 after 30 steps; the untrained head gives 0.078 on
     # these pairs, and 30 steps on label-1 rows give 10.6.
     assert np.mean(np.abs(gaps)) < 0.025, np.mean(np.abs(gaps))

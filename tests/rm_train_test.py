@@ -24,7 +24,8 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("rm")
     make_tiny_policy(d)
     return {
-        "dir": d, "hf": str(d / "hf"),
+        "dir": d,
+        "hf": str(d / "hf"),
         "train": write_jsonl(d / "train.jsonl", make_rows(400, 0)),
         "eval": write_jsonl(d / "eval.jsonl", make_rows(100, 1)),
     }
@@ -64,8 +65,12 @@ def test_learns_rule_quickly(trained):
 def test_normalization_and_score(trained, setup, tmp_path):
     workdir, summary, _ = trained
     out = tmp_path / "scores.jsonl"
-    subprocess.run([sys.executable, "-m", "rm.score", "--workdir", workdir, "--data", setup["eval"],
-                    "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rm.score", "--workdir", workdir, "--data", setup["eval"], "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     scores = [json.loads(l) for l in open(out)]
     assert len(scores) == 100
     both = np.array([s["chosen_score"] for s in scores] + [s["rejected_score"] for s in scores])
@@ -81,11 +86,19 @@ def test_export_matches_pytorch(trained, setup, tmp_path):
 
     workdir, _, _ = trained
     out = str(tmp_path / "export")
-    subprocess.run([sys.executable, "-m", "rm.export", "--workdir", workdir, "--out", out], check=True, cwd=ROOT,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rm.export", "--workdir", workdir, "--out", out],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     scored = tmp_path / "scores.jsonl"
-    subprocess.run([sys.executable, "-m", "rm.score", "--workdir", workdir, "--data", setup["eval"],
-                    "--out", str(scored)], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rm.score", "--workdir", workdir, "--data", setup["eval"], "--out", str(scored)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     ours = [json.loads(l) for l in open(scored)]
     rows = [json.loads(l) for l in open(setup["eval"])]
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -100,10 +113,22 @@ def test_export_matches_pytorch(trained, setup, tmp_path):
 
 
 def run_cli(workdir, setup, *extra):
-    return [sys.executable, "-m", "experiments.run", "--config", "configs/rm.py:size=tiny", "--workdir", workdir,
-            f"--config.model.init_from={setup['hf']}", f"--config.data.train_files={setup['train']}",
-            f"--config.data.eval_files={setup['eval']}", "--config.train.steps=20", "--config.train.save_every=5",
-            "--config.train.eval_every=0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        "configs/rm.py:size=tiny",
+        "--workdir",
+        workdir,
+        f"--config.model.init_from={setup['hf']}",
+        f"--config.data.train_files={setup['train']}",
+        f"--config.data.eval_files={setup['eval']}",
+        "--config.train.steps=20",
+        "--config.train.save_every=5",
+        "--config.train.eval_every=0",
+        *extra,
+    ]
 
 
 def final_params(workdir):
@@ -205,8 +230,12 @@ def test_final_eval_calibration_length_bias_and_interval(trained, setup, tmp_pat
     assert calibration["temperature"] == temperature and calibration["source"] == "eval"
     assert load_reward_model(workdir).temperature == temperature
     out = tmp_path / "scores.jsonl"
-    subprocess.run([sys.executable, "-m", "rm.score", "--workdir", workdir, "--data", setup["eval"],
-                    "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rm.score", "--workdir", workdir, "--data", setup["eval"], "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     scores = [json.loads(l) for l in open(out)]
     chosen = np.array([s["chosen_raw"] for s in scores])
     rejected = np.array([s["rejected_raw"] for s in scores])
@@ -214,8 +243,9 @@ def test_final_eval_calibration_length_bias_and_interval(trained, setup, tmp_pat
     after = calibration_metrics(chosen, rejected, temperature=temperature)
     assert summary["eval/calibrated/ece"] == pytest.approx(after["ece"], abs=1e-5)
     assert summary["eval/calibrated/ece"] <= summary["eval/ece"] + 1e-9
-    np.testing.assert_allclose([s["probability"] for s in scores],
-                               1 / (1 + np.exp(-(chosen - rejected) / temperature)), rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(
+        [s["probability"] for s in scores], 1 / (1 + np.exp(-(chosen - rejected) / temperature)), rtol=1e-5, atol=1e-12
+    )
     assert summary["eval/accuracy_ci_low"] <= summary["eval/accuracy"] <= summary["eval/accuracy_ci_high"]
     assert -1 <= summary["eval/length/spearman"] <= 1
     assert sum(v for k, v in summary.items() if k.startswith("eval/length/bin/") and k.endswith("/n")) == 100
@@ -232,5 +262,8 @@ def test_exported_folder_keeps_calibrated_probabilities(trained, setup, tmp_path
     source, exported = load_reward_model(workdir), load_reward_model(out)
     assert exported.temperature == pytest.approx(source.gain * summary["eval/temperature"], rel=1e-6)
     raw_a, raw_b = np.array([0.3, -1.2]), np.array([0.1, 0.4])
-    np.testing.assert_allclose(exported.preference_probability(source.normalize(raw_a), source.normalize(raw_b)),
-                               source.preference_probability(raw_a, raw_b), rtol=1e-6)
+    np.testing.assert_allclose(
+        exported.preference_probability(source.normalize(raw_a), source.normalize(raw_b)),
+        source.preference_probability(raw_a, raw_b),
+        rtol=1e-6,
+    )

@@ -32,8 +32,8 @@ def left_padded_prompts(lengths=(8, 5, 3), seed=0):
     ids = np.zeros((len(lengths), P), np.int64)
     mask = np.zeros((len(lengths), P), np.int64)
     for row, n in enumerate(lengths):
-        ids[row, P - n:] = rng.integers(1, VOCAB, n)
-        mask[row, P - n:] = 1
+        ids[row, P - n :] = rng.integers(1, VOCAB, n)
+        mask[row, P - n :] = 1
     return ids, mask
 
 
@@ -41,23 +41,30 @@ def torch_logprobs(model, sequences, mask, temperature=1.0):
     """log_softmax(logits / T) of the full sequences from the PyTorch model. [B, L, V]."""
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor(sequences, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long),
-                       position_ids=torch.tensor(pos, dtype=torch.long)).logits
+        logits = model(
+            input_ids=torch.tensor(sequences, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        ).logits
     return torch.log_softmax(logits / temperature, -1).numpy()
 
 
 def test_greedy_matches_hf_generate(tiny):
     family, model, config, params = tiny
     ids, mask = left_padded_prompts()
-    out = generate(params, config, ids, mask, jax.random.key(0), max_new_tokens=N, greedy=True,
-                   eos_token_id=NO_EOS)
+    out = generate(params, config, ids, mask, jax.random.key(0), max_new_tokens=N, greedy=True, eos_token_id=NO_EOS)
     ours = np.asarray(out.response_ids)
     # An EOS id that our run never emits; if HF emitted it anyway the comparison below fails.
     eos = next(i for i in range(1, VOCAB) if i not in set(ours.ravel().tolist()))
     with torch.no_grad():
-        ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                             max_new_tokens=N, pad_token_id=0, eos_token_id=eos).numpy()
+        ref = model.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=N,
+            pad_token_id=0,
+            eos_token_id=eos,
+        ).numpy()
     np.testing.assert_array_equal(ref[:, :P], ids)
     np.testing.assert_array_equal(ours, ref[:, P:], err_msg=family)
     assert len(set(ours.ravel().tolist())) > 5  # the comparison is not trivially constant
@@ -67,9 +74,10 @@ def test_greedy_matches_hf_generate(tiny):
     assert not np.asarray(out.ended_with_eos).any()
     # Greedy log-probs (temperature 1) are the model's log-probs of the chosen tokens.
     full_mask = np.concatenate([mask, np.ones((3, N), np.int64)], 1)
-    ref_lp = torch_logprobs(model, ref, full_mask)[:, P - 1:-1]  # position P-1+t predicts token t
-    np.testing.assert_allclose(np.asarray(out.logprobs), np.take_along_axis(ref_lp, ours[..., None], -1)[..., 0],
-                               atol=1e-4)
+    ref_lp = torch_logprobs(model, ref, full_mask)[:, P - 1 : -1]  # position P-1+t predicts token t
+    np.testing.assert_allclose(
+        np.asarray(out.logprobs), np.take_along_axis(ref_lp, ours[..., None], -1)[..., 0], atol=1e-4
+    )
 
 
 def expected_after_stop(tokens, stop_ids, pad):
@@ -105,8 +113,16 @@ def test_eos_and_stop_tokens(tiny):
         np.testing.assert_allclose(lp[want_mask == 1], np.asarray(free.logprobs)[want_mask == 1], atol=1e-5)
         np.testing.assert_array_equal(np.asarray(out.sequences)[:, P:], want_ids)
     # Every row stops (row 0's prompt thrice): the loop exits early and the tail is still padding.
-    out = generate(params, config, ids[:1].repeat(3, 0), mask[:1].repeat(3, 0), None, max_new_tokens=N,
-                   greedy=True, eos_token_id=eos)
+    out = generate(
+        params,
+        config,
+        ids[:1].repeat(3, 0),
+        mask[:1].repeat(3, 0),
+        None,
+        max_new_tokens=N,
+        greedy=True,
+        eos_token_id=eos,
+    )
     want_ids, _, want_len, _ = expected_after_stop(tokens[:1].repeat(3, 0), [eos], pad)
     np.testing.assert_array_equal(np.asarray(out.response_ids), want_ids)
     np.testing.assert_array_equal(np.asarray(out.response_lengths), want_len)
@@ -124,10 +140,11 @@ def test_sampling_logprobs_and_reproducibility(tiny):
     # Log-probs: tempered, unfiltered distribution of a PyTorch forward over the sampled sequence.
     seq = np.asarray(a.sequences)
     full_mask = np.concatenate([mask, np.ones((3, N), np.int64)], 1)
-    ref_lp = torch_logprobs(model, seq, full_mask, temperature=0.7)[:, P - 1:-1]  # [B, N, V]
+    ref_lp = torch_logprobs(model, seq, full_mask, temperature=0.7)[:, P - 1 : -1]  # [B, N, V]
     tokens = seq[:, P:]
-    np.testing.assert_allclose(np.asarray(a.logprobs), np.take_along_axis(ref_lp, tokens[..., None], -1)[..., 0],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(a.logprobs), np.take_along_axis(ref_lp, tokens[..., None], -1)[..., 0], atol=1e-4
+    )
     # Every sampled token is inside the top 5 of its step.
     rank = (ref_lp > np.take_along_axis(ref_lp, tokens[..., None], -1)).sum(-1)
     assert rank.max() < 5
@@ -144,7 +161,7 @@ def test_bfloat16_generation(tmp_path):
     out = generate(params, config, ids, mask, None, max_new_tokens=N, greedy=True, eos_token_id=NO_EOS)
     # Each bf16 greedy token is (near-)argmax of the fp32 PyTorch model given the same prefix.
     seq = np.asarray(out.sequences)
-    ref_lp = torch_logprobs(model, seq, np.concatenate([mask, np.ones((3, N), np.int64)], 1))[:, P - 1:-1]
+    ref_lp = torch_logprobs(model, seq, np.concatenate([mask, np.ones((3, N), np.int64)], 1))[:, P - 1 : -1]
     chosen = np.take_along_axis(ref_lp, seq[:, P:, None], -1)[..., 0]
     assert (ref_lp.max(-1) - chosen).max() < 0.15
     np.testing.assert_allclose(np.asarray(out.logprobs), chosen, atol=0.15)
@@ -170,6 +187,7 @@ def test_rejects_right_padding(tiny):
 
 
 # ----------------------------------------------------------------------------- filters (no model)
+
 
 def np_top_p_keep(logits, p):
     """Reference nucleus: sort descending, add tokens until the kept mass reaches p."""

@@ -14,14 +14,29 @@ FAMILIES = {
     # uniform: P = 1, all three layers scanned
     "llama": dict(family="llama", n_layers=3),
     # alternating local/global: P = 2, one scanned group (layers 0-1) + layer 2 unrolled
-    "gemma2": dict(family="gemma2", n_layers=3, sliding_window=3, attn_softcap=20.0, final_softcap=15.0,
-                   query_pre_attn_scalar=8.0, activation="gelu_new", norm_eps=1e-6,
-                   layer_types=("sliding_attention", "full_attention", "sliding_attention")),
+    "gemma2": dict(
+        family="gemma2",
+        n_layers=3,
+        sliding_window=3,
+        attn_softcap=20.0,
+        final_softcap=15.0,
+        query_pre_attn_scalar=8.0,
+        activation="gelu_new",
+        norm_eps=1e-6,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    ),
     # local x2 + global, separate local RoPE base, q/k norms: P = 3, two scanned groups + layer 6 unrolled
-    "gemma3_text": dict(family="gemma3_text", n_layers=7, sliding_window=3, qk_norm=True, rope_local_theta=10.0,
-                        query_pre_attn_scalar=8.0, activation="gelu_new", norm_eps=1e-6,
-                        layer_types=("sliding_attention", "sliding_attention", "full_attention") * 2
-                        + ("sliding_attention",)),
+    "gemma3_text": dict(
+        family="gemma3_text",
+        n_layers=7,
+        sliding_window=3,
+        qk_norm=True,
+        rope_local_theta=10.0,
+        query_pre_attn_scalar=8.0,
+        activation="gelu_new",
+        norm_eps=1e-6,
+        layer_types=("sliding_attention", "sliding_attention", "full_attention") * 2 + ("sliding_attention",),
+    ),
 }
 
 
@@ -35,7 +50,7 @@ def forward_and_grads(cfg, params, ids, mask, rngs=None):
     def loss(p):
         out = Transformer(cfg).apply({"params": p}, ids, mask, rngs=rngs)
         w = mask[..., None].astype(jnp.float32)  # padded positions are never read
-        return jnp.mean(jnp.sin(out.logits) * w) + jnp.mean(out.hidden_states ** 2 * w), out.logits * w
+        return jnp.mean(jnp.sin(out.logits) * w) + jnp.mean(out.hidden_states**2 * w), out.logits * w
 
     (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return value, logits, grads
@@ -77,11 +92,21 @@ def test_lora_int8_and_dropout():
 
     cfg = TransformerConfig(**SMALL, **FAMILIES["llama"])
     base = init_params(cfg, jax.random.key(1))
-    lcfg, params = add_lora_and_quant(cfg, base, lora_rank=2, lora_alpha=4.0, lora_targets=("q_proj", "down_proj"),
-                                      lora_dropout=0.3, quant="", rng=jax.random.key(2), where="model")
+    lcfg, params = add_lora_and_quant(
+        cfg,
+        base,
+        lora_rank=2,
+        lora_alpha=4.0,
+        lora_targets=("q_proj", "down_proj"),
+        lora_dropout=0.3,
+        quant="",
+        rng=jax.random.key(2),
+        where="model",
+    )
     # adapters away from zero so they matter in the comparison
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(p) else x, params)
+        lambda p, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(p) else x, params
+    )
     ids, mask = batch()
     # Without a dropout rng (scoring, evaluation): equal to the unrolled model.
     _, ref_logits, ref_grads = forward_and_grads(lcfg, params, ids, mask)
@@ -104,8 +129,9 @@ def test_lora_int8_and_dropout():
     # int8 QuantDense leaves (qvalue, scale) stack like any other leaf (forward only: int8 has no gradient).
     qparams, qcfg = quantize_params(base, cfg)
     run = lambda c: jax.jit(lambda p: Transformer(c).apply({"params": p}, ids, mask).logits)(qparams)
-    np.testing.assert_allclose(np.asarray(run(qcfg.replace(scan_layers=True))), np.asarray(run(qcfg)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(run(qcfg.replace(scan_layers=True))), np.asarray(run(qcfg)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_params_and_checkpoint_unchanged(tmp_path):
@@ -136,16 +162,31 @@ def test_rm_train_step_equal_with_scan():
     cfg = TransformerConfig(**SMALL, **dict(FAMILIES["llama"], n_layers=2))
     ids, mask = batch(t=8)
     params = RewardModel(cfg).init(jax.random.key(0), ids, mask)["params"]
-    tx, schedule = make_optimizer(learning_rate=1e-2, total_steps=4, warmup_steps=0, weight_decay=0.01,
-                                  max_grad_norm=1.0)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(1))}
+    tx, schedule = make_optimizer(
+        learning_rate=1e-2, total_steps=4, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0
+    )
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(1)),
+    }
     rej_ids, _ = batch(seed=3, t=8)
     b = {"chosen_ids": ids, "chosen_mask": mask, "rejected_ids": rej_ids, "rejected_mask": mask[::-1]}
     results = []
     for c in (cfg, cfg.replace(scan_layers=True)):
-        step = jax.jit(functools.partial(train_step, model_config=c, tx=tx, schedule=schedule, accum_steps=1,
-                                         center_coef=0.01, use_margin=False, nan_step=-1))
+        step = jax.jit(
+            functools.partial(
+                train_step,
+                model_config=c,
+                tx=tx,
+                schedule=schedule,
+                accum_steps=1,
+                center_coef=0.01,
+                use_margin=False,
+                nan_step=-1,
+            )
+        )
         results.append(step(state, b))
     (s0, m0), (s1, m1) = results
     assert float(m0["grad_norm"]) > 0
@@ -153,8 +194,9 @@ def test_rm_train_step_equal_with_scan():
     # The gradients, through Adam's first moment (mu = (1 - b1) g). Not the new params: Adam's first
     # step moves each weight by ~lr * sign(g), which turns fp32 rounding of near-zero gradients
     # into lr-sized differences.
-    first_moment = lambda s: [x for p, x in jax.tree_util.tree_leaves_with_path(s["opt_state"])
-                              if ".mu" in jax.tree_util.keystr(p)]
+    first_moment = lambda s: [
+        x for p, x in jax.tree_util.tree_leaves_with_path(s["opt_state"]) if ".mu" in jax.tree_util.keystr(p)
+    ]
     assert len(first_moment(s0)) == len(jax.tree.leaves(params))
     assert_trees_close(first_moment(s1), first_moment(s0))
     assert int(s1["step"]) == 1

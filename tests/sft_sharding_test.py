@@ -27,17 +27,28 @@ if ROOT not in sys.path:
 MESHES = [(1, 8), (2, 4), (8, 1)]  # (data, model)
 STEPS = 6
 TOL = 2e-5
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true " \
-               "--xla_cpu_use_fusion_emitters=false"
+FAST_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+)
 
 
 def _run_worker(devices: int, out_dir: str, meshes) -> None:
     flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
+    )
     arg = ";".join(f"{d}x{m}" for d, m in meshes)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out_dir, arg], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", out_dir, arg],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -54,6 +65,7 @@ def _losses(workdir):
 
 def _weights(workdir):
     from safetensors.numpy import load_file
+
     out = {}
     for name in sorted(os.listdir(os.path.join(workdir, "hf"))):
         if name.endswith(".safetensors"):
@@ -74,10 +86,12 @@ def test_sft_meshes_match_one_device(tmp_path):
         name = f"{d}x{m}"
         train, evals = _losses(str(tmp_path / name))
         assert sorted(train) == sorted(ref_train) and sorted(evals) == sorted(ref_eval), name
-        np.testing.assert_allclose([train[s] for s in sorted(train)], [ref_train[s] for s in sorted(train)],
-                                   rtol=0, atol=TOL, err_msg=name)
-        np.testing.assert_allclose([evals[s] for s in sorted(evals)], [ref_eval[s] for s in sorted(evals)],
-                                   rtol=0, atol=TOL, err_msg=name)
+        np.testing.assert_allclose(
+            [train[s] for s in sorted(train)], [ref_train[s] for s in sorted(train)], rtol=0, atol=TOL, err_msg=name
+        )
+        np.testing.assert_allclose(
+            [evals[s] for s in sorted(evals)], [ref_eval[s] for s in sorted(evals)], rtol=0, atol=TOL, err_msg=name
+        )
         weights = _weights(str(tmp_path / name))
         assert set(weights) == set(ref_w), name
         for key, ref in ref_w.items():

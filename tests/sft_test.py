@@ -53,9 +53,14 @@ def setup(tmp_path_factory):
     corpus = [r["prompt"] + r["completion"] for r in qa_rows(200, 9)] + ["Hello there, how are you today?"] * 3
     tok_dir = make_tiny_tokenizer(str(d / "tok"), texts=corpus, vocab_size=300)
     from transformers import AutoTokenizer
-    return {"dir": d, "tok_dir": tok_dir, "tok": AutoTokenizer.from_pretrained(tok_dir),
-            "train": write_jsonl(d / "train.jsonl", qa_rows(256, 0)),
-            "eval": write_jsonl(d / "eval.jsonl", qa_rows(64, 1))}
+
+    return {
+        "dir": d,
+        "tok_dir": tok_dir,
+        "tok": AutoTokenizer.from_pretrained(tok_dir),
+        "train": write_jsonl(d / "train.jsonl", qa_rows(256, 0)),
+        "eval": write_jsonl(d / "eval.jsonl", qa_rows(64, 1)),
+    }
 
 
 # ----------------------------------------------------------------------------- loss
@@ -87,8 +92,14 @@ def test_loss_matches_numpy_loop():
     ours_low = next_token_loss(logits=low, input_ids=jnp.asarray(ids), loss_mask=jnp.asarray(mask))
     np.testing.assert_allclose(float(ours_low), numpy_loss(np.asarray(low, np.float32), ids, mask), rtol=1e-6)
     # No targets: 0, not NaN.
-    assert float(next_token_loss(logits=jnp.asarray(logits), input_ids=jnp.asarray(ids),
-                                 loss_mask=jnp.zeros_like(jnp.asarray(mask)))) == 0.0
+    assert (
+        float(
+            next_token_loss(
+                logits=jnp.asarray(logits), input_ids=jnp.asarray(ids), loss_mask=jnp.zeros_like(jnp.asarray(mask))
+            )
+        )
+        == 0.0
+    )
 
 
 def test_loss_matches_pytorch(tmp_path):
@@ -103,21 +114,30 @@ def test_loss_matches_pytorch(tmp_path):
     ids = np.where(attention > 0, ids, 0)
     loss_mask = attention * (np.arange(12)[None] >= np.array([[4], [2], [1]]))  # prompt tokens masked
     logits = jax.jit(lm_logits, static_argnums=0)(config, params, ids, attention)  # eager flax is slow
-    ours = next_token_loss(logits=logits,
-                           input_ids=jnp.asarray(ids), loss_mask=jnp.asarray(loss_mask))
+    ours = next_token_loss(logits=logits, input_ids=jnp.asarray(ids), loss_mask=jnp.asarray(loss_mask))
     labels = torch.tensor(np.where(loss_mask > 0, ids, -100))
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(attention), labels=labels)
-        by_hand = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 96), labels[:, 1:].reshape(-1),
-                                                    ignore_index=-100)
+        by_hand = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].reshape(-1, 96), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
     np.testing.assert_allclose(float(ours), float(out.loss), atol=1e-4)
     np.testing.assert_allclose(float(ours), float(by_hand), atol=1e-4)
 
 
 def test_grad_accumulation_is_exact_token_mean():
     """accum_steps=2 with uneven target counts per half == one full batch (loss and update)."""
-    cfg = TransformerConfig(family="llama", vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
-                            head_dim=8, d_ff=32, max_position_embeddings=16)
+    cfg = TransformerConfig(
+        family="llama",
+        vocab_size=32,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        head_dim=8,
+        d_ff=32,
+        max_position_embeddings=16,
+    )
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     rng = np.random.default_rng(2)
     ids = rng.integers(0, 32, (4, 8)).astype(np.int32)
@@ -131,17 +151,29 @@ def test_grad_accumulation_is_exact_token_mean():
     tx = optax.sgd(0.1)
     results = []
     for accum in (1, 2):
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32),
-                 "rng": jax.random.key_data(jax.random.key(1))}
-        results.append(jax.jit(lambda s, b, a=accum: train_step(s, b, model_config=cfg, tx=tx, schedule=lambda _: 0.1,
-                                                                accum_steps=a, nan_step=-1))(state, batch))
+        state = {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.asarray(0, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(1)),
+        }
+        results.append(
+            jax.jit(
+                lambda s, b, a=accum: train_step(
+                    s, b, model_config=cfg, tx=tx, schedule=lambda _: 0.1, accum_steps=a, nan_step=-1
+                )
+            )(state, batch)
+        )
     logits = jax.jit(lm_logits, static_argnums=0)(cfg, params, ids, attention)
     expected = numpy_loss(np.asarray(logits), ids, loss_mask)
     for _, metrics in results:
         np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
         assert float(metrics["target_tokens"]) == 13
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
-                 results[0][0]["params"], results[1][0]["params"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+        results[0][0]["params"],
+        results[1][0]["params"],
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -149,8 +181,10 @@ def test_grad_accumulation_is_exact_token_mean():
 
 def test_prompt_completion_masks_completion_and_eos(setup, tmp_path):
     tok = setup["tok"]
-    rows = [{"prompt": "Q: what color is the cat?", "completion": " A: the cat is red."},
-            {"prompt": "Q: what color is the owl?", "completion": " A: the owl is blue." + EOS_TOKEN}]
+    rows = [
+        {"prompt": "Q: what color is the cat?", "completion": " A: the cat is red."},
+        {"prompt": "Q: what color is the owl?", "completion": " A: the owl is blue." + EOS_TOKEN},
+    ]
     data = sft_data.load_sft_data(write_jsonl(tmp_path / "pc.jsonl", rows), tok, max_length=24)
     eos = tok.eos_token_id
     for i, row in enumerate(rows):
@@ -165,9 +199,9 @@ def test_prompt_completion_masks_completion_and_eos(setup, tmp_path):
     assert data.stats["target_tokens"] == int(data.loss_mask.sum()) and data.stats["truncated"] == 0
 
     # Truncation keeps the start; an example whose prompt fills max_length has no target and is dropped.
-    short = sft_data.load_sft_data(write_jsonl(tmp_path / "pc2.jsonl", rows + [{"prompt": "x " * 30,
-                                                                                 "completion": "y"}]),
-                                   tok, max_length=10)
+    short = sft_data.load_sft_data(
+        write_jsonl(tmp_path / "pc2.jsonl", rows + [{"prompt": "x " * 30, "completion": "y"}]), tok, max_length=10
+    )
     assert len(short) == 2 and short.stats["truncated"] == 2
     assert short.stats["skipped/no_targets_after_truncation"] == 1
     np.testing.assert_array_equal(short.input_ids[0], data.input_ids[0][:10])
@@ -182,9 +216,13 @@ def test_text_and_conversation_masks(setup, tmp_path):
     np.testing.assert_array_equal(text.input_ids[0, :n], ids)
     np.testing.assert_array_equal(text.loss_mask[0, :n], [0] + [1] * (n - 1))  # all but the unpredictable first
 
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
-                {"role": "assistant", "content": "Bye!"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye!"},
+    ]
     conv = sft_data.load_sft_data(write_jsonl(tmp_path / "m.jsonl", [{"messages": messages}]), tok, max_length=96)
     # tests/fixtures.CHAT_TEMPLATE renders "<|role|>\n{content}\n" per turn: by hand, the targets are
     # the assistant contents with their newline, then EOS.
@@ -217,8 +255,11 @@ def test_bad_rows_error_and_skip(setup, tmp_path):
     assert data.stats["skipped/missing"] == 1 and data.stats["skipped/empty"] == 1
 
     no_assistant = write_jsonl(tmp_path / "conv.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
-    with pytest.raises(BadRowError, match=r"row 0 \(0-based\): key 'messages': expected at least one message with "
-                                          r"role 'assistant'"):
+    with pytest.raises(
+        BadRowError,
+        match=r"row 0 \(0-based\): key 'messages': expected at least one message with "
+        r"role 'assistant'",
+    ):
         sft_data.load_sft_data(no_assistant, tok, max_length=32)
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(ValueError, match=r"columns \['answer', 'question'\] are not a known SFT layout"):
@@ -244,9 +285,16 @@ def test_batches_deterministic_and_eval_padding(setup, tmp_path):
 
 
 def overrides(setup, workdir):
-    return {"workdir": workdir, "model.tokenizer": setup["tok_dir"], "data.train_files": setup["train"],
-            "data.eval_files": setup["eval"], "data.max_length": 32, "train.steps": 40, "train.eval_every": 0,
-            "train.save_every": 20}
+    return {
+        "workdir": workdir,
+        "model.tokenizer": setup["tok_dir"],
+        "data.train_files": setup["train"],
+        "data.eval_files": setup["eval"],
+        "data.max_length": 32,
+        "train.steps": 40,
+        "train.eval_every": 0,
+        "train.save_every": 20,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -271,12 +319,22 @@ def test_from_scratch_lowers_heldout_loss(trained):
     assert evals[0] > 4.0  # a random init is near log(vocab) = log(300) = 5.7
     np.testing.assert_allclose(summary["eval/perplexity"], np.exp(evals[40]), rtol=1e-6)
     assert any("train/loss" in l for l in lines)
-    print(f"\nSFT from scratch: 40 steps in {seconds:.1f}s wall ({cpu_seconds:.1f}s CPU), "
-          f"eval loss {evals[0]:.3f} -> {evals[40]:.3f}")
+    print(
+        f"\nSFT from scratch: 40 steps in {seconds:.1f}s wall ({cpu_seconds:.1f}s CPU), "
+        f"eval loss {evals[0]:.3f} -> {evals[40]:.3f}"
+    )
     # CPU time (compiles included) is what this run costs; wall time also counts other jobs on a shared machine.
     assert cpu_seconds < 40 and seconds < 150
-    for name in ("config.json", "model_config.json", "data_stats.json", "eval_final.json", "tokenizer/tokenizer.json",
-                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"):
+    for name in (
+        "config.json",
+        "model_config.json",
+        "data_stats.json",
+        "eval_final.json",
+        "tokenizer/tokenizer.json",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer.json",
+    ):
         assert os.path.exists(os.path.join(workdir, name)), name
 
 
@@ -295,8 +353,9 @@ def test_export_matches_transformers(trained, setup):
     ours = np.asarray(Transformer(config).apply({"params": params}, ids, mask).logits)
     model = AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "hf")).eval()
     with torch.no_grad():
-        theirs = model(input_ids=torch.tensor(ids, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+        theirs = model(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
+        ).logits.numpy()
     real = mask > 0
     np.testing.assert_allclose(theirs[real], ours[real], atol=1e-4)
     hf_tok = AutoTokenizer.from_pretrained(os.path.join(workdir, "hf"))
@@ -311,8 +370,14 @@ def test_rerun_resumes_without_retraining(trained, setup):
     workdir, summary, _ = trained
     before = open(os.path.join(workdir, "metrics.jsonl")).read()
     args = overrides(setup, workdir)
-    cmd = [sys.executable, "-m", "experiments.run", "--config", "configs/sft.py:size=tiny",
-           f"--workdir={args.pop('workdir')}"] + [f"--config.{k}={v}" for k, v in args.items()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        "configs/sft.py:size=tiny",
+        f"--workdir={args.pop('workdir')}",
+    ] + [f"--config.{k}={v}" for k, v in args.items()]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Resuming from checkpoint at step 40" in res.stdout

@@ -22,8 +22,19 @@ if ROOT not in sys.path:
 
 # Tiny Llama-shaped model (qwen2 = llama + q/k/v biases). vocab 50 is NOT divisible by a
 # 4- or 8-way model axis, so the vocab dim must fall back to replication.
-TINY = dict(family="qwen2", vocab_size=50, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8,
-            d_ff=64, max_position_embeddings=64, qkv_bias=True, pad_token_id=0)
+TINY = dict(
+    family="qwen2",
+    vocab_size=50,
+    d_model=32,
+    n_layers=1,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=64,
+    max_position_embeddings=64,
+    qkv_bias=True,
+    pad_token_id=0,
+)
 MESHES = [(1, 8), (2, 4), (8, 1)]  # (data, model)
 BATCH, SEQ, STEPS = 8, 12, 3
 
@@ -81,7 +92,8 @@ def test_logical_axes_by_path():
 
 
 def test_spec_for_on_abstract_mesh():
-    from jax.sharding import AbstractMesh, PartitionSpec as P
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
 
     from models.sharding import DEFAULT_RULES, REPLICATED_RULES, spec_for
 
@@ -119,32 +131,55 @@ def _expected_param_specs(mesh_shape):
     d, kv, q, f, v = 32, 16, 32, 64, 50
     E = lambda dim: ax("data", data, dim)  # noqa: E731  'embed'
     M = lambda dim: ax("model", model, dim)  # noqa: E731  'heads' / 'mlp' / 'vocab'
-    out = {"backbone/embed/embedding": [M(v), E(d)], "backbone/final_norm/scale": [None],
-           "head/kernel": [None, None], "head/bias": [None]}
+    out = {
+        "backbone/embed/embedding": [M(v), E(d)],
+        "backbone/final_norm/scale": [None],
+        "head/kernel": [None, None],
+        "head/bias": [None],
+    }
     for i in range(TINY["n_layers"]):
         pre = f"backbone/layers_{i}"
-        out.update({
-            f"{pre}/attn_norm/scale": [None], f"{pre}/mlp_norm/scale": [None],
-            f"{pre}/attn/q_proj/kernel": [E(d), M(q)], f"{pre}/attn/q_proj/bias": [M(q)],
-            f"{pre}/attn/k_proj/kernel": [E(d), M(kv)], f"{pre}/attn/k_proj/bias": [M(kv)],
-            f"{pre}/attn/v_proj/kernel": [E(d), M(kv)], f"{pre}/attn/v_proj/bias": [M(kv)],
-            f"{pre}/attn/o_proj/kernel": [M(q), E(d)],
-            f"{pre}/mlp/gate_proj/kernel": [E(d), M(f)], f"{pre}/mlp/up_proj/kernel": [E(d), M(f)],
-            f"{pre}/mlp/down_proj/kernel": [M(f), E(d)],
-        })
+        out.update(
+            {
+                f"{pre}/attn_norm/scale": [None],
+                f"{pre}/mlp_norm/scale": [None],
+                f"{pre}/attn/q_proj/kernel": [E(d), M(q)],
+                f"{pre}/attn/q_proj/bias": [M(q)],
+                f"{pre}/attn/k_proj/kernel": [E(d), M(kv)],
+                f"{pre}/attn/k_proj/bias": [M(kv)],
+                f"{pre}/attn/v_proj/kernel": [E(d), M(kv)],
+                f"{pre}/attn/v_proj/bias": [M(kv)],
+                f"{pre}/attn/o_proj/kernel": [M(q), E(d)],
+                f"{pre}/mlp/gate_proj/kernel": [E(d), M(f)],
+                f"{pre}/mlp/up_proj/kernel": [E(d), M(f)],
+                f"{pre}/mlp/down_proj/kernel": [M(f), E(d)],
+            }
+        )
     return out
 
 
 def test_multi_device_shardings_and_train_step_equivalence():
     # The two LLVM flags halve XLA:CPU compile time (the bulk of this test); every run in the
     # worker, single-device baseline included, is compiled with them.
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " \
-            "--xla_llvm_disable_expensive_passes=true"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+    flags = (
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true"
+    )
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
+    )
     t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"sharding worker: {time.time() - t0:.1f}s, timings {report['timings']}")
@@ -218,15 +253,17 @@ def _worker():
     def flat(tree):
         return {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
-    tx, schedule = make_optimizer(learning_rate=1e-3, total_steps=10, warmup_steps=0, weight_decay=0.01,
-                                  max_grad_norm=1.0)
+    tx, schedule = make_optimizer(
+        learning_rate=1e-3, total_steps=10, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0
+    )
     mesh24 = make_mesh((2, 4))
     shapes = jax.eval_shape(init_fn)
     report = {"device_count": jax.device_count()}
     report["param_specs"] = flat_specs(tree_partition_specs(shapes, mesh24))
     report["opt_specs"] = flat_specs(tree_partition_specs(jax.eval_shape(tx.init, shapes), mesh24))
-    masked_tx, _ = make_optimizer(learning_rate=1e-3, total_steps=10, warmup_steps=0,
-                                  trainable=lambda path: path.startswith("head"))
+    masked_tx, _ = make_optimizer(
+        learning_rate=1e-3, total_steps=10, warmup_steps=0, trainable=lambda path: path.startswith("head")
+    )
     report["masked_opt_specs"] = flat_specs(tree_partition_specs(jax.eval_shape(masked_tx.init, shapes), mesh24))
 
     # Create params already sharded (style rule 8) and compare with a plain init.
@@ -247,8 +284,14 @@ def _worker():
 
     # ---- train-step equivalence
     params0 = plain
-    state0 = jax.device_get({"params": params0, "opt_state": tx.init(params0), "step": jnp.asarray(0, jnp.int32),
-                             "rng": jax.random.key_data(jax.random.key(1))})
+    state0 = jax.device_get(
+        {
+            "params": params0,
+            "opt_state": tx.init(params0),
+            "step": jnp.asarray(0, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(1)),
+        }
+    )
     rs = np.random.RandomState(0)
     batches = []
     for _ in range(STEPS):
@@ -259,8 +302,16 @@ def _worker():
             b[f"{side}_ids"] = (rs.randint(1, cfg.vocab_size, size=(BATCH, SEQ)) * mask).astype(np.int32)
             b[f"{side}_mask"] = mask
         batches.append(b)
-    step = functools.partial(train_step, model_config=cfg, tx=tx, schedule=schedule, accum_steps=1,
-                             center_coef=0.01, use_margin=False, nan_step=-1)
+    step = functools.partial(
+        train_step,
+        model_config=cfg,
+        tx=tx,
+        schedule=schedule,
+        accum_steps=1,
+        center_coef=0.01,
+        use_margin=False,
+        nan_step=-1,
+    )
 
     def run(step_fn, state, place_batch):
         losses = []
@@ -270,13 +321,16 @@ def _worker():
         return state, losses
 
     t = time.time()
-    single_state, single_losses = run(jax.jit(step), jax.device_put(state0, jax.devices()[0]),
-                                      lambda b: jax.device_put(b, jax.devices()[0]))
+    single_state, single_losses = run(
+        jax.jit(step), jax.device_put(state0, jax.devices()[0]), lambda b: jax.device_put(b, jax.devices()[0])
+    )
     single_params = flat(single_state["params"])
     single_mu = flat(single_state["opt_state"][1][0].mu)
     init_flat = flat(params0)
-    report["single"] = {"losses": single_losses,
-                        "param_change": max(float(np.max(np.abs(single_params[k] - init_flat[k]))) for k in init_flat)}
+    report["single"] = {
+        "losses": single_losses,
+        "param_change": max(float(np.max(np.abs(single_params[k] - init_flat[k]))) for k in init_flat),
+    }
     timings["single_device_s"] = round(time.time() - t, 2)
 
     report["meshes"] = {}
@@ -285,8 +339,12 @@ def _worker():
         mesh = make_mesh(shape)
         state_sharding = tree_shardings(state0, mesh)
         assert jax.tree.structure(param_shardings(params0, mesh)) == jax.tree.structure(params0)
-        step_fn = jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh)),
-                          out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+        step_fn = jax.jit(
+            step,
+            in_shardings=(state_sharding, batch_sharding(mesh)),
+            out_shardings=(state_sharding, replicated(mesh)),
+            donate_argnums=(0,),
+        )
         state, losses = run(step_fn, jax.device_put(state0, state_sharding), lambda b: shard_batch(b, mesh))
         params, mu = flat(state["params"]), flat(state["opt_state"][1][0].mu)
         report["meshes"]["x".join(map(str, shape))] = {

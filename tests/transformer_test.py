@@ -31,8 +31,12 @@ def padded_batch(padding_side, vocab=128, seed=0):
 def torch_logits(model, ids, mask):
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(pos), output_hidden_states=True)
+        out = model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos),
+            output_hidden_states=True,
+        )
     return out.logits.numpy(), out.hidden_states[-1].numpy()
 
 
@@ -58,6 +62,7 @@ def test_save_roundtrip_loads_in_transformers(tmp_path, family):
     dst = tmp_path / "dst"
     hf.save_hf_checkpoint(config, params, str(dst))
     import transformers
+
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(dst)).eval()
     ids, mask = padded_batch("right")
     a, _ = torch_logits(model, ids, mask)
@@ -78,8 +83,9 @@ def test_kv_cache_decode_matches_full_forward(tmp_path):
     out = model.apply({"params": params}, ids[:, :6], mask, positions=pos[:, :6], cache=cache, cache_index=0)
     cache, logits = out.cache, [out.logits]
     for t in range(6, 10):
-        out = model.apply({"params": params}, ids[:, t:t + 1], mask, positions=pos[:, t:t + 1], cache=cache,
-                          cache_index=t)
+        out = model.apply(
+            {"params": params}, ids[:, t : t + 1], mask, positions=pos[:, t : t + 1], cache=cache, cache_index=t
+        )
         cache = out.cache
         logits.append(out.logits)
     stepped = jnp.concatenate(logits, axis=1)
@@ -112,6 +118,7 @@ def test_pickle_only_folder_is_refused(tmp_path):
 def test_unsupported_model_type(tmp_path):
     make_tiny_hf_model("gpt2", str(tmp_path))
     import json
+
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model_type"] = "bert"
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -7,15 +7,15 @@ import subprocess
 import sys
 import textwrap
 
-
 from tests.rm_data_gen import make_rows, make_tiny_policy, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, env=None, module="experiments.run"):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_config_typo_names_the_closest_keys_in_one_line():
@@ -34,16 +34,27 @@ def test_print_config_shows_overrides_and_exits():
 
 def test_user_error_is_one_line_with_exit_code_2(tmp_path):
     workdir = tmp_path / "w"
-    res = _run("--config", "configs/rm.py:size=tiny", "--workdir", str(workdir),
-               "--config.model.init_from=/no/such/model", f"--config.data.train_files={tmp_path}/x.jsonl")
+    res = _run(
+        "--config",
+        "configs/rm.py:size=tiny",
+        "--workdir",
+        str(workdir),
+        "--config.model.init_from=/no/such/model",
+        f"--config.data.train_files={tmp_path}/x.jsonl",
+    )
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     first = res.stderr.strip().splitlines()[0]
-    assert first == ("experiments.run: error: config.model.init_from='/no/such/model': /no/such/model does not "
-                     "exist")
+    assert first == ("experiments.run: error: config.model.init_from='/no/such/model': /no/such/model does not exist")
     assert not workdir.exists()
-    debug = _run("--config", "configs/rm.py:size=tiny", "--workdir", str(workdir), "--debug",
-                 "--config.model.init_from=/no/such/model")
+    debug = _run(
+        "--config",
+        "configs/rm.py:size=tiny",
+        "--workdir",
+        str(workdir),
+        "--debug",
+        "--config.model.init_from=/no/such/model",
+    )
     assert "Traceback" in debug.stderr and debug.returncode == 1
 
 
@@ -51,8 +62,15 @@ def test_dry_run_prints_sizes_and_leaves_the_workdir_alone(tmp_path):
     hf = make_tiny_policy(tmp_path)
     data = write_jsonl(tmp_path / "train.jsonl", make_rows(40, 0))
     workdir = tmp_path / "w"
-    res = _run("--config", "configs/rm.py:size=tiny", "--workdir", str(workdir), f"--config.model.init_from={hf}",
-               f"--config.data.train_files={data}", "--dry_run")
+    res = _run(
+        "--config",
+        "configs/rm.py:size=tiny",
+        "--workdir",
+        str(workdir),
+        f"--config.model.init_from={hf}",
+        f"--config.data.train_files={data}",
+        "--dry_run",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     assert "trainable" in out and "parameters" in out and "memory (resident state" in out
@@ -60,7 +78,7 @@ def test_dry_run_prints_sizes_and_leaves_the_workdir_alone(tmp_path):
     assert not workdir.exists()
 
 
-TRAINER = '''
+TRAINER = """
 import os
 
 def train(config, workdir):
@@ -69,9 +87,9 @@ def train(config, workdir):
         os.remove(config.flag)
         return {"preempted_at": 3}
     open(os.path.join(workdir, "eval_final.json"), "w").write('{"done": 1}')
-'''
+"""
 
-CONFIG = '''
+CONFIG = """
 import ml_collections
 
 def get_config(arg=None):
@@ -80,7 +98,7 @@ def get_config(arg=None):
     c.x = 0
     c.flag = {flag!r}
     return c
-'''
+"""
 
 
 def test_sweep_treats_a_preempted_point_as_unfinished(tmp_path):

@@ -20,11 +20,15 @@ def _ids():
     return rng.integers(1, 120, size=(2, 9)).astype(np.int64)
 
 
-@pytest.mark.parametrize("family, targets", [("gpt2", ("q_proj", "v_proj", "o_proj", "up_proj")),
-                                             ("llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                        "down_proj")),
-                                             ("qwen2", ("q_proj", "v_proj", "up_proj")),
-                                             ("gemma2", ("q_proj", "k_proj", "o_proj", "gate_proj"))])
+@pytest.mark.parametrize(
+    "family, targets",
+    [
+        ("gpt2", ("q_proj", "v_proj", "o_proj", "up_proj")),
+        ("llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")),
+        ("qwen2", ("q_proj", "v_proj", "up_proj")),
+        ("gemma2", ("q_proj", "k_proj", "o_proj", "gate_proj")),
+    ],
+)
 def test_peft_adapter_matches_our_lora_model(tmp_path, family, targets):
     import peft
     import torch
@@ -52,8 +56,9 @@ def test_peft_adapter_matches_our_lora_model(tmp_path, family, targets):
 
     ids = _ids()
     mask = np.ones_like(ids)
-    ours = np.asarray(Transformer(config).apply({"params": params}, jnp.asarray(ids, jnp.int32),
-                                               jnp.asarray(mask, jnp.int32)).logits)
+    ours = np.asarray(
+        Transformer(config).apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)).logits
+    )
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
@@ -63,7 +68,6 @@ def test_peft_adapter_matches_our_lora_model(tmp_path, family, targets):
             without = model(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.abs(theirs - without).max() > 1e-2  # the adapters change the outputs ...
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)  # ... exactly as ours do
-
 
 
 def test_bf16_folder_loads_in_transformers_within_bf16_tolerance(tmp_path):
@@ -77,6 +81,7 @@ def test_bf16_folder_loads_in_transformers_within_bf16_tolerance(tmp_path):
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["torch_dtype"] == "bfloat16"
     from safetensors import safe_open
+
     with safe_open(os.path.join(out, "model.safetensors"), framework="numpy") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"bfloat16"}
     ids = torch.tensor(_ids())

@@ -43,7 +43,7 @@ def _check(module, args, monkeypatch):
         config = sweep.load_config(os.path.join(ROOT, spec) if not os.path.isabs(spec) else spec)
         for arg in args:
             if arg.startswith("--config."):
-                key, _, value = arg[len("--config."):].partition("=")
+                key, _, value = arg[len("--config.") :].partition("=")
                 _, current = sweep.resolve_key(config, key)
                 sweep.parse_value(key, value, current)
         assert "--workdir" in args
@@ -56,9 +56,14 @@ def _check(module, args, monkeypatch):
         return
     else:
         import importlib
+
         mod = importlib.import_module(module)
-        targets = {"rm.score": ["load_reward_model"], "rm.export": ["export", "export_adapter"],
-                   "ppo.export": ["export"], "sft.export": ["export"]}[module]
+        targets = {
+            "rm.score": ["load_reward_model"],
+            "rm.export": ["export", "export_adapter"],
+            "ppo.export": ["export"],
+            "sft.export": ["export"],
+        }[module]
 
         def intercept(*a, **kw):
             raise _Called(a, kw)
@@ -78,8 +83,15 @@ def test_every_readme_command_matches_the_code(monkeypatch):
 
 
 def test_module_usage_lines_match_the_code(monkeypatch):
-    for path in ("experiments/run.py", "rm/train.py", "sft/train.py", "ppo/train.py", "configs/rm.py",
-                 "configs/sft.py", "configs/ppo.py"):
+    for path in (
+        "experiments/run.py",
+        "rm/train.py",
+        "sft/train.py",
+        "ppo/train.py",
+        "configs/rm.py",
+        "configs/sft.py",
+        "configs/ppo.py",
+    ):
         doc = open(os.path.join(ROOT, path)).read().split('"""')[1]
         for module, args in _commands("```bash\n" + doc + "```"):
             if module == "experiments.run" and "--print_config" not in args:

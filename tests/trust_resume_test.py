@@ -64,13 +64,14 @@ def read_tensorboard_scalars(logdir):
     Event proto (no TensorFlow); a SessionLog START at step s (tensorboardX's purge_step) drops
     earlier events at steps >= s, as TensorBoard does."""
     from tensorboardX.proto import event_pb2
+
     scalars = {}
     for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
         data = open(path, "rb").read()
         pos = 0
         while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
                 scalars = {k: v for k, v in scalars.items() if k[1] < event.step}
@@ -82,8 +83,12 @@ def read_tensorboard_scalars(logdir):
 def test_tensorboard_provenance_normalization_and_curves(run):
     workdir, summary, _, extra = run
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    expected = {(k, r["step"]): v for r in records for k, v in r.items()
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    expected = {
+        (k, r["step"]): v
+        for r in records
+        for k, v in r.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     events = read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
     assert set(events) == set(expected) and len(expected) > 20
     for key, value in expected.items():
@@ -163,6 +168,7 @@ def test_bf16_reward_export_loads_in_transformers(run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rm.export import export
+
     workdir = run[0]
     full, half = export(workdir, str(tmp_path / "f32")), export(workdir, str(tmp_path / "bf16"), dtype="bfloat16")
     tok = AutoTokenizer.from_pretrained(full)

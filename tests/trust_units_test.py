@@ -28,11 +28,11 @@ def tok(tmp_path_factory):
 
 MIXED = [
     '{"prompt": "p0", "chosen": " good", "rejected": " bad", "margin": 1.5}',
-    '{"prompt": "p1", "chosen": " nice", "rejected": " poor"',            # truncated line
-    'INFO 12:00:01 a stray log line',                                     # not JSON
-    '{"prompt": "p2", "chosen": " fine", "rejected": " dull"}',            # lacks the optional margin
-    '{"prompt": "p3", "chosen": 7, "rejected": " dull"}',                  # wrong type
-    '[1, 2, 3]',                                                          # JSON, but not an object
+    '{"prompt": "p1", "chosen": " nice", "rejected": " poor"',  # truncated line
+    "INFO 12:00:01 a stray log line",  # not JSON
+    '{"prompt": "p2", "chosen": " fine", "rejected": " dull"}',  # lacks the optional margin
+    '{"prompt": "p3", "chosen": 7, "rejected": " dull"}',  # wrong type
+    "[1, 2, 3]",  # JSON, but not an object
     '{"prompt": "p4", "chosen": " lovely", "rejected": " awful", "margin": null, "subset": "chat"}',
     '{"prompt": "p5", "chosen": " great", "rejected": " boring", "margin": "big"}',  # wrong type
 ]
@@ -73,11 +73,21 @@ def test_sft_and_ppo_files_follow_the_same_rules(tok, tmp_path):
 def test_chat_rows_without_a_chat_template_name_the_file(tok, tmp_path):
     tok2 = transformers.AutoTokenizer.from_pretrained(tok.name_or_path)
     tok2.chat_template = None
-    path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "hi"}],
-                                                  "chosen": [{"role": "assistant", "content": "a"}],
-                                                  "rejected": [{"role": "assistant", "content": "b"}]}])
-    with pytest.raises(rm_data.NoChatTemplate, match=r"chat\.jsonl: row 0 \(0-based\): .*no.*chat template|chat "
-                       r"template, but the tokenizer has none"):
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            }
+        ],
+    )
+    with pytest.raises(
+        rm_data.NoChatTemplate,
+        match=r"chat\.jsonl: row 0 \(0-based\): .*no.*chat template|chat "
+        r"template, but the tokenizer has none",
+    ):
         rm_data.load_preference_data(path, tok2, max_length=32, on_bad_row="skip")
 
 
@@ -137,6 +147,7 @@ def test_no_intact_checkpoint_stops_cleanly(tmp_path):
 
 def _rm_config(tmp_path, **fields):
     from tests.hf_fixtures import make_tiny_hf_model
+
     hf = tmp_path / "hf"
     if not hf.exists():
         make_tiny_hf_model("gpt2", str(hf))
@@ -149,12 +160,15 @@ def _rm_config(tmp_path, **fields):
     return c
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"mesh.shape": (64, 1)}, r"config\.mesh\.shape=\(64, 1\): make_mesh: shape \(64, 1\) needs 64 devices"),
-    ({"model.quant": "int8"}, r"config\.model\.quant='int8' needs config\.model\.lora_rank > 0"),
-    ({"model.init_from": "/no/such/sft"}, r"config\.model\.init_from='/no/such/sft': /no/such/sft does not exist"),
-    ({"data.eval_files": "/no/eval.jsonl"}, r"config\.data\.eval_files: /no/eval\.jsonl does not exist"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"mesh.shape": (64, 1)}, r"config\.mesh\.shape=\(64, 1\): make_mesh: shape \(64, 1\) needs 64 devices"),
+        ({"model.quant": "int8"}, r"config\.model\.quant='int8' needs config\.model\.lora_rank > 0"),
+        ({"model.init_from": "/no/such/sft"}, r"config\.model\.init_from='/no/such/sft': /no/such/sft does not exist"),
+        ({"data.eval_files": "/no/eval.jsonl"}, r"config\.data\.eval_files: /no/eval\.jsonl does not exist"),
+    ],
+)
 def test_config_checks_run_before_any_data_is_read(tmp_path, monkeypatch, fields, message):
     from rm.train import train
 
@@ -173,6 +187,7 @@ def test_config_checks_run_before_any_data_is_read(tmp_path, monkeypatch, fields
 
 def test_reward_tools_name_what_a_non_reward_workdir_holds(tmp_path):
     from rm.model import load_reward_model
+
     workdir = tmp_path / "ppo"
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps({"trainer": "ppo"}))
@@ -180,15 +195,23 @@ def test_reward_tools_name_what_a_non_reward_workdir_holds(tmp_path):
     ckpt = CheckpointManager(str(workdir / "checkpoints"), save_every=1)
     ckpt.save(1, {"params": {"policy": {"w": jnp.ones(3)}, "value": {"w": jnp.ones(3)}}, "step": 1}, {"step": 1})
     ckpt.close()
-    with pytest.raises(ValueError, match=r"is not a reward-model workdir: it is a PPO workdir \(checkpoint params: "
-                                         r"policy, value\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"is not a reward-model workdir: it is a PPO workdir \(checkpoint params: "
+        r"policy, value\)",
+    ):
         load_reward_model(str(workdir))
 
 
 def test_score_rows_that_are_bad_name_row_and_key(tok):
     from rm.score import tokenize_single
-    for row, key in (({"text": ""}, "key 'text'"), ({"text": 5}, "key 'text'"), ({"other": "x"}, "expected preference columns.*got keys"),
-                     ({"prompt": "p", "response": 3}, "key 'response'")):
+
+    for row, key in (
+        ({"text": ""}, "key 'text'"),
+        ({"text": 5}, "key 'text'"),
+        ({"other": "x"}, "expected preference columns.*got keys"),
+        ({"prompt": "p", "response": 3}, "key 'response'"),
+    ):
         with pytest.raises(rm_data.BadRowError, match=rf"f\.jsonl: row 1 \(0-based\): {key}"):
             tokenize_single(tok, [{"text": "fine"}, row], file="f.jsonl", max_length=16)
     number = rm_data.UnreadableRow(2, "not_object", "expected a JSON object, got int 5")  # a line holding `5`
@@ -219,7 +242,8 @@ def test_wandb_is_fed_the_metrics_offline_and_only_imported_when_enabled(tmp_pat
         "    def finish(self): calls.append(('finish',))\n"
         "def init(**kw):\n"
         "    calls.append(('init', kw))\n"
-        "    return _Run()\n")
+        "    return _Run()\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "fake"))
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     tracking.check_logging(c)
@@ -229,8 +253,11 @@ def test_wandb_is_fed_the_metrics_offline_and_only_imported_when_enabled(tmp_pat
     calls = sys.modules["wandb"].calls
     assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[0][1]["resume"] == "allow"
     assert calls[1] == ("log", 3, {"train/loss": 0.25}) and calls[2] == ("finish",)
-    assert json.loads(open(tmp_path / "b" / "metrics.jsonl").readline()) == {"step": 3, "train/loss": 0.25,
-                                                                             "note": "text"}
+    assert json.loads(open(tmp_path / "b" / "metrics.jsonl").readline()) == {
+        "step": 3,
+        "train/loss": 0.25,
+        "note": "text",
+    }
     monkeypatch.delitem(sys.modules, "wandb")
 
 
