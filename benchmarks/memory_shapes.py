@@ -47,6 +47,7 @@ if __name__ == "__main__" and "--devices" in sys.argv and sys.argv[sys.argv.inde
 import jax  # noqa: E402
 
 from benchmarks.memory import (  # noqa: E402
+    SHAPES,
     Variant,
     _affine,
     compiler_options,
@@ -59,17 +60,7 @@ from models.sharding import DEFAULT_RULES, tree_shardings  # noqa: E402
 
 GIB = 2.0**30
 REAL_SHAPES = {
-    "llama3.2-1b": dict(
-        vocab_size=128256,
-        d_model=2048,
-        n_layers=16,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=64,
-        d_ff=8192,
-        rope_theta=500000.0,
-        tie_embeddings=True,
-    ),
+    "llama3.2-1b": SHAPES["1b"],  # benchmarks/memory.py's 1B shape is Llama-3.2-1B
     "qwen3-1.7b": dict(
         vocab_size=151936,
         d_model=2048,
