@@ -130,9 +130,8 @@ def variant_by_name(name: str) -> Variant:
 
 def model_config(dims: dict, variant: Variant) -> TransformerConfig:
     """Float backbone config of every model in the run (before LoRA / int8)."""
-    return TransformerConfig(
+    settings = dict(
         family="llama",
-        **dims,
         dtype=variant.dtype,
         param_dtype=variant.dtype,
         remat=variant.remat,
@@ -141,6 +140,7 @@ def model_config(dims: dict, variant: Variant) -> TransformerConfig:
         pad_token_id=0,
         eos_token_id=1,
     )
+    return TransformerConfig(**{**settings, **dims})  # dims may also set model options (attention, scan_layers)
 
 
 def make_tx():

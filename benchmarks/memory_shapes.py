@@ -84,7 +84,13 @@ REAL_SHAPES = {
         tie_embeddings=False,
     ),
 }
-MODES = {"before": dict(attention="xla", logits_chunk=0), "after": dict(attention="chunked", logits_chunk=128)}
+MODES = {
+    "before": dict(attention="xla", logits_chunk=0),
+    "after": dict(attention="chunked", logits_chunk=128),
+    # after + a scan over the layers: the scan body is checkpointed, so only its carries (one
+    # residual per layer) are saved for the backward pass whatever the CPU scheduler does.
+    "after_scan": dict(attention="chunked", logits_chunk=128, scan_layers=True),
+}
 VARIANT = Variant("bf16", remat=True)
 
 
