@@ -53,6 +53,7 @@ def get_config(arg=None):
     c.reward.scan_layers = False  # scan over the frozen reward model's layers when scoring
     c.reward.quant = ""  # '' | 'int8': int8 weight-only frozen reward model (LoRA adapters merged first)
     c.reward.missing_eos_penalty = 1.0  # subtracted from the score of responses that never emit EOS
+    c.reward.length_penalty = 0.0  # subtracted from the score per response token (against verbosity hacking); 0 = off
 
     c.value = ml_collections.ConfigDict()
     c.value.init = "reward"  # 'reward': separate value model initialised from the RM; 'policy_head': head on the policy

@@ -180,7 +180,8 @@ def make_rollout_fn(specs: ModelSpecs, settings):
     settings: a dict of static values: max_new_tokens, temperature, top_k, top_p, eos_token_id,
     stop_token_ids, missing_eos_penalty, kl_estimator, gamma, lam, whiten_rewards, and optionally
     advantage ('gae' default, or a critic-free kind of ppo/advantages.py), group_size (K, default 1),
-    group_eps (GRPO's std epsilon) and kl_in_loss (default False: the KL is in the reward).
+    group_eps (GRPO's std epsilon), kl_in_loss (default False: the KL is in the reward) and
+    length_penalty (default 0: subtracted from the score per response token).
     norm: [2] array (gain, bias) of the reward model.
     """
     s = dict(settings)
@@ -232,6 +233,10 @@ def make_rollout_fn(specs: ModelSpecs, settings):
         raw_scores = compute_rewards(specs.reward, reward_params, ids, mask)  # [B]
         scores = norm[0] * raw_scores + norm[1]
         scores = jnp.where(sample.ended_with_eos, scores, scores - s["missing_eos_penalty"])
+        # Optional length penalty against verbosity hacking: score - c * response tokens (EOS included).
+        length_penalty = float(s.get("length_penalty", 0.0))
+        if length_penalty:
+            scores = scores - length_penalty * jnp.sum(maskf, axis=1)
 
         kl = L.kl_penalty(logprobs, ref_logprobs, estimator=s["kl_estimator"]) * maskf  # [B, N]
         reward_beta = 0.0 if s.get("kl_in_loss", False) else beta  # in the loss: the update adds beta * KL

@@ -412,6 +412,7 @@ def train(config, workdir: str) -> dict:
         eos_token_id=eos,
         stop_token_ids=stop_ids,
         missing_eos_penalty=config.reward.missing_eos_penalty,
+        length_penalty=config.reward.get("length_penalty", 0.0),
         kl_estimator=config.kl.estimator,
         gamma=tc.gamma,
         lam=tc.lam,

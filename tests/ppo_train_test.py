@@ -168,6 +168,7 @@ def test_rollout_rewards_eos_penalty_and_masking():
         gamma=1.0,
         lam=0.95,
         whiten_rewards=False,
+        length_penalty=0.05,
     )
     q = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], jnp.int32)
     qm = (q > 0).astype(jnp.int32)
@@ -185,10 +186,11 @@ def test_rollout_rewards_eos_penalty_and_masking():
             assert n == hit[0] + 1 and np.all(rmask[i, n:] == 0) and np.all(resp[i, n:] == 0)
         else:
             assert n == 12 and len(hit) == 0
-        # Score: RM on prompt + response truncated at EOS, normalised, penalised without EOS.
+        # Score: RM on prompt + response truncated at EOS, normalised, penalised without EOS and
+        # by 0.05 per response token.
         seq = np.concatenate([np.asarray(q[i])[np.asarray(qm[i]) > 0], resp[i, :n]])
         raw = float(compute_rewards(rcfg, rparams, jnp.asarray(seq[None]), jnp.ones((1, len(seq)), jnp.int32))[0])
-        expected = gain * raw + bias - (0 if eos_rows[i] else 2.5)
+        expected = gain * raw + bias - (0 if eos_rows[i] else 2.5) - 0.05 * n
         np.testing.assert_allclose(float(r.scores[i]), expected, atol=1e-4)
         # Per-token reward: -beta * (logp - ref_logp), plus the score on the last token.
         kl = (np.asarray(r.logprobs[i]) - np.asarray(r.ref_logprobs[i])) * rmask[i]
