@@ -141,6 +141,25 @@ def make_optimizer(
     return tx, schedule
 
 
+def optimizer_from_config(train_config: Any, *, total_steps: int, trainable: Any = None):
+    """`make_optimizer` from a trainer's `train` ConfigDict (learning_rate, warmup_steps,
+    weight_decay, max_grad_norm, min_lr_ratio, adam_eps; adam_b1/adam_b2 where the config has
+    them). Warmup is capped at total_steps - 1 so a short run still reaches its peak rate."""
+    tc = train_config
+    return make_optimizer(
+        learning_rate=tc.learning_rate,
+        total_steps=total_steps,
+        warmup_steps=min(tc.warmup_steps, max(total_steps - 1, 0)),
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        min_lr_ratio=tc.min_lr_ratio,
+        b1=tc.get("adam_b1", 0.9),
+        b2=tc.get("adam_b2", 0.999),
+        eps=tc.adam_eps,
+        trainable=trainable,
+    )
+
+
 def _split_microbatches(batch: Any, accum_steps: int) -> Any:
     """[B, ...] -> [accum_steps, B // accum_steps, ...] for every batch leaf."""
 

@@ -33,7 +33,7 @@ from common.distributed import gather_to_host, is_main_process
 from common.loop import open_checkpoints, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.metrics import Progress
-from common.optim import accumulate_gradients, make_optimizer
+from common.optim import accumulate_gradients, optimizer_from_config
 from common.run_utils import PreemptionHandler, check_finite
 from common.tracking import open_metrics, plot_training_curves, report_start
 from models.heads import ScalarHead
@@ -344,15 +344,7 @@ def train(config, workdir: str) -> dict:
             f"minibatches, each divisible by grad_accum_steps={tc.grad_accum_steps}"
         )
     updates_total = tc.steps * tc.ppo_epochs * tc.num_minibatches
-    tx, _ = make_optimizer(
-        learning_rate=tc.learning_rate,
-        total_steps=updates_total,
-        warmup_steps=min(tc.warmup_steps, max(updates_total - 1, 0)),
-        weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm,
-        min_lr_ratio=tc.min_lr_ratio,
-        eps=tc.adam_eps,
-    )
+    tx, _ = optimizer_from_config(tc, total_steps=updates_total)
 
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES

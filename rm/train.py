@@ -26,7 +26,7 @@ import optax
 from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.optim import accumulate_gradients, make_optimizer
+from common.optim import accumulate_gradients, optimizer_from_config
 from common.stats import bootstrap_ci
 from common.tracking import open_metrics, plot_training_curves, report_start
 from models.hf import load_hf_checkpoint
@@ -288,17 +288,7 @@ def train(config, workdir: str) -> dict:
     params, frozen = split_trainable(model_config, params)
 
     tc = config.train
-    tx, schedule = make_optimizer(
-        learning_rate=tc.learning_rate,
-        total_steps=tc.steps,
-        warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
-        weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm,
-        min_lr_ratio=tc.min_lr_ratio,
-        b1=tc.adam_b1,
-        b2=tc.adam_b2,
-        eps=tc.adam_eps,
-    )
+    tx, schedule = optimizer_from_config(tc, total_steps=tc.steps)
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
     params = shard_params(params, mesh, rules)

@@ -33,7 +33,7 @@ import optax
 from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.optim import accumulate_gradients, make_optimizer
+from common.optim import accumulate_gradients, optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
 from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
@@ -305,17 +305,7 @@ def train(config, workdir: str) -> dict:
         save_model_config(workdir, model_config)
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
 
-    tx, schedule = make_optimizer(
-        learning_rate=tc.learning_rate,
-        total_steps=tc.steps,
-        warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
-        weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm,
-        min_lr_ratio=tc.min_lr_ratio,
-        b1=tc.adam_b1,
-        b2=tc.adam_b2,
-        eps=tc.adam_eps,
-    )
+    tx, schedule = optimizer_from_config(tc, total_steps=tc.steps)
     opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
     state = {
         "params": params,
