@@ -68,12 +68,12 @@ import jax
 import jax.numpy as jnp
 
 from common.optim import make_optimizer
-from models.lora import lora_trainable, partition_params
+from models.adapters import add_lora_and_quant, split_trainable
 from models.quant import param_bytes, quantize_params
 from models.transformer import TransformerConfig, init_params
 from ppo.rollout import ModelSpecs
 from ppo.train import UPDATE_KEYS, ppo_loss, ppo_update
-from rm.model import add_lora_and_quant, rm_params_from_backbone, split_trainable
+from rm.model import rm_params_from_backbone
 from rm.train import train_step
 
 GIB, MIB = 2.0**30, 2.0**20
@@ -183,7 +183,7 @@ def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
             where="model",
         )
         box["config"] = cfg
-        params, frozen = split_trainable(cfg, params)
+        params, frozen = split_trainable(params, lora=cfg.lora_rank > 0)
         state = {
             "params": params,
             "opt_state": tx.init(params),
@@ -267,8 +267,9 @@ def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
             reference=ref_config,
             reference_adapters_off=lora,
         )
-        trainable = lora_trainable if lora else (lambda path: True)
-        params, frozen = partition_params({"policy": policy_params, "value": value_params}, trainable)
+        params, frozen = split_trainable(
+            {"policy": policy_params, "value": value_params}, {"policy": lora, "value": lora}
+        )
         params = _copy(params)
         state = {
             "params": params,

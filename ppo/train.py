@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from common import data_io
 from common.distributed import gather_to_host, is_main_process
 from common.loop import open_checkpoints, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
@@ -36,9 +37,10 @@ from common.metrics import Progress
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.run_utils import PreemptionHandler, check_finite
 from common.tracking import open_metrics, plot_training_curves, report_start
+from models.adapters import add_lora_and_quant, split_trainable
 from models.heads import ScalarHead
 from models.hf import load_hf_checkpoint
-from models.lora import combine_params, lora_trainable, merge_lora, partition_params, strip_lora
+from models.lora import combine_params, merge_lora, strip_lora
 from models.quant import quantize_params
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 from ppo import algorithms as algos
@@ -46,8 +48,7 @@ from ppo import losses as L
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
 from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, response_logprobs_and_values, rollout_metrics
-from rm import data as rm_data
-from rm.model import add_lora_and_quant, load_reward_model, save_model_config
+from rm.model import load_reward_model, save_model_config
 
 UPDATE_KEYS = (
     "query_ids",
@@ -178,7 +179,7 @@ def _load_models(config, tokenizer):
             f"({policy_config.vocab_size}): policy and reward model must share a tokenizer"
         )
     if reward.tokenizer_path:
-        rm_tok = rm_data.load_tokenizer(reward.tokenizer_path)
+        rm_tok = data_io.load_tokenizer(reward.tokenizer_path)
         probe = "The quick brown fox, 123!"
         if (
             rm_tok(probe, add_special_tokens=False)["input_ids"]
@@ -241,18 +242,6 @@ def _reference(pc, policy_config, policy_params):
     return False, ref_config, ref_params
 
 
-def _trainable_predicate(*, policy_lora: bool, value_lora: bool):
-    """Path predicate for partition_params: a LoRA'd model trains only adapters and heads."""
-
-    def trainable(path: str) -> bool:
-        top = path.split("/", 1)[0]
-        if (top == "policy" and policy_lora) or (top == "value" and value_lora):
-            return lora_trainable(path)
-        return True
-
-    return trainable
-
-
 def train(config, workdir: str) -> dict:
     """Run PPO as configured; returns the last metrics."""
     t0 = time.time()
@@ -260,7 +249,7 @@ def train(config, workdir: str) -> dict:
         if not value:
             raise ValueError(f"config.{key} is required")
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
-    tokenizer = rm_data.load_tokenizer(config.policy.tokenizer or config.policy.init_from, setting="policy.tokenizer")
+    tokenizer = data_io.load_tokenizer(config.policy.tokenizer or config.policy.init_from, setting="policy.tokenizer")
     prompt_files = [f.strip() for f in str(config.data.prompt_files).split(",") if f.strip()]
     prompts = load_prompts(
         prompt_files, tokenizer, max_prompt_length=config.data.max_prompt_length, on_bad_row=config.data.on_bad_row
@@ -329,11 +318,11 @@ def train(config, workdir: str) -> dict:
         critic=algo.critic,
     )
     # Train state holds only the trainable part (everything without LoRA; adapters + heads with it).
-    trainable = _trainable_predicate(
-        policy_lora=policy_config.lora_rank > 0,
-        value_lora=algo.critic and not head_on_policy and value_config.lora_rank > 0,
-    )
-    params, frozen = partition_params({"policy": policy_params, **value_tree}, trainable)
+    lora = {
+        "policy": policy_config.lora_rank > 0,
+        "value": algo.critic and not head_on_policy and value_config.lora_rank > 0,
+    }
+    params, frozen = split_trainable({"policy": policy_params, **value_tree}, lora)
     if "value" in params:  # the update donates trainable leaves: they must not alias the reward model's arrays
         params["value"] = jax.tree.map(jnp.array, params["value"])
 

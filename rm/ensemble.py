@@ -133,6 +133,7 @@ def warm_average(workdirs: Sequence[str], out: str, *, normalize_on: str = "", b
     """
     import os
 
+    from common import data_io
     from rm import data as rm_data
     from rm.evaluate import compute_normalization
     from rm.model import load_reward_model
@@ -157,7 +158,7 @@ def warm_average(workdirs: Sequence[str], out: str, *, normalize_on: str = "", b
     if normalize_on:
         from rm.model import LoadedRewardModel
 
-        tokenizer = rm_data.load_tokenizer(members[0].tokenizer_path or first)
+        tokenizer = data_io.load_tokenizer(members[0].tokenizer_path or first)
         data = rm_data.load_preference_data(normalize_on.split(","), tokenizer, max_length=_training_max_length(first))
         averaged = LoadedRewardModel(config=members[0].config, params=params)
         rewards = np.concatenate(

@@ -26,8 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.adapters import split_trainable
 from models.heads import ScalarHead, gather_last
-from models.lora import add_lora_params, combine_params, lora_trainable, partition_params
+from models.lora import combine_params
 from models.transformer import Transformer, TransformerConfig
 
 
@@ -50,64 +51,6 @@ def rm_params_from_backbone(config: TransformerConfig, backbone: dict, rng: jax.
     """Reward-model params from backbone params (an SFT / HF causal-LM checkpoint)."""
     backbone = {k: v for k, v in backbone.items() if k != "lm_head"}
     return {"backbone": backbone, "head": init_head(config, rng)}
-
-
-def add_lora_and_quant(
-    config: TransformerConfig,
-    params: dict,
-    *,
-    lora_rank: int = 0,
-    lora_alpha: float = 16.0,
-    lora_targets=("q_proj", "v_proj"),
-    lora_dropout: float = 0.0,
-    quant: str = "",
-    rng: Optional[jax.Array] = None,
-    where: str = "model",
-) -> tuple[TransformerConfig, dict]:
-    """Float params (a bare Transformer tree or one nested, e.g. {'backbone', 'head'}) -> LoRA / QLoRA.
-
-    quant='int8' turns the base projections into int8 (models/quant.py) and is allowed only
-    with lora_rank > 0: without adapters nothing would train on an int8 base (jax.grad refuses
-    integer leaves). lora_rank > 0 adds fresh adapters (B = 0, so the model computes exactly
-    what the base computes). `where` names the config section in error messages.
-    Returns (config with the LoRA/quant fields set, params).
-    """
-    if quant not in ("", "int8"):
-        raise ValueError(f"config.{where}.quant={quant!r}; expected '' or 'int8'")
-    if quant and lora_rank <= 0:
-        raise ValueError(
-            f"config.{where}.quant={quant!r} needs config.{where}.lora_rank > 0: int8 is the frozen "
-            "base under LoRA (QLoRA); a fully fine-tuned model cannot have int8 weights"
-        )
-    if lora_rank < 0:
-        raise ValueError(f"config.{where}.lora_rank={lora_rank}; expected >= 0 (0 = no adapters)")
-    if lora_rank == 0:
-        return config, params
-    if isinstance(lora_targets, str):  # 'q_proj,v_proj' from a command-line override
-        lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
-    try:
-        config = config.replace(
-            lora_rank=int(lora_rank),
-            lora_alpha=float(lora_alpha),
-            lora_targets=tuple(lora_targets),
-            lora_dropout=float(lora_dropout),
-        )
-    except ValueError as e:
-        raise ValueError(f"config.{where}.lora_rank / lora_alpha / lora_targets / lora_dropout: {e}") from e
-    if quant:
-        from models.quant import quantize_params
-
-        params, config = quantize_params(params, config)
-    params = add_lora_params(params, config, jax.random.key(0) if rng is None else rng)
-    return config, params
-
-
-def split_trainable(config: TransformerConfig, params: dict) -> tuple[dict, dict]:
-    """(trainable, frozen) halves of a reward-model tree: with LoRA only adapters and the head
-    train (models.lora.lora_trainable); without LoRA everything trains and frozen is {}."""
-    if config.lora_rank <= 0:
-        return params, {}
-    return partition_params(params, lora_trainable)
 
 
 def compute_rewards(
@@ -218,7 +161,7 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
             raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
         # A LoRA run checkpoints the trainable half under 'params' and the frozen base under
         # 'frozen' (rm/train.py); the model is their union.
-        trainable, frozen = split_trainable(config, abstract)
+        trainable, frozen = split_trainable(abstract, lora=config.lora_rank > 0)
         params, extra = ckpt.restore_subtree("params", step=step, template=trainable)
         if frozen:
             frozen, _ = ckpt.restore_subtree("frozen", step=step, template=frozen)

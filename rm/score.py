@@ -31,54 +31,55 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import data_io
 from rm import data as rm_data
 from rm.ensemble import OBJECTIVES, combine_scores
 from rm.model import LoadedRewardModel, compute_rewards, load_reward_model
 
 
 def _read_rows(path):
-    source = rm_data.resolve_sources(path)[0]
-    rows, columns = rm_data.read_table(source)
-    rm_data.check_has_rows(source, rows)
+    source = data_io.resolve_sources(path)[0]
+    rows, columns = data_io.read_table(source)
+    data_io.check_has_rows(source, rows)
     return rows, columns
 
 
 def _bad(file, index, key, detail, reason="wrong_type", line=None):
-    return rm_data.BadRowError(file, index, key, reason, detail, line=line)
+    return data_io.BadRowError(file, index, key, reason, detail, line=line)
 
 
 def tokenize_single(tokenizer, rows, *, file, max_length):
     """Token ids (prompt + response + EOS) of single-response rows, left-truncating prompts."""
-    eos, _ = rm_data.special_ids(tokenizer)
+    eos, _ = data_io.special_ids(tokenizer)
     seqs, truncated = [], 0
     for i, row in enumerate(rows):
-        if isinstance(row, rm_data.UnreadableRow):
+        if isinstance(row, data_io.UnreadableRow):
             raise _bad(file, i, None, row.detail, row.reason, line=row.line)
         if row.get("messages") is not None:
             try:
-                msgs = rm_data.expect_messages(row, "messages")
-            except rm_data.RowIssue as issue:
+                msgs = data_io.expect_messages(row, "messages")
+            except data_io.RowIssue as issue:
                 raise _bad(file, i, issue.key, issue.detail, issue.reason) from None
-            prompt = rm_data.render_chat(tokenizer, msgs[:-1], add_generation_prompt=True)
-            full = rm_data.render_chat(tokenizer, msgs, add_generation_prompt=False)
-            prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0]
-            full_ids = rm_data.tokenize(tokenizer, [full])[0]
-            k = rm_data.common_prefix_length(prompt_ids, full_ids)
+            prompt = data_io.render_chat(tokenizer, msgs[:-1], add_generation_prompt=True)
+            full = data_io.render_chat(tokenizer, msgs, add_generation_prompt=False)
+            prompt_ids = data_io.tokenize(tokenizer, [prompt])[0]
+            full_ids = data_io.tokenize(tokenizer, [full])[0]
+            k = data_io.common_prefix_length(prompt_ids, full_ids)
             prompt_ids, response_ids = full_ids[:k], full_ids[k:]
         elif row.get("response") is not None or row.get("completion") is not None:
             key = "response" if row.get("response") is not None else "completion"
             response = row[key]
             prompt = row.get("prompt") or ""
             if not isinstance(prompt, str):
-                raise _bad(file, i, "prompt", f"expected a string, got {rm_data.describe(prompt)}")
+                raise _bad(file, i, "prompt", f"expected a string, got {data_io.describe(prompt)}")
             # After a non-empty prompt an empty response is EOS alone (scored like a PPO rollout that
             # stopped at once); without a prompt there would be nothing to score.
             if not isinstance(response, str) or not (response.strip() or prompt.strip()):
                 raise _bad(
-                    file, i, key, f"expected a string (non-empty without a prompt), got {rm_data.describe(response)}"
+                    file, i, key, f"expected a string (non-empty without a prompt), got {data_io.describe(response)}"
                 )
-            prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0] if prompt else []
-            response_ids = rm_data.tokenize(tokenizer, [response])[0]
+            prompt_ids = data_io.tokenize(tokenizer, [prompt])[0] if prompt else []
+            response_ids = data_io.tokenize(tokenizer, [response])[0]
         elif "text" in row:
             text = row["text"]
             if not isinstance(text, str) or not text.strip():
@@ -86,10 +87,10 @@ def tokenize_single(tokenizer, rows, *, file, max_length):
                     file,
                     i,
                     "text",
-                    f"expected a non-empty string, got {rm_data.describe(text)}",
+                    f"expected a non-empty string, got {data_io.describe(text)}",
                     "empty" if isinstance(text, str) else "wrong_type",
                 )
-            prompt_ids, response_ids = [], rm_data.tokenize(tokenizer, [text])[0]
+            prompt_ids, response_ids = [], data_io.tokenize(tokenizer, [text])[0]
         else:
             raise _bad(
                 file,
@@ -234,7 +235,7 @@ def _write(path, records):
 def _score_with(workdir, args):
     """(records, truncated count, model) of one reward model on the rows of args.data."""
     model = load_reward_model(workdir)
-    tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
+    tokenizer = data_io.load_tokenizer(model.tokenizer_path or workdir)
     max_length = args.max_length or _training_max_length(workdir)
     rows, columns = _read_rows(args.data)
     columns = set(columns)
@@ -256,7 +257,7 @@ def _score_with(workdir, args):
         truncated = pairs.stats.get("truncated_prompt", 0) + pairs.stats.get("truncated_response", 0)
     else:
         seqs, truncated = tokenize_single(tokenizer, rows, file=args.data, max_length=max_length)
-        _, pad = rm_data.special_ids(tokenizer)
+        _, pad = data_io.special_ids(tokenizer)
         ids, mask = pad_right(seqs, pad)
         raw = score_arrays(model, ids, mask, batch_size=args.batch_size)
         records = [{"score": float(model.normalize(r)), "raw": float(r)} for r in raw]

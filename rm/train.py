@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from common import data_io
 from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.stats import bootstrap_ci
 from common.tracking import open_metrics, plot_training_curves, report_start
+from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
@@ -37,7 +39,7 @@ from rm.calibration import calibration_metrics, fit_temperature, write_calibrati
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
 from rm.length_bias import length_bias_metrics, response_lengths
 from rm.losses import TIE_MODELS, bradley_terry_loss
-from rm.model import add_lora_and_quant, compute_rewards, rm_params_from_backbone, save_model_config, split_trainable
+from rm.model import compute_rewards, rm_params_from_backbone, save_model_config
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ def check_loss_options(config):
         raise ValueError("config.eval.calibrate_on is empty; expected 'eval', 'none' or preference files")
     for path in split_files(source) if source not in ("eval", "none") else []:
         # Checked now, not after the whole run: a local-looking path that is missing.
-        if os.path.splitext(path)[1].lower() in rm_data.LOCAL_BUILDERS and not os.path.exists(path):
+        if os.path.splitext(path)[1].lower() in data_io.LOCAL_BUILDERS and not os.path.exists(path):
             raise FileNotFoundError(f"config.eval.calibrate_on: {path}: no such file")
 
 
@@ -236,7 +238,7 @@ def train(config, workdir: str) -> dict:
         raise ValueError("config.data.train_files is empty: give one or more preference files (comma-separated)")
     check_loss_options(config)
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
-    tokenizer = rm_data.load_tokenizer(config.model.tokenizer or config.model.init_from)
+    tokenizer = data_io.load_tokenizer(config.model.tokenizer or config.model.init_from)
 
     # ---- data
     load = functools.partial(
@@ -285,7 +287,7 @@ def train(config, workdir: str) -> dict:
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     # Only the trainable half goes into the train state (optimizer moments for it alone); the
     # frozen base is a separate argument of the step and lives in checkpoints under 'frozen'.
-    params, frozen = split_trainable(model_config, params)
+    params, frozen = split_trainable(params, lora=model_config.lora_rank > 0)
 
     tc = config.train
     tx, schedule = optimizer_from_config(tc, total_steps=tc.steps)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from common import data_io
 from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
@@ -39,7 +40,6 @@ from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, abstract_sharded, shard_params, tree_shardings
 from models.transformer import Transformer, TransformerConfig, init_params
-from rm import data as rm_data
 from rm.model import save_model_config
 from sft import data as sft_data
 from sft.export import save_causal_lm
@@ -193,7 +193,7 @@ def scratch_model_config(mc, tokenizer) -> TransformerConfig:
             f"model.family=gpt2 has no grouped-query attention: n_kv_heads ({n_kv}) must equal "
             f"n_heads ({mc.n_heads}) or be 0"
         )
-    eos, pad = rm_data.special_ids(tokenizer)
+    eos, pad = data_io.special_ids(tokenizer)
     return TransformerConfig(
         family=mc.family,
         vocab_size=len(tokenizer),
@@ -237,7 +237,7 @@ def build_model(config, tokenizer, mesh, rules, rng):
             scan_layers=mc.get("scan_layers", False),
         )
         if model_config.pad_token_id is None:
-            model_config = model_config.replace(pad_token_id=rm_data.special_ids(tokenizer)[1])
+            model_config = model_config.replace(pad_token_id=data_io.special_ids(tokenizer)[1])
         if not model_config.tie_embeddings and "lm_head" not in params:
             raise ValueError(
                 f"{mc.init_from} has no lm_head weights: not a causal LM (a sequence-classification "
@@ -277,7 +277,7 @@ def train(config, workdir: str) -> dict:
     if not split_files(config.data.train_files):
         raise ValueError("config.data.train_files is empty: give one or more SFT files (comma-separated)")
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
-    tokenizer = rm_data.load_tokenizer(mc.tokenizer or mc.init_from)
+    tokenizer = data_io.load_tokenizer(mc.tokenizer or mc.init_from)
 
     # ---- data
     load = functools.partial(

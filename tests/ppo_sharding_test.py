@@ -165,8 +165,8 @@ def _worker():
     import numpy as np
 
     from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
-    from common.optim import make_optimizer, param_path
-    from models.sharding import DEFAULT_RULES, shard_params, tree_shardings
+    from common.optim import make_optimizer
+    from models.sharding import DEFAULT_RULES, param_path, shard_params, tree_shardings
     from models.transformer import TransformerConfig, init_params
     from ppo.rollout import ModelSpecs, make_rollout_fn
     from ppo.train import UPDATE_KEYS, ppo_loss, ppo_update
