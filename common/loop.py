@@ -21,7 +21,6 @@ aside).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,16 +32,6 @@ from common import resume, tracking
 from common.checkpoint import CheckpointManager
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.run_utils import PreemptionHandler, check_finite
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Writes obj as indented, key-sorted JSON, on the main process only (multi-process runs have one writer)."""
-    from common.distributed import is_main_process
-
-    if not is_main_process():
-        return
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
 
 
 def flat_data_stats(stats: dict) -> dict:

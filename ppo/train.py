@@ -31,24 +31,26 @@ import optax
 
 from common import data_io
 from common.distributed import gather_to_host, is_main_process
-from common.loop import open_checkpoints, start_run, write_json
-from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
+from common.loop import open_checkpoints, start_run
+from common.mesh import batch_sharding, local_rows, replicated, shard_batch
 from common.metrics import Progress
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.run_utils import PreemptionHandler, check_finite
 from common.tracking import open_metrics, plot_training_curves, report_start
+from common.train_state import build_train_state, mesh_and_rules
+from common.workdir import append_jsonl, save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.heads import ScalarHead
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params, merge_lora, strip_lora
 from models.quant import quantize_params
-from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
+from models.sharding import shard_params
 from ppo import algorithms as algos
 from ppo import losses as L
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
 from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, response_logprobs_and_values, rollout_metrics
-from rm.model import load_reward_model, save_model_config
+from rm.model import load_reward_model
 
 UPDATE_KEYS = (
     "query_ids",
@@ -271,9 +273,7 @@ def train(config, workdir: str) -> dict:
         rng=jax.random.fold_in(rng, 4),
         where="policy",
     )
-    if is_main_process():
-        save_model_config(workdir, policy_config)  # records lora_* / quant: ppo.export merges the adapters
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    save_model_files(workdir, policy_config, tokenizer)  # records lora_* / quant: ppo.export merges the adapters
     head_on_policy = vc.init == "policy_head"
     if vc.init not in ("reward", "policy_head"):
         raise ValueError(f"config.value.init={vc.init!r}; expected 'reward' or 'policy_head'")
@@ -335,22 +335,16 @@ def train(config, workdir: str) -> dict:
     updates_total = tc.steps * tc.ppo_epochs * tc.num_minibatches
     tx, _ = optimizer_from_config(tc, total_steps=updates_total)
 
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
-    rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
-    params = shard_params(params, mesh, rules)
-    frozen_sharding = tree_shardings(frozen, mesh, rules)
-    frozen = shard_params(frozen, mesh, rules)  # placed as the params are (same rules)
-    ref_params = None if ref_params is None else shard_params(ref_params, mesh, rules)
+    mesh, rules = mesh_and_rules(config.mesh)
+    built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))
+    state, state_sharding, frozen, frozen_sharding = (
+        built.state,
+        built.state_sharding,
+        built.frozen,
+        built.frozen_sharding,
+    )
+    ref_params = None if ref_params is None else shard_params(ref_params, mesh, rules)  # frozen models: same rules
     reward_params = shard_params(reward_params, mesh, rules)
-    opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.asarray(0, jnp.int32),
-        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
-    }
-    state_sharding = tree_shardings(state, mesh, rules)
-    state = jax.device_put(state, state_sharding)
     memory = {
         "memory/train_state_bytes": algos.tree_bytes(state),
         "memory/frozen_bytes": algos.tree_bytes(frozen),
@@ -545,10 +539,15 @@ def _write_samples(path, step, tokenizer, rollout: Rollout, n):
     q, qm, r, rmask, scores = gather_to_host(jax.tree.map(lambda x: x[:n], first))
     if not is_main_process():
         return
-    with open(path, "a") as f:
-        for i in range(min(n, len(q))):
-            prompt = tokenizer.decode(q[i][qm[i] > 0], skip_special_tokens=True)
-            response = tokenizer.decode(r[i][rmask[i] > 0], skip_special_tokens=True)
-            f.write(
-                json.dumps({"step": step, "prompt": prompt, "response": response, "score": float(scores[i])}) + "\n"
-            )
+    append_jsonl(
+        path,
+        (
+            {
+                "step": step,
+                "prompt": tokenizer.decode(q[i][qm[i] > 0], skip_special_tokens=True),
+                "response": tokenizer.decode(r[i][rmask[i] > 0], skip_special_tokens=True),
+                "score": float(scores[i]),
+            }
+            for i in range(min(n, len(q)))
+        ),
+    )

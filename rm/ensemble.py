@@ -104,7 +104,7 @@ def write_reward_workdir(
     import shutil
 
     from common.checkpoint import CheckpointManager
-    from rm.model import save_model_config
+    from common.workdir import save_model_config
 
     os.makedirs(workdir, exist_ok=True)
     save_model_config(workdir, config)

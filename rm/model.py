@@ -26,10 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common.checkpoint import CheckpointManager
+from common.workdir import load_model_config, restore_params
 from models.adapters import split_trainable
 from models.heads import ScalarHead, gather_last
-from models.lora import combine_params
+from models.hf import load_hf_checkpoint
 from models.transformer import Transformer, TransformerConfig
+from rm.calibration import calibrated_probability
 
 
 class RewardModel(nn.Module):
@@ -61,23 +64,6 @@ def compute_rewards(
     return RewardModel(config).apply({"params": params}, input_ids, attention_mask, rngs=rngs)
 
 
-def save_model_config(workdir: str, config: TransformerConfig) -> None:
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
-
-
-def load_model_config(workdir: str, **overrides) -> TransformerConfig:
-    path = os.path.join(workdir, "model_config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: {workdir} is not a workdir written by a trainer")
-    with open(path) as f:
-        fields = json.load(f)
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
-    fields.update(overrides)
-    return TransformerConfig(**fields)
-
-
 @dataclasses.dataclass
 class LoadedRewardModel:
     """A reward model ready to score: config, params, normalisation and tokenizer path."""
@@ -95,8 +81,6 @@ class LoadedRewardModel:
 
     def preference_probability(self, raw_a, raw_b):
         """Calibrated P(a preferred over b) = sigmoid((raw_a - raw_b) / temperature), from raw rewards."""
-        from rm.calibration import calibrated_probability
-
         return calibrated_probability(raw_a, raw_b, self.temperature)
 
 
@@ -133,8 +117,6 @@ def describe_workdir(workdir: str, ckpt=None) -> str:
 
 
 def _load_from_workdir(workdir, *, dtype, param_dtype, step):
-    from common.checkpoint import CheckpointManager
-
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     try:
         keys = ckpt.subtree_keys("params") if ckpt.latest_step() is not None else []
@@ -155,19 +137,10 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
             "params"
         ]
     )
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-        # A LoRA run checkpoints the trainable half under 'params' and the frozen base under
-        # 'frozen' (rm/train.py); the model is their union.
-        trainable, frozen = split_trainable(abstract, lora=config.lora_rank > 0)
-        params, extra = ckpt.restore_subtree("params", step=step, template=trainable)
-        if frozen:
-            frozen, _ = ckpt.restore_subtree("frozen", step=step, template=frozen)
-            params = combine_params(params, frozen)
-    finally:
-        ckpt.close()
+    # A LoRA run checkpoints the trainable half under 'params' and the frozen base under
+    # 'frozen' (rm/train.py); the model is their union.
+    trainable, frozen = split_trainable(abstract, lora=config.lora_rank > 0)
+    params, extra = restore_params(workdir, step=step, template=trainable, frozen_template=frozen)
     norm = extra.get("normalization") or {}
     tok = os.path.join(workdir, "tokenizer")
     return LoadedRewardModel(
@@ -182,8 +155,6 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
 
 
 def _load_from_hf(path, *, dtype, param_dtype):
-    from models.hf import load_hf_checkpoint
-
     config, backbone, leftovers = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype, with_leftovers=True)
     if "score.weight" not in leftovers:
         raise ValueError(f"{path} has no score.weight: not a sequence-classification (reward) model")

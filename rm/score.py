@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import data_io
+from common.workdir import write_jsonl
 from rm import data as rm_data
 from rm.ensemble import OBJECTIVES, combine_scores
 from rm.model import LoadedRewardModel, compute_rewards, load_reward_model
@@ -176,7 +177,7 @@ def _main(argv=None):
     if len(workdirs) > 1:
         members = [_score_with(w, args) for w in workdirs]
         records = ensemble_records([m[0] for m in members], objective=args.objective, uwo_lambda=args.uwo_lambda)
-        _write(args.out, records)
+        write_jsonl(args.out, records)
         print(
             f"scored {len(records)} rows with a {len(workdirs)}-member ensemble ({args.objective}) -> {args.out} "
             f"(truncated: {[m[1] for m in members]})",
@@ -184,7 +185,7 @@ def _main(argv=None):
         )
         return
     records, truncated, model = _score_with(args.workdir, args)
-    _write(args.out, records)
+    write_jsonl(args.out, records)
     print(
         f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
         f"bias={model.bias:.6g}; temperature={model.temperature:.6g})",
@@ -224,12 +225,6 @@ def ensemble_records(member_records, *, objective, uwo_lambda=1.0):
     scores = np.array([[r["score"] for r in m] for m in member_records])  # [K, N]
     combined = combine_scores(scores, objective=objective, uwo_lambda=uwo_lambda)
     return [{"score": float(combined[i]), "members": scores[:, i].tolist()} for i in range(scores.shape[1])]
-
-
-def _write(path, records):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records)
 
 
 def _score_with(workdir, args):

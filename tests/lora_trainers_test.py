@@ -202,10 +202,10 @@ def test_ppo_lora_policy_adapters_off_reference_int8_reward(setup, qlora_rm):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from common.workdir import load_model_config
     from models.lora import combine_params
     from models.transformer import Transformer
     from ppo.export import export
-    from rm.model import load_model_config
 
     out = export(workdir, str(setup["dir"] / "ppo_lora_export"))
     cfg = load_model_config(workdir)
