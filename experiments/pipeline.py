@@ -18,8 +18,8 @@ from common import data_io
 from models.hf import load_hf_checkpoint
 from models.sampling import make_generate_fn
 from ppo.data import load_prompts
-from rm.model import load_reward_model
-from rm.score import pad_right, score_arrays, tokenize_single
+from rm.model import load_reward_model, score_arrays
+from rm.score import pad_right, tokenize_single
 from tasks.reviews import ReviewWorld, train_tokenizer, write_jsonl
 
 

@@ -1,4 +1,8 @@
-"""Reward model = transformer backbone + scalar head read at the last real token.
+"""Reward model = transformer backbone + scalar head read at the last real token; loading and scoring.
+
+This module is rm's public face for the other trainers: PPO loads (`load_reward_model`) and
+scores (`compute_rewards`, `score_arrays`) a trained reward model, and its value model is
+`RewardModel` with `per_token=True`; nothing else of rm/ is imported outside it.
 
 Params: {'backbone': transformer params (no lm_head), 'head': {'kernel' [d, 1], 'bias' [1]}}.
 The same module with `per_token=True` is the PPO value model (one scalar per position), so a
@@ -25,6 +29,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from common.checkpoint import CheckpointManager
 from common.workdir import load_model_config, restore_params
@@ -179,3 +184,30 @@ def _load_from_hf(path, *, dtype, param_dtype):
         tokenizer_path=path if has_tokenizer else None,
         temperature=float(hf_config.get("reward_temperature", 1.0)),
     )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_arrays(model: LoadedRewardModel, ids, mask, *, batch_size=32, bucket=32):
+    """Raw rewards of [N, L] right-padded arrays, in fixed-shape batches."""
+    fn = jax.jit(lambda p, i, m: compute_rewards(model.config, p, i, m))
+    out = np.zeros(len(ids), np.float32)
+    for start in range(0, len(ids), batch_size):
+        b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
+        n = len(b_ids)
+        width = min(ids.shape[1], -(-int(b_mask.sum(1).max()) // bucket) * bucket)
+        pad_rows = batch_size - n
+        b_ids = np.concatenate([b_ids[:, :width], np.repeat(b_ids[:1, :width], pad_rows, 0)])
+        b_mask = np.concatenate([b_mask[:, :width], np.repeat(b_mask[:1, :width], pad_rows, 0)])
+        out[start : start + n] = np.asarray(fn(model.params, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n]
+    return out
+
+
+def training_max_length(path, default=512):
+    """data.max_length of the run that wrote an RM workdir (its config.json), else `default` (an HF folder)."""
+    cfg = os.path.join(path, "config.json")
+    if os.path.exists(os.path.join(path, "model_config.json")) and os.path.exists(cfg):
+        with open(cfg) as f:
+            return int(json.load(f).get("data", {}).get("max_length", default))
+    return default

@@ -257,7 +257,8 @@ def score_rows(file: str, rows: Sequence[dict], score_fn: Callable[[list, list],
 
 def model_score_fn(model, tokenizer, *, max_length: int, batch_size: int = 32):
     """score_fn(prompts, responses) -> raw rewards of a LoadedRewardModel, tokenised as rm.score does."""
-    from rm.score import pad_right, score_arrays, tokenize_single
+    from rm.model import score_arrays
+    from rm.score import pad_right, tokenize_single
 
     def score_fn(prompts, responses):
         rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
@@ -277,8 +278,7 @@ def main(argv=None):
 
 
 def _main(argv=None):
-    from rm.model import load_reward_model
-    from rm.score import _training_max_length
+    from rm.model import load_reward_model, training_max_length
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="RM workdir or exported HF reward folder")
@@ -296,7 +296,7 @@ def _main(argv=None):
     model = load_reward_model(args.workdir)
     tokenizer = data_io.load_tokenizer(model.tokenizer_path or args.workdir)
     score_fn = model_score_fn(
-        model, tokenizer, max_length=args.max_length or _training_max_length(args.workdir), batch_size=args.batch_size
+        model, tokenizer, max_length=args.max_length or training_max_length(args.workdir), batch_size=args.batch_size
     )
     results = score_rows(source, rows, score_fn)
     text = json.dumps(results, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)

@@ -23,19 +23,16 @@ single-response lines `score` and `members`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from common import data_io
 from common.workdir import write_jsonl
 from rm import data as rm_data
 from rm.ensemble import OBJECTIVES, combine_scores
-from rm.model import LoadedRewardModel, compute_rewards, load_reward_model
+from rm.model import load_reward_model, score_arrays, training_max_length
 
 
 def _read_rows(path):
@@ -119,29 +116,6 @@ def pad_right(seqs, pad_id, width=None):
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1
     return ids, mask
-
-
-def score_arrays(model: LoadedRewardModel, ids, mask, *, batch_size=32, bucket=32):
-    """Raw rewards of [N, L] right-padded arrays, in fixed-shape batches."""
-    fn = jax.jit(lambda p, i, m: compute_rewards(model.config, p, i, m))
-    out = np.zeros(len(ids), np.float32)
-    for start in range(0, len(ids), batch_size):
-        b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
-        n = len(b_ids)
-        width = min(ids.shape[1], -(-int(b_mask.sum(1).max()) // bucket) * bucket)
-        pad_rows = batch_size - n
-        b_ids = np.concatenate([b_ids[:, :width], np.repeat(b_ids[:1, :width], pad_rows, 0)])
-        b_mask = np.concatenate([b_mask[:, :width], np.repeat(b_mask[:1, :width], pad_rows, 0)])
-        out[start : start + n] = np.asarray(fn(model.params, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n]
-    return out
-
-
-def _training_max_length(path, default=512):
-    cfg = os.path.join(path, "config.json")
-    if os.path.exists(os.path.join(path, "model_config.json")) and os.path.exists(cfg):
-        with open(cfg) as f:
-            return int(json.load(f).get("data", {}).get("max_length", default))
-    return default
 
 
 def main(argv=None):
@@ -231,7 +205,7 @@ def _score_with(workdir, args):
     """(records, truncated count, model) of one reward model on the rows of args.data."""
     model = load_reward_model(workdir)
     tokenizer = data_io.load_tokenizer(model.tokenizer_path or workdir)
-    max_length = args.max_length or _training_max_length(workdir)
+    max_length = args.max_length or training_max_length(workdir)
     rows, columns = _read_rows(args.data)
     columns = set(columns)
     records = []

@@ -160,8 +160,7 @@ def test_all_ties_train_to_zero_gap(policy, tmp_path):
     summary = train(c, str(tmp_path / "w"))
     # Every pair a tie: the learnt reward ignores which side is which.
     assert abs(summary["eval/margin"]) < 0.05
-    from rm.model import load_reward_model
-    from rm.score import score_arrays
+    from rm.model import load_reward_model, score_arrays
 
     model = load_reward_model(str(tmp_path / "w"))
     eval_data = rm_data.load_preference_data(
