@@ -30,11 +30,9 @@ import numpy as np
 
 from common import data_io
 from common.distributed import gather_to_host, is_main_process
-from common.loop import open_checkpoints, start_run
+from common.loop import LoopHooks, open_checkpoints, run_train_loop, start_run
 from common.mesh import batch_sharding, local_rows, replicated, shard_batch
-from common.metrics import Progress
 from common.optim import optimizer_from_config
-from common.run_utils import PreemptionHandler, check_finite
 from common.tracking import open_metrics, plot_training_curves, report_start
 from common.train_state import build_train_state, mesh_and_rules
 from common.workdir import append_jsonl, save_model_files, write_json
@@ -321,73 +319,84 @@ def train(config, workdir: str) -> dict:
     )
     norm = jnp.asarray([reward.gain, reward.bias], jnp.float32)
 
-    # K samples per prompt: batch_size / K prompts, each repeated K times (a group = K consecutive rows).
-    batches = prompt_batches(
-        prompts, batch_size=tc.batch_size // algo.group_size, seed=config.seed, start_step=start_step
-    )
     update_keys = algos.update_keys(UPDATE_KEYS, algo)
-    progress = Progress(tc.steps, initial=start_step, desc="ppo")
-    step, last_saved, last, preempted = start_step, ckpt.latest_step(), {}, False
     timing = {"rollout": 0.0, "update": 0.0}
-    with PreemptionHandler() as preemption:
-        while step < tc.steps:
-            _, batch = next(batches)
-            batch = {k: np.repeat(batch[k], algo.group_size, axis=0) for k in ("input_ids", "attention_mask")}
-            batch = shard_batch(local_rows(batch, mesh), mesh)
-            beta = kl_ctl.value
-            t1 = time.time()
-            roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-            rollout = rollout_fn(
-                combine_params(state["params"], frozen),
-                ref_params,
-                reward_params,
-                norm,
-                jnp.float32(beta),
-                batch["input_ids"],
-                batch["attention_mask"],
-                roll_rng,
-            )
-            rmetrics = jax.device_get(rollout_metrics(rollout, beta, critic=algo.critic, group_size=algo.group_size))
-            t2 = time.time()
-            state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in update_keys}, frozen)
-            umetrics = jax.device_get(umetrics)
-            t3 = time.time()
-            timing["rollout"] += t2 - t1
-            timing["update"] += t3 - t2
-            step += 1
-            metrics = {
-                **{k: float(v) for k, v in rmetrics.items()},
-                **{k: float(v) for k, v in umetrics.items()},
-                "kl/beta": beta,
-                "time/rollout_s": t2 - t1,
-                "time/update_s": t3 - t2,
-            }
-            finite_keys = (
-                ("objective/scores", "val/vf_loss", "policy/pg_loss")
-                if algo.critic
-                else ("objective/scores", "policy/pg_loss")
-            )  # critic-free: no value loss
-            for key in finite_keys:
-                check_finite(metrics[key], step=step, name=key, workdir=workdir, last_checkpoint_step=last_saved)
-            kl_ctl.update(metrics["objective/kl"], tc.batch_size)
-            if step % tc.log_every == 0 or step == tc.steps:
-                metrics_writer.write(step, metrics)
-            if tc.samples_every and (step % tc.samples_every == 0 or step == tc.steps):
-                _write_samples(samples_path, step, tokenizer, rollout, config.train.num_samples)
-            last = metrics
-            progress.update(1, score=metrics["objective/scores"], kl=metrics["objective/kl"])
-            extra = {"step": step, "kl": kl_ctl.state_dict(), "data": data_identity}
-            if ckpt.save(step, to_save(state), extra, force=step == tc.steps):
-                last_saved = step
-            if preemption.sync_requested():
-                ckpt.save(step, to_save(state), extra, force=True)
-                preempted = True
-                break
-    progress.close()
+    latest = {}  # the last rollout, for samples.jsonl
+
+    def ppo_step(state, numbered_batch):
+        """One PPO iteration: rollout with the current policy, then the jitted update; host metrics."""
+        step, batch = numbered_batch
+        batch = {k: np.repeat(batch[k], algo.group_size, axis=0) for k in ("input_ids", "attention_mask")}
+        batch = shard_batch(local_rows(batch, mesh), mesh)
+        beta = kl_ctl.value
+        t1 = time.time()
+        roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+        rollout = rollout_fn(
+            combine_params(state["params"], frozen),
+            ref_params,
+            reward_params,
+            norm,
+            jnp.float32(beta),
+            batch["input_ids"],
+            batch["attention_mask"],
+            roll_rng,
+        )
+        rmetrics = jax.device_get(rollout_metrics(rollout, beta, critic=algo.critic, group_size=algo.group_size))
+        t2 = time.time()
+        state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in update_keys}, frozen)
+        umetrics = jax.device_get(umetrics)
+        t3 = time.time()
+        timing["rollout"] += t2 - t1
+        timing["update"] += t3 - t2
+        latest["rollout"] = rollout
+        metrics = {
+            **{k: float(v) for k, v in rmetrics.items()},
+            **{k: float(v) for k, v in umetrics.items()},
+            "kl/beta": beta,
+            "time/rollout_s": t2 - t1,
+            "time/update_s": t3 - t2,
+        }
+        return state, metrics
+
+    def after_step(step, state, metrics):  # metrics already checked finite
+        kl_ctl.update(metrics["objective/kl"], tc.batch_size)
+        if tc.samples_every and (step % tc.samples_every == 0 or step == tc.steps):
+            _write_samples(samples_path, step, tokenizer, latest["rollout"], config.train.num_samples)
+
+    loop = run_train_loop(
+        step_fn=ppo_step,
+        state=state,
+        batches=prompt_batches(
+            prompts, batch_size=tc.batch_size // algo.group_size, seed=config.seed, start_step=start_step
+        ),  # K samples per prompt: batch_size / K prompts, each repeated K times (a group = K consecutive rows)
+        start_step=start_step,
+        total_steps=tc.steps,
+        ckpt=ckpt,
+        metrics_writer=metrics_writer,
+        workdir=workdir,
+        log_every=tc.log_every,
+        eval_every=0,
+        run_eval=lambda step, state: None,
+        to_save=to_save,
+        desc="ppo",
+        progress_keys={"score": "objective/scores", "kl": "objective/kl"},
+        extra={"data": data_identity},
+        hooks=LoopHooks(
+            on_step=after_step,
+            checkpoint_extra=lambda: {"kl": kl_ctl.state_dict()},
+            metrics_prefix="",
+            reduce="last",
+            # critic-free: no value loss
+            finite_keys=("objective/scores", "val/vf_loss", "policy/pg_loss")
+            if algo.critic
+            else ("objective/scores", "policy/pg_loss"),
+            save_last=True,
+        ),
+    )
+    state, step, last = loop.state, loop.step, loop.last_metrics
     ckpt.close()
     metrics_writer.close()
-    if preempted:
-        print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
+    if loop.preempted:
         return {"preempted_at": step}
     summary = dict(
         last,
