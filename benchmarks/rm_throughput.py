@@ -341,10 +341,8 @@ def markdown(results: dict) -> str:
             label = {"ours": "ours (xla-default)", "ours-ynn-off": "ours (ynn-off)"}.get(v, v)
             if v == best:
                 label += " *"
-            key = "ours" if v == best else v
-            ratio = ", ".join(
-                f"{r.split('/')[1]} {x:.2f}x" for r, x in res["ratios"].items() if r.startswith(key + "/")
-            )
+            key = "ours" if v == best else (None if v in OURS else v)
+            ratio = ", ".join(f"{r.split('/')[1]} {x:.2f}x" for r, x in res["ratios"].items() if r.split("/")[0] == key)
             lines.append(
                 f"| {name} | {res['shape']['lengths']} | {label} | {s['tokens_per_s_median']:,.0f} | "
                 f"{s['tokens_per_s_min']:,.0f}-{s['tokens_per_s_max']:,.0f} | {s['ms_per_step_median']:.1f} | "
