@@ -36,6 +36,8 @@ def get_config(arg=None):
     c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
     c.model.lora_dropout = 0.0  # dropout on the adapters' input, in training steps only (never in evaluation)
     c.model.quant = ""  # '' | 'int8': int8 weight-only frozen base under LoRA (QLoRA); needs lora_rank > 0
+    c.model.ensemble_size = 1  # K reward models in one run (rm/ensemble_train.py), member k = seed + k; 1 = one
+    c.model.ensemble_bootstrap = False  # ensemble members train on bootstrap resamples of the pairs (K > 1)
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # preference files, comma-separated (.jsonl/.json/.parquet) or a hub name

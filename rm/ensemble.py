@@ -29,6 +29,29 @@ import jax
 import numpy as np
 
 OBJECTIVES = ("mean", "wco", "uwo")
+ENSEMBLE_FILE = "ensemble.json"  # written by rm/ensemble_train.py: {'members': [relative dirs], 'seeds': [...]}
+
+
+def member_workdirs(workdir: str) -> list[str]:
+    """The RM workdirs a reward path stands for: an ensemble run's members (ensemble.json), else itself."""
+    import json
+    import os
+
+    path = os.path.join(workdir, ENSEMBLE_FILE)
+    if not os.path.exists(path):
+        return [workdir]
+    with open(path) as f:
+        members = json.load(f).get("members")
+    if not members:
+        raise ValueError(f"{path}: expected a non-empty 'members' list of member workdirs")
+    return [os.path.join(workdir, m) for m in members]
+
+
+def expand_workdirs(workdirs) -> list[str]:
+    """'A,B' or [A, B] (each an RM workdir, an exported folder or an ensemble run) -> member workdirs."""
+    if isinstance(workdirs, str):
+        workdirs = [w for w in workdirs.split(",") if w]
+    return [m for w in workdirs for m in member_workdirs(w)]
 
 
 def combine_scores(member_scores, *, objective: str = "mean", uwo_lambda: float = 1.0) -> np.ndarray:
@@ -92,12 +115,15 @@ def write_reward_workdir(
     config_json: str | None = None,
     normalization: dict | None = None,
     extra: dict | None = None,
+    frozen: dict | None = None,
+    step: int = 0,
 ) -> str:
     """Writes an RM workdir that `rm.model.load_reward_model`, rm.score and rm.export read.
 
     workdir/model_config.json, tokenizer/ (copied from tokenizer_dir), config.json (copied from
     config_json: rm.score reads data.max_length there), normalization.json and an Orbax checkpoint
-    (step 0) holding {'params': params} with extra {'step', 'normalization', ...}.
+    (at `step`) holding {'params': params} (plus {'frozen': frozen}, the frozen base of a LoRA / int8
+    model, as rm/train.py writes it) with extra {'step', 'normalization', ...}.
     """
     import json
     import os
@@ -117,7 +143,8 @@ def write_reward_workdir(
         json.dump(normalization, f, indent=2)
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     try:
-        ckpt.save(0, {"params": params}, dict(extra or {}, step=0, normalization=normalization), force=True)
+        tree = {"params": params, "frozen": frozen} if frozen else {"params": params}
+        ckpt.save(step, tree, dict(extra or {}, step=step, normalization=normalization), force=True)
     finally:
         ckpt.close()
     return workdir

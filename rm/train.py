@@ -228,7 +228,11 @@ def final_diagnostics(config, eval_data, chosen, rejected, calibration) -> dict:
 
 
 def train(config, workdir: str) -> dict:
-    """Train a reward model as configured; returns the final eval metrics."""
+    """Train a reward model as configured (K of them with model.ensemble_size = K); returns the final eval metrics."""
+    if int(config.model.get("ensemble_size", 1)) != 1:
+        from rm.ensemble_train import train_ensemble  # vmaps this module's train_step over members
+
+        return train_ensemble(config, workdir)
     t0 = time.time()
     if not config.model.init_from:
         raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")
