@@ -79,6 +79,44 @@ def combine_scores(member_scores, *, objective: str = "mean", uwo_lambda: float 
     return scores.mean(0) - uwo_lambda * scores.var(0)
 
 
+def combine_member_scores(member_scores, *, objective: str = "mean", uwo_lambda: float = 1.0):
+    """`combine_scores` in JAX (jittable, float32), for scoring inside a jitted step (PPO's rollout).
+
+    Args:
+      member_scores: [K, B] normalised scores of the same B responses by K members.
+      objective: 'mean', 'wco' or 'uwo' (static).
+      uwo_lambda: variance weight of 'uwo' (static, >= 0).
+
+    Returns:
+      [B] float32 ensemble scores.
+    """
+    import jax.numpy as jnp
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"rm/ensemble.py: objective={objective!r}; expected one of {OBJECTIVES}")
+    if not uwo_lambda >= 0:
+        raise ValueError(f"rm/ensemble.py: uwo_lambda must be >= 0, got {uwo_lambda}")
+    scores = jnp.asarray(member_scores, jnp.float32)  # [K, B]
+    if objective == "mean":
+        return jnp.mean(scores, axis=0)
+    if objective == "wco":
+        return jnp.min(scores, axis=0)
+    return jnp.mean(scores, axis=0) - uwo_lambda * jnp.var(scores, axis=0)  # var: ddof = 0
+
+
+def load_members(path: str, *, dtype: str = "float32") -> list:
+    """The reward models a path stands for (`member_workdirs`), loaded: [LoadedRewardModel] of one
+    architecture and tokenizer (an ensemble run's members, or one RM workdir / exported folder)."""
+    from rm.model import load_reward_model
+
+    workdirs = member_workdirs(path)
+    members = [load_reward_model(w, dtype=dtype) for w in workdirs]
+    for workdir, member in zip(workdirs[1:], members[1:]):
+        if member.config != members[0].config:
+            raise ValueError(f"{workdir}: model config differs from {workdirs[0]}'s; ensemble members share one")
+    return members
+
+
 def average_params(member_params: Sequence) -> dict:
     """WARM: the element-wise mean of K parameter trees of the same structure and shapes (float32 mean)."""
     if not member_params:
@@ -165,6 +203,7 @@ def warm_average(workdirs: Sequence[str], out: str, *, normalize_on: str = "", b
     from rm.model import load_reward_model
     from rm.score import _training_max_length, score_arrays
 
+    workdirs = expand_workdirs(list(workdirs))  # an ensemble run's workdir stands for its members
     if len(workdirs) < 2:
         raise ValueError(f"rm/ensemble.py: WARM needs at least two member workdirs, got {list(workdirs)}")
     members = [load_reward_model(w) for w in workdirs]
@@ -215,7 +254,9 @@ def main(argv=None):
     from common.run_utils import exit_on_user_error
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--workdirs", required=True, help="member RM workdirs, comma-separated (same SFT init)")
+    ap.add_argument(
+        "--workdirs", required=True, help="member RM workdirs, comma-separated, or an ensemble run's workdir"
+    )
     ap.add_argument("--out", required=True, help="the averaged model's RM workdir (rm.score / rm.export read it)")
     ap.add_argument("--normalize_on", default="", help="preference files to recompute gain/bias on")
     args = ap.parse_args(argv)

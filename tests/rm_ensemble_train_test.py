@@ -91,3 +91,42 @@ def test_bootstrap_resample_is_seeded():
     a = member_train_data(Rows(), seed=1, bootstrap=True)
     assert a == member_train_data(Rows(), seed=1, bootstrap=True) != member_train_data(Rows(), seed=2, bootstrap=True)
     assert len(a) == 10 and len(set(a)) < 10  # drawn with replacement
+
+
+def test_score_ensemble_run_with_each_objective(runs, tmp_path):
+    """rm.score --workdir ENSEMBLE_RUN: the members' normalised scores combined, against NumPy."""
+    from rm.score import main
+
+    d, _, _ = runs
+    data = str(d / "eval.jsonl")
+    singles = []
+    for k in range(2):
+        main(["--workdir", str(d / "ens" / "members" / str(k)), "--data", data, "--out", str(tmp_path / f"{k}.jsonl")])
+        singles.append([json.loads(line) for line in open(tmp_path / f"{k}.jsonl")])
+    chosen = np.array([[row["chosen_score"] for row in rows] for rows in singles])  # [K, N]
+    expected = {"mean": chosen.mean(0), "wco": chosen.min(0), "uwo": chosen.mean(0) - 0.5 * chosen.var(0)}
+    for objective, want in expected.items():
+        out = tmp_path / f"ens_{objective}.jsonl"
+        main(["--workdir", str(d / "ens"), "--data", data, "--out", str(out), "--objective", objective]
+             + ["--uwo_lambda", "0.5"])  # fmt: skip
+        got = np.array([json.loads(line)["chosen_score"] for line in open(out)])
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_ppo_with_ensemble_reward(runs):
+    """PPO's reward.workdir = an ensemble run: rollouts scored by both members under reward.objective."""
+    import configs.ppo as ppo_config
+    from ppo.train import train as ppo_train
+
+    d, _, _ = runs
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": "Review: the film"}, {"prompt": "Review: a story"}] * 8)
+    c = ppo_config.get_config("size=tiny")
+    c.policy.init_from, c.reward.workdir, c.data.prompt_files = str(d / "hf"), str(d / "ens"), prompts
+    c.reward.objective, c.train.steps, c.sampling.max_new_tokens = "wco", 1, 6
+    c.train.batch_size, c.train.num_minibatches, c.train.ppo_epochs = 8, 1, 1
+    ppo_train(c, str(d / "ppo"))
+    lines = [line for line in _lines(d / "ppo") if "objective/scores" in line or "objective/score" in line]
+    assert lines and all(np.isfinite(list(v for k, v in line.items() if k != "step")).all() for line in lines)
+    c.reward.objective = "max"
+    with pytest.raises(ValueError, match="reward.objective"):
+        ppo_train(c, str(d / "ppo_bad"))
