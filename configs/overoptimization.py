@@ -24,6 +24,11 @@ def get_config(arg=None):
     c.gold.n_pairs = 20000  # labels for the gold RM (gold.kind='rm')
     c.gold.steps = 1500  # gold RM training steps
 
+    c.proxy = ml_collections.ConfigDict()
+    c.proxy.ensemble_size = 1  # K > 1: each proxy is K reward models trained in one run (rm/ensemble_train.py)
+    c.proxy.objective = "mean"  # how an ensemble proxy scores, in best-of-n and PPO: mean | wco | uwo
+    c.proxy.uwo_lambda = 1.0  # uwo = mean - uwo_lambda * variance over members
+
     c.rl = ml_collections.ConfigDict()
     c.rl.beta = 0.002  # small fixed KL coefficient, so the policy travels far from the SFT policy
     c.rl.steps = 150  # PPO iterations per proxy
