@@ -4,6 +4,10 @@
 
 Writes points.json, fits.json (alpha, beta, R^2 per proxy and method), bon.png, rl.png and
 summary.json. Variant `:size=tiny` for tests. Shares the quickstart's world/policy settings.
+
+Three seeds (labels, proxies, best-of-n samples and PPO per seed; one world and SFT policy), fits on the
+seed-averaged curves and each seed's gold peak with its 95% interval (fits.json, summary.md):
+  python -m experiments.run --config configs/overoptimization.py --workdir runs/overopt3 --config.seeds='(0,1,2)'
 """
 
 import ml_collections

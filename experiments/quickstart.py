@@ -12,6 +12,12 @@ Stages (each resumable; outputs under the workdir):
   summary.json, training_curves.png, reward_vs_kl.png
 Gold reward (VADER sentiment + exact grammar fluency, tasks/gold.py) is tracked beside the
 proxy reward for the SFT policy, every PPO step and every best-of-n point.
+
+The stages' trainer configs are config.sft / config.rm / config.ppo (configs/sft.py, rm.py, ppo.py with
+overrides); `_sub_configs` fills in paths, seeds and the shared sampling lengths. labels.n_calibration_pairs
+> 0 writes labels/calibration.jsonl and fits the RM's temperature there (ECE reported on eval.jsonl).
+config.seeds = (0, 1, 2): labels, RM, best-of-n and PPO once per seed under seed_<s>/ (data/ and sft/
+shared at the top), summary.json / summary.md with means and 95% t-intervals across seeds.
 """
 
 from __future__ import annotations

@@ -113,20 +113,15 @@ def test_score_ensemble_run_with_each_objective(runs, tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_ppo_with_ensemble_reward(runs):
-    """PPO's reward.workdir = an ensemble run: rollouts scored by both members under reward.objective."""
+def test_ppo_refuses_an_unknown_objective(runs):
+    """(PPO against an ensemble run end to end: tests/ensembles_driver_test.py; its scores: ensemble_objective_test.)"""
     import configs.ppo as ppo_config
     from ppo.train import train as ppo_train
 
     d, _, _ = runs
-    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": "Review: the film"}, {"prompt": "Review: a story"}] * 8)
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": "Review: the film"}] * 8)
     c = ppo_config.get_config("size=tiny")
     c.policy.init_from, c.reward.workdir, c.data.prompt_files = str(d / "hf"), str(d / "ens"), prompts
-    c.reward.objective, c.train.steps, c.sampling.max_new_tokens = "wco", 1, 6
-    c.train.batch_size, c.train.num_minibatches, c.train.ppo_epochs = 8, 1, 1
-    ppo_train(c, str(d / "ppo"))
-    lines = [line for line in _lines(d / "ppo") if "objective/scores" in line or "objective/score" in line]
-    assert lines and all(np.isfinite(list(v for k, v in line.items() if k != "step")).all() for line in lines)
     c.reward.objective = "max"
     with pytest.raises(ValueError, match="reward.objective"):
         ppo_train(c, str(d / "ppo_bad"))
