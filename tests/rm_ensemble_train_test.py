@@ -125,3 +125,16 @@ def test_ppo_refuses_an_unknown_objective(runs):
     c.reward.objective = "max"
     with pytest.raises(ValueError, match="reward.objective"):
         ppo_train(c, str(d / "ppo_bad"))
+
+
+def test_driver_proxy_scorer_on_an_ensemble_run(runs):
+    """experiments.pipeline.ProxyScorer (the drivers' best-of-n scorer) on an ensemble run = the objective
+    over each member's own normalised scores."""
+    from experiments.pipeline import ProxyScorer
+
+    d, _, _ = runs
+    prompts, responses = ["Review: the film", "Review: a story"] * 2, [" great lovely", " dull", " superb", ""]
+    members = [ProxyScorer(str(d / "ens" / "members" / str(k)), max_length=64)(prompts, responses) for k in range(2)]
+    for objective, want in (("wco", np.minimum(*members)), ("mean", (members[0] + members[1]) / 2)):
+        got = ProxyScorer(str(d / "ens"), max_length=64, objective=objective)(prompts, responses)
+        np.testing.assert_allclose(got, want, atol=1e-6)
