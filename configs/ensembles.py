@@ -33,8 +33,7 @@ def get_config(arg=None):
     c.coste.window = 10  # PPO: gold of an iteration = mean over this many iterations (peak and end)
     c.coste.bootstrap_resamples = 1000  # one seed: bootstrap over prompts (best-of-n) / rollouts (PPO)
 
-    c.rl.steps = 100  # PPO iterations per variant (8 runs at the default size)
-    c.bon.n_max = 128
+    c.rl.steps = 100  # PPO iterations per variant (8 runs at the default size); bon.n_max: 128 (as Gao's)
     if args["size"] == "tiny":
         c.coste.n_labels = 64
         c.coste.ensemble_size = 2
