@@ -30,7 +30,7 @@ from experiments import pipeline as P
 from experiments.overoptimization import _label_file
 from experiments.quickstart import _sub_configs
 from experiments.seeds import format_interval, interval, seed_configs
-from rm import data as rm_data
+from common import data_io
 from rm.ensemble import OBJECTIVES, combine_scores
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
@@ -168,7 +168,7 @@ def run(config, workdir):
         P.check_preempted(sft_train(s_cfg, sft_dir))
         P.mark_done(sft_dir)
     sft_hf = os.path.join(sft_dir, "hf")
-    tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
+    tokenizer = data_io.load_tokenizer(paths["tokenizer"])
 
     def gold_of(prompts, responses):
         return np.asarray(scorer([p + r for p, r in zip(prompts, responses)]))

@@ -29,7 +29,7 @@ from experiments import fits
 from experiments import pipeline as P
 from experiments.quickstart import _sub_configs
 from experiments.seeds import format_interval, interval, mean_curve, seed_configs
-from rm import data as rm_data
+from common import data_io
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 
@@ -240,7 +240,7 @@ def run(config, workdir):
         P.check_preempted(sft_train(s_cfg, os.path.join(workdir, "sft")))
         P.mark_done(os.path.join(workdir, "sft"))
     sft_hf = os.path.join(workdir, "sft", "hf")
-    tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
+    tokenizer = data_io.load_tokenizer(paths["tokenizer"])
     runs = seed_configs(config, workdir)
     shared = dict(world=world, tokenizer=tokenizer, sft_hf=sft_hf)
     gold_of = None

@@ -17,9 +17,10 @@ import numpy as np
 from models.hf import load_hf_checkpoint
 from models.sampling import make_generate_fn
 from ppo.data import load_prompts
-from rm import data as rm_data
+from common import data_io
 from rm.ensemble import combine_scores, load_members
-from rm.score import pad_right, score_arrays, tokenize_single
+from rm.model import score_arrays
+from rm.score import pad_right, tokenize_single
 from tasks.reviews import ReviewWorld, train_tokenizer, write_jsonl
 
 
@@ -111,14 +112,14 @@ class ProxyScorer:
     def __init__(self, rm_workdir, max_length=128, *, objective="mean", uwo_lambda=1.0):
         self.models = load_members(rm_workdir)
         self.model = self.models[0]
-        self.tokenizer = rm_data.load_tokenizer(self.model.tokenizer_path or rm_workdir)
+        self.tokenizer = data_io.load_tokenizer(self.model.tokenizer_path or rm_workdir)
         self.max_length = max_length
         self.objective, self.uwo_lambda = objective, uwo_lambda
 
     def members(self, prompts, responses):
         rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]  # '' = EOS alone
         seqs, _ = tokenize_single(self.tokenizer, rows, file="<samples>", max_length=self.max_length)
-        _, pad = rm_data.special_ids(self.tokenizer)
+        _, pad = data_io.special_ids(self.tokenizer)
         ids, mask = pad_right(seqs, pad, width=self.max_length)
         return np.stack([m.normalize(score_arrays(m, ids, mask, batch_size=64)) for m in self.models])  # [K, N]
 

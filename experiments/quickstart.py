@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from experiments import pipeline as P
-from rm import data as rm_data
+from common import data_io
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 
@@ -85,7 +85,7 @@ def run_stages(config, workdir, *, root=None):
         P.check_preempted(sft_train(s_cfg, sft_dir))
         P.mark_done(sft_dir)
     times["sft"] = time.time() - t
-    tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
+    tokenizer = data_io.load_tokenizer(paths["tokenizer"])
     sft_hf = os.path.join(sft_dir, "hf")
 
     t = time.time()

@@ -41,18 +41,21 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from common.distributed import is_main_process
-from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
+from common import data_io
+from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
 from common.mesh import make_mesh, replicated
 from common.metrics import write_config_json
 from common.optim import optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves
+from common.workdir import save_model_files, write_json
+from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params
 from rm import data as rm_data
 from rm.calibration import write_calibration
 from rm.ensemble import OBJECTIVES, combine_scores, write_reward_workdir
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
-from rm.model import add_lora_and_quant, rm_params_from_backbone, save_model_config, split_trainable
+from rm.model import rm_params_from_backbone
 from rm.train import (
     check_loss_options,
     evaluate,
@@ -96,7 +99,7 @@ def init_member(model_config_base, backbone, mc, seed):
         rng=jax.random.fold_in(rng, 3),
         where="model",
     )
-    trainable, frozen = split_trainable(model_config, params)
+    trainable, frozen = split_trainable(params, lora=model_config.lora_rank > 0)
     return model_config, trainable, frozen, jax.random.key_data(jax.random.fold_in(rng, 2))
 
 
@@ -155,7 +158,7 @@ def train_ensemble(config, workdir: str) -> dict:
         raise ValueError("config.data.train_files is empty: give one or more preference files (comma-separated)")
     check_loss_options(config)
     run = start_run(config, workdir)
-    tokenizer = rm_data.load_tokenizer(config.model.tokenizer or config.model.init_from)
+    tokenizer = data_io.load_tokenizer(config.model.tokenizer or config.model.init_from)
     load = functools.partial(
         rm_data.load_preference_data,
         tokenizer=tokenizer,
@@ -198,9 +201,7 @@ def train_ensemble(config, workdir: str) -> dict:
         "rng": jnp.stack([i[3] for i in inits]),
     }
     del inits, trainable
-    if is_main_process():
-        save_model_config(workdir, model_config)
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    save_model_files(workdir, model_config, tokenizer)
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     state = jax.device_put(state, replicated(mesh))
     frozen = jax.device_put(frozen, replicated(mesh))
