@@ -24,13 +24,13 @@ import time
 
 import numpy as np
 
+from common import data_io
 from common.stats import bootstrap_ci
 from experiments import fits
 from experiments import pipeline as P
 from experiments.overoptimization import _label_file
 from experiments.quickstart import _sub_configs
 from experiments.seeds import format_interval, interval, seed_configs
-from common import data_io
 from rm.ensemble import OBJECTIVES, combine_scores
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 

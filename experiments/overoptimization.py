@@ -25,11 +25,11 @@ import time
 
 import numpy as np
 
+from common import data_io
 from experiments import fits
 from experiments import pipeline as P
 from experiments.quickstart import _sub_configs
 from experiments.seeds import format_interval, interval, mean_curve, seed_configs
-from common import data_io
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 

@@ -14,10 +14,10 @@ import time
 import jax
 import numpy as np
 
+from common import data_io
 from models.hf import load_hf_checkpoint
 from models.sampling import make_generate_fn
 from ppo.data import load_prompts
-from common import data_io
 from rm.ensemble import combine_scores, load_members
 from rm.model import score_arrays
 from rm.score import pad_right, tokenize_single

@@ -29,8 +29,8 @@ import time
 
 import numpy as np
 
-from experiments import pipeline as P
 from common import data_io
+from experiments import pipeline as P
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 

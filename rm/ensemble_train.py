@@ -40,8 +40,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from common.distributed import is_main_process
 from common import data_io
+from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
 from common.mesh import make_mesh, replicated
 from common.metrics import write_config_json
