@@ -56,17 +56,6 @@ from rm.calibration import write_calibration
 from rm.ensemble import OBJECTIVES, combine_scores, write_reward_workdir
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
 from rm.model import rm_params_from_backbone
-from rm.train import (
-    check_loss_options,
-    evaluate,
-    final_diagnostics,
-    fit_calibration,
-    normalization_rewards,
-    pair_rewards,
-    split_files,
-    train_step,
-    trim_to_bucket,
-)
 
 MEMBERS_DIR = "members"
 
@@ -113,7 +102,7 @@ def member_tree(tree, k: int):
     return jax.tree.map(lambda leaf: leaf[k], tree)
 
 
-def stacked_batches(members_data, *, batch_size, seeds, start_step, bucket):
+def stacked_batches(members_data, *, batch_size, seeds, start_step, bucket, trim_to_bucket):
     """Endless stacked batches {key: [K, B, ...]}: member k's batch `s` is the single run's batch `s`.
 
     Each member's batch is trimmed to `bucket` as in rm/train.py, then all are padded to the widest
@@ -144,8 +133,13 @@ def ensemble_step(state, batch, frozen, *, member_step):
     return new_state, out
 
 
-def train_ensemble(config, workdir: str) -> dict:
-    """Train config.model.ensemble_size reward models in one run; returns the final eval summary."""
+def train_ensemble(config, workdir: str, *, single) -> dict:
+    """Train config.model.ensemble_size reward models in one run; returns the final eval summary.
+
+    `single` is rm.train (it calls this): its train_step, evaluation, calibration and normalisation are
+    the members' own, passed in rather than imported so the two modules form no import circle."""
+    check_loss_options, evaluate = single.check_loss_options, single.evaluate
+    pair_rewards, split_files, train_step = single.pair_rewards, single.split_files, single.train_step
     t0 = time.time()
     K = int(config.model.ensemble_size)
     if K < 2:
@@ -275,7 +269,10 @@ def train_ensemble(config, workdir: str) -> dict:
         metrics_writer.write(step, out)
         return out
 
-    batches = stacked_batches(members_data, batch_size=tc.batch_size, seeds=seeds, start_step=start_step, bucket=bucket)
+    batches = stacked_batches(
+        members_data, batch_size=tc.batch_size, seeds=seeds, start_step=start_step, bucket=bucket,
+        trim_to_bucket=single.trim_to_bucket,
+    )  # fmt: skip
     loop = run_train_loop(
         step_fn=lambda s, b: step_fn(s, b, frozen),
         state=state,
@@ -306,7 +303,7 @@ def train_ensemble(config, workdir: str) -> dict:
             _finish_member(
                 config, workdir, k, seed, model_config, member_tree(state["params"], k), frozen,
                 eval_fn=eval_fn, train_data=members_data[k], eval_data=eval_data, tokenizer=tokenizer, step=step,
-                data_identity=data_identity,
+                data_identity=data_identity, single=single,
             )
         )  # fmt: skip
     ckpt.save(step, to_save(state), {"step": step, "data": data_identity, "members": len(seeds)}, force=True)
@@ -329,9 +326,10 @@ def train_ensemble(config, workdir: str) -> dict:
 
 def _finish_member(
     config, workdir, k, seed, model_config, trainable, frozen, *, eval_fn, train_data, eval_data, tokenizer, step,
-    data_identity,
+    data_identity, single,
 ):  # fmt: skip
-    """Member k's final evaluation, calibration and normalisation (as rm/train.py's), written as an RM workdir."""
+    """Member k's final evaluation, calibration and normalisation (rm/train.py's: `single`), as an RM workdir."""
+    evaluate, fit_calibration, final_diagnostics = single.evaluate, single.fit_calibration, single.final_diagnostics
     out_dir = os.path.join(workdir, MEMBERS_DIR, str(k))
     member_config = copy.deepcopy(config)
     member_config.seed = seed
@@ -358,7 +356,7 @@ def _finish_member(
                 title=f"reward model {k} (seed {seed}), step {step}",
                 temperature=calibration["temperature"],
             )
-    norm_rewards, norm_source = normalization_rewards(
+    norm_rewards, norm_source = single.normalization_rewards(
         member_config, eval_fn, params, train_data, eval_data, tokenizer, batch_size=eval_bs, bucket=bucket
     )
     gain, bias = compute_normalization(norm_rewards)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -235,7 +236,7 @@ def train(config, workdir: str) -> dict:
     if int(config.model.get("ensemble_size", 1)) != 1:
         from rm.ensemble_train import train_ensemble  # vmaps this module's train_step over members
 
-        return train_ensemble(config, workdir)
+        return train_ensemble(config, workdir, single=sys.modules[__name__])  # passed in: no import circle
     t0 = time.time()
     if not config.model.init_from:
         raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")
