@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -223,7 +224,11 @@ def final_diagnostics(config, eval_data, chosen, rejected, calibration) -> dict:
 
 
 def train(config, workdir: str) -> dict:
-    """Train a reward model as configured; returns the final eval metrics."""
+    """Train a reward model as configured (K of them with model.ensemble_size = K); returns the final eval metrics."""
+    if int(config.model.get("ensemble_size", 1)) != 1:
+        from rm.ensemble_train import train_ensemble  # vmaps this module's train_step over members
+
+        return train_ensemble(config, workdir, single=sys.modules[__name__])  # passed in: no import circle
     t0 = time.time()
     if not config.model.init_from:
         raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")

@@ -22,10 +22,11 @@ ALLOWED = {
     "benchmarks": {"common", "models", "configs", "tasks", "rm", "sft", "ppo"},
 }
 # PPO reaches a trained reward model only through loading and scoring it (the same module with a
-# per-token head is its value model), an ensemble's members through loading and combining their scores.
+# per-token head is its value model).
 PUBLIC_FACES = {
     ("ppo", "rm.model"): {"load_reward_model", "LoadedRewardModel", "RewardModel", "compute_rewards"},
-    ("ppo", "rm.ensemble"): {"load_members", "combine_member_scores", "OBJECTIVES"},
+    # an ensemble reward (K members of one run) and its scoring objective: loading and scoring too
+    ("ppo", "rm.ensemble"): {"OBJECTIVES", "load_members", "combine_member_scores"},
 }
 
 
