@@ -33,6 +33,7 @@ from common import resume, tracking
 from common.checkpoint import CheckpointManager
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.run_utils import PreemptionHandler, check_finite
+from common.throughput import progress_fields
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -210,12 +211,14 @@ def run_train_loop(
     desc: str = "train",
     progress_keys: tuple[str, ...] = ("loss", "accuracy"),
     extra: dict | None = None,
+    throughput=None,
 ) -> LoopResult:
     """Runs steps start_step+1 .. total_steps. `batches` yields ready (sharded) batches; `step_fn`
     is the jitted `(state, batch) -> (state, device metrics)` with at least 'loss'. Metrics are
     written as 'train/<key>' averages over the fetched group. `to_save(state)` is the checkpoint
     tree; `extra` (e.g. {'data': identity}) goes into every checkpoint's extra dict besides 'step'.
-    Returns the final state and step, and whether a SIGTERM stopped the run."""
+    `throughput` (common/throughput.py Meter) adds perf/ fields (tokens/s, step time, MFU) to each
+    metrics line and the progress bar. Returns the final state and step, and whether a SIGTERM stopped the run."""
     last_saved = ckpt.latest_step()
     base_extra = dict(extra or {})
     pending = []  # device metrics not yet fetched
@@ -234,6 +237,8 @@ def run_train_loop(
                 last_checkpoint_step=last_saved,
             )
         avg = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        if throughput is not None:
+            avg.update(throughput.fields(step, fetched))
         metrics_writer.write(step, avg)
         pending = []
         return avg
@@ -245,10 +250,14 @@ def run_train_loop(
             state, m = step_fn(state, next(batches))
             pending.append(m)
             step += 1
+            if throughput is not None and step == start_step + 1:
+                jax.block_until_ready(m)  # the first step carries the compilation: rates start after it
+                throughput.mark(step)
             is_last = step == total_steps
             if step % log_every == 0 or is_last or ckpt.should_save(step):
                 last = flush(step)
-                progress.update(step - shown, **{k: last[f"train/{k}"] for k in progress_keys})
+                perf = progress_fields(last)
+                progress.update(step - shown, **{k: last[f"train/{k}"] for k in progress_keys}, **perf)
                 shown = step
             if eval_every and step % eval_every == 0 and not is_last:
                 run_eval(step, state)

@@ -84,23 +84,26 @@ def next_token_loss(*, logits, input_ids, loss_mask, num_targets=None):
     return jnp.sum(nll) / jnp.maximum(denominator, 1.0)
 
 
-def lm_logits(model_config, params, input_ids, attention_mask):
-    """[B, T, V] float32 logits of the causal LM."""
-    return Transformer(model_config).apply({"params": params}, input_ids, attention_mask).logits
+def lm_logits(model_config, params, input_ids, attention_mask, segment_ids=None):
+    """[B, T, V] float32 logits of the causal LM (packed rows with `segment_ids`)."""
+    return (
+        Transformer(model_config).apply({"params": params}, input_ids, attention_mask, segment_ids=segment_ids).logits
+    )
 
 
-def lm_nll(model_config, params, input_ids, attention_mask, loss_mask):
+def lm_nll(model_config, params, input_ids, attention_mask, loss_mask, segment_ids=None):
     """`next_token_nll` of the causal LM: over chunks of the hidden states when
     model_config.logits_chunk > 0 (models/lm_head.py: no [B, T, V] float32 logits), else from
-    the full logits."""
+    the full logits. Packed rows (common/packing.py) pass `segment_ids`; the first token of every
+    sequence is never a target, so no loss term crosses a segment boundary."""
     if model_config.logits_chunk:
         hidden = (
             Transformer(model_config)
-            .apply({"params": params}, input_ids, attention_mask, return_logits=False)
+            .apply({"params": params}, input_ids, attention_mask, return_logits=False, segment_ids=segment_ids)
             .hidden_states
         )  # [B, T, d]
         return next_token_nll_from_hidden(model_config, params, hidden, input_ids, loss_mask)
-    logits = lm_logits(model_config, params, input_ids, attention_mask)  # [B, T, V]
+    logits = lm_logits(model_config, params, input_ids, attention_mask, segment_ids)  # [B, T, V]
     return next_token_nll(logits=logits, input_ids=input_ids, loss_mask=loss_mask)
 
 
