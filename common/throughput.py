@@ -52,7 +52,7 @@ def device_peak_flops(device_kind: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=1)
-def measured_cpu_peak(size: int = 512, seconds: float = 0.3) -> float:
+def measured_cpu_peak(size: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of a float32 [size, size] matmul on this host's CPU backend, measured once per process."""
     a = jnp.ones((size, size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)

