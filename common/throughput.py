@@ -184,3 +184,58 @@ def progress_fields(perf: dict) -> dict:
     if "perf/mfu" in perf:
         out["mfu"] = perf["perf/mfu"]
     return out
+
+
+def ppo_iteration_flops(specs, *, tokens, response_tokens, attended, attended_window=0.0, epochs) -> float:
+    """Model FLOPs of one PPO iteration over sequences of `tokens` real (query + response) tokens.
+
+    specs: ppo/rollout.py ModelSpecs. Counted: generation (a policy forward over every token, the
+    LM head on response tokens only), scoring (policy and reference forwards with their LM heads on
+    response tokens, the value model unless its head sits on the policy, the reward model), and
+    `epochs` update passes (3 forwards of the policy and of a separate value model).
+    """
+    pairs = dict(attended=attended, attended_window=attended_window)
+
+    def lm(config):  # a causal-LM forward: body over all tokens, LM head over the response tokens
+        body = forward_flops(config, tokens=tokens, lm_head=False, **pairs)
+        return body + 2.0 * config.d_model * config.vocab_size * response_tokens
+
+    value = 0.0
+    if specs.critic and not specs.value_head_on_policy:
+        value = forward_flops(specs.value, tokens=tokens, lm_head=False, **pairs)
+    generation = lm(specs.policy)
+    scoring = lm(specs.policy) + lm(specs.reference_config()) + value
+    scoring += forward_flops(specs.reward, tokens=tokens, lm_head=False, **pairs)
+    update = epochs * 3.0 * (lm(specs.policy) + value)
+    return generation + scoring + update
+
+
+def ppo_iteration_perf(specs, rollout, *, times, epochs, peak) -> dict:
+    """perf/ fields of one PPO iteration (ppo/train.py): real tokens/s overall, of generation and
+    of the update, the step time, the model FLOPs rate and MFU. rollout: ppo/rollout.py Rollout;
+    times: (generation_s, scoring_s, update_s). The first iteration's times include compilation."""
+    generation_s, scoring_s, update_s = times
+    mask = jnp.concatenate([rollout.query_mask, rollout.response_mask], axis=1)
+    stats = jax.device_get(token_stats(mask, positions_of_mask(mask), window=specs.policy.sliding_window))
+    response_tokens = float(jax.device_get(jnp.sum(rollout.response_mask > 0)))
+    tokens, elapsed = float(stats["tokens"]), max(generation_s + scoring_s + update_s, 1e-9)
+    flops = ppo_iteration_flops(
+        specs,
+        tokens=tokens,
+        response_tokens=response_tokens,
+        attended=float(stats["attended"]),
+        attended_window=float(stats.get("attended_window", 0.0)),
+        epochs=epochs,
+    )
+    out = {
+        "perf/tokens": tokens,
+        "perf/response_tokens": response_tokens,
+        "perf/tokens_per_s": tokens / elapsed,
+        "perf/generation_tokens_per_s": response_tokens / max(generation_s, 1e-9),
+        "perf/update_tokens_per_s": epochs * tokens / max(update_s, 1e-9),
+        "perf/step_time_s": elapsed,
+        "perf/model_flops_per_s": flops / elapsed,
+    }
+    if peak:
+        out["perf/mfu"] = flops / elapsed / peak
+    return out

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from common import throughput
 from common.distributed import gather_to_host, is_main_process
 from common.loop import open_checkpoints, start_run, write_json
 from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
@@ -414,7 +415,10 @@ def train(config, workdir: str) -> dict:
         group_eps=algo.group_eps,
         kl_in_loss=algo.kl_in_loss,
     )
-    rollout_fn = jax.jit(make_rollout_fn(specs, settings))
+    rollout_stages = make_rollout_fn(specs, settings)
+    generate_fn, score_fn = jax.jit(rollout_stages.generate), jax.jit(rollout_stages.score)  # timed apart
+    peak, peak_source = throughput.peak_flops(float(config.logging.get("peak_flops", 0.0)))
+    print(f"throughput: MFU against {'no peak' if peak is None else f'{peak:.3g} FLOP/s'} ({peak_source})", flush=True)
     loss_fn = functools.partial(
         ppo_loss,
         specs=specs,
@@ -448,7 +452,7 @@ def train(config, workdir: str) -> dict:
     update_keys = algos.update_keys(UPDATE_KEYS, algo)
     progress = Progress(tc.steps, initial=start_step, desc="ppo")
     step, last_saved, last, preempted = start_step, ckpt.latest_step(), {}, False
-    timing = {"rollout": 0.0, "update": 0.0}
+    timing = {"rollout": 0.0, "update": 0.0, "generation": 0.0, "scoring": 0.0}
     with PreemptionHandler() as preemption:
         while step < tc.steps:
             _, batch = next(batches)
@@ -457,15 +461,18 @@ def train(config, workdir: str) -> dict:
             beta = kl_ctl.value
             t1 = time.time()
             roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-            rollout = rollout_fn(
-                combine_params(state["params"], frozen),
+            full = combine_params(state["params"], frozen)
+            sample = jax.block_until_ready(generate_fn(full, batch["input_ids"], batch["attention_mask"], roll_rng))
+            t_generated = time.time()
+            rollout = score_fn(
+                full,
                 ref_params,
                 reward_params,
                 norm,
                 jnp.float32(beta),
                 batch["input_ids"],
                 batch["attention_mask"],
-                roll_rng,
+                sample,
             )
             rmetrics = jax.device_get(rollout_metrics(rollout, beta, critic=algo.critic, group_size=algo.group_size))
             t2 = time.time()
@@ -474,13 +481,20 @@ def train(config, workdir: str) -> dict:
             t3 = time.time()
             timing["rollout"] += t2 - t1
             timing["update"] += t3 - t2
+            timing["generation"] += t_generated - t1
+            timing["scoring"] += t2 - t_generated
             step += 1
             metrics = {
                 **{k: float(v) for k, v in rmetrics.items()},
                 **{k: float(v) for k, v in umetrics.items()},
                 "kl/beta": beta,
-                "time/rollout_s": t2 - t1,
+                "time/rollout_s": t2 - t1,  # generation + scoring
                 "time/update_s": t3 - t2,
+                "time/generation_s": t_generated - t1,
+                "time/scoring_s": t2 - t_generated,
+                **throughput.ppo_iteration_perf(
+                    specs, rollout, times=(t_generated - t1, t2 - t_generated, t3 - t2), epochs=tc.ppo_epochs, peak=peak
+                ),
             }
             finite_keys = (
                 ("objective/scores", "val/vf_loss", "policy/pg_loss")
@@ -495,7 +509,12 @@ def train(config, workdir: str) -> dict:
             if tc.samples_every and (step % tc.samples_every == 0 or step == tc.steps):
                 _write_samples(samples_path, step, tokenizer, rollout, config.train.num_samples)
             last = metrics
-            progress.update(1, score=metrics["objective/scores"], kl=metrics["objective/kl"])
+            progress.update(
+                1,
+                score=metrics["objective/scores"],
+                kl=metrics["objective/kl"],
+                **throughput.progress_fields(metrics),
+            )
             extra = {"step": step, "kl": kl_ctl.state_dict(), "data": data_identity}
             if ckpt.save(step, to_save(state), extra, force=step == tc.steps):
                 last_saved = step
