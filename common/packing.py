@@ -43,24 +43,23 @@ def first_fit_decreasing(lengths: Sequence[int], *, capacity: int, max_segments:
     """
     lengths = np.asarray(lengths, np.int64)
     if lengths.size and (lengths.max() > capacity or lengths.min() < 1):
-        raise ValueError(
-            f"first_fit_decreasing: lengths must be in [1, {capacity}], got {lengths.min()}..{lengths.max()}"
-        )
-    order = np.lexsort((np.arange(lengths.size), -lengths))  # longest first, stable
-    used = np.zeros(lengths.size, np.int64)  # tokens used per (potential) bin
-    count = np.zeros(lengths.size, np.int64)  # items per bin
+        raise ValueError(f"first_fit_decreasing: lengths must be in [1, {capacity}], got {lengths.min()}..{lengths.max()}")
+    order = np.lexsort((np.arange(lengths.size), -lengths)).tolist()  # longest first, stable
     limit = lengths.size if max_segments is None else max_segments
+    sizes = lengths.tolist()
+    used, count = [], []  # tokens and items per bin (plain lists: a few dozen bins, faster than numpy)
     bin_of = np.zeros(lengths.size, np.int64)
     offset_of = np.zeros(lengths.size, np.int64)
-    n_bins = 0
     for i in order:
-        fits = (used[:n_bins] + lengths[i] <= capacity) & (count[:n_bins] < limit)
-        b = int(np.argmax(fits)) if fits.any() else n_bins
-        n_bins = max(n_bins, b + 1)
+        size = sizes[i]
+        b = next((j for j, u in enumerate(used) if u + size <= capacity and count[j] < limit), len(used))
+        if b == len(used):
+            used.append(0)
+            count.append(0)
         bin_of[i], offset_of[i] = b, used[b]
-        used[b] += lengths[i]
+        used[b] += size
         count[b] += 1
-    return bin_of, offset_of, n_bins
+    return bin_of, offset_of, len(used)
 
 
 def _row_tokens(n_rows, length, pieces, pad_id):

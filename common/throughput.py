@@ -235,6 +235,7 @@ def ppo_iteration_perf(specs, rollout, *, times, epochs, peak) -> dict:
         "perf/update_tokens_per_s": epochs * tokens / max(update_s, 1e-9),
         "perf/step_time_s": elapsed,
         "perf/model_flops_per_s": flops / elapsed,
+        "perf/pad_fraction": 1.0 - tokens / float(stats["slots"]),  # of the [B, P + N] update rows
     }
     if peak:
         out["perf/mfu"] = flops / elapsed / peak

@@ -39,7 +39,7 @@ def test_first_fit_decreasing_by_hand():
     assert n_bins == 3
     assert bin_of.tolist() == [1, 0, 2, 1, 0]
     assert offset_of.tolist() == [7, 0, 0, 0, 9]
-    # At most 2 items per bin: 1 no longer joins bin 0's... it does (1 item there); 3 cannot join [7] twice.
+    # At most 2 items per bin: the third 5 opens a second bin although the first has room for it.
     bin_of, _, n_bins = packing.first_fit_decreasing([5, 5, 5, 1], capacity=20, max_segments=2)
     assert n_bins == 2 and bin_of.tolist() == [0, 0, 1, 1]
 
