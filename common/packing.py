@@ -43,7 +43,9 @@ def first_fit_decreasing(lengths: Sequence[int], *, capacity: int, max_segments:
     """
     lengths = np.asarray(lengths, np.int64)
     if lengths.size and (lengths.max() > capacity or lengths.min() < 1):
-        raise ValueError(f"first_fit_decreasing: lengths must be in [1, {capacity}], got {lengths.min()}..{lengths.max()}")
+        raise ValueError(
+            f"first_fit_decreasing: lengths must be in [1, {capacity}], got {lengths.min()}..{lengths.max()}"
+        )
     order = np.lexsort((np.arange(lengths.size), -lengths)).tolist()  # longest first, stable
     limit = lengths.size if max_segments is None else max_segments
     sizes = lengths.tolist()
