@@ -122,11 +122,11 @@ def train_rm(paths, workdir, *, packed, seed, steps):
 
 def paired_difference(paths, workdirs, *, seed, resamples=2000):
     """Accuracy(packed) - accuracy(padded) on the same eval pairs, with a paired bootstrap 95% interval."""
+    from common import data_io
     from rm import data as rm_data
-    from rm.model import load_reward_model
-    from rm.score import score_arrays
+    from rm.model import load_reward_model, score_arrays
 
-    tokenizer = rm_data.load_tokenizer(paths["tok"])
+    tokenizer = data_io.load_tokenizer(paths["tok"])
     data = rm_data.load_preference_data(paths["eval"], tokenizer, max_length=128)
     correct = []
     for workdir in workdirs:

@@ -12,6 +12,7 @@ import pytest
 
 import configs.rm as rm_config
 import configs.sft as sft_config
+from common import data_io
 from common.checkpoint import CheckpointManager
 from models.transformer import init_params
 from rm import data as rm_data
@@ -84,7 +85,7 @@ def test_packed_rm_learns_and_logs_real_tokens(packed_run, setup):
     stats = json.load(open(os.path.join(workdir, "data_stats.json")))["train"]
     assert stats["pack_rows"] < 32 and stats["pack_segments"] >= 2  # 16 pairs = 32 sequences, packed
     # Hand count: the real tokens of the batches of steps 1..5 (rm/data.py's (seed, step) order).
-    tokenizer = rm_data.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    tokenizer = data_io.load_tokenizer(os.path.join(workdir, "tokenizer"))
     data = rm_data.load_preference_data(setup["train"], tokenizer, max_length=96)
     batches = rm_data.train_batches(data, batch_size=16, seed=0)
     counts = [int(b["chosen_mask"].sum() + b["rejected_mask"].sum()) for _, (_, b) in zip(range(5), batches)]
@@ -132,7 +133,7 @@ def test_sft_packed_run_matches_padded_loss_and_counts_tokens(setup):
     assert lines[0]["train/pad_fraction"] < lines[0]["train/pad_fraction_unpacked"]
     assert 0 < lines[1]["perf/mfu"] < 2 and lines[1]["perf/tokens_per_s"] > 100  # CPU probe: noisy when shared
 
-    tokenizer = rm_data.load_tokenizer(tok_dir)
+    tokenizer = data_io.load_tokenizer(tok_dir)
     data = sft_data.load_sft_data(train_file, tokenizer, max_length=128)
     _, batch = next(sft_data.train_batches(data, batch_size=c.train.batch_size, seed=0))
     assert lines[0]["train/tokens"] == int(batch["attention_mask"].sum())

@@ -87,8 +87,8 @@ def test_scanned_forward_and_gradients_equal_unrolled(name, remat):
 
 
 def test_lora_int8_and_dropout():
+    from models.adapters import add_lora_and_quant
     from models.quant import quantize_params
-    from rm.model import add_lora_and_quant
 
     cfg = TransformerConfig(**SMALL, **FAMILIES["llama"])
     base = init_params(cfg, jax.random.key(1))
