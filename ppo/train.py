@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import data_io
+from common.data_io import split_files
 from common.distributed import gather_to_host, is_main_process
 from common.loop import LoopHooks, open_checkpoints, run_train_loop, start_run
 from common.mesh import batch_sharding, local_rows, replicated, shard_batch
 from common.optim import optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
-from common.train_state import build_train_state, mesh_and_rules
+from common.train_state import build_train_state, lora_settings, mesh_and_rules
 from common.workdir import append_jsonl, save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.heads import ScalarHead
@@ -161,7 +162,7 @@ def train(config, workdir: str) -> dict:
             raise ValueError(f"config.{key} is required")
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
     tokenizer = data_io.load_tokenizer(config.policy.tokenizer or config.policy.init_from, setting="policy.tokenizer")
-    prompt_files = [f.strip() for f in str(config.data.prompt_files).split(",") if f.strip()]
+    prompt_files = split_files(config.data.prompt_files)
     prompts = load_prompts(
         prompt_files, tokenizer, max_prompt_length=config.data.max_prompt_length, on_bad_row=config.data.on_bad_row
     )
@@ -175,11 +176,7 @@ def train(config, workdir: str) -> dict:
     policy_config, policy_params = add_lora_and_quant(
         policy_config,
         policy_params,
-        lora_rank=pc.lora_rank,
-        lora_alpha=pc.lora_alpha,
-        lora_targets=pc.lora_targets,
-        lora_dropout=pc.lora_dropout,
-        quant=pc.quant,
+        **lora_settings(pc),
         rng=jax.random.fold_in(rng, 4),
         where="policy",
     )
@@ -212,11 +209,7 @@ def train(config, workdir: str) -> dict:
         value_config, value_params = add_lora_and_quant(
             rm_config,
             rm_params,
-            lora_rank=vc.lora_rank,
-            lora_alpha=vc.lora_alpha,
-            lora_targets=vc.lora_targets,
-            lora_dropout=vc.lora_dropout,
-            quant=vc.quant,
+            **lora_settings(vc),
             rng=jax.random.fold_in(rng, 5),
             where="value",
         )
