@@ -369,12 +369,14 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         act = _activation(cfg.activation)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # rows [N, d]: XLA:CPU sums the bias gradients over one axis
         if not cfg.gated_mlp:
             hidden = act(_dense(cfg, cfg.d_ff, cfg.mlp_bias, "up_proj")(x))
         else:
             gate = _dense(cfg, cfg.d_ff, cfg.mlp_bias, "gate_proj")(x)
             hidden = act(gate) * _dense(cfg, cfg.d_ff, cfg.mlp_bias, "up_proj")(x)
-        return _dense(cfg, cfg.d_model, cfg.mlp_bias, "down_proj")(hidden)
+        return _dense(cfg, cfg.d_model, cfg.mlp_bias, "down_proj")(hidden).reshape(*lead, cfg.d_model)
 
 
 class Block(nn.Module):
