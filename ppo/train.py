@@ -40,6 +40,7 @@ from models.heads import ScalarHead
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params, lora_trainable, merge_lora, partition_params, strip_lora
 from models.quant import quantize_params
+from models.scan import match_layout
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 from ppo import algorithms as algos
 from ppo import losses as L
@@ -163,6 +164,7 @@ def _load_models(config, tokenizer):
         logits_chunk=mc.get("logits_chunk", 128),
         scan_layers=mc.get("scan_layers", False),
     )
+    policy_params = match_layout(policy_params, policy_config)  # scan_layers: stacked layers (models/scan.py)
     if policy_config.pad_token_id is None:
         policy_config = policy_config.replace(pad_token_id=tokenizer.pad_token_id)
     if bool(config.reward.workdir) == bool(config.reward.init_from):
@@ -172,6 +174,7 @@ def _load_models(config, tokenizer):
         )
     reward = load_reward_model(config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype)
     reward.config = reward.config.replace(scan_layers=config.reward.get("scan_layers", False))
+    reward.params = match_layout(reward.params, reward.config)
     if reward.config.vocab_size < policy_config.vocab_size:
         raise ValueError(
             f"reward model vocab ({reward.config.vocab_size}) is smaller than the policy's "
@@ -318,6 +321,7 @@ def train(config, workdir: str) -> dict:
             where="value",
         )
         value_config = value_config.replace(scan_layers=vc.get("scan_layers", False))
+        value_params = match_layout(value_params, value_config)
         value_tree = {"value": value_params}
     specs = ModelSpecs(
         policy=policy_config,

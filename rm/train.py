@@ -31,6 +31,7 @@ from common.stats import bootstrap_ci
 from common.tracking import open_metrics, plot_training_curves, report_start
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params
+from models.scan import match_layout
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 from rm import data as rm_data
 from rm.calibration import calibration_metrics, fit_temperature, write_calibration
@@ -263,6 +264,7 @@ def train(config, workdir: str) -> dict:
         attention=config.model.get("attention", "auto"),
         scan_layers=config.model.get("scan_layers", False),
     )
+    backbone = match_layout(backbone, model_config)  # scan_layers: layers held stacked (models/scan.py)
     if model_config.pad_token_id is None:
         model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
     rng = jax.random.key(config.seed)

@@ -37,6 +37,7 @@ from common.optim import accumulate_gradients, optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
 from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
+from models.scan import match_layout
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, abstract_sharded, shard_params, tree_shardings
 from models.transformer import Transformer, TransformerConfig, init_params
 from rm import data as rm_data
@@ -238,6 +239,7 @@ def build_model(config, tokenizer, mesh, rules, rng):
         )
         if model_config.pad_token_id is None:
             model_config = model_config.replace(pad_token_id=rm_data.special_ids(tokenizer)[1])
+        params = match_layout(params, model_config)  # scan_layers: layers held stacked (models/scan.py)
         if not model_config.tie_embeddings and "lm_head" not in params:
             raise ValueError(
                 f"{mc.init_from} has no lm_head weights: not a causal LM (a sequence-classification "
