@@ -213,7 +213,7 @@ class TransformerConfig:
 class Output:
     logits: Optional[jax.Array]  # [B, T, V] float32, or None when not requested
     hidden_states: jax.Array  # [B, T, d] float32, after the final norm
-    cache: Optional[Any]  # updated KV cache (list of {'k','v'}) or None
+    cache: Optional[Any]  # updated KV cache (list of {'k','v'}; scan_layers: see models/scan.py) or None
 
 
 def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype=None) -> list:
@@ -449,13 +449,9 @@ class Transformer(nn.Module):
                 cfg, block_cls, x, positions, attention_mask, q_slots, cache, cache_index
             )
         for i in range(first_unrolled, cfg.n_layers):
+            layer_cache = None if cache is None else layer_caches[i - first_unrolled]
             x, layer_cache = block_cls(cfg, layer=i, name=f"layers_{i}")(
-                x,
-                positions,
-                attention_mask,
-                q_slots,
-                None if cache is None else layer_caches[i - first_unrolled],
-                cache_index,
+                x, positions, attention_mask, q_slots, layer_cache, cache_index
             )
             if new_cache is not None:
                 new_cache.append(layer_cache)
