@@ -37,6 +37,15 @@ def layer_groups(config) -> tuple[int, int]:
     return period, config.n_layers // period
 
 
+def _write_slots(stack, layer_cache, g, cache_index, t):
+    """stack [G, B, Hkv, S, D] with slots [cache_index, cache_index + t) of layer g taken from
+    layer_cache [B, Hkv, S, D] (the block's updated cache): an in-place update of t slots."""
+    index = jnp.asarray(cache_index, jnp.int32)
+    new = jax.lax.dynamic_slice_in_dim(layer_cache, index, t, axis=2)[None].astype(stack.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(stack, new, (jnp.asarray(g, jnp.int32), zero, zero, index, zero))
+
+
 class _LayerGroup(nn.Module):
     """Body of the scan: P consecutive blocks (p0 .. p{P-1}), one group of the period."""
 
@@ -55,13 +64,9 @@ class _LayerGroup(nn.Module):
             x, layer_cache = self.block_cls(self.config, layer=j, name=f"p{j}")(
                 x, positions, attention_mask, q_slots, layer_cache, cache_index
             )
-            if caches is not None:
+            if caches is not None:  # write back only the T slots this step filled: [1, B, Hkv, T, D]
                 new_caches.append(
-                    jax.tree.map(
-                        lambda s, c: jax.lax.dynamic_update_index_in_dim(s, c.astype(s.dtype), g, 0),
-                        caches[j],
-                        layer_cache,
-                    )
+                    jax.tree.map(lambda s, c: _write_slots(s, c, g, cache_index, x.shape[1]), caches[j], layer_cache)
                 )
         return (x, new_caches if caches is not None else None, g + 1), None
 
