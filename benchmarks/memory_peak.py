@@ -3,8 +3,8 @@
   python -m benchmarks.memory_peak [--kind ppo|rm] [--shape llama3.2-1b] [--mode after_scan] [--layers 16]
       [--top 25] [--out benchmarks/results/memory_peak_ppo.json]
 
-Compiles the step as benchmarks/memory_shapes.py does (1 device, bf16 + remat, XLA:CPU memory-
-optimised scheduler) with `--xla_dump_to`, then reads the dump's `*-live-range.txt` ("Live ranges
+Compiles the step as benchmarks/memory_shapes.py does (1 device or the 8-device FSDP mesh, bf16
++ remat, XLA:CPU memory-optimised scheduler; figures per device) with `--xla_dump_to`, then reads the dump's `*-live-range.txt` ("Live ranges
 at N (peak)": every buffer live at the peak of the heap simulation, with its size) and the
 `*-buffer-assignment.txt` (each buffer's shape). Buffers named after the step's arguments
 (state, rollout, frozen trees) are arguments; everything else is temp. The temp buffers are
@@ -24,6 +24,13 @@ import tempfile
 from collections import defaultdict
 
 ARG_PREFIXES = ("state", "rollout", "frozen", "ref_params", "reward_params", "batch")
+_SPMD_PARAM = re.compile(r"^param\.\d+$")  # entry parameters of an SPMD-partitioned module (8 devices)
+
+
+def _is_argument(name: str) -> bool:
+    return name.startswith(ARG_PREFIXES) or bool(_SPMD_PARAM.match(name))
+
+
 GIB = 2.0**30
 
 
@@ -51,8 +58,8 @@ def parse_dump(folder: str) -> dict:
 
 
 def summarize(report: dict, top: int) -> dict:
-    args = [b for b in report["buffers"] if b[0].startswith(ARG_PREFIXES)]
-    temps = sorted((b for b in report["buffers"] if not b[0].startswith(ARG_PREFIXES)), key=lambda b: -b[1])
+    args = [b for b in report["buffers"] if _is_argument(b[0])]
+    temps = sorted((b for b in report["buffers"] if not _is_argument(b[0])), key=lambda b: -b[1])
     by_dtype = defaultdict(int)
     for _, size, shape in temps:
         by_dtype[shape.split("[")[0]] += size
@@ -73,21 +80,27 @@ def main(argv=None):
     ap.add_argument("--mode", default="after_scan")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--devices", type=int, default=1, help="1, or 8 (fake CPU devices, FSDP mesh data=8)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="xla_dump_")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
-        + f" --xla_dump_to={folder} --xla_dump_hlo_module_re=.*jit_step.* --xla_dump_hlo_pass_re=NOTHING"
+        + f" --xla_dump_to={folder} --xla_dump_hlo_module_re=.*step.* --xla_dump_hlo_pass_re=NOTHING"
+        + (f" --xla_force_host_platform_device_count={args.devices}" if args.devices > 1 else "")
     ).strip()
+    if args.devices > 1:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from benchmarks.memory_shapes import MODES, REAL_SHAPES, compiled_memory  # jax reads XLA_FLAGS on import
+    from common.mesh import make_mesh
 
     dims = dict(REAL_SHAPES[args.shape], **MODES[args.mode], n_layers=args.layers)
     workload = dict(rm_pairs=8, rm_len=2048, ppo_rollouts=8, prompt_len=1024, response_len=1024)
-    stats = compiled_memory(args.kind, dims, workload, None)
+    mesh = make_mesh((args.devices, 1), ("data", "model")) if args.devices > 1 else None
+    stats = compiled_memory(args.kind, dims, workload, mesh)
     out = dict(vars(args), memory_analysis=stats, **summarize(parse_dump(folder), args.top))
     print(
-        f"{args.shape} {args.mode} {args.kind} {args.layers} layers: XLA temp {stats['temp'] / GIB:.2f} GiB; "
+        f"{args.shape} {args.mode} {args.kind} {args.layers} layers, {args.devices} device(s): XLA temp {stats['temp'] / GIB:.2f} GiB; "
         f"at the peak {out['peak_bytes'] / GIB:.2f} GiB live = arguments {out['argument_bytes_live'] / GIB:.2f} "
         f"+ temps {out['temp_bytes_live'] / GIB:.2f} ({out['n_temps']} buffers)"
     )
