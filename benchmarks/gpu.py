@@ -41,7 +41,7 @@ as `first_call_s`, then the median over --reps timed calls, each ended by block_
             all N tokens. Tokens/s = B * N / (wall time of the whole call, prefill included).
   ppo       one PPO iteration as ppo/train.py runs it: `jax.jit(ppo.rollout.make_rollout_fn)`
             (sample, policy/value/reference forward, reward-model score, KL-shaped rewards,
-            GAE) and `ppo.train.ppo_update` (clipped policy + value loss, AdamW on
+            GAE) and `ppo.update.ppo_update` (clipped policy + value loss, AdamW on
             {policy, value}, state donated). Split: the rollout's policy + value + reference
             forward passes are also timed as their own jitted call on the rollout's responses
             (`policy_value_ref_forward_s`); generation + reward-model scoring + GAE is the rest,
@@ -75,183 +75,39 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.gpu_report import comparison_table, environment, markdown_table
+from benchmarks.gpu_shapes import (
+    MODEL_SHAPES,
+    SIZES,
+    Sizes,
+    mfu,
+    peak_bf16_flops,
+    train_flops_per_token,
+)
 from common.mesh import batch_sharding, make_mesh, replicated
 from common.optim import make_optimizer
+from common.train_state import build_train_state
 from models.attention import ATTENTION_IMPLS
 from models.sampling import make_generate_fn
-from models.sharding import REPLICATED_RULES, abstract_sharded, tree_shardings
+from models.sharding import REPLICATED_RULES, abstract_sharded
 from models.transformer import TransformerConfig, init_params
 from ppo.rollout import ModelSpecs, make_rollout_fn, reference_logprobs, response_logprobs_and_values
-from ppo.train import UPDATE_KEYS, ppo_loss, ppo_update
+from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
 from rm.model import RewardModel
 from rm.train import train_step
 
-# Dense bf16 peak FLOP/s by device kind (lower-cased substring of jax.devices()[0].device_kind,
-# first match wins, so specific names come before general ones). Vendor data-sheet numbers
-# without sparsity.
-PEAK_BF16_FLOPS = (
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("h200", 989e12),
-    ("a100", 312e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),
-    ("tpu v4", 275e12),
-)
-
-BF16_COMPUTE = dict(dtype="bfloat16", param_dtype="float32")
-MODEL_SHAPES = {
-    "1b": TransformerConfig(
-        family="llama",
-        vocab_size=128256,
-        d_model=2048,
-        n_layers=16,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=64,
-        d_ff=8192,
-        max_position_embeddings=131072,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-        tie_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        rope_scaling=(
-            ("factor", 32.0),
-            ("high_freq_factor", 4.0),
-            ("low_freq_factor", 1.0),
-            ("original_max_position_embeddings", 8192),
-            ("rope_type", "llama3"),
-        ),
-        **BF16_COMPUTE,
-    ),
-    "tiny": TransformerConfig(
-        family="llama",
-        vocab_size=256,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        d_ff=128,
-        max_position_embeddings=2048,
-        tie_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        **BF16_COMPUTE,
-    ),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """Batch sizes and lengths of the three measurements."""
-
-    rm_pairs: int  # B preference pairs per RM step (2B sequences)
-    rm_seq: int  # T tokens per sequence
-    rm_steps_per_rep: int  # optimizer steps per timed repetition
-    sample_batch: int
-    prompt_len: int
-    new_tokens: int
-    ppo_batch: int  # rollouts per PPO iteration
-    ppo_prompt_len: int
-    ppo_new_tokens: int
-    ppo_epochs: int
-    ppo_minibatches: int
-
-
-SIZES = {
-    # 1b: sized for an 80 GB H100, whose JAX allocator gets 75% of the memory by default
-    # (XLA_PYTHON_CLIENT_MEM_FRACTION); see the module docstring for the memory estimates.
-    "1b": Sizes(
-        rm_pairs=4,
-        rm_seq=512,
-        rm_steps_per_rep=5,
-        sample_batch=32,
-        prompt_len=128,
-        new_tokens=128,
-        ppo_batch=16,
-        ppo_prompt_len=128,
-        ppo_new_tokens=128,
-        ppo_epochs=1,
-        ppo_minibatches=4,
-    ),
-    "tiny": Sizes(
-        rm_pairs=4,
-        rm_seq=64,
-        rm_steps_per_rep=3,
-        sample_batch=4,
-        prompt_len=16,
-        new_tokens=16,
-        ppo_batch=4,
-        ppo_prompt_len=16,
-        ppo_new_tokens=16,
-        ppo_epochs=1,
-        ppo_minibatches=2,
-    ),
-}
 TEMPERATURE = 0.7
 MEASUREMENTS = ("rm", "sampling", "ppo")
-
-
-# ----------------------------------------------------------------------------- FLOPs and MFU
-
-
-def peak_bf16_flops(device_kind: str) -> Optional[float]:
-    """Dense bf16 peak FLOP/s of one chip from its device_kind, or None when unknown (e.g. CPU)."""
-    kind = device_kind.lower()
-    for name, peak in PEAK_BF16_FLOPS:
-        if name in kind:
-            return peak
-    return None
-
-
-def non_embedding_params(config: TransformerConfig) -> int:
-    """Backbone parameters outside the token/position embeddings and lm_head, from the config.
-
-    Per layer: q, k, v, o projections (+ biases), the MLP (3 matrices gated, 2 for GPT-2, + biases)
-    and two norms (RMSNorm: scale; LayerNorm: scale and bias); plus the final norm.
-    """
-    d, f = config.d_model, config.d_ff
-    q_width, kv_width = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    attn = d * q_width + 2 * d * kv_width + q_width * d
-    attn += (q_width + 2 * kv_width) * config.qkv_bias + d * config.o_bias
-    n_mats = 2 if config.is_gpt2 else 3
-    mlp = n_mats * d * f + ((n_mats - 1) * f + d) * config.mlp_bias
-    norm = 2 * d if config.is_gpt2 else d
-    return config.n_layers * (attn + mlp + 2 * norm) + norm
-
-
-def train_flops_per_token(config: TransformerConfig, seq_len: int, *, extra_params: int = 0) -> float:
-    """Model FLOPs of one training token (forward + backward): 6 N + 12 n_layers (H D) T.
-
-    N = non_embedding_params(config) + extra_params (e.g. a scalar head's d + 1). 6 N: 2 FLOPs
-    per weight per token forward, 4 backward. 12 L (H D) T: QK^T and PV, each 2 (H D) T FLOPs
-    per token per layer forward, times 3 for forward + backward, over the full T x T scores.
-    """
-    n = non_embedding_params(config) + extra_params
-    return 6.0 * n + 12.0 * config.n_layers * config.n_heads * config.head_dim * seq_len
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: Optional[float]) -> Optional[float]:
-    """Model FLOPs utilisation: tokens/s * FLOPs/token / peak FLOP/s (None without a peak)."""
-    if not peak_flops:
-        return None
-    return tokens_per_s * flops_per_token / peak_flops
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -306,20 +162,14 @@ def random_tokens(seed: int, shape, config: TransformerConfig) -> jax.Array:
 
 
 def train_state(params: dict, tx, mesh, *, seed: int) -> tuple[dict, object]:
-    """(state, state_sharding) laid out as rm/train.py and ppo/train.py lay theirs out.
+    """(state, state_sharding) built by the trainers' own `common.train_state.build_train_state`
+    (replicated rules on this one-chip mesh; no frozen tree).
 
     The jitted steps get these shardings as in_shardings and out_shardings: then the donated
     output state has exactly the input's layout and the second call does not recompile.
     """
-    opt_shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh, REPLICATED_RULES)
-    state = {
-        "params": params,
-        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
-        "step": jnp.asarray(0, jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(seed)),
-    }
-    state_sharding = tree_shardings(state, mesh, REPLICATED_RULES)
-    return jax.device_put(state, state_sharding), state_sharding
+    built = build_train_state(params, {}, tx, mesh=mesh, rules=REPLICATED_RULES, rng=jax.random.key(seed))
+    return built.state, built.state_sharding
 
 
 def peak_memory_bytes() -> Optional[int]:
@@ -511,99 +361,6 @@ def bench_ppo(config: TransformerConfig, sizes: Sizes, mesh, *, reps: int, memor
         peak_memory_bytes=peak_memory_bytes(),
         update_xla_temp_bytes=update_temp,
     )
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _fmt(value, digits=3):
-    if value is None:
-        return "n/a"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
-
-
-def markdown_table(report: dict) -> str:
-    """The headline numbers as a markdown table."""
-    res = {k: v for k, v in report["results"].items() if "error" not in v}
-    rows = [(name, "FAILED", "n/a", r["error"].split(":")[0]) for name, r in report["results"].items() if "error" in r]
-    if "rm" in res:
-        r = res["rm"]
-        setting = f"{r['pairs']} pairs x {r['seq_len']} tok"
-        rows += [
-            ("RM train step", setting, _fmt(r["tokens_per_s"]), "tokens/s"),
-            ("RM train step", setting, _fmt(r["step_s"] * 1e3), "ms/step"),
-            ("RM train step", "6N + 12 L (H D) T", _fmt(r["model_tflops_per_s"]), "model TFLOP/s"),
-            (
-                "RM train step",
-                "peak n/a" if r["peak_flops"] is None else f"peak {r['peak_flops'] / 1e12:g} TFLOP/s",
-                "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-                "MFU",
-            ),
-        ]
-    if "sampling" in res:
-        r = res["sampling"]
-        setting = f"B {r['batch']}, prompt {r['prompt_len']}, +{r['new_tokens']}"
-        rows += [
-            ("Sampling (KV cache)", setting, _fmt(r["tokens_per_s"]), "new tokens/s"),
-            ("Sampling (KV cache)", setting, _fmt(r["ms_per_decode_step"]), "ms/token step"),
-        ]
-    if "ppo" in res:
-        r = res["ppo"]
-        setting = f"B {r['batch']}, prompt {r['prompt_len']}, +{r['new_tokens']}"
-        update = f"{r['ppo_epochs']} epoch(s) x {r['num_minibatches']} minibatches of {r['minibatch_size']}"
-        for key, label, where in (
-            ("generation_and_scoring_s", "generation + RM scoring + GAE (derived)", setting),
-            ("policy_value_ref_forward_s", "policy/value/reference forward", setting),
-            ("rollout_s", "rollout total (one jit)", setting),
-            ("update_s", "update", update),
-            ("iteration_s", "iteration = rollout + update", setting),
-        ):
-            rows.append((f"PPO: {label}", where, _fmt(r[key] * 1e3), "ms"))
-    lines = ["| measurement | setting | value | unit |", "|---|---|---:|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    return "\n".join(lines)
-
-
-def comparison_table(report: dict) -> str:
-    """New paths (the run's attention / logits_chunk) against the plain ones (xla, full logits)."""
-    res = report["results"]
-    keys = (
-        ("rm", "step_s", "RM step s"),
-        ("rm", "xla_temp_bytes", "RM step XLA temp MiB"),
-        ("rm", "peak_memory_bytes", "RM device peak MiB"),
-        ("ppo", "rollout_s", "PPO rollout s"),
-        ("ppo", "update_s", "PPO update s"),
-        ("ppo", "update_xla_temp_bytes", "PPO update XLA temp MiB"),
-        ("ppo", "peak_memory_bytes", "PPO device peak MiB"),
-    )
-    lines = ["| measurement | plain (xla attention, full logits) | new | new / plain |", "|---|---:|---:|---:|"]
-    for section, key, label in keys:
-        new, plain = res.get(section, {}).get(key), res.get(section + "_plain", {}).get(key)
-        if new is None or plain is None:
-            continue
-        scale = 2.0**20 if key.endswith("bytes") else 1.0
-        lines.append(f"| {label} | {_fmt(plain / scale)} | {_fmt(new / scale)} | {new / plain:.2f} |")
-    return "\n".join(lines)
-
-
-def environment(shape: str, config: TransformerConfig, sizes: Sizes, remat: bool, reps: int) -> dict:
-    device = jax.devices()[0]
-    return {
-        "device_kind": device.device_kind,
-        "platform": device.platform,
-        "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-        "flax_version": flax.__version__,
-        "python": platform.python_version(),
-        "shape": shape,
-        "model_config": dataclasses.asdict(config),
-        "sizes": dataclasses.asdict(sizes),
-        "remat": remat,
-        "reps": reps,
-        "precision": "float32 params/Adam, bfloat16 compute; frozen models bf16",
-        "non_embedding_params": non_embedding_params(config),
-        "params_with_embedding": config.num_params(),
-    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:

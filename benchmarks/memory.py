@@ -23,7 +23,7 @@ Steps (the trainers' own functions; no copy of their maths):
        forward), Bradley-Terry loss, AdamW + clipping (`common.optim.make_optimizer`), no
        accumulation. Trees as rm/train.py makes them (rm_params_from_backbone ->
        add_lora_and_quant -> split_trainable).
-  PPO  `ppo.train.ppo_update(state, rollout, frozen)` with `ppo_loss`: 8 rollouts x (128 prompt
+  PPO  `ppo.update.ppo_update(state, rollout, frozen)` with `ppo_loss`: 8 rollouts x (128 prompt
        + 128 response), 1 epoch of 1 minibatch (epochs and minibatches are a lax.scan: their
        number does not move the peak). All four models are arguments: policy and value
        (trainable parts in the donated state, frozen bases in `frozen`), reference and reward
@@ -67,13 +67,16 @@ import time
 import jax
 import jax.numpy as jnp
 
+from common.mesh import make_mesh
 from common.optim import make_optimizer
-from models.lora import lora_trainable, partition_params
+from common.train_state import build_train_state
+from models.adapters import add_lora_and_quant, split_trainable
 from models.quant import param_bytes, quantize_params
+from models.sharding import REPLICATED_RULES
 from models.transformer import TransformerConfig, init_params
 from ppo.rollout import ModelSpecs
-from ppo.train import UPDATE_KEYS, ppo_loss, ppo_update
-from rm.model import add_lora_and_quant, rm_params_from_backbone, split_trainable
+from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
+from rm.model import rm_params_from_backbone
 from rm.train import train_step
 
 GIB, MIB = 2.0**30, 2.0**20
@@ -153,6 +156,13 @@ def _copy(tree):
     return jax.tree.map(jnp.array, tree)
 
 
+def _train_state(params, frozen, tx, seed):
+    """(state, frozen) from the trainers' own `common.train_state.build_train_state`, on a one-device mesh."""
+    mesh = make_mesh((1, 1), devices=jax.devices()[:1])
+    built = build_train_state(params, frozen, tx, mesh=mesh, rules=REPLICATED_RULES, rng=jax.random.key(seed))
+    return built.state, built.frozen
+
+
 def _init_key(seed):
     """Key for weights and data. RngBitGenerator, not threefry: the values do not matter here, and
     threefry's unrolled rounds (one set per parameter) make the jitted init slow to compile."""
@@ -183,13 +193,8 @@ def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
             where="model",
         )
         box["config"] = cfg
-        params, frozen = split_trainable(cfg, params)
-        state = {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.asarray(0, jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed)),
-        }
+        params, frozen = split_trainable(params, lora=cfg.lora_rank > 0)
+        state, frozen = _train_state(params, frozen, tx, seed)
         b, t = workload["rm_pairs"], workload["rm_len"]
         ids = jax.random.randint(keys[4], (2, b, t), 1, dims["vocab_size"], jnp.int32)
         ones = jnp.ones((b, t), jnp.int32)
@@ -267,15 +272,10 @@ def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
             reference=ref_config,
             reference_adapters_off=lora,
         )
-        trainable = lora_trainable if lora else (lambda path: True)
-        params, frozen = partition_params({"policy": policy_params, "value": value_params}, trainable)
-        params = _copy(params)
-        state = {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.asarray(0, jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed)),
-        }
+        params, frozen = split_trainable(
+            {"policy": policy_params, "value": value_params}, {"policy": lora, "value": lora}
+        )
+        state, frozen = _train_state(_copy(params), frozen, tx, seed)
         b, p, n = workload["ppo_rollouts"], workload["prompt_len"], workload["response_len"]
         normal = jax.random.normal(keys[6], (4, b, n), jnp.float32)
         ids = jax.random.randint(keys[7], (b, p + n), 1, dims["vocab_size"], jnp.int32)

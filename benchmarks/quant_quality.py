@@ -29,6 +29,7 @@ import numpy as np
 
 
 def rm_quality(rm_dir: str, pairs_file: str, *, max_length: int, batch_size: int = 64) -> dict:
+    from common import data_io
     from models.lora import merge_lora
     from models.quant import param_bytes, quantize_params
     from rm import data as rm_data
@@ -38,7 +39,7 @@ def rm_quality(rm_dir: str, pairs_file: str, *, max_length: int, batch_size: int
     model = load_reward_model(rm_dir)
     params, config = merge_lora(model.params, model.config)  # a LoRA RM is scored merged (as in PPO)
     qparams, qconfig = quantize_params(params, config)
-    tok = rm_data.load_tokenizer(model.tokenizer_path or rm_dir)
+    tok = data_io.load_tokenizer(model.tokenizer_path or rm_dir)
     data = rm_data.load_preference_data([pairs_file], tok, max_length=max_length, on_bad_row="error")
     out = {}
     for name, cfg, p in (("fp32", config, params), ("int8", qconfig, qparams)):
@@ -65,16 +66,16 @@ def rm_quality(rm_dir: str, pairs_file: str, *, max_length: int, batch_size: int
 def policy_quality(
     hf_dir: str, texts_file: str, *, max_length: int, batch_size: int = 32, max_texts: int = 256
 ) -> dict:
+    from common import data_io
     from models.hf import load_hf_checkpoint
     from models.quant import param_bytes, quantize_params
     from models.transformer import Transformer
-    from rm import data as rm_data
 
     config, params = load_hf_checkpoint(hf_dir)
     qparams, qconfig = quantize_params(params, config)
-    tok = rm_data.load_tokenizer(hf_dir)
+    tok = data_io.load_tokenizer(hf_dir)
     rows = [json.loads(line) for line in open(texts_file) if line.strip()][:max_texts]
-    ids = rm_data.tokenize(tok, [r["text"] for r in rows])
+    ids = data_io.tokenize(tok, [r["text"] for r in rows])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     width = min(max_length, max(len(x) for x in ids))
 

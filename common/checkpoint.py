@@ -326,15 +326,6 @@ class CheckpointManager:
             )
         return None, None, {}
 
-    def state_keys(self, step: int | None = None) -> list[str]:
-        """Top-level keys of checkpoint `step`'s state (e.g. ['frozen', 'opt_state', 'params', ...])."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return []
-        metadata = self._manager.item_metadata(int(step))["state"]
-        tree = metadata.tree if hasattr(metadata, "tree") else metadata
-        return sorted(tree)
-
     def subtree_keys(self, key: str, step: int | None = None) -> list[str]:
         """Keys of state[key] in checkpoint `step` (e.g. the params' top level), [] if not a dict."""
         step = self.latest_step() if step is None else step

@@ -1,13 +1,15 @@
-"""The step loop shared by the supervised trainers (rm/train.py, sft/train.py).
+"""The step loop every trainer runs (rm/train.py, sft/train.py, ppo/train.py), and the start of a run.
 
 It owns what every such run must get right, in one place:
   * metrics are fetched from the device in groups (every `log_every` steps, before a save and at
     the end), not every step, so dispatch never stalls; each fetched loss is checked for NaN/Inf
     and the error names the step and the last good checkpoint;
   * checkpoints every `save_every` steps (the caller's CheckpointManager) except at the last step,
-    which the caller saves with its final extras;
+    which the caller saves with its final extras (or the loop, with LoopHooks.save_last);
   * periodic evaluation through the caller's `run_eval(step, state)`;
-  * SIGTERM (PreemptionHandler): flush, force a checkpoint, and report `preempted`.
+  * SIGTERM (PreemptionHandler): flush, force a checkpoint, and report `preempted`;
+  * `LoopHooks`: what a trainer adds (PPO: per-step host metrics for its KL controller and
+    samples, the controller's state in every checkpoint, its metric names and NaN checks).
 
 And the start of every run (RM, SFT, PPO), in this order, before any data is read:
 `start_run` checks the config (mesh against the devices, quant without LoRA, paths that must
@@ -21,7 +23,6 @@ aside).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,16 +34,6 @@ from common import resume, tracking
 from common.checkpoint import CheckpointManager
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.run_utils import PreemptionHandler, check_finite
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Writes obj as indented, key-sorted JSON, on the main process only (multi-process runs have one writer)."""
-    from common.distributed import is_main_process
-
-    if not is_main_process():
-        return
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
 
 
 def flat_data_stats(stats: dict) -> dict:
@@ -191,6 +182,25 @@ class LoopResult:
     state: Any
     step: int
     preempted: bool
+    last_metrics: dict  # the last metrics line the loop wrote ({} when no step ran)
+
+
+@dataclasses.dataclass
+class LoopHooks:
+    """What a trainer adds to the shared step loop (PPO: its KL controller, samples and naming).
+
+    on_step(step, state, metrics): after every step, with that step's metrics fetched to the host
+      (given, the loop fetches and checks them every step instead of in groups, and writes a
+      metrics line at log steps and the last step only).
+    checkpoint_extra(): bookkeeping saved in every checkpoint's extra dict (e.g. {'kl': state}).
+    """
+
+    on_step: Callable[[int, Any, dict], None] | None = None
+    checkpoint_extra: Callable[[], dict] | None = None
+    metrics_prefix: str = "train/"  # metrics are written as prefix + key
+    reduce: str = "mean"  # a logged group of steps is written as their 'mean' or the 'last' step's values
+    finite_keys: tuple[str, ...] = ("loss",)  # metrics that must be finite (NaN/Inf stops the run)
+    save_last: bool = False  # True: the loop saves the last step itself (force); False: the caller does
 
 
 def run_train_loop(
@@ -208,58 +218,84 @@ def run_train_loop(
     run_eval: Callable[[int, Any], Any],
     to_save: Callable[[Any], Any] = lambda s: s,
     desc: str = "train",
-    progress_keys: tuple[str, ...] = ("loss", "accuracy"),
+    progress_keys: tuple[str, ...] | dict[str, str] = ("loss", "accuracy"),
     extra: dict | None = None,
+    hooks: LoopHooks | None = None,
 ) -> LoopResult:
     """Runs steps start_step+1 .. total_steps. `batches` yields ready (sharded) batches; `step_fn`
     is the jitted `(state, batch) -> (state, device metrics)` with at least 'loss'. Metrics are
     written as 'train/<key>' averages over the fetched group. `to_save(state)` is the checkpoint
     tree; `extra` (e.g. {'data': identity}) goes into every checkpoint's extra dict besides 'step'.
-    Returns the final state and step, and whether a SIGTERM stopped the run."""
+    `progress_keys` are shown on the progress bar (a dict maps shown names to metric keys);
+    `hooks` (LoopHooks) adapt the loop to a trainer (PPO). Returns the final state and step,
+    whether a SIGTERM stopped the run, and the last metrics written."""
+    hooks = hooks or LoopHooks()
+    prefix = hooks.metrics_prefix
+    shown_keys = progress_keys if isinstance(progress_keys, dict) else {k: k for k in progress_keys}
     last_saved = ckpt.latest_step()
     base_extra = dict(extra or {})
-    pending = []  # device metrics not yet fetched
+    pending = []  # metrics not yet written (device arrays, or host values with hooks.on_step)
+
+    def checkpoint_extra(step):
+        return dict(base_extra, **(hooks.checkpoint_extra() if hooks.checkpoint_extra else {}), step=step)
+
+    def check(fetched, step):
+        for i, m in enumerate(fetched):
+            for key in hooks.finite_keys:
+                check_finite(
+                    m[key],
+                    step=step - len(fetched) + i + 1,
+                    name=prefix + key,
+                    workdir=workdir,
+                    last_checkpoint_step=last_saved,
+                )
 
     def flush(step):
         nonlocal pending
         if not pending:
             return {}
         fetched = jax.device_get(pending)
-        for i, m in enumerate(fetched):
-            check_finite(
-                m["loss"],
-                step=step - len(fetched) + i + 1,
-                name="train/loss",
-                workdir=workdir,
-                last_checkpoint_step=last_saved,
-            )
-        avg = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        metrics_writer.write(step, avg)
+        if hooks.on_step is None:  # with on_step every step was checked when it was fetched
+            check(fetched, step)
+        if hooks.reduce == "last":
+            line = {prefix + k: v for k, v in fetched[-1].items()}
+        else:
+            line = {prefix + k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        metrics_writer.write(step, line)
         pending = []
-        return avg
+        return line
 
     progress = Progress(total_steps, initial=start_step, desc=desc)
     step, shown, preempted, last = start_step, start_step, False, {}
     with PreemptionHandler() as preemption:
         while step < total_steps:
             state, m = step_fn(state, next(batches))
-            pending.append(m)
             step += 1
+            if hooks.on_step is not None:
+                m = jax.device_get(m)
+                check([m], step)
+                hooks.on_step(step, state, m)
+            pending.append(m)
             is_last = step == total_steps
-            if step % log_every == 0 or is_last or ckpt.should_save(step):
+            # Without on_step a group is also fetched (and checked) before a save, so a NaN never
+            # reaches a checkpoint; with on_step every step was checked already.
+            if step % log_every == 0 or is_last or (hooks.on_step is None and ckpt.should_save(step)):
                 last = flush(step)
-                progress.update(step - shown, **{k: last[f"train/{k}"] for k in progress_keys})
+                progress.update(step - shown, **{name: last[prefix + key] for name, key in shown_keys.items()})
                 shown = step
             if eval_every and step % eval_every == 0 and not is_last:
                 run_eval(step, state)
-            if not is_last and ckpt.save(step, to_save(state), dict(base_extra, step=step)):
+            if (not is_last or hooks.save_last) and ckpt.save(
+                step, to_save(state), checkpoint_extra(step), force=is_last and hooks.save_last
+            ):
                 last_saved = step
             if preemption.sync_requested():
-                flush(step)
-                ckpt.save(step, to_save(state), dict(base_extra, step=step), force=True)
+                if hooks.on_step is None:
+                    flush(step)
+                ckpt.save(step, to_save(state), checkpoint_extra(step), force=True)
                 preempted = True
                 break
     progress.close()
     if preempted:
         print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
-    return LoopResult(state=state, step=step, preempted=preempted)
+    return LoopResult(state=state, step=step, preempted=preempted, last_metrics=last)

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["make_schedule", "make_optimizer", "accumulate_gradients", "param_path"]
+from models.sharding import param_path
+
+__all__ = ["make_schedule", "make_optimizer", "optimizer_from_config", "accumulate_gradients"]
 
 _TRAIN, _FREEZE = "trainable", "frozen"
 
@@ -51,21 +53,6 @@ def make_schedule(
         decay_steps=total_steps,
         end_value=min_lr_ratio * learning_rate,
     )
-
-
-def param_path(path: tuple[Any, ...]) -> str:
-    """'/'-joined names of a pytree key path, e.g. 'backbone/layers_0/attn/kernel'."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 def _decay_mask(params: Any) -> Any:

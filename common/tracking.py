@@ -27,7 +27,6 @@ import shlex
 import socket
 import subprocess
 import sys
-from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = (
@@ -344,8 +343,3 @@ def plot_training_curves(workdir: str, keys, *, out_name: str = "training_curves
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
-
-
-def host_json(value: Any) -> Any:
-    """Best-effort JSON-friendly value (for records written by the helpers above)."""
-    return json.loads(json.dumps(value, default=str))

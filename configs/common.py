@@ -1,4 +1,4 @@
-"""Helpers shared by config files (argument parsing, the mesh and distributed sections)."""
+"""Helpers shared by config files: argument parsing and the sections every trainer has (mesh, optimizer, LoRA, ...)."""
 
 import ml_collections
 
@@ -20,6 +20,48 @@ def mesh_config() -> ml_collections.ConfigDict:
     mesh.axis_names = ("data", "model")  # data: batch / FSDP axis, model: tensor-parallel axis
     mesh.fsdp_tp = True  # shard params/optimizer state by models.sharding.DEFAULT_RULES; False = replicate
     return mesh
+
+
+def optimizer_config(
+    *,
+    learning_rate: float,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    weight_decay: float = 0.0,
+    adam_eps: float = 1e-8,
+    max_grad_norm: float = 1.0,
+    betas: bool = True,
+) -> ml_collections.ConfigDict:
+    """AdamW fields of a trainer's `train` section (read by common.optim.optimizer_from_config).
+
+    Merged into `c.train` with `c.train.update(...)`. betas=False leaves adam_b1/adam_b2 out (PPO's
+    config has never had them; the optimizer then uses 0.9 / 0.999), so saved configs still match.
+    """
+    o = ml_collections.ConfigDict()
+    o.learning_rate = learning_rate  # peak AdamW learning rate
+    o.warmup_steps = warmup_steps  # optimizer updates of linear warmup
+    o.min_lr_ratio = min_lr_ratio  # cosine decays to this fraction of the peak (1.0 = constant after warmup)
+    o.weight_decay = weight_decay  # AdamW decoupled weight decay (matrices only)
+    if betas:
+        o.adam_b1 = 0.9  # Adam first-moment decay
+        o.adam_b2 = 0.999  # Adam second-moment decay
+    o.adam_eps = adam_eps  # Adam denominator epsilon
+    o.max_grad_norm = max_grad_norm  # global-norm clipping; 0 = off
+    return o
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    """LoRA / QLoRA fields of a model section (model, policy, value), read by models.adapters.add_lora_and_quant.
+
+    Merged into the section with `c.model.update(lora_config())`.
+    """
+    lo = ml_collections.ConfigDict()
+    lo.lora_rank = 0  # LoRA adapter rank; > 0 trains only adapters + scalar heads (base frozen); 0 = full fine-tune
+    lo.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
+    lo.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
+    lo.lora_dropout = 0.0  # dropout on the adapters' input, in training steps only (never in evaluation or rollouts)
+    lo.quant = ""  # '' | 'int8': int8 weight-only frozen base under LoRA (QLoRA); needs lora_rank > 0
+    return lo
 
 
 def distributed_config() -> ml_collections.ConfigDict:

@@ -11,7 +11,15 @@ lam 0.95, temperature 0.7, 53 new tokens).
 
 import ml_collections
 
-from configs.common import distributed_config, logging_config, mesh_config, parse_arg, runtime_config
+from configs.common import (
+    distributed_config,
+    logging_config,
+    lora_config,
+    mesh_config,
+    optimizer_config,
+    parse_arg,
+    runtime_config,
+)
 
 
 def get_config(arg=None):
@@ -36,11 +44,7 @@ def get_config(arg=None):
     c.policy.logits_chunk = (
         128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
     )
-    c.policy.lora_rank = 0  # LoRA adapter rank; > 0 trains only the policy's adapters (base frozen); 0 = full
-    c.policy.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
-    c.policy.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
-    c.policy.lora_dropout = 0.0  # adapter-input dropout in PPO updates only (rollouts and log-probs run without)
-    c.policy.quant = ""  # '' | 'int8': int8 weight-only frozen base under LoRA (QLoRA); needs lora_rank > 0
+    c.policy.update(lora_config())  # lora_rank (0 = full), lora_alpha, lora_targets, lora_dropout, quant
     # Reference policy: 'copy' (separate frozen copy) | 'adapters_off' (the policy with its adapters ignored,
     # no second base in memory; needs lora_rank > 0) | 'auto' (adapters_off when lora_rank > 0, else copy).
     c.policy.reference = "auto"
@@ -57,12 +61,8 @@ def get_config(arg=None):
 
     c.value = ml_collections.ConfigDict()
     c.value.init = "reward"  # 'reward': separate value model initialised from the RM; 'policy_head': head on the policy
-    c.value.lora_rank = 0  # LoRA rank of the value model (init='reward'); 0 = full fine-tune
-    c.value.lora_alpha = 16.0  # value adapters' output scale is lora_alpha / lora_rank
-    c.value.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # value-model projections with adapters
-    c.value.lora_dropout = 0.0  # value adapters' input dropout in PPO updates only
+    c.value.update(lora_config())  # LoRA / int8 of the separate value model (value.init='reward')
     c.value.scan_layers = False  # scan over the value model's layers (value.init='reward')
-    c.value.quant = ""  # '' | 'int8': int8 frozen value-model base under its adapters (needs value.lora_rank > 0)
 
     c.data = ml_collections.ConfigDict()
     c.data.prompt_files = ""  # JSONL/JSON/Parquet with `prompt` (string or message list), comma-separated
@@ -111,12 +111,8 @@ def get_config(arg=None):
     c.train.num_minibatches = 4  # minibatches per PPO epoch
     c.train.grad_accum_steps = 1  # micro-batches per minibatch
     c.train.ppo_epochs = 4  # passes over each rollout batch
-    c.train.learning_rate = 3e-6  # AdamW peak learning rate (policy and value)
-    c.train.warmup_steps = 0  # optimizer updates of linear warmup
-    c.train.min_lr_ratio = 1.0  # 1.0 = constant learning rate after warmup
-    c.train.weight_decay = 0.0
-    c.train.adam_eps = 1e-5
-    c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    # AdamW (policy and value), constant learning rate after warmup; no adam_b1/b2 keys (0.9 / 0.999)
+    c.train.update(optimizer_config(learning_rate=3e-6, warmup_steps=0, min_lr_ratio=1.0, adam_eps=1e-5, betas=False))
     c.train.clip_eps = 0.2  # policy ratio clip
     c.train.vf_clip_eps = 0.2  # value clip
     c.train.vf_coef = 0.1  # value loss weight

@@ -9,7 +9,15 @@ Variant: `configs/rm.py:size=tiny` (short run, small batches, short sequences; C
 
 import ml_collections
 
-from configs.common import distributed_config, logging_config, mesh_config, parse_arg, runtime_config
+from configs.common import (
+    distributed_config,
+    logging_config,
+    lora_config,
+    mesh_config,
+    optimizer_config,
+    parse_arg,
+    runtime_config,
+)
 
 
 def get_config(arg=None):
@@ -31,11 +39,7 @@ def get_config(arg=None):
     c.model.attention = (
         "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
     )
-    c.model.lora_rank = 0  # LoRA adapter rank; > 0 trains only adapters + head (base frozen); 0 = full fine-tune
-    c.model.lora_alpha = 16.0  # adapter output scale is lora_alpha / lora_rank
-    c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections that get adapters
-    c.model.lora_dropout = 0.0  # dropout on the adapters' input, in training steps only (never in evaluation)
-    c.model.quant = ""  # '' | 'int8': int8 weight-only frozen base under LoRA (QLoRA); needs lora_rank > 0
+    c.model.update(lora_config())  # lora_rank (0 = full fine-tune), lora_alpha, lora_targets, lora_dropout, quant
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # preference files, comma-separated (.jsonl/.json/.parquet) or a hub name
@@ -48,14 +52,7 @@ def get_config(arg=None):
     c.train.steps = 1000  # optimizer steps
     c.train.batch_size = 32  # preference pairs per step (all micro-batches together)
     c.train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
-    c.train.learning_rate = 1e-5  # peak AdamW learning rate
-    c.train.warmup_steps = 50  # linear warmup steps
-    c.train.min_lr_ratio = 0.0  # cosine decays to this fraction of the peak
-    c.train.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only)
-    c.train.adam_b1 = 0.9
-    c.train.adam_b2 = 0.999
-    c.train.adam_eps = 1e-8
-    c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    c.train.update(optimizer_config(learning_rate=1e-5, warmup_steps=50, min_lr_ratio=0.0))  # AdamW + clipping
     c.train.center_coef = 0.0  # coefficient of mean((r_c + r_r)^2), keeps rewards centred (~0.01)
     c.train.use_margin = True  # subtract the data's `margin` column inside the sigmoid when present
     c.train.label_smoothing = 0.0  # eps in [0, 0.5): each label y -> (1 - eps) y + eps (1 - y); 0 = off

@@ -14,7 +14,15 @@ Variant: `configs/sft.py:size=tiny` (tiny model, short run, short sequences; CPU
 
 import ml_collections
 
-from configs.common import distributed_config, logging_config, mesh_config, parse_arg, runtime_config
+from configs.common import (
+    distributed_config,
+    logging_config,
+    lora_config,
+    mesh_config,
+    optimizer_config,
+    parse_arg,
+    runtime_config,
+)
 
 
 def get_config(arg=None):
@@ -39,6 +47,7 @@ def get_config(arg=None):
     c.model.logits_chunk = (
         128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
     )
+    c.model.update(lora_config())  # lora_rank (0 = full fine-tune), lora_alpha, lora_targets, lora_dropout, quant
     # Architecture of a from-scratch model (ignored with init_from); defaults are GPT-2 small.
     c.model.family = "gpt2"  # from scratch: gpt2 (LayerNorm, learned positions, tied) | llama (RMSNorm, RoPE, SwiGLU); init_from: any of models.transformer.FAMILIES
     c.model.d_model = 768  # hidden width
@@ -63,14 +72,7 @@ def get_config(arg=None):
     c.train.steps = 1000  # optimizer steps
     c.train.batch_size = 32  # sequences per step (all micro-batches together)
     c.train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
-    c.train.learning_rate = 2e-5  # peak AdamW learning rate
-    c.train.warmup_steps = 50  # linear warmup steps
-    c.train.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak
-    c.train.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only)
-    c.train.adam_b1 = 0.9  # Adam first-moment decay
-    c.train.adam_b2 = 0.999  # Adam second-moment decay
-    c.train.adam_eps = 1e-8  # Adam denominator epsilon
-    c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    c.train.update(optimizer_config(learning_rate=2e-5, warmup_steps=50, min_lr_ratio=0.1))  # AdamW + clipping
     c.train.log_every = 10  # steps between train metrics lines
     c.train.eval_every = 100  # steps between evaluations (0 = only at the start and the end)
     c.train.save_every = 100  # steps between checkpoints (one is always written at the end)

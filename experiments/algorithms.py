@@ -23,11 +23,11 @@ import time
 
 import numpy as np
 
+from common import data_io
 from experiments import fits
 from experiments import pipeline as P
 from experiments.overoptimization import _fit, _label_file
 from experiments.quickstart import _sub_configs
-from rm import data as rm_data
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 # name -> (algo.advantage, samples per prompt: 'group' = config.algos.group_size)
@@ -154,7 +154,7 @@ def run(config, workdir):
         sft_train(s_cfg, os.path.join(workdir, "sft"))
         P.mark_done(os.path.join(workdir, "sft"))
     sft_hf = os.path.join(workdir, "sft", "hf")
-    tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
+    tokenizer = data_io.load_tokenizer(paths["tokenizer"])
     annotator = SimulatedAnnotator(
         scorer, temperature=config.labels.temperature, noise=config.labels.noise, seed=config.seed
     )

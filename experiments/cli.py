@@ -1,6 +1,13 @@
-"""Helpers of experiments/run.py: the trainer table and the check of `--config.x` overrides."""
+"""What experiments/run.py does: the trainer table, the check of `--config.x` overrides, the dispatch."""
 
+import importlib
+import os
+import shutil
 import sys
+import tempfile
+
+from common import distributed
+from common.run_utils import EXIT_PREEMPTED, exit_on_user_error
 
 TRAINERS = {
     "rm": "rm.train",
@@ -57,3 +64,41 @@ def check_overrides(argv) -> None:
                 "Overrides must name fields that exist in the config file.\n"
             )
             sys.exit(2)
+
+
+def run_trainer(config, workdir: str, *, dry_run: bool = False, allow_config_change: bool = False) -> int:
+    """Runs `config.trainer`'s train(config, workdir); user errors exit 2 with one line (common/run_utils.py).
+
+    dry_run: the trainer loads data and model, prints sizes and exits, in a temporary workdir
+    (the real one stays untouched). A run stopped by SIGTERM exits EXIT_PREEMPTED (75).
+    """
+    with exit_on_user_error("experiments.run"):
+        if "trainer" not in config:
+            raise ValueError(
+                f"The config has no `trainer` field; set it to one of {sorted(TRAINERS)} or a dotted module path."
+            )
+        if allow_config_change:
+            os.environ["RLHF_ALLOW_CONFIG_CHANGE"] = "1"  # read by common.loop.start_run (sub-runs too)
+        if dry_run:
+            if "runtime" not in config:
+                raise ValueError(f"--dry_run: config.trainer={config.trainer!r} has no runtime section to run dry")
+            config.runtime.dry_run = True
+            workdir = tempfile.mkdtemp(prefix="dry_run_")  # the real workdir stays untouched
+        # Before anything touches a device: a multi-process run joins JAX's distributed runtime here.
+        distributed.initialize(config)
+        module = importlib.import_module(trainer_module(config.trainer))
+        if not callable(getattr(module, "train", None)):
+            raise AttributeError(f"{module.__name__} has no train(config, workdir) function.")
+        from common.tracking import DryRunDone
+
+        try:
+            result = module.train(config, workdir)
+        except DryRunDone:
+            print("dry run: done (nothing trained, nothing written to the workdir)", flush=True)
+            return 0
+        finally:
+            if dry_run:
+                shutil.rmtree(workdir, ignore_errors=True)
+    if isinstance(result, dict) and "preempted_at" in result:
+        sys.exit(EXIT_PREEMPTED)  # saved but unfinished: schedulers and experiments.sweep re-run it
+    return 0

@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 
+from common import data_io
 from experiments import fits
 from experiments import pipeline as P
 from experiments.quickstart import _sub_configs
-from rm import data as rm_data
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 
@@ -79,7 +79,7 @@ def run(config, workdir):
         P.check_preempted(sft_train(s_cfg, os.path.join(workdir, "sft")))
         P.mark_done(os.path.join(workdir, "sft"))
     sft_hf = os.path.join(workdir, "sft", "hf")
-    tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
+    tokenizer = data_io.load_tokenizer(paths["tokenizer"])
     annotator = SimulatedAnnotator(
         scorer, temperature=config.labels.temperature, noise=config.labels.noise, seed=config.seed
     )

@@ -14,12 +14,12 @@ import time
 import jax
 import numpy as np
 
+from common import data_io
 from models.hf import load_hf_checkpoint
 from models.sampling import make_generate_fn
 from ppo.data import load_prompts
-from rm import data as rm_data
-from rm.model import load_reward_model
-from rm.score import pad_right, score_arrays, tokenize_single
+from rm.model import load_reward_model, score_arrays
+from rm.score import pad_right, tokenize_single
 from tasks.reviews import ReviewWorld, train_tokenizer, write_jsonl
 
 
@@ -106,13 +106,13 @@ class ProxyScorer:
 
     def __init__(self, rm_workdir, max_length=128):
         self.model = load_reward_model(rm_workdir)
-        self.tokenizer = rm_data.load_tokenizer(self.model.tokenizer_path or rm_workdir)
+        self.tokenizer = data_io.load_tokenizer(self.model.tokenizer_path or rm_workdir)
         self.max_length = max_length
 
     def __call__(self, prompts, responses):
         rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]  # '' = EOS alone
         seqs, _ = tokenize_single(self.tokenizer, rows, file="<samples>", max_length=self.max_length)
-        _, pad = rm_data.special_ids(self.tokenizer)
+        _, pad = data_io.special_ids(self.tokenizer)
         ids, mask = pad_right(seqs, pad, width=self.max_length)
         return self.model.normalize(score_arrays(self.model, ids, mask, batch_size=64))
 

@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
+from common import data_io
 from experiments import pipeline as P
-from rm import data as rm_data
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 
@@ -87,7 +87,7 @@ def run_stages(config, workdir):
         P.check_preempted(sft_train(s_cfg, os.path.join(workdir, "sft")))
         P.mark_done(os.path.join(workdir, "sft"))
     times["sft"] = time.time() - t
-    tokenizer = rm_data.load_tokenizer(paths["tokenizer"])
+    tokenizer = data_io.load_tokenizer(paths["tokenizer"])
     sft_hf = os.path.join(workdir, "sft", "hf")
 
     t = time.time()

@@ -5,7 +5,7 @@
   python -m experiments.run --config configs/rm.py:size=tiny --config.train.steps=5 --print_config
   python -m experiments.run --config configs/rm.py:size=tiny --workdir W ... --dry_run
 
-`config.trainer` is a key of TRAINERS or a dotted module path; the module's
+`config.trainer` is a key of experiments.cli.TRAINERS or a dotted module path; the module's
 `train(config, workdir)` runs. Overrides must name existing config fields (a typo gets the
 closest keys). Re-running the same command with the same workdir resumes from its newest
 intact checkpoint; a changed config stops it unless --allow_config_change (common/resume.py).
@@ -18,18 +18,13 @@ Multi-process runs: start the same command once per process with JAX_COORDINATOR
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (or config.distributed.*); see common/distributed.py.
 """
 
-import importlib
 import os
-import shutil
 import sys
-import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from common import distributed
-from common.run_utils import EXIT_PREEMPTED, exit_on_user_error
-from experiments.cli import TRAINERS, check_overrides, trainer_module  # noqa: F401 (TRAINERS: public)
+from experiments.cli import check_overrides, run_trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with an argument: configs/NAME.py[:ARG].", lock_config=True
@@ -65,43 +60,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _DEBUG.value:
         os.environ["RLHF_DEBUG"] = "1"
-    config = _CONFIG.value
     if _PRINT_CONFIG.value:
-        print(config, end="")
+        print(_CONFIG.value, end="")
         return 0
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (the run directory).")
-    with exit_on_user_error("experiments.run"):
-        if "trainer" not in config:
-            raise ValueError(
-                f"The config has no `trainer` field; set it to one of {sorted(TRAINERS)} or a dotted module path."
-            )
-        if _ALLOW.value:
-            os.environ["RLHF_ALLOW_CONFIG_CHANGE"] = "1"  # read by common.loop.start_run (sub-runs too)
-        workdir = _WORKDIR.value
-        if _DRY_RUN.value:
-            if "runtime" not in config:
-                raise ValueError(f"--dry_run: config.trainer={config.trainer!r} has no runtime section to run dry")
-            config.runtime.dry_run = True
-            workdir = tempfile.mkdtemp(prefix="dry_run_")  # the real workdir stays untouched
-        # Before anything touches a device: a multi-process run joins JAX's distributed runtime here.
-        distributed.initialize(config)
-        module = importlib.import_module(trainer_module(config.trainer))
-        if not callable(getattr(module, "train", None)):
-            raise AttributeError(f"{module.__name__} has no train(config, workdir) function.")
-        from common.tracking import DryRunDone
-
-        try:
-            result = module.train(config, workdir)
-        except DryRunDone:
-            print("dry run: done (nothing trained, nothing written to the workdir)", flush=True)
-            return 0
-        finally:
-            if _DRY_RUN.value:
-                shutil.rmtree(workdir, ignore_errors=True)
-    if isinstance(result, dict) and "preempted_at" in result:
-        sys.exit(EXIT_PREEMPTED)  # saved but unfinished: schedulers and experiments.sweep re-run it
-    return 0
+    return run_trainer(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value, allow_config_change=_ALLOW.value)
 
 
 if __name__ == "__main__":

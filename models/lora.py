@@ -1,7 +1,7 @@
-"""LoRA adapters (Hu et al. 2021) as part of the model, with plain-pytree parameters.
+"""LoRA adapters (Hu et al. 2021) as param-tree transforms: add, strip, merge, split trainable/frozen.
 
 A projection named in `config.lora_targets` (module names: q_proj, v_proj, ...) becomes a
-`LoRADense` when `config.lora_rank > 0`. Its parameters are those of `nn.Dense` plus two
+`LoRADense` (models/projections.py) when `config.lora_rank > 0`. Its parameters are those of `nn.Dense` plus two
 small matrices next to them:
 
   layers_0/attn/q_proj/kernel  [in, out]   frozen base weight (or qvalue/scale, models/quant.py)
@@ -36,25 +36,19 @@ identity otherwise (inference, rollouts, the reference forward, `init`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:  # lora.py is imported by transformer.py; keep the runtime graph acyclic
-    from models.transformer import TransformerConfig
+from models.projections import lora_a_init
+from models.quant import dequantize_params
+from models.transformer import TransformerConfig
 
 __all__ = [
     "LORA_LEAVES",
-    "PROJECTIONS",
-    "FAMILY_TARGET_ALIASES",
-    "expand_lora_targets",
-    "LoRADense",
-    "lora_a_init",
-    "lora_delta",
+    "HEAD_NAMES",
     "lora_trainable",
     "add_lora_params",
     "strip_lora",
@@ -64,118 +58,7 @@ __all__ = [
 ]
 
 LORA_LEAVES = ("lora_a", "lora_b")
-# Module names `_dense` builds (models/transformer.py); valid entries of config.lora_targets.
-# The same names for every family: fused HF projections are split on load (models/families.py).
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEAD_NAMES = ("head", "value_head")  # reward/value heads (rm/model.py, ppo/train.py)
-# Hugging Face module names of fused or differently named projections, per family, and the
-# projections of ours they stand for: lora_targets may use either spelling (PEFT's names work).
-# Every family's adapters live on our split names, so LoRA on the fused `query_key_value` of
-# GPT-NeoX is three adapters (q, k, v), each of the same rank.
-FAMILY_TARGET_ALIASES = {
-    "gpt2": {"c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"), "c_fc": ("up_proj",)},
-    "gpt_neox": {
-        "query_key_value": ("q_proj", "k_proj", "v_proj"),
-        "dense": ("o_proj",),
-        "dense_h_to_4h": ("up_proj",),
-        "dense_4h_to_h": ("down_proj",),
-    },
-    "phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
-}
-
-
-def expand_lora_targets(family: str, targets) -> tuple:
-    """lora_targets with the family's HF aliases (FAMILY_TARGET_ALIASES) replaced by our names.
-
-    Order is kept, duplicates dropped; names that are neither ours nor aliases stay (and are
-    refused by TransformerConfig with the list of valid names).
-    """
-    aliases = FAMILY_TARGET_ALIASES.get(family, {})
-    out: list = []
-    for name in targets:
-        for ours in aliases.get(name, (name,)):
-            if ours not in out:
-                out.append(ours)
-    return tuple(out)
-
-
-def lora_a_init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
-    """U(-1/sqrt(in), 1/sqrt(in)) for A [in, r].
-
-    The default of torch's nn.Linear and of PEFT's LoRA A (kaiming_uniform with a=sqrt(5)),
-    so adapters trained here start from the same distribution as PEFT's. Std = 1/sqrt(3 in):
-    x @ A keeps roughly the per-feature scale of x divided by sqrt(3).
-    """
-    bound = 1.0 / math.sqrt(shape[-2])  # [..., in, r]: stacked layers (models/scan.py) lead with [G]
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
-
-
-def lora_delta(
-    module: nn.Module,
-    x: jax.Array,
-    features: int,
-    *,
-    rank: int,
-    alpha: float,
-    dropout: float,
-    dtype: Any,
-    param_dtype: Any,
-) -> jax.Array:
-    """(alpha / r) * (dropout(x) @ A) @ B, declaring 'lora_a' and 'lora_b' on `module`.
-
-    Call from inside `module`'s compact `__call__` (LoRADense, QuantDense). x [..., in] ->
-    [..., out] in `dtype`. Dropout runs only when `module` was given a 'dropout' rng.
-    """
-    in_features = x.shape[-1]
-    a = module.param("lora_a", lora_a_init, (in_features, rank), param_dtype)  # [in, r]
-    b = module.param("lora_b", nn.initializers.zeros, (rank, features), param_dtype)  # [r, out]
-    h = x.astype(dtype)
-    if dropout > 0.0 and module.has_rng("dropout"):
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, h.shape)
-        h = jnp.where(keep, h / (1.0 - dropout), jnp.zeros_like(h))
-    low = jnp.dot(h, a.astype(dtype))  # [..., r]: the thin intermediate
-    return jnp.dot(low, b.astype(dtype)) * jnp.asarray(alpha / rank, dtype)  # [..., out]
-
-
-def dense_base(x: jax.Array, kernel: jax.Array, bias: Any, dtype: Any) -> jax.Array:
-    """x @ kernel + bias computed exactly as flax's nn.Dense does (same op, same order)."""
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    if bias is not None:
-        y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
-    return y
-
-
-class LoRADense(nn.Module):
-    """nn.Dense ('kernel' [in, out], optional 'bias') plus a low-rank adapter ('lora_a', 'lora_b')."""
-
-    features: int
-    rank: int
-    alpha: float = 16.0
-    dropout: float = 0.0
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernel_init: Callable = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        if self.rank <= 0:
-            raise ValueError(f"LoRADense {self.name}: rank must be > 0, got {self.rank}")
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
-        y = dense_base(x, kernel, bias, self.dtype)
-        return y + lora_delta(
-            self,
-            x,
-            self.features,
-            rank=self.rank,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-
 
 # ----------------------------------------------------------------------------- param transforms
 
@@ -321,8 +204,6 @@ def merge_lora(params: dict, config: TransformerConfig) -> tuple[dict, Transform
             "the config the adapters were trained with (its lora_alpha / lora_rank scale them)"
         )
     if config.quant:
-        from models.quant import dequantize_params  # quant.py imports this module
-
         params, config = dequantize_params(params, config)
     scale = float(config.lora_alpha) / float(config.lora_rank)
 

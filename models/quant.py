@@ -1,7 +1,7 @@
-"""Weight-only int8 quantisation of the transformer's projections (per-output-channel, symmetric).
+"""Weight-only int8 quantisation (per-output-channel, symmetric) as param-tree transforms.
 
 With `config.quant == 'int8'` every projection `_dense` builds (q/k/v/o, gate/up/down) is a
-`QuantDense` whose parameters are
+`QuantDense` (models/projections.py) whose parameters are
 
   qvalue [in, out] int8      round(W / scale), clipped to [-127, 127]
   scale  [out]     float32   max_i |W[i, o]| / 127 (0 for an all-zero column)
@@ -27,100 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.lora import PROJECTIONS, lora_delta
+from models.projections import PROJECTIONS, dequantize, quantize_kernel
+from models.transformer import TransformerConfig
 
-if TYPE_CHECKING:
-    from models.transformer import TransformerConfig
-
-__all__ = ["QMAX", "quantize_kernel", "dequantize", "QuantDense", "quantize_params", "dequantize_params", "param_bytes"]
-
-QMAX = 127  # symmetric int8 range [-127, 127]; -128 unused so that q and -q are both representable
-
-
-def quantize_kernel(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """W [..., in, out] float -> (qvalue int8 [..., in, out], scale float32 [..., out]).
-
-    scale = max over the input dim of |W| / 127: one scale per output channel, so a channel
-    with small weights keeps its resolution whatever its neighbours hold. An all-zero
-    channel gets scale 0 and qvalue 0 (the division is guarded), which dequantises exactly.
-    """
-    w32 = jnp.asarray(w, jnp.float32)
-    scale = jnp.max(jnp.abs(w32), axis=-2) / QMAX  # [..., out]
-    safe = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(w32 / safe[..., None, :]), -QMAX, QMAX).astype(jnp.int8)
-    return q, scale
-
-
-def dequantize(qvalue: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """qvalue [..., in, out] int8, scale [..., out] -> W [..., in, out] in `dtype` (f32 maths)."""
-    w = qvalue.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)[..., None, :]
-    return w.astype(dtype)
-
-
-class QuantDense(nn.Module):
-    """Dense layer reading an int8 weight ('qvalue', 'scale', optional 'bias'), optional LoRA.
-
-    y = (x @ qvalue) * scale + b  [+ (alpha/r) (x @ A) @ B when lora_rank > 0]
-
-    The scale multiplies the [..., out] output rather than the [in, out] weight: the same
-    number, fewer multiplies, and int8 -> bf16/f32 is exact, so the matmul sees the integer
-    weights unrounded. `init` draws a float kernel with `kernel_init` and quantises it, so
-    a fresh int8 model (tests, `eval_shape`, sharded init) needs no float copy first.
-    """
-
-    features: int
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32  # of bias and adapters; qvalue is int8, scale float32
-    kernel_init: Callable = nn.initializers.normal(0.02)
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        shape = (x.shape[-1], self.features)
-        # qvalue and scale must come from one float kernel: both initialisers draw it from the
-        # same key. (Flax also runs initialisers under eval_shape in `apply` to check shapes;
-        # then no 'params' rng exists and the key flax passes in is used.)
-        key = self.make_rng("params") if self.is_initializing() else None
-
-        def draw(rng):
-            return quantize_kernel(self.kernel_init(rng if key is None else key, shape, jnp.float32))
-
-        qvalue = self.param("qvalue", lambda rng: draw(rng)[0])  # [in, out] int8
-        scale = self.param("scale", lambda rng: draw(rng)[1])  # [out] f32
-        if qvalue.dtype != jnp.int8 or tuple(qvalue.shape) != shape or tuple(scale.shape) != shape[1:]:
-            raise ValueError(
-                f"QuantDense {self.name}: expected qvalue int8 {shape} and scale {shape[1:]}, got "
-                f"{qvalue.dtype} {tuple(qvalue.shape)} and {tuple(scale.shape)}"
-            )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
-        h = x.astype(self.dtype)
-        y = jax.lax.dot_general(h, qvalue.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))  # [..., out]
-        y = (y.astype(jnp.float32) * scale.astype(jnp.float32)).astype(self.dtype)  # scale stays f32
-        if bias is not None:
-            y = y + bias.astype(self.dtype)
-        if self.lora_rank > 0:
-            y = y + lora_delta(
-                self,
-                x,
-                self.features,
-                rank=self.lora_rank,
-                alpha=self.lora_alpha,
-                dropout=self.lora_dropout,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )
-        return y
-
+__all__ = ["quantize_params", "dequantize_params", "param_bytes"]
 
 # ----------------------------------------------------------------------------- param transforms
 

@@ -17,18 +17,17 @@ The layout is HF's half split (rotate_half): feature i pairs with feature i + ro
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from models.transformer import TransformerConfig
-
+# `config` below is a models.transformer.TransformerConfig; typed Any because transformer.py
+# imports this module (a type-only import back would close an import circle).
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
-def rotary_dim(config: TransformerConfig) -> int:
+def rotary_dim(config: Any) -> int:
     """Number of rotated features per head (HF: int(head_dim * partial_rotary_factor))."""
     return int(config.head_dim * config.rotary_pct)
 
@@ -38,7 +37,7 @@ def _base_inv_freq(theta: float, dim: int) -> jax.Array:
 
 
 def rope_inv_freq(
-    config: TransformerConfig, *, local: bool = False, positions: Optional[jax.Array] = None
+    config: Any, *, local: bool = False, positions: Optional[jax.Array] = None
 ) -> tuple[jax.Array, float]:
     """(inverse frequencies [rotary_dim/2], cos/sin multiplier) for a global or a local layer.
 

@@ -68,8 +68,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from common.optim import param_path
-
 __all__ = [
     "DEFAULT_RULES",
     "REPLICATED_RULES",
@@ -80,6 +78,7 @@ __all__ = [
     "param_shardings",
     "shard_params",
     "abstract_sharded",
+    "param_path",
 ]
 
 MeshAxes = Union[None, str, Sequence[str]]
@@ -111,6 +110,21 @@ _MATRIX_AXES: dict[str, tuple[Optional[str], Optional[str]]] = {
     "head": (None, None),  # scalar reward/value head [d, 1]: tiny, replicated
 }
 _MATRIX_LEAVES = ("kernel", "embedding", "qvalue")  # the [in, out] matrix itself (or its int8 copy)
+
+
+def param_path(path: tuple[Any, ...]) -> str:
+    """'/'-joined names of a pytree key path, e.g. 'backbone/layers_0/attn/kernel'."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
 
 
 def _find_module(parts: list[str]) -> Optional[int]:

@@ -37,10 +37,9 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import ATTENTION_IMPLS, attend, resolve_attention_impl
-from models.lora import PROJECTIONS as _PROJECTIONS
-from models.lora import LoRADense
-from models.lora import expand_lora_targets as _expand_lora_targets
-from models.quant import QuantDense
+from models.projections import PROJECTIONS as _PROJECTIONS
+from models.projections import LoRADense, QuantDense
+from models.projections import expand_lora_targets as _expand_lora_targets
 from models.rope import ROPE_TYPES, apply_rope, rope_inv_freq, rotary_dim  # noqa: F401 (re-exported)
 from models.scan import init_stacked_cache, scan_layer_groups
 

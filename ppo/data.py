@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from rm import data as rm_data
+from common import data_io
 
 
 @dataclasses.dataclass
@@ -37,9 +37,9 @@ class PromptData:
 def _parse_prompt(row, *, tokenizer):
     value = row.get("prompt")
     if isinstance(value, (list, tuple)):
-        messages = rm_data.expect_messages(row, "prompt")
-        return rm_data.render_chat(tokenizer, messages, add_generation_prompt=True)
-    return rm_data.expect_text(row, "prompt")
+        messages = data_io.expect_messages(row, "prompt")
+        return data_io.render_chat(tokenizer, messages, add_generation_prompt=True)
+    return data_io.expect_text(row, "prompt")
 
 
 def load_prompts(files, tokenizer, *, max_prompt_length, on_bad_row="error", split="train") -> PromptData:
@@ -57,15 +57,15 @@ def load_prompts(files, tokenizer, *, max_prompt_length, on_bad_row="error", spl
     Returns:
       PromptData with stats: rows, prompts, skipped, skipped/<reason>, truncated_prompt, files.
     """
-    rm_data.check_on_bad_row(on_bad_row)
+    data_io.check_on_bad_row(on_bad_row)
     if max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-    _, pad = rm_data.special_ids(tokenizer)
+    _, pad = data_io.special_ids(tokenizer)
     stats = {"rows": 0, "prompts": 0, "skipped": 0, "truncated_prompt": 0, "files": []}
     texts = []
-    for source in rm_data.resolve_sources(files):
-        rows, columns = rm_data.read_table(source, split=split)
-        rm_data.check_has_rows(source, rows)
+    for source in data_io.resolve_sources(files):
+        rows, columns = data_io.read_table(source, split=split)
+        data_io.check_has_rows(source, rows)
         if "prompt" not in columns:
             raise ValueError(
                 f"{source}: columns {sorted(columns)} have no 'prompt'; expected a 'prompt' column "
@@ -74,13 +74,13 @@ def load_prompts(files, tokenizer, *, max_prompt_length, on_bad_row="error", spl
         stats["rows"] += len(rows)
         stats["files"].append(source)
         parse = lambda row: _parse_prompt(row, tokenizer=tokenizer)  # noqa: E731
-        texts += [text for _, text in rm_data.parse_rows(source, rows, parse, on_bad_row=on_bad_row, stats=stats)]
+        texts += [text for _, text in data_io.parse_rows(source, rows, parse, on_bad_row=on_bad_row, stats=stats)]
 
     if not texts:
         raise ValueError(f"no usable prompts in {stats['files']} (stats: {stats})")
     input_ids = np.full((len(texts), max_prompt_length), pad, np.int32)
     attention_mask = np.zeros((len(texts), max_prompt_length), np.int32)
-    for i, ids in enumerate(rm_data.tokenize(tokenizer, texts)):
+    for i, ids in enumerate(data_io.tokenize(tokenizer, texts)):
         if len(ids) > max_prompt_length:
             stats["truncated_prompt"] += 1
             ids = ids[len(ids) - max_prompt_length :]  # keep the end, next to the response
@@ -105,4 +105,4 @@ def prompt_batches(data: PromptData, *, batch_size, seed, start_step=0):
             "index": indices.astype(np.int32),
         }
 
-    return rm_data.stepped_batches(len(data), make_batch, batch_size=batch_size, seed=seed, start_step=start_step)
+    return data_io.stepped_batches(len(data), make_batch, batch_size=batch_size, seed=seed, start_step=start_step)

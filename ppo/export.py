@@ -17,24 +17,15 @@ import argparse
 import json
 import os
 
-from common.checkpoint import CheckpointManager
+from common.workdir import load_model_config, restore_params
 from models.hf import save_hf_checkpoint
-from models.lora import combine_params, merge_lora
-from rm.model import load_model_config
+from models.lora import merge_lora
 
 
 def export(workdir: str, out: str, *, step=None, dtype: str = "float32", peft_adapter: bool = False) -> str:
     config = load_model_config(workdir, dtype="float32")
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
-    try:
-        params, extra = ckpt.restore_subtree("params", step=step)
-        try:  # LoRA runs keep the frozen bases apart from the trainable adapters (ppo/train.py)
-            frozen, _ = ckpt.restore_subtree("frozen", step=step)
-        except KeyError:
-            frozen = {}
-    finally:
-        ckpt.close()
-    params = combine_params(params, frozen)
+    # LoRA runs keep the frozen bases apart from the trainable adapters (ppo/train.py): joined here.
+    params, _ = restore_params(workdir, step=step)
     if "policy" not in params:
         raise ValueError(f"{workdir} does not hold a PPO policy (params keys: {sorted(params)})")
     if peft_adapter:

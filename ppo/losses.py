@@ -11,9 +11,8 @@ Padded positions may hold any value (even inf/nan, e.g. log-probs of pad tokens)
 are selected away with `jnp.where` before any arithmetic so they never reach a result
 or a gradient.
 
-Formulas follow /work/shared/DESIGN.md (Schulman et al. 2016 for GAE, Schulman et al.
-2017 for the clipped objectives, Ziegler et al. 2019 / Schulman's "Approximating KL
-divergence" note for the k1/k2/k3 estimators).
+Formulas: Schulman et al. 2016 for GAE, Schulman et al. 2017 for the clipped objectives,
+Ziegler et al. 2019 / Schulman's "Approximating KL divergence" note for the k1/k2/k3 estimators.
 """
 
 from typing import Optional, Union

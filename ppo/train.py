@@ -27,130 +27,28 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from common import data_io
 from common.distributed import gather_to_host, is_main_process
-from common.loop import open_checkpoints, start_run, write_json
-from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
-from common.metrics import Progress
-from common.optim import accumulate_gradients, optimizer_from_config
-from common.run_utils import PreemptionHandler, check_finite
+from common.loop import LoopHooks, open_checkpoints, run_train_loop, start_run
+from common.mesh import batch_sharding, local_rows, replicated, shard_batch
+from common.optim import optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
+from common.train_state import build_train_state, mesh_and_rules
+from common.workdir import append_jsonl, save_model_files, write_json
+from models.adapters import add_lora_and_quant, split_trainable
 from models.heads import ScalarHead
 from models.hf import load_hf_checkpoint
-from models.lora import combine_params, lora_trainable, merge_lora, partition_params, strip_lora
+from models.lora import combine_params, merge_lora, strip_lora
 from models.quant import quantize_params
 from models.scan import match_layout
-from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
+from models.sharding import shard_params
 from ppo import algorithms as algos
-from ppo import losses as L
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
-from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, response_logprobs_and_values, rollout_metrics
-from rm import data as rm_data
-from rm.model import add_lora_and_quant, load_reward_model, save_model_config
-
-UPDATE_KEYS = (
-    "query_ids",
-    "query_mask",
-    "response_ids",
-    "response_mask",
-    "logprobs",
-    "values",
-    "advantages",
-    "returns",
-)
-
-
-def ppo_loss(params, batch, rng, *, specs, temperature, clip_eps, vf_clip_eps, vf_coef, variant=None, kl_in_loss=False):
-    """Clipped policy loss + vf_coef * clipped value loss on one micro-batch (LoRA dropout uses `rng`).
-
-    variant: None = the PPO policy loss; else the keyword arguments of ppo/objectives.py's
-    policy_objective (clip variants, aggregation; the KL term with kl_in_loss), see ppo/algorithms.py.
-    Without a critic (specs.critic False) there is no value loss.
-    """
-    logprobs, token_entropy, values = response_logprobs_and_values(
-        specs,
-        params,
-        batch["query_ids"],
-        batch["query_mask"],
-        batch["response_ids"],
-        batch["response_mask"],
-        dropout_rng=rng,
-        temperature=temperature,
-    )
-    maskf = batch["response_mask"].astype(jnp.float32)
-    if variant is not None:
-        loss, metrics = algos.policy_gradient_loss(logprobs, batch, maskf, variant=variant, kl_in_loss=kl_in_loss)
-        metrics["policy/entropy"] = L.masked_mean(token_entropy, maskf)
-        if specs.critic:
-            vf_loss, vf_m = L.value_loss(values, batch["values"], batch["returns"], maskf, clip_eps=vf_clip_eps)
-            loss = loss + vf_coef * vf_loss
-            metrics.update({"val/vf_loss": vf_loss, "val/clipfrac": vf_m["vf_clipfrac"]})
-        return loss, metrics
-    pg_loss, pg_m = L.policy_loss(logprobs, batch["logprobs"], batch["advantages"], maskf, clip_eps=clip_eps)
-    vf_loss, vf_m = L.value_loss(values, batch["values"], batch["returns"], maskf, clip_eps=vf_clip_eps)
-    entropy = L.masked_mean(token_entropy, maskf)
-    loss = pg_loss + vf_coef * vf_loss
-    return loss, {
-        "policy/pg_loss": pg_loss,
-        "val/vf_loss": vf_loss,
-        "policy/approxkl": pg_m["approxkl"],
-        "policy/clipfrac": pg_m["clipfrac"],
-        "val/clipfrac": vf_m["vf_clipfrac"],
-        "policy/entropy": entropy,
-        "policy/ratio": pg_m["ratio_mean"],
-    }
-
-
-def ppo_update(
-    state, rollout: dict, frozen=None, *, tx, loss_fn, ppo_epochs, num_minibatches, accum_steps, group_size=1
-):
-    """All PPO epochs over shuffled minibatches of one rollout batch, as one pure function.
-
-    group_size K > 1: rows [g*K, (g+1)*K) are one prompt's group and are shuffled as a unit
-    (ppo/algorithms.py minibatch_order); K = 1 shuffles rows as always.
-
-    rollout: dict of UPDATE_KEYS arrays with leading dim B. frozen: the non-trainable part of
-    the params (LoRA bases; None or {} without LoRA), joined with state['params'] inside the
-    loss so gradients are taken w.r.t. the trainable part only. Returns (state, mean metrics).
-    """
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    frozen = frozen or {}
-
-    def trainable_loss(params, batch, micro_rng):
-        return loss_fn(combine_params(params, frozen), batch, micro_rng)
-
-    b = rollout["query_ids"].shape[0]
-    mb = b // num_minibatches
-    if group_size > 1:
-        order = algos.minibatch_order(
-            jax.random.fold_in(rng, 1),
-            batch=b,
-            group_size=group_size,
-            ppo_epochs=ppo_epochs,
-            num_minibatches=num_minibatches,
-        )
-    else:
-        perms = jax.vmap(lambda k: jax.random.permutation(k, b))(
-            jax.random.split(jax.random.fold_in(rng, 1), ppo_epochs)
-        )
-        order = perms.reshape(ppo_epochs * num_minibatches, mb)  # [E*M, mb] row indices
-
-    def one_minibatch(carry, idx):
-        params, opt_state, i = carry
-        batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rollout)
-        _, aux, grads = accumulate_gradients(
-            trainable_loss, params, batch, jax.random.fold_in(rng, i), accum_steps=accum_steps
-        )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        aux = dict(aux, **{"policy/grad_norm": optax.tree.norm(grads)})
-        return (params, opt_state, i + 1), aux
-
-    (params, opt_state, _), aux = jax.lax.scan(one_minibatch, (state["params"], state["opt_state"], 0), order)
-    metrics = jax.tree.map(jnp.mean, aux)
-    return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, rollout_metrics
+from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
+from rm.model import load_reward_model
 
 
 def _load_models(config, tokenizer):
@@ -181,7 +79,7 @@ def _load_models(config, tokenizer):
             f"({policy_config.vocab_size}): policy and reward model must share a tokenizer"
         )
     if reward.tokenizer_path:
-        rm_tok = rm_data.load_tokenizer(reward.tokenizer_path)
+        rm_tok = data_io.load_tokenizer(reward.tokenizer_path)
         probe = "The quick brown fox, 123!"
         if (
             rm_tok(probe, add_special_tokens=False)["input_ids"]
@@ -244,18 +142,6 @@ def _reference(pc, policy_config, policy_params):
     return False, ref_config, ref_params
 
 
-def _trainable_predicate(*, policy_lora: bool, value_lora: bool):
-    """Path predicate for partition_params: a LoRA'd model trains only adapters and heads."""
-
-    def trainable(path: str) -> bool:
-        top = path.split("/", 1)[0]
-        if (top == "policy" and policy_lora) or (top == "value" and value_lora):
-            return lora_trainable(path)
-        return True
-
-    return trainable
-
-
 def train(config, workdir: str) -> dict:
     """Run PPO as configured; returns the last metrics."""
     t0 = time.time()
@@ -263,7 +149,7 @@ def train(config, workdir: str) -> dict:
         if not value:
             raise ValueError(f"config.{key} is required")
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
-    tokenizer = rm_data.load_tokenizer(config.policy.tokenizer or config.policy.init_from, setting="policy.tokenizer")
+    tokenizer = data_io.load_tokenizer(config.policy.tokenizer or config.policy.init_from, setting="policy.tokenizer")
     prompt_files = [f.strip() for f in str(config.data.prompt_files).split(",") if f.strip()]
     prompts = load_prompts(
         prompt_files, tokenizer, max_prompt_length=config.data.max_prompt_length, on_bad_row=config.data.on_bad_row
@@ -285,9 +171,7 @@ def train(config, workdir: str) -> dict:
         rng=jax.random.fold_in(rng, 4),
         where="policy",
     )
-    if is_main_process():
-        save_model_config(workdir, policy_config)  # records lora_* / quant: ppo.export merges the adapters
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    save_model_files(workdir, policy_config, tokenizer)  # records lora_* / quant: ppo.export merges the adapters
     head_on_policy = vc.init == "policy_head"
     if vc.init not in ("reward", "policy_head"):
         raise ValueError(f"config.value.init={vc.init!r}; expected 'reward' or 'policy_head'")
@@ -333,11 +217,11 @@ def train(config, workdir: str) -> dict:
         critic=algo.critic,
     )
     # Train state holds only the trainable part (everything without LoRA; adapters + heads with it).
-    trainable = _trainable_predicate(
-        policy_lora=policy_config.lora_rank > 0,
-        value_lora=algo.critic and not head_on_policy and value_config.lora_rank > 0,
-    )
-    params, frozen = partition_params({"policy": policy_params, **value_tree}, trainable)
+    lora = {
+        "policy": policy_config.lora_rank > 0,
+        "value": algo.critic and not head_on_policy and value_config.lora_rank > 0,
+    }
+    params, frozen = split_trainable({"policy": policy_params, **value_tree}, lora)
     if "value" in params:  # the update donates trainable leaves: they must not alias the reward model's arrays
         params["value"] = jax.tree.map(jnp.array, params["value"])
 
@@ -350,22 +234,16 @@ def train(config, workdir: str) -> dict:
     updates_total = tc.steps * tc.ppo_epochs * tc.num_minibatches
     tx, _ = optimizer_from_config(tc, total_steps=updates_total)
 
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
-    rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
-    params = shard_params(params, mesh, rules)
-    frozen_sharding = tree_shardings(frozen, mesh, rules)
-    frozen = shard_params(frozen, mesh, rules)  # placed as the params are (same rules)
-    ref_params = None if ref_params is None else shard_params(ref_params, mesh, rules)
+    mesh, rules = mesh_and_rules(config.mesh)
+    built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))
+    state, state_sharding, frozen, frozen_sharding = (
+        built.state,
+        built.state_sharding,
+        built.frozen,
+        built.frozen_sharding,
+    )
+    ref_params = None if ref_params is None else shard_params(ref_params, mesh, rules)  # frozen models: same rules
     reward_params = shard_params(reward_params, mesh, rules)
-    opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.asarray(0, jnp.int32),
-        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
-    }
-    state_sharding = tree_shardings(state, mesh, rules)
-    state = jax.device_put(state, state_sharding)
     memory = {
         "memory/train_state_bytes": algos.tree_bytes(state),
         "memory/frozen_bytes": algos.tree_bytes(frozen),
@@ -445,73 +323,84 @@ def train(config, workdir: str) -> dict:
     )
     norm = jnp.asarray([reward.gain, reward.bias], jnp.float32)
 
-    # K samples per prompt: batch_size / K prompts, each repeated K times (a group = K consecutive rows).
-    batches = prompt_batches(
-        prompts, batch_size=tc.batch_size // algo.group_size, seed=config.seed, start_step=start_step
-    )
     update_keys = algos.update_keys(UPDATE_KEYS, algo)
-    progress = Progress(tc.steps, initial=start_step, desc="ppo")
-    step, last_saved, last, preempted = start_step, ckpt.latest_step(), {}, False
     timing = {"rollout": 0.0, "update": 0.0}
-    with PreemptionHandler() as preemption:
-        while step < tc.steps:
-            _, batch = next(batches)
-            batch = {k: np.repeat(batch[k], algo.group_size, axis=0) for k in ("input_ids", "attention_mask")}
-            batch = shard_batch(local_rows(batch, mesh), mesh)
-            beta = kl_ctl.value
-            t1 = time.time()
-            roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-            rollout = rollout_fn(
-                combine_params(state["params"], frozen),
-                ref_params,
-                reward_params,
-                norm,
-                jnp.float32(beta),
-                batch["input_ids"],
-                batch["attention_mask"],
-                roll_rng,
-            )
-            rmetrics = jax.device_get(rollout_metrics(rollout, beta, critic=algo.critic, group_size=algo.group_size))
-            t2 = time.time()
-            state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in update_keys}, frozen)
-            umetrics = jax.device_get(umetrics)
-            t3 = time.time()
-            timing["rollout"] += t2 - t1
-            timing["update"] += t3 - t2
-            step += 1
-            metrics = {
-                **{k: float(v) for k, v in rmetrics.items()},
-                **{k: float(v) for k, v in umetrics.items()},
-                "kl/beta": beta,
-                "time/rollout_s": t2 - t1,
-                "time/update_s": t3 - t2,
-            }
-            finite_keys = (
-                ("objective/scores", "val/vf_loss", "policy/pg_loss")
-                if algo.critic
-                else ("objective/scores", "policy/pg_loss")
-            )  # critic-free: no value loss
-            for key in finite_keys:
-                check_finite(metrics[key], step=step, name=key, workdir=workdir, last_checkpoint_step=last_saved)
-            kl_ctl.update(metrics["objective/kl"], tc.batch_size)
-            if step % tc.log_every == 0 or step == tc.steps:
-                metrics_writer.write(step, metrics)
-            if tc.samples_every and (step % tc.samples_every == 0 or step == tc.steps):
-                _write_samples(samples_path, step, tokenizer, rollout, config.train.num_samples)
-            last = metrics
-            progress.update(1, score=metrics["objective/scores"], kl=metrics["objective/kl"])
-            extra = {"step": step, "kl": kl_ctl.state_dict(), "data": data_identity}
-            if ckpt.save(step, to_save(state), extra, force=step == tc.steps):
-                last_saved = step
-            if preemption.sync_requested():
-                ckpt.save(step, to_save(state), extra, force=True)
-                preempted = True
-                break
-    progress.close()
+    latest = {}  # the last rollout, for samples.jsonl
+
+    def ppo_step(state, numbered_batch):
+        """One PPO iteration: rollout with the current policy, then the jitted update; host metrics."""
+        step, batch = numbered_batch
+        batch = {k: np.repeat(batch[k], algo.group_size, axis=0) for k in ("input_ids", "attention_mask")}
+        batch = shard_batch(local_rows(batch, mesh), mesh)
+        beta = kl_ctl.value
+        t1 = time.time()
+        roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+        rollout = rollout_fn(
+            combine_params(state["params"], frozen),
+            ref_params,
+            reward_params,
+            norm,
+            jnp.float32(beta),
+            batch["input_ids"],
+            batch["attention_mask"],
+            roll_rng,
+        )
+        rmetrics = jax.device_get(rollout_metrics(rollout, beta, critic=algo.critic, group_size=algo.group_size))
+        t2 = time.time()
+        state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in update_keys}, frozen)
+        umetrics = jax.device_get(umetrics)
+        t3 = time.time()
+        timing["rollout"] += t2 - t1
+        timing["update"] += t3 - t2
+        latest["rollout"] = rollout
+        metrics = {
+            **{k: float(v) for k, v in rmetrics.items()},
+            **{k: float(v) for k, v in umetrics.items()},
+            "kl/beta": beta,
+            "time/rollout_s": t2 - t1,
+            "time/update_s": t3 - t2,
+        }
+        return state, metrics
+
+    def after_step(step, state, metrics):  # metrics already checked finite
+        kl_ctl.update(metrics["objective/kl"], tc.batch_size)
+        if tc.samples_every and (step % tc.samples_every == 0 or step == tc.steps):
+            _write_samples(samples_path, step, tokenizer, latest["rollout"], config.train.num_samples)
+
+    loop = run_train_loop(
+        step_fn=ppo_step,
+        state=state,
+        batches=prompt_batches(
+            prompts, batch_size=tc.batch_size // algo.group_size, seed=config.seed, start_step=start_step
+        ),  # K samples per prompt: batch_size / K prompts, each repeated K times (a group = K consecutive rows)
+        start_step=start_step,
+        total_steps=tc.steps,
+        ckpt=ckpt,
+        metrics_writer=metrics_writer,
+        workdir=workdir,
+        log_every=tc.log_every,
+        eval_every=0,
+        run_eval=lambda step, state: None,
+        to_save=to_save,
+        desc="ppo",
+        progress_keys={"score": "objective/scores", "kl": "objective/kl"},
+        extra={"data": data_identity},
+        hooks=LoopHooks(
+            on_step=after_step,
+            checkpoint_extra=lambda: {"kl": kl_ctl.state_dict()},
+            metrics_prefix="",
+            reduce="last",
+            # critic-free: no value loss
+            finite_keys=("objective/scores", "val/vf_loss", "policy/pg_loss")
+            if algo.critic
+            else ("objective/scores", "policy/pg_loss"),
+            save_last=True,
+        ),
+    )
+    state, step, last = loop.state, loop.step, loop.last_metrics
     ckpt.close()
     metrics_writer.close()
-    if preempted:
-        print(f"SIGTERM: saved a checkpoint at step {step}; re-run the same command to resume.", flush=True)
+    if loop.preempted:
         return {"preempted_at": step}
     summary = dict(
         last,
@@ -560,10 +449,15 @@ def _write_samples(path, step, tokenizer, rollout: Rollout, n):
     q, qm, r, rmask, scores = gather_to_host(jax.tree.map(lambda x: x[:n], first))
     if not is_main_process():
         return
-    with open(path, "a") as f:
-        for i in range(min(n, len(q))):
-            prompt = tokenizer.decode(q[i][qm[i] > 0], skip_special_tokens=True)
-            response = tokenizer.decode(r[i][rmask[i] > 0], skip_special_tokens=True)
-            f.write(
-                json.dumps({"step": step, "prompt": prompt, "response": response, "score": float(scores[i])}) + "\n"
-            )
+    append_jsonl(
+        path,
+        (
+            {
+                "step": step,
+                "prompt": tokenizer.decode(q[i][qm[i] > 0], skip_special_tokens=True),
+                "response": tokenizer.decode(r[i][rmask[i] > 0], skip_special_tokens=True),
+                "score": float(scores[i]),
+            }
+            for i in range(min(n, len(q)))
+        ),
+    )

@@ -1,6 +1,7 @@
 """Reward models: preference data, Bradley-Terry training, evaluation and export.
 
 Modules:
+  model.py     RewardModel, load_reward_model, compute_rewards / score_arrays: the face other packages use
   data.py      preference datasets (TRL formats) -> padded token batches
   losses.py    Bradley-Terry pairwise loss (margin, centering, masking) and metrics
   train.py     train(config, workdir)

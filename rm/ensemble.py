@@ -104,7 +104,7 @@ def write_reward_workdir(
     import shutil
 
     from common.checkpoint import CheckpointManager
-    from rm.model import save_model_config
+    from common.workdir import save_model_config
 
     os.makedirs(workdir, exist_ok=True)
     save_model_config(workdir, config)
@@ -133,10 +133,10 @@ def warm_average(workdirs: Sequence[str], out: str, *, normalize_on: str = "", b
     """
     import os
 
+    from common import data_io
     from rm import data as rm_data
     from rm.evaluate import compute_normalization
-    from rm.model import load_reward_model
-    from rm.score import _training_max_length, score_arrays
+    from rm.model import load_reward_model, score_arrays, training_max_length
 
     if len(workdirs) < 2:
         raise ValueError(f"rm/ensemble.py: WARM needs at least two member workdirs, got {list(workdirs)}")
@@ -157,8 +157,8 @@ def warm_average(workdirs: Sequence[str], out: str, *, normalize_on: str = "", b
     if normalize_on:
         from rm.model import LoadedRewardModel
 
-        tokenizer = rm_data.load_tokenizer(members[0].tokenizer_path or first)
-        data = rm_data.load_preference_data(normalize_on.split(","), tokenizer, max_length=_training_max_length(first))
+        tokenizer = data_io.load_tokenizer(members[0].tokenizer_path or first)
+        data = rm_data.load_preference_data(normalize_on.split(","), tokenizer, max_length=training_max_length(first))
         averaged = LoadedRewardModel(config=members[0].config, params=params)
         rewards = np.concatenate(
             [

@@ -47,9 +47,9 @@ import os
 
 import numpy as np
 
+from common import data_io
 from models.hf import save_hf_checkpoint
 from models.lora import merge_lora
-from rm import data as rm_data
 from rm.model import load_reward_model
 
 PAD_TOKEN = "<|rm_pad|>"
@@ -81,7 +81,7 @@ def export(workdir: str, out: str, *, normalize: bool = True, dtype: str = "floa
     # LoRA adapters are folded into the base weights (an int8 base is dequantised first), so
     # the folder is a plain float model that transformers loads without PEFT.
     params, config = merge_lora(model.params, model.config)
-    tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
+    tokenizer = data_io.load_tokenizer(model.tokenizer_path or workdir)
     gain, c = (model.gain, model.bias) if normalize else (1.0, 0.0)
     return write_sequence_classifier(
         config,
@@ -123,7 +123,7 @@ def export_adapter(workdir: str, out: str, *, normalize: bool = True, dtype: str
     base = os.path.abspath(base)
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise ValueError(f"the adapters' base {base} (model.init_from of {workdir}) has no config.json")
-    tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
+    tokenizer = data_io.load_tokenizer(model.tokenizer_path or workdir)
     pad_id = tokenizer.pad_token_id
     if pad_id is None or pad_id == tokenizer.eos_token_id:
         # HF's classifier reads the last token that is not pad: with pad == EOS it would read the

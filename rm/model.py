@@ -1,4 +1,8 @@
-"""Reward model = transformer backbone + scalar head read at the last real token.
+"""Reward model = transformer backbone + scalar head read at the last real token; loading and scoring.
+
+This module is rm's public face for the other trainers: PPO loads (`load_reward_model`) and
+scores (`compute_rewards`, `score_arrays`) a trained reward model, and its value model is
+`RewardModel` with `per_token=True`; nothing else of rm/ is imported outside it.
 
 Params: {'backbone': transformer params (no lm_head), 'head': {'kernel' [d, 1], 'bias' [1]}}.
 The same module with `per_token=True` is the PPO value model (one scalar per position), so a
@@ -25,10 +29,15 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from common.checkpoint import CheckpointManager
+from common.workdir import load_model_config, restore_params
+from models.adapters import split_trainable
 from models.heads import ScalarHead, gather_last
-from models.lora import add_lora_params, combine_params, lora_trainable, partition_params
+from models.hf import load_hf_checkpoint
 from models.transformer import Transformer, TransformerConfig
+from rm.calibration import calibrated_probability
 
 
 class RewardModel(nn.Module):
@@ -52,87 +61,12 @@ def rm_params_from_backbone(config: TransformerConfig, backbone: dict, rng: jax.
     return {"backbone": backbone, "head": init_head(config, rng)}
 
 
-def add_lora_and_quant(
-    config: TransformerConfig,
-    params: dict,
-    *,
-    lora_rank: int = 0,
-    lora_alpha: float = 16.0,
-    lora_targets=("q_proj", "v_proj"),
-    lora_dropout: float = 0.0,
-    quant: str = "",
-    rng: Optional[jax.Array] = None,
-    where: str = "model",
-) -> tuple[TransformerConfig, dict]:
-    """Float params (a bare Transformer tree or one nested, e.g. {'backbone', 'head'}) -> LoRA / QLoRA.
-
-    quant='int8' turns the base projections into int8 (models/quant.py) and is allowed only
-    with lora_rank > 0: without adapters nothing would train on an int8 base (jax.grad refuses
-    integer leaves). lora_rank > 0 adds fresh adapters (B = 0, so the model computes exactly
-    what the base computes). `where` names the config section in error messages.
-    Returns (config with the LoRA/quant fields set, params).
-    """
-    if quant not in ("", "int8"):
-        raise ValueError(f"config.{where}.quant={quant!r}; expected '' or 'int8'")
-    if quant and lora_rank <= 0:
-        raise ValueError(
-            f"config.{where}.quant={quant!r} needs config.{where}.lora_rank > 0: int8 is the frozen "
-            "base under LoRA (QLoRA); a fully fine-tuned model cannot have int8 weights"
-        )
-    if lora_rank < 0:
-        raise ValueError(f"config.{where}.lora_rank={lora_rank}; expected >= 0 (0 = no adapters)")
-    if lora_rank == 0:
-        return config, params
-    if isinstance(lora_targets, str):  # 'q_proj,v_proj' from a command-line override
-        lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
-    try:
-        config = config.replace(
-            lora_rank=int(lora_rank),
-            lora_alpha=float(lora_alpha),
-            lora_targets=tuple(lora_targets),
-            lora_dropout=float(lora_dropout),
-        )
-    except ValueError as e:
-        raise ValueError(f"config.{where}.lora_rank / lora_alpha / lora_targets / lora_dropout: {e}") from e
-    if quant:
-        from models.quant import quantize_params
-
-        params, config = quantize_params(params, config)
-    params = add_lora_params(params, config, jax.random.key(0) if rng is None else rng)
-    return config, params
-
-
-def split_trainable(config: TransformerConfig, params: dict) -> tuple[dict, dict]:
-    """(trainable, frozen) halves of a reward-model tree: with LoRA only adapters and the head
-    train (models.lora.lora_trainable); without LoRA everything trains and frozen is {}."""
-    if config.lora_rank <= 0:
-        return params, {}
-    return partition_params(params, lora_trainable)
-
-
 def compute_rewards(
     config: TransformerConfig, params: dict, input_ids, attention_mask, dropout_rng: Optional[jax.Array] = None
 ) -> jax.Array:
     """Scalar rewards [B] (raw, before normalisation). `dropout_rng` turns on LoRA dropout (training only)."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return RewardModel(config).apply({"params": params}, input_ids, attention_mask, rngs=rngs)
-
-
-def save_model_config(workdir: str, config: TransformerConfig) -> None:
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
-
-
-def load_model_config(workdir: str, **overrides) -> TransformerConfig:
-    path = os.path.join(workdir, "model_config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: {workdir} is not a workdir written by a trainer")
-    with open(path) as f:
-        fields = json.load(f)
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = tuple(tuple(x) for x in fields["rope_scaling"])
-    fields.update(overrides)
-    return TransformerConfig(**fields)
 
 
 @dataclasses.dataclass
@@ -152,8 +86,6 @@ class LoadedRewardModel:
 
     def preference_probability(self, raw_a, raw_b):
         """Calibrated P(a preferred over b) = sigmoid((raw_a - raw_b) / temperature), from raw rewards."""
-        from rm.calibration import calibrated_probability
-
         return calibrated_probability(raw_a, raw_b, self.temperature)
 
 
@@ -190,8 +122,6 @@ def describe_workdir(workdir: str, ckpt=None) -> str:
 
 
 def _load_from_workdir(workdir, *, dtype, param_dtype, step):
-    from common.checkpoint import CheckpointManager
-
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     try:
         keys = ckpt.subtree_keys("params") if ckpt.latest_step() is not None else []
@@ -212,19 +142,10 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
             "params"
         ]
     )
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-        # A LoRA run checkpoints the trainable half under 'params' and the frozen base under
-        # 'frozen' (rm/train.py); the model is their union.
-        trainable, frozen = split_trainable(config, abstract)
-        params, extra = ckpt.restore_subtree("params", step=step, template=trainable)
-        if frozen:
-            frozen, _ = ckpt.restore_subtree("frozen", step=step, template=frozen)
-            params = combine_params(params, frozen)
-    finally:
-        ckpt.close()
+    # A LoRA run checkpoints the trainable half under 'params' and the frozen base under
+    # 'frozen' (rm/train.py); the model is their union.
+    trainable, frozen = split_trainable(abstract, lora=config.lora_rank > 0)
+    params, extra = restore_params(workdir, step=step, template=trainable, frozen_template=frozen)
     norm = extra.get("normalization") or {}
     tok = os.path.join(workdir, "tokenizer")
     return LoadedRewardModel(
@@ -239,8 +160,6 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
 
 
 def _load_from_hf(path, *, dtype, param_dtype):
-    from models.hf import load_hf_checkpoint
-
     config, backbone, leftovers = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype, with_leftovers=True)
     if "score.weight" not in leftovers:
         raise ValueError(f"{path} has no score.weight: not a sequence-classification (reward) model")
@@ -265,3 +184,30 @@ def _load_from_hf(path, *, dtype, param_dtype):
         tokenizer_path=path if has_tokenizer else None,
         temperature=float(hf_config.get("reward_temperature", 1.0)),
     )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_arrays(model: LoadedRewardModel, ids, mask, *, batch_size=32, bucket=32):
+    """Raw rewards of [N, L] right-padded arrays, in fixed-shape batches."""
+    fn = jax.jit(lambda p, i, m: compute_rewards(model.config, p, i, m))
+    out = np.zeros(len(ids), np.float32)
+    for start in range(0, len(ids), batch_size):
+        b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
+        n = len(b_ids)
+        width = min(ids.shape[1], -(-int(b_mask.sum(1).max()) // bucket) * bucket)
+        pad_rows = batch_size - n
+        b_ids = np.concatenate([b_ids[:, :width], np.repeat(b_ids[:1, :width], pad_rows, 0)])
+        b_mask = np.concatenate([b_mask[:, :width], np.repeat(b_mask[:1, :width], pad_rows, 0)])
+        out[start : start + n] = np.asarray(fn(model.params, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n]
+    return out
+
+
+def training_max_length(path, default=512):
+    """data.max_length of the run that wrote an RM workdir (its config.json), else `default` (an HF folder)."""
+    cfg = os.path.join(path, "config.json")
+    if os.path.exists(os.path.join(path, "model_config.json")) and os.path.exists(cfg):
+        with open(cfg) as f:
+            return int(json.load(f).get("data", {}).get("max_length", default))
+    return default

@@ -45,6 +45,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from common import data_io
+
 # The leaderboard's per-subset example counts and subset -> section map (reward-bench constants.py).
 EXAMPLE_COUNTS = {
     "alpacaeval-easy": 100,
@@ -255,13 +257,13 @@ def score_rows(file: str, rows: Sequence[dict], score_fn: Callable[[list, list],
 
 def model_score_fn(model, tokenizer, *, max_length: int, batch_size: int = 32):
     """score_fn(prompts, responses) -> raw rewards of a LoadedRewardModel, tokenised as rm.score does."""
-    from rm import data as rm_data
-    from rm.score import pad_right, score_arrays, tokenize_single
+    from rm.model import score_arrays
+    from rm.score import pad_right, tokenize_single
 
     def score_fn(prompts, responses):
         rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
         seqs, _ = tokenize_single(tokenizer, rows, file="rewardbench", max_length=max_length)
-        ids, mask = pad_right(seqs, rm_data.special_ids(tokenizer)[1])
+        ids, mask = pad_right(seqs, data_io.special_ids(tokenizer)[1])
         return score_arrays(model, ids, mask, batch_size=batch_size)
 
     return score_fn
@@ -276,9 +278,7 @@ def main(argv=None):
 
 
 def _main(argv=None):
-    from rm import data as rm_data
-    from rm.model import load_reward_model
-    from rm.score import _training_max_length
+    from rm.model import load_reward_model, training_max_length
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="RM workdir or exported HF reward folder")
@@ -287,16 +287,16 @@ def _main(argv=None):
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_length", type=int, default=None, help="default: the training run's data.max_length")
     args = ap.parse_args(argv)
-    source = rm_data.resolve_sources(args.data)[0]
-    rows, _ = rm_data.read_table(source)
-    rm_data.check_has_rows(source, rows)
-    bad = next((i for i, r in enumerate(rows) if isinstance(r, rm_data.UnreadableRow)), None)
+    source = data_io.resolve_sources(args.data)[0]
+    rows, _ = data_io.read_table(source)
+    data_io.check_has_rows(source, rows)
+    bad = next((i for i, r in enumerate(rows) if isinstance(r, data_io.UnreadableRow)), None)
     if bad is not None:
         raise ValueError(f"{source}: row {bad} (0-based, line {rows[bad].line}): {rows[bad].detail}")
     model = load_reward_model(args.workdir)
-    tokenizer = rm_data.load_tokenizer(model.tokenizer_path or args.workdir)
+    tokenizer = data_io.load_tokenizer(model.tokenizer_path or args.workdir)
     score_fn = model_score_fn(
-        model, tokenizer, max_length=args.max_length or _training_max_length(args.workdir), batch_size=args.batch_size
+        model, tokenizer, max_length=args.max_length or training_max_length(args.workdir), batch_size=args.batch_size
     )
     results = score_rows(source, rows, score_fn)
     text = json.dumps(results, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)

@@ -23,62 +23,61 @@ single-response lines `score` and `members`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from common import data_io
+from common.workdir import write_jsonl
 from rm import data as rm_data
 from rm.ensemble import OBJECTIVES, combine_scores
-from rm.model import LoadedRewardModel, compute_rewards, load_reward_model
+from rm.model import load_reward_model, score_arrays, training_max_length
 
 
 def _read_rows(path):
-    source = rm_data.resolve_sources(path)[0]
-    rows, columns = rm_data.read_table(source)
-    rm_data.check_has_rows(source, rows)
+    source = data_io.resolve_sources(path)[0]
+    rows, columns = data_io.read_table(source)
+    data_io.check_has_rows(source, rows)
     return rows, columns
 
 
 def _bad(file, index, key, detail, reason="wrong_type", line=None):
-    return rm_data.BadRowError(file, index, key, reason, detail, line=line)
+    return data_io.BadRowError(file, index, key, reason, detail, line=line)
 
 
 def tokenize_single(tokenizer, rows, *, file, max_length):
     """Token ids (prompt + response + EOS) of single-response rows, left-truncating prompts."""
-    eos, _ = rm_data.special_ids(tokenizer)
+    eos, _ = data_io.special_ids(tokenizer)
     seqs, truncated = [], 0
     for i, row in enumerate(rows):
-        if isinstance(row, rm_data.UnreadableRow):
+        if isinstance(row, data_io.UnreadableRow):
             raise _bad(file, i, None, row.detail, row.reason, line=row.line)
         if row.get("messages") is not None:
             try:
-                msgs = rm_data.expect_messages(row, "messages")
-            except rm_data.RowIssue as issue:
+                msgs = data_io.expect_messages(row, "messages")
+            except data_io.RowIssue as issue:
                 raise _bad(file, i, issue.key, issue.detail, issue.reason) from None
-            prompt = rm_data.render_chat(tokenizer, msgs[:-1], add_generation_prompt=True)
-            full = rm_data.render_chat(tokenizer, msgs, add_generation_prompt=False)
-            prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0]
-            full_ids = rm_data.tokenize(tokenizer, [full])[0]
-            k = rm_data.common_prefix_length(prompt_ids, full_ids)
+            prompt = data_io.render_chat(tokenizer, msgs[:-1], add_generation_prompt=True)
+            full = data_io.render_chat(tokenizer, msgs, add_generation_prompt=False)
+            prompt_ids = data_io.tokenize(tokenizer, [prompt])[0]
+            full_ids = data_io.tokenize(tokenizer, [full])[0]
+            k = data_io.common_prefix_length(prompt_ids, full_ids)
             prompt_ids, response_ids = full_ids[:k], full_ids[k:]
         elif row.get("response") is not None or row.get("completion") is not None:
             key = "response" if row.get("response") is not None else "completion"
             response = row[key]
             prompt = row.get("prompt") or ""
             if not isinstance(prompt, str):
-                raise _bad(file, i, "prompt", f"expected a string, got {rm_data.describe(prompt)}")
+                raise _bad(file, i, "prompt", f"expected a string, got {data_io.describe(prompt)}")
             # After a non-empty prompt an empty response is EOS alone (scored like a PPO rollout that
             # stopped at once); without a prompt there would be nothing to score.
             if not isinstance(response, str) or not (response.strip() or prompt.strip()):
                 raise _bad(
-                    file, i, key, f"expected a string (non-empty without a prompt), got {rm_data.describe(response)}"
+                    file, i, key, f"expected a string (non-empty without a prompt), got {data_io.describe(response)}"
                 )
-            prompt_ids = rm_data.tokenize(tokenizer, [prompt])[0] if prompt else []
-            response_ids = rm_data.tokenize(tokenizer, [response])[0]
+            prompt_ids = data_io.tokenize(tokenizer, [prompt])[0] if prompt else []
+            response_ids = data_io.tokenize(tokenizer, [response])[0]
         elif "text" in row:
             text = row["text"]
             if not isinstance(text, str) or not text.strip():
@@ -86,10 +85,10 @@ def tokenize_single(tokenizer, rows, *, file, max_length):
                     file,
                     i,
                     "text",
-                    f"expected a non-empty string, got {rm_data.describe(text)}",
+                    f"expected a non-empty string, got {data_io.describe(text)}",
                     "empty" if isinstance(text, str) else "wrong_type",
                 )
-            prompt_ids, response_ids = [], rm_data.tokenize(tokenizer, [text])[0]
+            prompt_ids, response_ids = [], data_io.tokenize(tokenizer, [text])[0]
         else:
             raise _bad(
                 file,
@@ -117,29 +116,6 @@ def pad_right(seqs, pad_id, width=None):
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1
     return ids, mask
-
-
-def score_arrays(model: LoadedRewardModel, ids, mask, *, batch_size=32, bucket=32):
-    """Raw rewards of [N, L] right-padded arrays, in fixed-shape batches."""
-    fn = jax.jit(lambda p, i, m: compute_rewards(model.config, p, i, m))
-    out = np.zeros(len(ids), np.float32)
-    for start in range(0, len(ids), batch_size):
-        b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
-        n = len(b_ids)
-        width = min(ids.shape[1], -(-int(b_mask.sum(1).max()) // bucket) * bucket)
-        pad_rows = batch_size - n
-        b_ids = np.concatenate([b_ids[:, :width], np.repeat(b_ids[:1, :width], pad_rows, 0)])
-        b_mask = np.concatenate([b_mask[:, :width], np.repeat(b_mask[:1, :width], pad_rows, 0)])
-        out[start : start + n] = np.asarray(fn(model.params, jnp.asarray(b_ids), jnp.asarray(b_mask)))[:n]
-    return out
-
-
-def _training_max_length(path, default=512):
-    cfg = os.path.join(path, "config.json")
-    if os.path.exists(os.path.join(path, "model_config.json")) and os.path.exists(cfg):
-        with open(cfg) as f:
-            return int(json.load(f).get("data", {}).get("max_length", default))
-    return default
 
 
 def main(argv=None):
@@ -175,7 +151,7 @@ def _main(argv=None):
     if len(workdirs) > 1:
         members = [_score_with(w, args) for w in workdirs]
         records = ensemble_records([m[0] for m in members], objective=args.objective, uwo_lambda=args.uwo_lambda)
-        _write(args.out, records)
+        write_jsonl(args.out, records)
         print(
             f"scored {len(records)} rows with a {len(workdirs)}-member ensemble ({args.objective}) -> {args.out} "
             f"(truncated: {[m[1] for m in members]})",
@@ -183,7 +159,7 @@ def _main(argv=None):
         )
         return
     records, truncated, model = _score_with(args.workdir, args)
-    _write(args.out, records)
+    write_jsonl(args.out, records)
     print(
         f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "
         f"bias={model.bias:.6g}; temperature={model.temperature:.6g})",
@@ -225,17 +201,11 @@ def ensemble_records(member_records, *, objective, uwo_lambda=1.0):
     return [{"score": float(combined[i]), "members": scores[:, i].tolist()} for i in range(scores.shape[1])]
 
 
-def _write(path, records):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records)
-
-
 def _score_with(workdir, args):
     """(records, truncated count, model) of one reward model on the rows of args.data."""
     model = load_reward_model(workdir)
-    tokenizer = rm_data.load_tokenizer(model.tokenizer_path or workdir)
-    max_length = args.max_length or _training_max_length(workdir)
+    tokenizer = data_io.load_tokenizer(model.tokenizer_path or workdir)
+    max_length = args.max_length or training_max_length(workdir)
     rows, columns = _read_rows(args.data)
     columns = set(columns)
     records = []
@@ -256,7 +226,7 @@ def _score_with(workdir, args):
         truncated = pairs.stats.get("truncated_prompt", 0) + pairs.stats.get("truncated_response", 0)
     else:
         seqs, truncated = tokenize_single(tokenizer, rows, file=args.data, max_length=max_length)
-        _, pad = rm_data.special_ids(tokenizer)
+        _, pad = data_io.special_ids(tokenizer)
         ids, mask = pad_right(seqs, pad)
         raw = score_arrays(model, ids, mask, batch_size=args.batch_size)
         records = [{"score": float(model.normalize(r)), "raw": float(r)} for r in raw]

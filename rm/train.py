@@ -23,22 +23,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from common import data_io
 from common.distributed import is_main_process
-from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
-from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
+from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
+from common.mesh import batch_sharding, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.stats import bootstrap_ci
 from common.tracking import open_metrics, plot_training_curves, report_start
+from common.train_state import build_train_state, mesh_and_rules
+from common.workdir import save_model_files, write_json
+from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params
 from models.scan import match_layout
-from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 from rm import data as rm_data
 from rm.calibration import calibration_metrics, fit_temperature, write_calibration
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
 from rm.length_bias import length_bias_metrics, response_lengths
 from rm.losses import TIE_MODELS, bradley_terry_loss
-from rm.model import add_lora_and_quant, compute_rewards, rm_params_from_backbone, save_model_config, split_trainable
+from rm.model import compute_rewards, rm_params_from_backbone
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +174,7 @@ def check_loss_options(config):
         raise ValueError("config.eval.calibrate_on is empty; expected 'eval', 'none' or preference files")
     for path in split_files(source) if source not in ("eval", "none") else []:
         # Checked now, not after the whole run: a local-looking path that is missing.
-        if os.path.splitext(path)[1].lower() in rm_data.LOCAL_BUILDERS and not os.path.exists(path):
+        if os.path.splitext(path)[1].lower() in data_io.LOCAL_BUILDERS and not os.path.exists(path):
             raise FileNotFoundError(f"config.eval.calibrate_on: {path}: no such file")
 
 
@@ -237,7 +240,7 @@ def train(config, workdir: str) -> dict:
         raise ValueError("config.data.train_files is empty: give one or more preference files (comma-separated)")
     check_loss_options(config)
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
-    tokenizer = rm_data.load_tokenizer(config.model.tokenizer or config.model.init_from)
+    tokenizer = data_io.load_tokenizer(config.model.tokenizer or config.model.init_from)
 
     # ---- data
     load = functools.partial(
@@ -282,29 +285,21 @@ def train(config, workdir: str) -> dict:
         rng=jax.random.fold_in(rng, 3),
         where="model",
     )
-    if is_main_process():
-        save_model_config(workdir, model_config)  # records lora_* and quant: the loader rebuilds the same tree
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    save_model_files(workdir, model_config, tokenizer)  # records lora_* and quant: the loader rebuilds the same tree
     # Only the trainable half goes into the train state (optimizer moments for it alone); the
     # frozen base is a separate argument of the step and lives in checkpoints under 'frozen'.
-    params, frozen = split_trainable(model_config, params)
+    params, frozen = split_trainable(params, lora=model_config.lora_rank > 0)
 
     tc = config.train
     tx, schedule = optimizer_from_config(tc, total_steps=tc.steps)
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
-    rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
-    params = shard_params(params, mesh, rules)
-    frozen_sharding = tree_shardings(frozen, mesh, rules)
-    frozen = shard_params(frozen, mesh, rules)  # placed as the params are (same rules)
-    opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.asarray(0, jnp.int32),
-        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
-    }
-    state_sharding = tree_shardings(state, mesh, rules)
-    state = jax.device_put(state, state_sharding)
+    mesh, rules = mesh_and_rules(config.mesh)
+    built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))
+    state, state_sharding, frozen, frozen_sharding = (
+        built.state,
+        built.state_sharding,
+        built.frozen,
+        built.frozen_sharding,
+    )
 
     def to_save(state):  # the checkpoint also holds the frozen base, so the workdir is self-contained
         return dict(state, frozen=frozen) if frozen else state

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from rm import data as rm_data
+from common import data_io
 
 ARRAY_KEYS = ("input_ids", "attention_mask", "loss_mask")
 FORMATS = ("text", "prompt_completion", "conversational")
@@ -66,7 +66,7 @@ class SFTData:
 
 def detect_format(file, rows, columns) -> str:
     """'text' | 'prompt_completion' | 'conversational' from a file's columns."""
-    rm_data.check_has_rows(file, rows)
+    data_io.check_has_rows(file, rows)
     if "messages" in columns:
         return "conversational"
     if "prompt" in columns and "completion" in columns:
@@ -85,44 +85,44 @@ def detect_format(file, rows, columns) -> str:
 
 
 def _parse_text(row):
-    return [(rm_data.expect_text(row, "text"), True)]
+    return [(data_io.expect_text(row, "text"), True)]
 
 
 def _parse_prompt_completion(row, *, tokenizer):
     if isinstance(row.get("prompt"), (list, tuple)) or isinstance(row.get("completion"), (list, tuple)):
-        prompt = rm_data.expect_messages(row, "prompt")
-        completion = rm_data.expect_messages(row, "completion")
-        prompt_text = rm_data.render_chat(tokenizer, prompt, add_generation_prompt=True)
-        full = rm_data.render_chat(tokenizer, prompt + completion, add_generation_prompt=False)
+        prompt = data_io.expect_messages(row, "prompt")
+        completion = data_io.expect_messages(row, "completion")
+        prompt_text = data_io.render_chat(tokenizer, prompt, add_generation_prompt=True)
+        full = data_io.render_chat(tokenizer, prompt + completion, add_generation_prompt=False)
         if not full.startswith(prompt_text):
-            raise rm_data.RowIssue(
+            raise data_io.RowIssue(
                 "completion",
                 "template",
                 "the chat template does not render the prompt as a prefix of prompt + completion, "
                 "so the completion tokens cannot be told apart",
             )
         return [(prompt_text, False), (full[len(prompt_text) :], True)]
-    return [(rm_data.expect_text(row, "prompt"), False), (rm_data.expect_text(row, "completion"), True)]
+    return [(data_io.expect_text(row, "prompt"), False), (data_io.expect_text(row, "completion"), True)]
 
 
 def _parse_messages(row, *, tokenizer):
-    messages = rm_data.expect_messages(row, "messages")
+    messages = data_io.expect_messages(row, "messages")
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         roles = [m["role"] for m in messages]
-        raise rm_data.RowIssue(
+        raise data_io.RowIssue(
             "messages",
             "no_assistant",
             f"expected at least one message with role 'assistant' (the targets), got roles {roles}",
         )
-    full = rm_data.render_chat(tokenizer, messages, add_generation_prompt=False)
+    full = data_io.render_chat(tokenizer, messages, add_generation_prompt=False)
     # Character offsets where targets start and end, checked to be prefixes of `full`.
     bounds, position = [], 0
     for i in turns:
-        start = rm_data.render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        end = rm_data.render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        start = data_io.render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        end = data_io.render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(start) and full.startswith(end) and position <= len(start) < len(end)):
-            raise rm_data.RowIssue(
+            raise data_io.RowIssue(
                 "messages",
                 "template",
                 f"message {i}: the chat template does not render the conversation up to this "
@@ -144,7 +144,7 @@ def _parse_messages(row, *, tokenizer):
 def _tokenize_examples(parsed, tokenizer, eos):
     """[(ids, targets)] for lists of (text, is_target) segments; EOS appended."""
     texts = [text for segments in parsed for text, _ in segments]
-    flat = iter(rm_data.tokenize(tokenizer, texts))
+    flat = iter(data_io.tokenize(tokenizer, texts))
     out = []
     for segments in parsed:
         ids, targets = [], []
@@ -177,10 +177,10 @@ def load_sft_data(files, tokenizer, *, max_length, on_bad_row="error", split="tr
       SFTData. stats: rows, examples, skipped, skipped/<reason>, truncated, tokens,
       target_tokens, files, formats.
     """
-    rm_data.check_on_bad_row(on_bad_row)
+    data_io.check_on_bad_row(on_bad_row)
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    eos, pad = rm_data.special_ids(tokenizer)
+    eos, pad = data_io.special_ids(tokenizer)
     stats = {
         "rows": 0,
         "examples": 0,
@@ -197,18 +197,18 @@ def load_sft_data(files, tokenizer, *, max_length, on_bad_row="error", split="tr
         "prompt_completion": functools.partial(_parse_prompt_completion, tokenizer=tokenizer),
         "conversational": functools.partial(_parse_messages, tokenizer=tokenizer),
     }
-    for source in rm_data.resolve_sources(files):
-        rows, columns = rm_data.read_table(source, split=split)
+    for source in data_io.resolve_sources(files):
+        rows, columns = data_io.read_table(source, split=split)
         fmt = detect_format(source, rows, columns)
         stats["rows"] += len(rows)
         stats["files"].append(source)
         stats["formats"].append(fmt)
-        good = rm_data.parse_rows(source, rows, parsers[fmt], on_bad_row=on_bad_row, stats=stats)
+        good = data_io.parse_rows(source, rows, parsers[fmt], on_bad_row=on_bad_row, stats=stats)
         for (index, _), (ids, targets) in zip(good, _tokenize_examples([g for _, g in good], tokenizer, eos)):
             if not any(targets):  # e.g. a completion that tokenises to nothing
                 key = {"text": "text", "prompt_completion": "completion"}.get(fmt, "messages")
-                issue = rm_data.RowIssue(key, "no_targets", "no target token left after tokenisation")
-                rm_data.reject(source, index, issue, on_bad_row=on_bad_row, stats=stats)
+                issue = data_io.RowIssue(key, "no_targets", "no target token left after tokenisation")
+                data_io.reject(source, index, issue, on_bad_row=on_bad_row, stats=stats)
                 continue
             examples.append((ids, targets))
 
@@ -260,7 +260,7 @@ def train_batches(data: SFTData, *, batch_size, seed, start_step=0) -> Iterator[
     def make_batch(indices):
         return {k: getattr(data, k)[indices] for k in ARRAY_KEYS}
 
-    return rm_data.stepped_batches(len(data), make_batch, batch_size=batch_size, seed=seed, start_step=start_step)
+    return data_io.stepped_batches(len(data), make_batch, batch_size=batch_size, seed=seed, start_step=start_step)
 
 
 def eval_batches(data: SFTData, *, batch_size) -> Iterator[dict[str, Any]]:

@@ -5,7 +5,8 @@
 DIR (config.json, model.safetensors, tokenizer files) loads with
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`;
 its logits match ours in float32. It is what the reward-model and PPO trainers take as
-`init_from`. The SFT trainer writes the same folder to `W/hf` at the end of a run.
+`init_from`. A LoRA run (model.lora_rank > 0, int8 base or not) is exported merged into a float
+model: W + (alpha / r) A B, the frozen base read from the checkpoint's 'frozen' tree. The SFT trainer writes the same folder to `W/hf` at the end of a run.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import os
 import jax
 import numpy as np
 
-from common.checkpoint import CheckpointManager
+from common.workdir import load_model_config, restore_params
 from models.hf import save_hf_checkpoint
+from models.lora import merge_lora
 from models.transformer import TransformerConfig
-from rm.model import load_model_config
 
 
 def _host_float32(params):
@@ -59,18 +60,13 @@ def save_causal_lm(
 def export(workdir: str, out: str, *, step=None, dtype: str = "float32") -> str:
     """Export the params of an SFT workdir's checkpoint (default: the latest) to the HF folder `out`."""
     config = load_model_config(workdir, dtype="float32")
-    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: nothing to export")
-        params, _ = ckpt.restore_subtree("params", step=step)
-    finally:
-        ckpt.close()
+    params, _ = restore_params(workdir, step=step, nothing=": nothing to export")
     if "embed" not in params:
         raise ValueError(
             f"{workdir} does not hold a causal LM (params keys: {sorted(params)}); "
             f"use the exporter of the trainer that wrote it"
         )
+    params, config = merge_lora(params, config)  # LoRA runs: W + (alpha / r) A B, a plain float model
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     save_causal_lm(
         config, params, out, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None, dtype=dtype

@@ -30,18 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common.distributed import is_main_process
-from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run, write_json
-from common.mesh import batch_sharding, local_rows, make_mesh, replicated, shard_batch
+from common import data_io
+from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
+from common.mesh import batch_sharding, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
+from common.train_state import build_train_state, mesh_and_rules
+from common.workdir import save_model_files, write_json
+from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
+from models.lora import combine_params, merge_lora
 from models.scan import match_layout
-from models.sharding import DEFAULT_RULES, REPLICATED_RULES, abstract_sharded, shard_params, tree_shardings
+from models.sharding import abstract_sharded, shard_params
 from models.transformer import Transformer, TransformerConfig, init_params
-from rm import data as rm_data
-from rm.model import save_model_config
 from sft import data as sft_data
 from sft.export import save_causal_lm
 
@@ -90,32 +92,42 @@ def lm_logits(model_config, params, input_ids, attention_mask):
     return Transformer(model_config).apply({"params": params}, input_ids, attention_mask).logits
 
 
-def lm_nll(model_config, params, input_ids, attention_mask, loss_mask):
+def lm_nll(model_config, params, input_ids, attention_mask, loss_mask, dropout_rng=None):
     """`next_token_nll` of the causal LM: over chunks of the hidden states when
     model_config.logits_chunk > 0 (models/lm_head.py: no [B, T, V] float32 logits), else from
-    the full logits."""
+    the full logits. `dropout_rng` turns on LoRA dropout (training only)."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     if model_config.logits_chunk:
         hidden = (
             Transformer(model_config)
-            .apply({"params": params}, input_ids, attention_mask, return_logits=False)
+            .apply({"params": params}, input_ids, attention_mask, return_logits=False, rngs=rngs)
             .hidden_states
         )  # [B, T, d]
         return next_token_nll_from_hidden(model_config, params, hidden, input_ids, loss_mask)
-    logits = lm_logits(model_config, params, input_ids, attention_mask)  # [B, T, V]
+    logits = Transformer(model_config).apply({"params": params}, input_ids, attention_mask, rngs=rngs).logits
     return next_token_nll(logits=logits, input_ids=input_ids, loss_mask=loss_mask)
 
 
-def train_step(state, batch, *, model_config, tx, schedule, accum_steps, nan_step):
-    """One optimizer step (with gradient accumulation). Pure: (state, batch) -> (state, metrics)."""
+def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_steps, nan_step):
+    """One optimizer step (with gradient accumulation). Pure: (state, batch, frozen) -> (state, metrics).
+
+    state['params'] is the trainable tree (all params, or the LoRA adapters); `frozen` is the rest
+    (the frozen, possibly int8, base; None or {} without LoRA), joined with it inside the loss.
+    """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    frozen = frozen or {}
     num_targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]).astype(jnp.float32), 1.0)
     rows = batch["input_ids"].shape[0]
     # accumulate_gradients averages micro-batch losses; dividing each micro-batch's NLL sum
     # by num_targets / accum_steps makes that average the exact per-token mean of the batch.
     batch = dict(batch, denominator=jnp.full((rows,), num_targets / accum_steps, jnp.float32))
 
-    def loss_fn(params, micro, _rng):
-        nll, _, correct = lm_nll(model_config, params, micro["input_ids"], micro["attention_mask"], micro["loss_mask"])
+    def loss_fn(params, micro, micro_rng):
+        full = combine_params(params, frozen) if frozen else params
+        dropout_rng = micro_rng if model_config.lora_dropout > 0 else None
+        nll, _, correct = lm_nll(
+            model_config, full, micro["input_ids"], micro["attention_mask"], micro["loss_mask"], dropout_rng
+        )
         denominator = micro["denominator"][0]
         return jnp.sum(nll) / denominator, {"accuracy": jnp.sum(correct) / denominator}
 
@@ -194,7 +206,7 @@ def scratch_model_config(mc, tokenizer) -> TransformerConfig:
             f"model.family=gpt2 has no grouped-query attention: n_kv_heads ({n_kv}) must equal "
             f"n_heads ({mc.n_heads}) or be 0"
         )
-    eos, pad = rm_data.special_ids(tokenizer)
+    eos, pad = data_io.special_ids(tokenizer)
     return TransformerConfig(
         family=mc.family,
         vocab_size=len(tokenizer),
@@ -238,7 +250,7 @@ def build_model(config, tokenizer, mesh, rules, rng):
             scan_layers=mc.get("scan_layers", False),
         )
         if model_config.pad_token_id is None:
-            model_config = model_config.replace(pad_token_id=rm_data.special_ids(tokenizer)[1])
+            model_config = model_config.replace(pad_token_id=data_io.special_ids(tokenizer)[1])
         params = match_layout(params, model_config)  # scan_layers: layers held stacked (models/scan.py)
         if not model_config.tie_embeddings and "lm_head" not in params:
             raise ValueError(
@@ -279,7 +291,7 @@ def train(config, workdir: str) -> dict:
     if not split_files(config.data.train_files):
         raise ValueError("config.data.train_files is empty: give one or more SFT files (comma-separated)")
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
-    tokenizer = rm_data.load_tokenizer(mc.tokenizer or mc.init_from)
+    tokenizer = data_io.load_tokenizer(mc.tokenizer or mc.init_from)
 
     # ---- data
     load = functools.partial(
@@ -299,29 +311,46 @@ def train(config, workdir: str) -> dict:
     write_json(os.path.join(workdir, "data_stats.json"), stats)
 
     # ---- model, optimizer, state
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
-    rules = DEFAULT_RULES if config.mesh.fsdp_tp else REPLICATED_RULES
+    mesh, rules = mesh_and_rules(config.mesh)
     rng = jax.random.key(config.seed)
     model_config, params = build_model(config, tokenizer, mesh, rules, jax.random.fold_in(rng, 1))
-    if is_main_process():
-        save_model_config(workdir, model_config)
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    model_config, params = add_lora_and_quant(
+        model_config,
+        params,
+        lora_rank=mc.lora_rank,
+        lora_alpha=mc.lora_alpha,
+        lora_targets=mc.lora_targets,
+        lora_dropout=mc.lora_dropout,
+        quant=mc.quant,
+        rng=jax.random.fold_in(rng, 3),
+        where="model",
+    )
+    save_model_files(workdir, model_config, tokenizer)  # records lora_* and quant: sft.export merges the adapters
+    # With LoRA only the adapters train (optimizer moments for them alone); the frozen base is a
+    # separate argument of the step and lives in checkpoints under 'frozen'.
+    params, frozen = split_trainable(params, lora=model_config.lora_rank > 0)
 
     tx, schedule = optimizer_from_config(tc, total_steps=tc.steps)
-    opt_state = jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, params), mesh, rules))(params)
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.asarray(0, jnp.int32),
-        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
-    }
-    state_sharding = tree_shardings(state, mesh, rules)
-    state = jax.device_put(state, state_sharding)
-
-    report_start(config, trainable=state["params"], opt_state=state["opt_state"], data_stats=stats)
-    ckpt, state, _, start_step = open_checkpoints(
-        workdir, state, save_every=tc.save_every, keep=tc.keep_checkpoints, config=config
+    built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))
+    state, state_sharding, frozen, frozen_sharding = (
+        built.state,
+        built.state_sharding,
+        built.frozen,
+        built.frozen_sharding,
     )
+
+    def to_save(state):  # the checkpoint also holds the frozen base, so the workdir is self-contained
+        return dict(state, frozen=frozen) if frozen else state
+
+    def full_params(state):
+        return combine_params(state["params"], frozen) if frozen else state["params"]
+
+    report_start(config, trainable=state["params"], frozen=frozen, opt_state=state["opt_state"], data_stats=stats)
+    ckpt, restored, _, start_step = open_checkpoints(
+        workdir, to_save(state), save_every=tc.save_every, keep=tc.keep_checkpoints, config=config
+    )
+    state = {k: v for k, v in restored.items() if k != "frozen"}
+    frozen = restored.get("frozen", frozen)
     metrics_writer = open_metrics(workdir, config, resume_step=start_step if start_step else -1)
     if start_step == 0:
         metrics_writer.write(0, flat_data_stats(stats))
@@ -335,7 +364,7 @@ def train(config, workdir: str) -> dict:
             accum_steps=tc.grad_accum_steps,
             nan_step=config.debug.inject_nan_at_step,
         ),
-        in_shardings=(state_sharding, batch_sharding(mesh)),
+        in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -352,12 +381,12 @@ def train(config, workdir: str) -> dict:
         return out
 
     if start_step == 0 and config.eval.at_start:
-        initial = run_eval(0, state["params"])
+        initial = run_eval(0, full_params(state))
         if initial:
             print(f"initial eval loss {initial['eval/loss']:.4f}", flush=True)
     batches = sft_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
     loop = run_train_loop(
-        step_fn=step_fn,
+        step_fn=lambda s, b: step_fn(s, b, frozen),
         state=state,
         batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
         start_step=start_step,
@@ -367,7 +396,8 @@ def train(config, workdir: str) -> dict:
         workdir=workdir,
         log_every=tc.log_every,
         eval_every=tc.eval_every,
-        run_eval=lambda s, st: run_eval(s, st["params"]),
+        run_eval=lambda s, st: run_eval(s, full_params(st)),
+        to_save=to_save,
         desc="sft",
         progress_keys=("loss", "accuracy"),
         extra={"data": data_identity},
@@ -381,8 +411,8 @@ def train(config, workdir: str) -> dict:
     # ---- final evaluation, checkpoint and Hugging Face export
     # A re-run of a finished command logs nothing new (unless the first run died before the end).
     already_done = start_step >= tc.steps and os.path.exists(os.path.join(workdir, "eval_final.json"))
-    final = run_eval(step, state["params"], write=not already_done)
-    ckpt.save(step, state, {"step": step, "data": data_identity}, force=True)
+    final = run_eval(step, full_params(state), write=not already_done)
+    ckpt.save(step, to_save(state), {"step": step, "data": data_identity}, force=True)
     ckpt.close()
     metrics_writer.close()
     plot_training_curves(
@@ -393,7 +423,8 @@ def train(config, workdir: str) -> dict:
     hf_dir = None
     if config.export.hf:
         hf_dir = os.path.join(workdir, "hf")
-        save_causal_lm(model_config, state["params"], hf_dir, tokenizer_dir=os.path.join(workdir, "tokenizer"))
+        merged, plain_config = merge_lora(full_params(state), model_config)  # the HF folder is a plain float model
+        save_causal_lm(plain_config, merged, hf_dir, tokenizer_dir=os.path.join(workdir, "tokenizer"))
     summary = dict(final, step=step, wall_time_s=time.time() - t0, hf_dir=hf_dir, data=flat_data_stats(stats))
     write_json(os.path.join(workdir, "eval_final.json"), summary)
     _report(summary, stats)

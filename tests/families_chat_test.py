@@ -5,6 +5,7 @@ and the prompt / response split falls right after each format's generation promp
 import numpy as np
 import pytest
 
+from common import data_io
 from rm import data as rm_data
 from tests.chat_templates import make_chat_tokenizer
 from tests.rm_data_gen import corpus, write_jsonl
@@ -38,9 +39,9 @@ EXPECTED = {
 
 @pytest.mark.parametrize("fmt", list(EXPECTED))
 def test_conversational_rows_render_in_the_family_format(tmp_path, fmt):
-    tok = rm_data.load_tokenizer(make_chat_tokenizer(tmp_path / "tok", fmt, texts=corpus()))
+    tok = data_io.load_tokenizer(make_chat_tokenizer(tmp_path / "tok", fmt, texts=corpus()))
     prompt, chosen, eos = EXPECTED[fmt]
-    assert rm_data.render_chat(tok, ROW["prompt"], add_generation_prompt=True) == prompt  # PPO / SFT prompts
+    assert data_io.render_chat(tok, ROW["prompt"], add_generation_prompt=True) == prompt  # PPO / SFT prompts
     data = rm_data.load_preference_data([write_jsonl(tmp_path / "rows.jsonl", [ROW])], tok, max_length=96)
     n, k = int(data.chosen_mask[0].sum()), int(data.prompt_lengths[0])
     ids = data.chosen_ids[0, :n].tolist()

@@ -15,7 +15,7 @@ import transformers
 import configs.ppo as ppo_config
 import configs.rm as rm_config
 import configs.sft as sft_config
-from experiments.run import trainer_module
+from experiments.cli import trainer_module
 from models.hf import load_hf_checkpoint
 from models.transformer import Transformer
 from tests.chat_templates import make_chat_tokenizer

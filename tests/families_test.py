@@ -173,12 +173,12 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("family", NEW)
 def test_rm_export_scores_match_pytorch(tmp_path, tokenizer_dir, family):
-    from rm import data as rm_data
+    from common import data_io
     from rm.export import write_sequence_classifier
     from rm.model import load_reward_model
     from rm.train import pair_rewards
 
-    tok = rm_data.load_tokenizer(tokenizer_dir)
+    tok = data_io.load_tokenizer(tokenizer_dir)
     make_tiny_hf_model(
         family, str(tmp_path / "src"), vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )

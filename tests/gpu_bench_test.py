@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py: the FLOPs/MFU formulas against hand calculations, and a tiny CPU run end to end."""
+"""benchmarks/gpu.py (and gpu_shapes.py): the FLOPs/MFU formulas against hand calculations, and a tiny CPU run end to end."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import gpu
+from benchmarks import gpu, gpu_shapes
 from models.transformer import TransformerConfig
 from rm.model import RewardModel
 
@@ -40,24 +40,24 @@ SMALL_GPT2 = TransformerConfig(
 def test_flops_per_token_small_llama_by_hand():
     # Per layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12288; SwiGLU 3*64*128 = 24576;
     # two RMSNorms 2*64 = 128 -> 36992. Two layers + final norm: 73984 + 64 = 74048.
-    assert gpu.non_embedding_params(SMALL_LLAMA) == 74048
+    assert gpu_shapes.non_embedding_params(SMALL_LLAMA) == 74048
     # Scalar head d + 1 = 65 -> N = 74113. 6N = 444678; attention 12 * 2 layers * (4*16) * T=32 = 49152.
-    assert gpu.train_flops_per_token(SMALL_LLAMA, 32, extra_params=65) == 444678 + 49152
+    assert gpu_shapes.train_flops_per_token(SMALL_LLAMA, 32, extra_params=65) == 444678 + 49152
 
 
 def test_flops_per_token_small_gpt2_by_hand():
     # Per layer: q,k,v,o 4 * 32*32 = 4096 + biases 3*32 + 32 = 128; MLP 2*32*128 = 8192 + biases 128 + 32;
     # two LayerNorms 2 * (32 + 32) = 128 -> 12704. Three layers + final LayerNorm 64: 38112 + 64 = 38176.
-    assert gpu.non_embedding_params(SMALL_GPT2) == 38176
+    assert gpu_shapes.non_embedding_params(SMALL_GPT2) == 38176
     # No extra params: 6 * 38176 = 229056; attention 12 * 3 * 32 * T=10 = 11520.
-    assert gpu.train_flops_per_token(SMALL_GPT2, 10) == 229056 + 11520
+    assert gpu_shapes.train_flops_per_token(SMALL_GPT2, 10) == 229056 + 11520
 
 
 def test_llama_1b_shape_by_hand():
-    cfg = gpu.MODEL_SHAPES["1b"]
+    cfg = gpu_shapes.MODEL_SHAPES["1b"]
     layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192 + 2 * 2048  # q,o + k,v + SwiGLU + norms
-    assert gpu.non_embedding_params(cfg) == 16 * layer + 2048 == 973_146_112
-    flops = gpu.train_flops_per_token(cfg, 512, extra_params=2049)
+    assert gpu_shapes.non_embedding_params(cfg) == 16 * layer + 2048 == 973_146_112
+    flops = gpu_shapes.train_flops_per_token(cfg, 512, extra_params=2049)
     assert flops == 6 * (973_146_112 + 2049) + 12 * 16 * 2048 * 512
     assert math.isclose(flops, 6.04e9, rel_tol=1e-3)
 
@@ -68,22 +68,22 @@ def test_non_embedding_params_match_the_model(cfg):
     ids = jnp.zeros((1, 2), jnp.int32)
     shapes = jax.eval_shape(lambda: RewardModel(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))["params"])
     backbone = {k: v for k, v in shapes["backbone"].items() if k not in ("embed", "pos_embed")}
-    assert gpu.non_embedding_params(cfg) == sum(math.prod(x.shape) for x in jax.tree.leaves(backbone))
+    assert gpu_shapes.non_embedding_params(cfg) == sum(math.prod(x.shape) for x in jax.tree.leaves(backbone))
 
 
 def test_peak_table_and_mfu():
-    assert gpu.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert gpu.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
-    assert gpu.peak_bf16_flops("NVIDIA H200") == 989e12
-    assert gpu.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert gpu.peak_bf16_flops("TPU v5 lite") == 197e12
-    assert gpu.peak_bf16_flops("TPU v5p") == 459e12
-    assert gpu.peak_bf16_flops("TPU v4") == 275e12
-    assert gpu.peak_bf16_flops("cpu") is None
+    assert gpu_shapes.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_shapes.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_shapes.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert gpu_shapes.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_shapes.peak_bf16_flops("TPU v5 lite") == 197e12
+    assert gpu_shapes.peak_bf16_flops("TPU v5p") == 459e12
+    assert gpu_shapes.peak_bf16_flops("TPU v4") == 275e12
+    assert gpu_shapes.peak_bf16_flops("cpu") is None
     # 50,000 tokens/s at 6.04e9 FLOPs/token = 3.02e14 FLOP/s; on a 989e12 chip that is 30.5%.
-    assert math.isclose(gpu.mfu(50_000, 6.04e9, 989e12), 3.02e14 / 989e12)
-    assert math.isclose(gpu.mfu(50_000, 6.04e9, 989e12), 0.30536, rel_tol=1e-4)
-    assert gpu.mfu(50_000, 6.04e9, None) is None
+    assert math.isclose(gpu_shapes.mfu(50_000, 6.04e9, 989e12), 3.02e14 / 989e12)
+    assert math.isclose(gpu_shapes.mfu(50_000, 6.04e9, 989e12), 0.30536, rel_tol=1e-4)
+    assert gpu_shapes.mfu(50_000, 6.04e9, None) is None
 
 
 def test_cli_checks(capsys):
@@ -146,8 +146,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert len(rm["times_s"]) == 2 and rm["median_s"] == statistics.median(rm["times_s"])
     assert math.isclose(rm["step_s"], rm["median_s"] / rm["steps_per_rep"])
     assert math.isclose(rm["tokens_per_s"], 2 * 4 * 64 / rm["step_s"])
-    cfg = gpu.MODEL_SHAPES["tiny"]
-    assert rm["flops_per_token"] == gpu.train_flops_per_token(cfg, 64, extra_params=cfg.d_model + 1)
+    cfg = gpu_shapes.MODEL_SHAPES["tiny"]
+    assert rm["flops_per_token"] == gpu_shapes.train_flops_per_token(cfg, 64, extra_params=cfg.d_model + 1)
 
     sampling = report["results"]["sampling"]
     assert sampling["tokens_per_s"] > 0

@@ -106,7 +106,7 @@ def test_sft_nll_from_hidden_equals_next_token_nll(tied):
 
 def _ppo_setup(vocab, chunk, n_layers=1, d=16):
     from ppo.rollout import ModelSpecs
-    from ppo.train import ppo_loss
+    from ppo.update import ppo_loss
     from rm.model import init_head
 
     config = TransformerConfig(

@@ -13,10 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from common.optim import make_optimizer, param_path
+from common.optim import make_optimizer
 from models import hf
 from models.lora import add_lora_params, combine_params, lora_trainable, merge_lora, partition_params, strip_lora
-from models.quant import dequantize, dequantize_params, param_bytes, quantize_kernel, quantize_params
+from models.projections import dequantize, quantize_kernel
+from models.quant import dequantize_params, param_bytes, quantize_params
+from models.sharding import param_path
 from models.transformer import Transformer, TransformerConfig, init_params
 from rm.model import RewardModel, init_head
 from tests.hf_fixtures import make_tiny_hf_model

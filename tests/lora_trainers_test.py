@@ -14,11 +14,12 @@ import pytest
 
 import configs.ppo as ppo_config
 import configs.rm as rm_config
+from common import data_io
 from common.checkpoint import CheckpointManager
-from common.optim import param_path
 from models.hf import load_hf_checkpoint
 from models.lora import LORA_LEAVES
 from models.quant import quantize_params
+from models.sharding import param_path
 from ppo.train import train as ppo_train
 from rm import data as rm_data
 from rm.model import load_reward_model, rm_params_from_backbone
@@ -92,7 +93,7 @@ def test_lora_rm_learns_with_frozen_base(setup, lora_rm):
     print(f"LoRA RM: {seconds:.1f}s, eval accuracy {summary['eval/accuracy']:.3f}")
     # Accuracy of the untrained model (base + the same fresh head; B = 0 makes the adapters a no-op).
     cfg, backbone = load_hf_checkpoint(setup["hf"])
-    tok = rm_data.load_tokenizer(setup["hf"])
+    tok = data_io.load_tokenizer(setup["hf"])
     cfg = cfg.replace(pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else tok.pad_token_id)
     init = rm_params_from_backbone(cfg, backbone, jax.random.fold_in(jax.random.key(0), 1))
     data = rm_data.load_preference_data([setup["eval"]], tok, max_length=64, on_bad_row="error")
@@ -162,7 +163,7 @@ def test_qlora_rm_runs_on_frozen_int8_base(setup, qlora_rm):
         np.testing.assert_array_equal(trained[path], value, err_msg=path)
     assert any(np.abs(v).max() > 0 for k, v in trained.items() if k.endswith("lora_b"))
     # It scores: rewards of a few eval pairs are finite and not all equal.
-    tok = rm_data.load_tokenizer(model.tokenizer_path)
+    tok = data_io.load_tokenizer(model.tokenizer_path)
     data = rm_data.load_preference_data([setup["eval"]], tok, max_length=64, on_bad_row="error")
     chosen, _ = evaluate(
         jax.jit(lambda p, b: pair_rewards(model.config, p, b)), model.params, data, batch_size=32, bucket=0
@@ -201,10 +202,10 @@ def test_ppo_lora_policy_adapters_off_reference_int8_reward(setup, qlora_rm):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from common.workdir import load_model_config
     from models.lora import combine_params
     from models.transformer import Transformer
     from ppo.export import export
-    from rm.model import load_model_config
 
     out = export(workdir, str(setup["dir"] / "ppo_lora_export"))
     cfg = load_model_config(workdir)
@@ -295,9 +296,9 @@ def test_ppo_lora_dropout_int8_value_base_resume_is_exact(setup, qlora_rm):
 def test_bad_lora_settings_are_clear_errors():
     import ml_collections
 
+    from models.adapters import add_lora_and_quant
     from models.transformer import TransformerConfig, init_params
     from ppo.train import _reference
-    from rm.model import add_lora_and_quant
 
     cfg = TransformerConfig(
         family="llama", vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32

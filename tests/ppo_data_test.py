@@ -15,8 +15,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 
+from common import data_io  # noqa: E402
 from ppo import data as ppo_data  # noqa: E402
-from rm import data as rm_data  # noqa: E402
 from tests.fixtures import make_tiny_tokenizer  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def test_bad_prompt_rows(tok, tmp_path):
         {"prompt": "Another."},
     ]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    with pytest.raises(rm_data.BadRowError, match=r"p\.jsonl: row 1 \(0-based\): key 'prompt': .*got int 3"):
+    with pytest.raises(data_io.BadRowError, match=r"p\.jsonl: row 1 \(0-based\): key 'prompt': .*got int 3"):
         ppo_data.load_prompts(path, tok, max_prompt_length=16)
     data = ppo_data.load_prompts(path, tok, max_prompt_length=16, on_bad_row="skip")
     assert data.texts == ["Good one.", "Another."]

@@ -165,11 +165,12 @@ def _worker():
     import numpy as np
 
     from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
-    from common.optim import make_optimizer, param_path
-    from models.sharding import DEFAULT_RULES, shard_params, tree_shardings
+    from common.optim import make_optimizer
+    from common.train_state import build_train_state
+    from models.sharding import DEFAULT_RULES, param_path, shard_params, tree_shardings
     from models.transformer import TransformerConfig, init_params
     from ppo.rollout import ModelSpecs, make_rollout_fn
-    from ppo.train import UPDATE_KEYS, ppo_loss, ppo_update
+    from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
     from rm.model import RewardModel
 
     timings = {}  # CPU seconds (process time) per phase: wall time depends on other load
@@ -305,17 +306,15 @@ def _worker():
     for shape in MESHES:
         t = time.process_time()
         mesh = make_mesh(shape)
-        state_sharding = tree_shardings(state0, mesh, DEFAULT_RULES)
-        frozen_sharding = tree_shardings(frozen, mesh, DEFAULT_RULES)
+        # The same state as state0 (Adam moments start at 0), built as ppo/train.py builds it.
+        built = build_train_state(params0, frozen, tx, mesh=mesh, rules=DEFAULT_RULES, rng=jax.random.key(4))
         update_fn = jax.jit(
             update,
-            in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
-            out_shardings=(state_sharding, replicated(mesh)),
+            in_shardings=(built.state_sharding, batch_sharding(mesh), built.frozen_sharding),
+            out_shardings=(built.state_sharding, replicated(mesh)),
             donate_argnums=(0,),
         )
-        state, metrics = update_fn(
-            jax.device_put(state0, state_sharding), shard_batch(batch, mesh), jax.device_put(frozen, frozen_sharding)
-        )
+        state, metrics = update_fn(built.state, shard_batch(batch, mesh), built.frozen)
         q_spec = list(state["params"]["policy"]["layers_0"]["attn"]["q_proj"]["kernel"].sharding.spec)
         state, metrics = summarise(state, metrics)
         report["meshes"]["x".join(map(str, shape))] = {

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rm import data as rm_data
+from common import data_io
 from rm.rewardbench import best_of_k_result, score_rows
 
 
@@ -17,7 +17,7 @@ def reward_by_rule(prompts, responses):
 def _rows(path, rows):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    read, _ = rm_data.read_table(str(path))
+    read, _ = data_io.read_table(str(path))
     return read
 
 

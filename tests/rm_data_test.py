@@ -20,6 +20,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 
+from common import data_io  # noqa: E402
 from rm import data as rm_data  # noqa: E402
 from tests.fixtures import make_tiny_tokenizer  # noqa: E402
 
@@ -232,7 +233,7 @@ def _with_bad_row(bad):
 @pytest.mark.parametrize("bad, key, reason, text", BAD_ROWS)
 def test_bad_rows_error_and_skip(tok, tmp_path, bad, key, reason, text):
     path = write_jsonl(tmp_path / "train.jsonl", _with_bad_row(bad))
-    with pytest.raises(rm_data.BadRowError) as info:
+    with pytest.raises(data_io.BadRowError) as info:
         rm_data.load_preference_data(path, tok, max_length=64)
     message = str(info.value)
     assert message.startswith(f"{path}: row 2 (0-based): key '{key}':") and text in message, message
@@ -266,7 +267,7 @@ def test_empty_response_after_prompt_is_eos_alone(tok_pad, tmp_path):
         tmp_path / "i.jsonl",
         [{"chosen": "Hi. Hello.", "rejected": "Hi. Bye."}, {"chosen": "Hi. Hello.", "rejected": ""}],
     )
-    with pytest.raises(rm_data.BadRowError, match=r"i.jsonl: row 1 \(0-based\): key 'rejected': expected a non-empty"):
+    with pytest.raises(data_io.BadRowError, match=r"i.jsonl: row 1 \(0-based\): key 'rejected': expected a non-empty"):
         rm_data.load_preference_data(path, tok_pad, max_length=64)
 
 
@@ -281,7 +282,7 @@ def test_bad_conversational_rows(tok, tmp_path):
         },
     ]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
-    with pytest.raises(rm_data.BadRowError, match=r"row 0 \(0-based\): key 'rejected': message 1: expected a dict"):
+    with pytest.raises(data_io.BadRowError, match=r"row 0 \(0-based\): key 'rejected': message 1: expected a dict"):
         rm_data.load_preference_data(path, tok, max_length=64)
     data = rm_data.load_preference_data(path, tok, max_length=64, on_bad_row="skip")
     assert data.stats["skipped/wrong_type"] == 2 and len(data) == 1
@@ -298,7 +299,7 @@ def test_skip_counts_several_reasons_across_files(tok, tmp_path):
             {"prompt": "p", "chosen": "c", "rejected": "r"},
         ],
     )
-    with pytest.raises(rm_data.BadRowError, match=r"b\.jsonl: row 1 \(0-based\)"):
+    with pytest.raises(data_io.BadRowError, match=r"b\.jsonl: row 1 \(0-based\)"):
         rm_data.load_preference_data([first, second], tok, max_length=64)
     data = rm_data.load_preference_data([first, second], tok, max_length=64, on_bad_row="skip")
     assert data.stats["rows"] == 7 and data.stats["pairs"] == 5 and data.stats["skipped"] == 2
@@ -332,7 +333,7 @@ def test_load_tokenizer_sets_pad_to_eos(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "a"))
     tok.pad_token = None
     tok.save_pretrained(str(tmp_path / "nopad"))
-    loaded = rm_data.load_tokenizer(str(tmp_path / "nopad"))
+    loaded = data_io.load_tokenizer(str(tmp_path / "nopad"))
     assert loaded.pad_token_id == loaded.eos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import configs.rm as rm_config
-from rm import data as rm_data
+from common import data_io
 from rm import export as rm_export
 from rm import score as rm_score
 from rm.train import train as rm_train
@@ -108,18 +108,18 @@ def test_rm_peft_adapter_matches_rm_score(tmp_path, family):
         float(np.abs(no_lora - ours).max()),
     )
     if family == "gpt2":  # no spare row left once the tokenizer is one token longer: refused, by name
-        real = rm_data.load_tokenizer
+        real = data_io.load_tokenizer
 
         def longer(path):
             tok = real(path)
             tok.add_tokens([f"extra{i}" for i in range(4)])
             return tok
 
-        rm_data.load_tokenizer = longer
+        data_io.load_tokenizer = longer
         try:
             with pytest.raises(SystemExit) as exc:
                 rm_export.main(["--workdir", workdir, "--out", str(tmp_path / "refused"), "--peft_adapter"])
             assert exc.value.code == 2
         finally:
-            rm_data.load_tokenizer = real
+            data_io.load_tokenizer = real
         assert not os.path.exists(tmp_path / "refused")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import data_io
 from rm import data as rm_data
 from rm.losses import bradley_terry_loss
 from tests.rm_data_gen import make_rows, make_tiny_policy, write_jsonl
@@ -112,7 +113,7 @@ def policy(tmp_path_factory):
 
 
 def test_loader_reads_labels_per_row(policy, tmp_path):
-    tok = rm_data.load_tokenizer(str(policy / "hf"))
+    tok = data_io.load_tokenizer(str(policy / "hf"))
     rows = make_rows(4, 0)
     rows[0]["label"], rows[1]["label"], rows[2]["label"] = 0.5, None, 0.25  # row 3 has no key at all
     data = rm_data.load_preference_data(write_jsonl(tmp_path / "a.jsonl", rows), tok, max_length=64)
@@ -129,7 +130,7 @@ def test_loader_reads_labels_per_row(policy, tmp_path):
     prob = rm_data.load_preference_data(write_jsonl(tmp_path / "c.jsonl", rows), tok, max_length=64)
     np.testing.assert_allclose(prob.label, 0.8)
     rows[1]["probability"] = 1.5
-    with pytest.raises(rm_data.BadRowError, match=r"row 1 .*'probability'.*\[0, 1\]"):
+    with pytest.raises(data_io.BadRowError, match=r"row 1 .*'probability'.*\[0, 1\]"):
         rm_data.load_preference_data(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_length=64)
     rows[1]["probability"] = "high"
     skipped = rm_data.load_preference_data(
@@ -159,12 +160,11 @@ def test_all_ties_train_to_zero_gap(policy, tmp_path):
     summary = train(c, str(tmp_path / "w"))
     # Every pair a tie: the learnt reward ignores which side is which.
     assert abs(summary["eval/margin"]) < 0.05
-    from rm.model import load_reward_model
-    from rm.score import score_arrays
+    from rm.model import load_reward_model, score_arrays
 
     model = load_reward_model(str(tmp_path / "w"))
     eval_data = rm_data.load_preference_data(
-        c.data.eval_files, rm_data.load_tokenizer(str(policy / "hf")), max_length=c.data.max_length
+        c.data.eval_files, data_io.load_tokenizer(str(policy / "hf")), max_length=c.data.max_length
     )
     gaps = score_arrays(model, eval_data.chosen_ids, eval_data.chosen_mask) - score_arrays(
         model, eval_data.rejected_ids, eval_data.rejected_mask

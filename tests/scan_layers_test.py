@@ -139,9 +139,9 @@ def test_safetensors_round_trip_through_stacked_layout(tmp_path):
 
 
 def test_lora_and_int8_on_stacked_leaves():
+    from models.adapters import add_lora_and_quant
     from models.lora import add_lora_params, merge_lora
     from models.quant import quantize_params
-    from rm.model import add_lora_and_quant
 
     cfg = TransformerConfig(**SMALL, **FAMILIES["llama"])
     scan_cfg = cfg.replace(scan_layers=True)

@@ -16,10 +16,10 @@ import pytest
 
 import configs.sft as sft_config
 from common.checkpoint import CheckpointManager
+from common.data_io import BadRowError
+from common.workdir import load_model_config
 from models.hf import load_hf_checkpoint
 from models.transformer import Transformer, TransformerConfig, init_params
-from rm.data import BadRowError
-from rm.model import load_model_config
 from sft import data as sft_data
 from sft.train import lm_logits, next_token_loss, train, train_step
 from tests.fixtures import EOS_TOKEN, make_tiny_tokenizer

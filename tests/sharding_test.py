@@ -231,8 +231,8 @@ def _worker():
     import numpy as np
 
     from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
-    from common.optim import make_optimizer, param_path
-    from models.sharding import abstract_sharded, param_shardings, tree_partition_specs, tree_shardings
+    from common.optim import make_optimizer
+    from models.sharding import abstract_sharded, param_path, param_shardings, tree_partition_specs, tree_shardings
     from models.transformer import TransformerConfig
     from rm.model import RewardModel
     from rm.train import train_step

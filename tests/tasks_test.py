@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tasks import gold as gold_lib
-from tasks import reviews
+from tasks import lexicon, reviews
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +126,12 @@ def _reference_log_prob(rules, classes, words, grid, beta):
 
 def test_log_prob_matches_an_independent_inside_algorithm():
     # The unjittered world grammar, so the reference builds its probabilities from RULES alone.
-    grammar = reviews.Grammar(reviews.RULES, reviews.CLASSES, start="REVIEW")
+    grammar = reviews.Grammar(lexicon.RULES, lexicon.CLASSES, start="REVIEW")
     rng = np.random.default_rng(5)
     texts = [w for w in (grammar.sample(rng)[0] for _ in range(40)) if len(w) <= 22][:4]  # short: a slow reference
     texts += [t[:-1] for t in texts[:2]] + [t[:3] + t[4:] for t in texts[:2]]  # incomplete, word dropped
     for words in texts:
-        expected = _reference_log_prob(reviews.RULES, reviews.CLASSES, words, reviews.GRID, reviews.BETA)
+        expected = _reference_log_prob(lexicon.RULES, lexicon.CLASSES, words, lexicon.GRID, lexicon.BETA)
         got = grammar.log_prob(words)
         if expected is None:
             assert got is None, " ".join(words)

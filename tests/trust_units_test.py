@@ -12,7 +12,7 @@ import pytest
 import transformers
 
 import configs.rm as rm_config
-from common import tracking
+from common import data_io, tracking
 from common.checkpoint import CheckpointManager, NoIntactCheckpoint
 from rm import data as rm_data
 from tests.fixtures import make_tiny_tokenizer
@@ -47,7 +47,7 @@ def test_mixed_file_skip_keeps_every_good_row_and_error_names_the_first_bad_line
     assert (s["skipped/unparseable"], s["skipped/not_object"], s["skipped/wrong_type"]) == (2, 1, 2)
     np.testing.assert_array_equal(data.margin, [1.5, 0.0, 0.0])  # missing and null margin: the default 0
     assert data.has_margin and data.subset == ["", "", "chat"]
-    with pytest.raises(rm_data.BadRowError, match=r"mixed\.jsonl: row 1 \(0-based, line 2\): not valid JSON"):
+    with pytest.raises(data_io.BadRowError, match=r"mixed\.jsonl: row 1 \(0-based, line 2\): not valid JSON"):
         rm_data.load_preference_data(str(path), tok, max_length=32)
 
 
@@ -59,14 +59,14 @@ def test_sft_and_ppo_files_follow_the_same_rules(tok, tmp_path):
     sft.write_text('{"text": "Hello there"}\n{"text": "cut\n\n{"text": 5}\n{"text": "The end"}\n')
     data = load_sft_data(str(sft), tok, max_length=16, on_bad_row="skip")
     assert (data.stats["examples"], data.stats["skipped/unparseable"], data.stats["skipped/wrong_type"]) == (2, 1, 1)
-    with pytest.raises(rm_data.BadRowError, match=r"sft\.jsonl: row 1 \(0-based, line 2\)"):
+    with pytest.raises(data_io.BadRowError, match=r"sft\.jsonl: row 1 \(0-based, line 2\)"):
         load_sft_data(str(sft), tok, max_length=16)
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a"}\nnot json\n{"prompt": "b", "extra": 1}\n{"prompt": null}\n')
     p = load_prompts(str(prompts), tok, max_prompt_length=8, on_bad_row="skip")
     assert p.texts == ["a", "b"] and p.stats["skipped/unparseable"] == 1 and p.stats["skipped/missing"] == 1
-    with pytest.raises(rm_data.BadRowError, match=r"prompts\.jsonl: row 1 \(0-based, line 2\): not valid JSON"):
+    with pytest.raises(data_io.BadRowError, match=r"prompts\.jsonl: row 1 \(0-based, line 2\): not valid JSON"):
         load_prompts(str(prompts), tok, max_prompt_length=8)
 
 
@@ -84,7 +84,7 @@ def test_chat_rows_without_a_chat_template_name_the_file(tok, tmp_path):
         ],
     )
     with pytest.raises(
-        rm_data.NoChatTemplate,
+        data_io.NoChatTemplate,
         match=r"chat\.jsonl: row 0 \(0-based\): .*no.*chat template|chat "
         r"template, but the tokenizer has none",
     ):
@@ -96,9 +96,9 @@ def test_tokenizer_folders_without_files_are_refused_by_name(tmp_path):
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"model_only has no tokenizer files .*config\.model\.tokenizer"):
-        rm_data.load_tokenizer(str(empty))
+        data_io.load_tokenizer(str(empty))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        rm_data.load_tokenizer(str(tmp_path / "nowhere"))
+        data_io.load_tokenizer(str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -175,7 +175,7 @@ def test_config_checks_run_before_any_data_is_read(tmp_path, monkeypatch, fields
     def no_reading(*args, **kwargs):
         raise AssertionError("data was read before the config was checked")
 
-    monkeypatch.setattr(rm_data, "read_table", no_reading)
+    monkeypatch.setattr(data_io, "read_table", no_reading)
     workdir = tmp_path / "w"
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train(_rm_config(tmp_path, **fields), str(workdir))
@@ -212,10 +212,10 @@ def test_score_rows_that_are_bad_name_row_and_key(tok):
         ({"other": "x"}, "expected preference columns.*got keys"),
         ({"prompt": "p", "response": 3}, "key 'response'"),
     ):
-        with pytest.raises(rm_data.BadRowError, match=rf"f\.jsonl: row 1 \(0-based\): {key}"):
+        with pytest.raises(data_io.BadRowError, match=rf"f\.jsonl: row 1 \(0-based\): {key}"):
             tokenize_single(tok, [{"text": "fine"}, row], file="f.jsonl", max_length=16)
-    number = rm_data.UnreadableRow(2, "not_object", "expected a JSON object, got int 5")  # a line holding `5`
-    with pytest.raises(rm_data.BadRowError, match=r"f\.jsonl: row 1 \(0-based, line 2\): expected a JSON object"):
+    number = data_io.UnreadableRow(2, "not_object", "expected a JSON object, got int 5")  # a line holding `5`
+    with pytest.raises(data_io.BadRowError, match=r"f\.jsonl: row 1 \(0-based, line 2\): expected a JSON object"):
         tokenize_single(tok, [{"text": "fine"}, number], file="f.jsonl", max_length=16)
 
 
