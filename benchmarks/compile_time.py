@@ -33,6 +33,9 @@ from benchmarks.memory import (
     ppo_setup,
     rm_setup,
 )
+from common.mesh import make_mesh
+from common.train_state import build_train_state
+from models.sharding import REPLICATED_RULES
 from models.transformer import init_params
 from ppo.rollout import ModelSpecs, make_rollout_fn
 from rm.model import rm_params_from_backbone
@@ -60,12 +63,8 @@ def sft_setup(dims, variant):
 
     def build():
         params = init_params(cfg, jax.random.key(0))
-        state = {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.asarray(0, jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(0)),
-        }
+        mesh = make_mesh((1, 1), devices=jax.devices()[:1])  # the trainer's state builder, on one device
+        state = build_train_state(params, {}, tx, mesh=mesh, rules=REPLICATED_RULES, rng=jax.random.key(0)).state
         ids = jnp.ones((2, WORKLOAD["rm_len"]), jnp.int32)
         return state, {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
 

@@ -58,6 +58,8 @@ SHAPES = {
     "tiny": ("gpt2", 2, 64, 4, 512),
     "small": ("gpt2", 4, 256, 4, 2048),
     "small_llama": ("llama", 4, 256, 4, 2048),
+    "small-12L": ("gpt2", 12, 256, 4, 2048),  # the small shape at GPT-2 small's depth
+    "gpt2-small": ("gpt2", 12, 768, 12, 50257),  # GPT-2 small (124M), its real vocabulary
 }
 TEMPERATURE = 0.7
 

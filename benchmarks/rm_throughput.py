@@ -83,101 +83,24 @@ import sys
 import tempfile
 import time
 
-import numpy as np
+from benchmarks._rm_bench import (
+    LEARNING_RATE,
+    LENGTHS,
+    SHAPES,
+    VOCAB,
+    WARMUP_STEPS,
+    batch_at,
+    load_pairs,
+    now,
+    tokens_in,
+    worker_prepare,
+)
 
-SHAPES = {
-    "tiny": dict(layers=2, d_model=64, heads=4, seq=64, steps=30),
-    "small": dict(layers=4, d_model=256, heads=4, seq=128, steps=5),
-}
-BATCH_PAIRS = 16
-VOCAB = 1024
-WARMUP_STEPS = 2  # steps run before timing (the first includes jit compilation for ours)
-N_DISTINCT_BATCHES = 8  # batches cycled through; enough to defeat any caching, cheap to build
-LEARNING_RATE = 1e-5
 BUCKET = 64  # rm/configs default data.bucket
 LOG_EVERY = 10  # rm/configs default train.log_every: ours fetches metrics this often
 YNN_OFF_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 VARIANTS = ("ours", "ours-ynn-off", "trl-default", "trl-no-gc", "torch")
-
-
-# ----------------------------------------------------------------------------- data + model files
-
-
-def make_pairs(seq: int, *, lengths: str, seed: int = 0) -> dict:
-    """N_DISTINCT_BATCHES * B right-padded pairs: ids/mask [N, T] int32 for chosen and rejected."""
-    rng = np.random.default_rng(seed)
-    n = N_DISTINCT_BATCHES * BATCH_PAIRS
-    out = {}
-    for side in ("chosen", "rejected"):
-        ids = rng.integers(1, VOCAB, size=(n, seq)).astype(np.int32)  # [N, T], never the pad id 0
-        if lengths == "full":
-            lens = np.full(n, seq)
-        elif lengths == "variable":
-            lens = rng.integers(seq // 2, seq + 1, size=n)
-            if side == "chosen":
-                lens[::BATCH_PAIRS] = seq  # one full row per batch keeps the padded width at T
-        else:
-            raise ValueError(f"--lengths must be 'full' or 'variable', got {lengths!r}")
-        mask = (np.arange(seq)[None, :] < lens[:, None]).astype(np.int32)  # [N, T]
-        out[f"{side}_ids"], out[f"{side}_mask"] = ids * mask, mask
-    return out
-
-
-def batch_at(pairs: dict, step: int) -> dict:
-    """Batch `step` (cycled) with the keys rm.data.train_batches yields."""
-    start = (step % N_DISTINCT_BATCHES) * BATCH_PAIRS
-    batch = {k: v[start : start + BATCH_PAIRS] for k, v in pairs.items()}
-    batch["margin"] = np.zeros(BATCH_PAIRS, np.float32)
-    return batch
-
-
-def tokens_in(pairs: dict, first: int, count: int) -> int:
-    """Non-pad tokens (chosen + rejected) of batches first .. first+count-1."""
-    return sum(
-        int(batch_at(pairs, s)["chosen_mask"].sum() + batch_at(pairs, s)["rejected_mask"].sum())
-        for s in range(first, first + count)
-    )
-
-
-def _now() -> tuple[float, float]:
-    """(wall, process CPU) seconds. CPU time of all threads: with one thread it is the work done,
-    whatever else runs on the machine; with more it also counts spin-waiting."""
-    return time.perf_counter(), time.process_time()
-
-
-def worker_prepare(shape: dict, directory: str, lengths: str) -> dict:
-    """Random-weight GPT2ForSequenceClassification (safetensors) + the token pairs (npz)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=max(128, shape["seq"]),
-        n_embd=shape["d_model"],
-        n_layer=shape["layers"],
-        n_head=shape["heads"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        num_labels=1,
-    )
-    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
-    with torch.no_grad():  # non-trivial biases and norms, as tests/hf_fixtures.py does
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(directory)
-    np.savez(os.path.join(directory, "pairs.npz"), **make_pairs(shape["seq"], lengths=lengths))
-    return {"params": sum(p.numel() for p in model.parameters())}
-
-
-def _load_pairs(directory: str) -> dict:
-    with np.load(os.path.join(directory, "pairs.npz")) as f:
-        return {k: f[k] for k in f.files}
+QUICK = dict(reps=3, steps={"tiny": 10, "small": 2, "gpt2-small": 1})
 
 
 # ----------------------------------------------------------------------------- workers
@@ -196,7 +119,7 @@ def worker_ours(directory: str, steps: int) -> dict:
     from rm.model import rm_params_from_backbone
     from rm.train import train_step, trim_to_bucket
 
-    pairs = _load_pairs(directory)
+    pairs = load_pairs(directory)
     model_config, backbone, leftovers = load_hf_checkpoint(directory, with_leftovers=True)
     model_config = model_config.replace(remat=False, remat_policy="nothing_saveable")
     rng = jax.random.key(0)
@@ -243,7 +166,7 @@ def worker_ours(directory: str, steps: int) -> dict:
     jax.block_until_ready(state)
 
     pending = []
-    t0 = _now()
+    t0 = now()
     for s in range(WARMUP_STEPS, WARMUP_STEPS + steps):
         state, m = step_fn(state, place(s))
         pending.append(m)
@@ -252,7 +175,7 @@ def worker_ours(directory: str, steps: int) -> dict:
             pending = []
     jax.device_get(pending)
     jax.block_until_ready(state)
-    t1 = _now()
+    t1 = now()
     return {
         "seconds": t1[0] - t0[0],
         "cpu_seconds": t1[1] - t0[1],
@@ -265,170 +188,17 @@ def worker_ours(directory: str, steps: int) -> dict:
     }
 
 
-def _torch_setup():
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    torch.manual_seed(0)
-    return torch
-
-
-def _load_torch_model(directory: str):
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
-    model.config.pad_token_id = 0
-    return model
-
-
-def worker_torch(directory: str, steps: int) -> dict:
-    """Plain eager PyTorch step: forward [2B, T], BT loss, backward, clip, fused AdamW."""
-    torch = _torch_setup()
-    pairs = _load_pairs(directory)
-    model = _load_torch_model(directory)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0, fused=True)
-    batches = []
-    for s in range(N_DISTINCT_BATCHES):
-        b = batch_at(pairs, s)
-        ids = torch.from_numpy(np.concatenate([b["chosen_ids"], b["rejected_ids"]])).long()  # [2B, T]
-        mask = torch.from_numpy(np.concatenate([b["chosen_mask"], b["rejected_mask"]])).long()  # [2B, T]
-        batches.append((ids, mask))
-
-    def step(s):
-        ids, mask = batches[s % N_DISTINCT_BATCHES]
-        rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1)  # [2B]
-        chosen, rejected = rewards.chunk(2)
-        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    first_loss = float(step(0).detach())
-    for s in range(1, WARMUP_STEPS):
-        step(s)
-    t0 = _now()
-    for s in range(WARMUP_STEPS, WARMUP_STEPS + steps):
-        step(s)
-    t1 = _now()
-    return {
-        "seconds": t1[0] - t0[0],
-        "cpu_seconds": t1[1] - t0[1],
-        "steps": steps,
-        "tokens": tokens_in(pairs, WARMUP_STEPS, steps),
-        "first_loss": first_loss,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
-def worker_trl(directory: str, steps: int, gradient_checkpointing: bool | None) -> dict:
-    """trl.RewardTrainer.train() on pre-tokenized pairs; None = RewardConfig's default."""
-    torch = _torch_setup()
-    import datasets
-    import tokenizers
-    import transformers
-    import trl
-
-    pairs = _load_pairs(directory)
-    n_steps = WARMUP_STEPS + steps
-    rows = [batch_at(pairs, s) for s in range(n_steps)]
-    chosen = [list(map(int, ids[m > 0])) for b in rows for ids, m in zip(b["chosen_ids"], b["chosen_mask"])]
-    rejected = [list(map(int, ids[m > 0])) for b in rows for ids, m in zip(b["rejected_ids"], b["rejected_mask"])]
-    dataset = datasets.Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
-    # A word-level tokenizer whose id 0 is the pad/eos token: TRL only needs it for pad_token_id.
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1")),
-        pad_token="t0",
-        eos_token="t0",
-    )
-
-    ends, begins, first_loss = [], [], []
-
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            begins.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(_now())
-
-    class Trainer(trl.RewardTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if not first_loss:
-                first_loss.append(float((out[0] if return_outputs else out).detach()))
-            return out
-
-    kw = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
-    with tempfile.TemporaryDirectory() as out_dir:
-        args = trl.RewardConfig(
-            output_dir=out_dir,
-            max_steps=n_steps,
-            per_device_train_batch_size=BATCH_PAIRS,
-            learning_rate=LEARNING_RATE,
-            max_length=int(pairs["chosen_ids"].shape[1]),
-            bf16=False,
-            fp16=False,
-            use_cpu=True,
-            report_to="none",
-            logging_strategy="no",
-            save_strategy="no",
-            eval_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
-            train_sampling_strategy="sequential",
-            seed=0,
-            **kw,
-        )
-        trainer = Trainer(
-            model=_load_torch_model(directory),
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[Timer()],
-        )
-        trainer.train()
-    if len(ends) != n_steps:
-        raise RuntimeError(f"TRL ran {len(ends)} optimizer steps, expected {n_steps}")
-    compute = [e[0] - b for b, e in zip(begins[WARMUP_STEPS:], ends[WARMUP_STEPS:])]
-    return {
-        "seconds": ends[-1][0] - ends[WARMUP_STEPS - 1][0],
-        "cpu_seconds": ends[-1][1] - ends[WARMUP_STEPS - 1][1],
-        "steps": steps,
-        "tokens": tokens_in(pairs, WARMUP_STEPS, steps),
-        "first_loss": first_loss[0],
-        "compute_only_seconds": sum(compute),
-        "gradient_checkpointing": bool(args.gradient_checkpointing),
-        "model_is_gradient_checkpointing": _is_checkpointing(trainer.model),
-        "optim": str(args.optim),
-        "trl": trl.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
-def _is_checkpointing(model) -> bool:
-    """Whether the torch model recomputes activations (the attribute was renamed in transformers 5)."""
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), attr):
-            return bool(getattr(model, attr))
-    return False
-
-
 def run_worker(kind: str, directory: str, steps: int, shape: dict, lengths: str) -> dict:
     if kind == "prepare":
         return worker_prepare(shape, directory, lengths)
     if kind in ("ours", "ours-ynn-off"):
         return worker_ours(directory, steps)
+    from benchmarks import _torch_rm
+
     if kind == "torch":
-        return worker_torch(directory, steps)
+        return _torch_rm.worker_torch(directory, steps)
     if kind in ("trl-default", "trl-no-gc"):
-        return worker_trl(directory, steps, None if kind == "trl-default" else False)
+        return _torch_rm.worker_trl(directory, steps, None if kind == "trl-default" else False)
     raise ValueError(f"unknown worker kind {kind!r}")
 
 
@@ -495,33 +265,47 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def benchmark_shape(name: str, *, reps: int, steps: int | None, lengths: str, threads: int) -> dict:
+OURS = ("ours", "ours-ynn-off")  # padded (trim_to_bucket) runs; the faster median is the headline
+BARS = ("trl-default", "trl-no-gc", "torch")
+
+
+def benchmark_shape(
+    name: str, *, reps: int, steps: int | None, lengths: str, threads: int, variants: tuple = VARIANTS
+) -> dict:
     shape = SHAPES[name]
     steps = steps or shape["steps"]
     with tempfile.TemporaryDirectory(prefix=f"rm_throughput_{name}_") as directory:
         info = spawn("prepare", directory, steps, name, lengths, threads)
-        runs = {v: [] for v in VARIANTS}
+        runs = {v: [] for v in variants}
         for rep in range(reps):
-            for variant in VARIANTS:
+            for variant in variants:
                 t0 = time.time()
                 result = spawn(variant, directory, steps, name, lengths, threads)
                 runs[variant].append(result)
                 print(
                     f"[{name} rep {rep + 1}/{reps}] {variant:13s} {result['tokens'] / result['seconds']:10.0f} tok/s "
-                    f"({1000 * result['seconds'] / steps:.1f} ms/step, wall {time.time() - t0:.0f}s)",
+                    f"({1000 * result['seconds'] / steps:.1f} ms/step, wall {time.time() - t0:.0f}s, "
+                    f"load {result['load_avg_1min_before']:.1f})",
                     file=sys.stderr,
                     flush=True,
                 )
     summary = {v: summarise(r) for v, r in runs.items()}
-    best = max(("ours", "ours-ynn-off"), key=lambda v: summary[v]["tokens_per_s_median"])
-    headline = summary[best]["tokens_per_s_median"]
-    ratios = {f"ours/{v}": headline / summary[v]["tokens_per_s_median"] for v in ("trl-default", "trl-no-gc", "torch")}
+    ratios, targets = {}, {}
+    ours = [v for v in OURS if v in summary]
+    best = max(ours, key=lambda v: summary[v]["tokens_per_s_median"]) if ours else None
+    heads = ([("ours", best)] if best else []) + [(v, v) for v in summary if v not in OURS and v not in BARS]
+    for label, v in heads:  # 'ours' (best padded setting) and any other ours-* variant vs every bar
+        for bar in BARS:
+            if bar in summary:
+                ratios[f"{label}/{bar}"] = summary[v]["tokens_per_s_median"] / summary[bar]["tokens_per_s_median"]
+    for key, floor in (("ours/trl-default", 1.2), ("ours/trl-no-gc", 1.2), ("ours/torch", 1.0)):
+        if key in ratios:
+            targets[f"{key}>={floor}"] = ratios[key] >= floor
     losses = [s["first_loss"] for s in summary.values()]
     return {
         "shape": dict(
             shape,
             steps=steps,
-            batch_pairs=BATCH_PAIRS,
             vocab=VOCAB,
             lengths=lengths,
             warmup_steps=WARMUP_STEPS,
@@ -532,45 +316,51 @@ def benchmark_shape(name: str, *, reps: int, steps: int | None, lengths: str, th
         "summary": summary,
         "ratios": ratios,
         "first_loss_spread": max(losses) - min(losses),
-        "targets_met": {
-            "ours/trl-default>=1.2": ratios["ours/trl-default"] >= 1.2,
-            "ours/trl-no-gc>=1.0": ratios["ours/trl-no-gc"] >= 1.0,
-        },
+        "targets_met": targets,
         "runs": runs,
+        "uptime": _uptime(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "| shape | run | tokens/s (median) | min-max | ms/step | ours / this | tokens/CPU-s | load | first loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | lengths | run | real tokens/s (median) | min-max | ms/step | ratios | tokens/CPU-s | load | first loss |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for name, res in results.items():
         sm, best = res["summary"], res["ours_best_variant"]
-        for v in VARIANTS:
-            s = sm[v]
+        for v, s in sm.items():
             label = {"ours": "ours (xla-default)", "ours-ynn-off": "ours (ynn-off)"}.get(v, v)
             if v == best:
                 label += " *"
-            ratio = res["ratios"].get(f"ours/{v}")
+            key = "ours" if v == best else (None if v in OURS else v)
+            ratio = ", ".join(f"{r.split('/')[1]} {x:.2f}x" for r, x in res["ratios"].items() if r.split("/")[0] == key)
             lines.append(
-                f"| {name} | {label} | {s['tokens_per_s_median']:,.0f} | {s['tokens_per_s_min']:,.0f}-"
-                f"{s['tokens_per_s_max']:,.0f} | {s['ms_per_step_median']:.1f} | "
-                f"{'' if ratio is None else f'{ratio:.2f}x'} | {s['tokens_per_cpu_s_median']:,.0f} | "
-                f"{s['load_avg_median']:.1f} | {s['first_loss']:.6f} |"
+                f"| {name} | {res['shape']['lengths']} | {label} | {s['tokens_per_s_median']:,.0f} | "
+                f"{s['tokens_per_s_min']:,.0f}-{s['tokens_per_s_max']:,.0f} | {s['ms_per_step_median']:.1f} | "
+                f"{ratio} | {s['tokens_per_cpu_s_median']:,.0f} | {s['load_avg_median']:.1f} | {s['first_loss']:.6f} |"
             )
     lines.append("")
-    threads = next(iter(results.values()))["shape"]["threads"]
+    first = next(iter(results.values()))
     lines.append(
-        f"{threads} thread(s) per framework. `*` = faster ours setting, used for the ratios. load = median "
-        "1-min load average before the runs (anything above the thread count means shared cores). "
-        "Targets: ours/trl-default >= 1.2, ours/trl-no-gc >= 1.0."
+        f"{first['shape']['threads']} thread(s) per framework; {first['date']}; `{first['uptime']}`. `*` = faster "
+        "padded ours setting, used for the 'ours' ratios (this run's tokens/s over that bar's). load = median 1-min "
+        "load average before the runs (above the thread count means shared cores)."
     )
     for name, res in results.items():
         met = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in res["targets_met"].items())
+        gc = res["runs"]["trl-default"][0]["gradient_checkpointing"] if "trl-default" in res["runs"] else "-"
         lines.append(
-            f"- {name}: {met}; first-step losses agree within {res['first_loss_spread']:.1e}; "
-            f"TRL default gradient_checkpointing={res['runs']['trl-default'][0]['gradient_checkpointing']}"
+            f"- {name}: {met or 'no targets in this selection'}; first-step losses agree within "
+            f"{res['first_loss_spread']:.1e}; TRL default gradient_checkpointing={gc}"
         )
     return "\n".join(lines)
 
@@ -578,9 +368,11 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="tiny,small", help=f"comma-separated, from {sorted(SHAPES)}")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per run (median reported)")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions per run (median reported)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: per shape)")
-    p.add_argument("--lengths", default="full", choices=("full", "variable"), help="sequence lengths, see docstring")
+    p.add_argument("--lengths", default="full", choices=LENGTHS, help="sequence lengths, see docstring")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK['reps']} reps, fewer steps: a few minutes")
     p.add_argument(
         "--threads",
         type=int,
@@ -606,18 +398,29 @@ def main(argv=None) -> dict | None:
         print("RESULT " + json.dumps(result), flush=True)
         return None
 
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants or any(v not in VARIANTS for v in variants):
+        p.error(f"--variants {args.variants!r}: each one of {VARIANTS}")
     if args.reps < 1 or args.threads < 1:
         p.error("--reps and --threads must be >= 1")
+    reps = QUICK["reps"] if args.quick else args.reps
     t0 = time.time()
     results = {
-        name: benchmark_shape(name, reps=args.reps, steps=args.steps, lengths=args.lengths, threads=args.threads)
+        name: benchmark_shape(
+            name,
+            reps=reps,
+            steps=args.steps or (QUICK["steps"][name] if args.quick else None),
+            lengths=args.lengths,
+            threads=args.threads,
+            variants=variants,
+        )
         for name in shapes
     }
     table = markdown(results)
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"results": results, "reps": args.reps, "wall_s": time.time() - t0, "table": table}, f, indent=2)
+        json.dump({"results": results, "reps": reps, "wall_s": time.time() - t0, "table": table}, f, indent=2)
     print(f"\nwrote {args.out} ({time.time() - t0:.0f}s)", file=sys.stderr)
     return results
 

@@ -121,6 +121,15 @@ def expect_messages(row, key):
 # ----------------------------------------------------------------------------- reading
 
 
+def split_files(value) -> list[str]:
+    """'a.jsonl,b.jsonl' or a list -> list of paths (empty string -> [])."""
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
 def resolve_sources(files):
     """A str/PathLike or a list of them -> list of str (non-empty)."""
     sources = [files] if isinstance(files, (str, os.PathLike)) else list(files)

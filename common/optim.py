@@ -106,7 +106,9 @@ def make_optimizer(
         structure, or a callable `path -> bool` taking the '/'-joined parameter
         path (see `param_path`). Frozen leaves get zero updates and carry no
         Adam moments (their slots in the optimizer state are empty
-        `optax.MaskedNode`s), which is what makes LoRA-style training cheap.
+        `optax.MaskedNode`s). For code that keeps one tree; the trainers instead
+        split their params (models.adapters.split_trainable) and optimize the
+        trainable half alone, so they pass None.
 
     Returns:
       (tx, schedule): the optax transformation and the schedule, to log the
@@ -128,10 +130,13 @@ def make_optimizer(
     return tx, schedule
 
 
-def optimizer_from_config(train_config: Any, *, total_steps: int, trainable: Any = None):
+def optimizer_from_config(train_config: Any, *, total_steps: int):
     """`make_optimizer` from a trainer's `train` ConfigDict (learning_rate, warmup_steps,
     weight_decay, max_grad_norm, min_lr_ratio, adam_eps; adam_b1/adam_b2 where the config has
-    them). Warmup is capped at total_steps - 1 so a short run still reaches its peak rate."""
+    them). Warmup is capped at total_steps - 1 so a short run still reaches its peak rate.
+
+    No trainable mask: the trainers hand the optimizer the trainable half of their params only
+    (models.adapters.split_trainable), so every leaf it sees trains."""
     tc = train_config
     return make_optimizer(
         learning_rate=tc.learning_rate,
@@ -143,7 +148,6 @@ def optimizer_from_config(train_config: Any, *, total_steps: int, trainable: Any
         b1=tc.get("adam_b1", 0.9),
         b2=tc.get("adam_b2", 0.999),
         eps=tc.adam_eps,
-        trainable=trainable,
     )
 
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from common.mesh import make_mesh
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 
-__all__ = ["TrainState", "mesh_and_rules", "build_train_state"]
+__all__ = ["TrainState", "mesh_and_rules", "lora_settings", "build_train_state"]
 
 
 @dataclasses.dataclass
@@ -39,6 +39,18 @@ def mesh_and_rules(mesh_config) -> tuple[Mesh, dict]:
     mesh.fsdp_tp, else replicated params (data parallel only)."""
     mesh = make_mesh(tuple(mesh_config.shape), tuple(mesh_config.axis_names))
     return mesh, (DEFAULT_RULES if mesh_config.fsdp_tp else REPLICATED_RULES)
+
+
+def lora_settings(section) -> dict:
+    """The `models.adapters.add_lora_and_quant` keywords of a config section holding
+    configs/common.py's lora_config() fields (model, policy, value)."""
+    return dict(
+        lora_rank=section.lora_rank,
+        lora_alpha=section.lora_alpha,
+        lora_targets=section.lora_targets,
+        lora_dropout=section.lora_dropout,
+        quant=section.quant,
+    )
 
 
 def build_train_state(

@@ -4,6 +4,10 @@
 
 Writes points.json, fits.json (alpha, beta, R^2 per proxy and method), bon.png, rl.png and
 summary.json. Variant `:size=tiny` for tests. Shares the quickstart's world/policy settings.
+
+Three seeds (labels, proxies, best-of-n samples and PPO per seed; one world and SFT policy), fits on the
+seed-averaged curves and each seed's gold peak with its 95% interval (fits.json, summary.md):
+  python -m experiments.run --config configs/overoptimization.py --workdir runs/overopt3 --config.seeds='(0,1,2)'
 """
 
 import ml_collections
@@ -23,6 +27,11 @@ def get_config(arg=None):
     c.gold.kind = "scorer"  # 'scorer' (VADER + exact grammar fluency) or 'rm' (gold RM trained on gold labels)
     c.gold.n_pairs = 20000  # labels for the gold RM (gold.kind='rm')
     c.gold.steps = 1500  # gold RM training steps
+
+    c.proxy = ml_collections.ConfigDict()
+    c.proxy.ensemble_size = 1  # K > 1: each proxy is K reward models trained in one run (rm/ensemble_train.py)
+    c.proxy.objective = "mean"  # how an ensemble proxy scores, in best-of-n and PPO: mean | wco | uwo
+    c.proxy.uwo_lambda = 1.0  # uwo = mean - uwo_lambda * variance over members
 
     c.rl = ml_collections.ConfigDict()
     c.rl.beta = 0.002  # small fixed KL coefficient, so the policy travels far from the SFT policy

@@ -58,6 +58,8 @@ def get_config(arg=None):
     c.reward.quant = ""  # '' | 'int8': int8 weight-only frozen reward model (LoRA adapters merged first)
     c.reward.missing_eos_penalty = 1.0  # subtracted from the score of responses that never emit EOS
     c.reward.length_penalty = 0.0  # subtracted from the score per response token (against verbosity hacking); 0 = off
+    c.reward.objective = "mean"  # ensemble reward (reward.workdir = an ensemble run): mean | wco (min) | uwo
+    c.reward.uwo_lambda = 1.0  # uwo = mean - uwo_lambda * variance over members' normalised scores
 
     c.value = ml_collections.ConfigDict()
     c.value.init = "reward"  # 'reward': separate value model initialised from the RM; 'policy_head': head on the policy

@@ -29,6 +29,7 @@ from common import data_io
 from experiments import fits
 from experiments import pipeline as P
 from experiments.quickstart import _sub_configs
+from experiments.seeds import format_interval, interval, mean_curve, seed_configs
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 
@@ -65,71 +66,70 @@ def _fit(fit, d, r, what):
         }
 
 
-def run(config, workdir):
-    from ppo.train import train as ppo_train
+def _gold_fn(config, workdir, *, world, scorer, tokenizer, sft_hf, r_base, eval_pairs):
+    """gold_of(prompts, responses): the scorer itself, or a gold RM trained on many gold labels (shared by seeds)."""
     from rm.train import train as rm_train
-    from sft.train import train as sft_train
 
-    t0 = time.time()
-    world, paths = P.build_world(config, workdir)
-    scorer = SentimentFluencyGold(world)
-    s_cfg, r_base, p_base = _sub_configs(config, paths, workdir)
-    P.log("SFT policy")
-    if not P.stage_done(os.path.join(workdir, "sft")):
-        P.check_preempted(sft_train(s_cfg, os.path.join(workdir, "sft")))
-        P.mark_done(os.path.join(workdir, "sft"))
-    sft_hf = os.path.join(workdir, "sft", "hf")
-    tokenizer = data_io.load_tokenizer(paths["tokenizer"])
-    annotator = SimulatedAnnotator(
+    if config.gold.kind == "scorer":
+        return lambda prompts, responses: np.asarray(scorer([p + r for p, r in zip(prompts, responses)]))
+    if config.gold.kind != "rm":
+        raise ValueError(f"gold.kind={config.gold.kind!r}; expected 'scorer' or 'rm'")
+    gold_dir = os.path.join(workdir, "gold_rm")
+    gold_pairs = os.path.join(workdir, "labels", "gold_train.jsonl")
+    if not os.path.exists(gold_pairs):
+        annotator = SimulatedAnnotator(scorer, temperature=config.labels.temperature, seed=config.seed + 1)
+        _label_file(world, annotator, tokenizer, sft_hf, config, gold_pairs, config.gold.n_pairs, seed=103)
+    if not P.stage_done(gold_dir):
+        g = copy.deepcopy(r_base)
+        g.data.train_files, g.data.eval_files = gold_pairs, eval_pairs
+        g.train.steps = config.gold.steps
+        P.log("gold reward model")
+        P.check_preempted(rm_train(g, gold_dir))
+        P.mark_done(gold_dir)
+    gold_rm = P.ProxyScorer(gold_dir, max_length=r_base.data.max_length)
+    return lambda prompts, responses: np.asarray(gold_rm(prompts, responses))
+
+
+def _proxy_config(config, r_base, train_file, eval_pairs):
+    """The proxy RM's trainer config: r_base on these files, K members with config.proxy.ensemble_size."""
+    r = copy.deepcopy(r_base)
+    r.data.train_files, r.data.eval_files = train_file, eval_pairs
+    r.model.ensemble_size = int(config.proxy.ensemble_size)
+    return r
+
+
+def _seed_annotator(config, scorer):
+    return SimulatedAnnotator(
         scorer, temperature=config.labels.temperature, noise=config.labels.noise, seed=config.seed
     )
-    labels_dir = os.path.join(workdir, "labels")
-    os.makedirs(labels_dir, exist_ok=True)
-    eval_pairs = os.path.join(labels_dir, "eval.jsonl")
+
+
+def _eval_pairs(config, workdir, annotator, *, world, tokenizer, sft_hf):
+    """This seed's held-out pairs (labels/eval.jsonl), labelled first (the annotator's rng order matters)."""
+    eval_pairs = os.path.join(workdir, "labels", "eval.jsonl")
+    os.makedirs(os.path.dirname(eval_pairs), exist_ok=True)
     if not os.path.exists(eval_pairs):
-        _label_file(world, annotator, tokenizer, sft_hf, config, eval_pairs, config.labels.n_eval_pairs, seed=101)
+        shift = 1000 * int(config.seed)  # sampling seeds of this seed's labels (seed 0: the single-seed ones)
+        n_eval = config.labels.n_eval_pairs
+        _label_file(world, annotator, tokenizer, sft_hf, config, eval_pairs, n_eval, seed=101 + shift)
+    return eval_pairs
+
+
+def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths, r_base, p_base, gold_of):
+    """One seed: labels, a proxy per label count, best-of-n and PPO against each -> points {bon, rl}."""
+    from ppo.train import train as ppo_train
+    from rm.train import train as rm_train
+
+    labels_dir = os.path.join(workdir, "labels")
+    shift = 1000 * int(config.seed)
+    eval_pairs = _eval_pairs(config, workdir, annotator, world=world, tokenizer=tokenizer, sft_hf=sft_hf)
     max_n = max(config.label_counts)
     all_pairs = os.path.join(labels_dir, f"train_{max_n}.jsonl")
     if not os.path.exists(all_pairs):
-        _label_file(world, annotator, tokenizer, sft_hf, config, all_pairs, max_n, seed=102)
+        _label_file(world, annotator, tokenizer, sft_hf, config, all_pairs, max_n, seed=102 + shift)
     rows = P.read_jsonl(all_pairs)
 
-    # Gold: the scorer itself, or a gold RM trained on many gold labels.
-    if config.gold.kind == "rm":
-        gold_dir = os.path.join(workdir, "gold_rm")
-        gold_pairs = os.path.join(labels_dir, "gold_train.jsonl")
-        if not os.path.exists(gold_pairs):
-            _label_file(
-                world,
-                SimulatedAnnotator(scorer, temperature=config.labels.temperature, seed=config.seed + 1),
-                tokenizer,
-                sft_hf,
-                config,
-                gold_pairs,
-                config.gold.n_pairs,
-                seed=103,
-            )
-        if not P.stage_done(gold_dir):
-            g = copy.deepcopy(r_base)
-            g.data.train_files, g.data.eval_files = gold_pairs, eval_pairs
-            g.train.steps = config.gold.steps
-            P.log("gold reward model")
-            P.check_preempted(rm_train(g, gold_dir))
-            P.mark_done(gold_dir)
-        gold_rm = P.ProxyScorer(gold_dir, max_length=r_base.data.max_length)
-        gold_fn = None
-    elif config.gold.kind == "scorer":
-        gold_rm = None
-        gold_fn = scorer
-    else:
-        raise ValueError(f"gold.kind={config.gold.kind!r}; expected 'scorer' or 'rm'")
-
-    def gold_of(prompts, responses):
-        if gold_rm is not None:
-            return np.asarray(gold_rm(prompts, responses))
-        return np.asarray(gold_fn([p + r for p, r in zip(prompts, responses)]))
-
-    # Shared best-of-n samples from the SFT policy.
+    # Best-of-n samples from the SFT policy, shared by this seed's proxies.
     bon_path = os.path.join(workdir, "bon_samples.json")
     if not os.path.exists(bon_path):
         prompts, grouped = P.sample_responses(
@@ -147,23 +147,21 @@ def run(config, workdir):
     flat_p = [p for p, g in zip(bon["prompts"], bon["responses"]) for _ in g]
     flat_r = [r for g in bon["responses"] for r in g]
     bon_gold = gold_of(flat_p, flat_r).reshape(len(bon["prompts"]), -1)
-    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= config.bon.n_max]
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if n <= config.bon.n_max]
+    objective, uwo_lambda = config.proxy.objective, config.proxy.uwo_lambda
 
-    points, fit_results = {"bon": {}, "rl": {}}, {"bon": {}, "rl": {}}
+    points = {"bon": {}, "rl": {}}
     for count in config.label_counts:
         label = f"{count} labels"
         rm_dir = os.path.join(workdir, f"proxy_{count}")
         if not P.stage_done(rm_dir):
             train_file = os.path.join(labels_dir, f"train_first_{count}.jsonl")
             P.write_jsonl(rows[:count], train_file)
-            r = copy.deepcopy(r_base)
-            r.data.train_files, r.data.eval_files = train_file, eval_pairs
-            P.log(f"proxy RM on {count} labels")
-            P.check_preempted(rm_train(r, rm_dir))
+            P.log(f"proxy RM on {count} labels (seed {config.seed})")
+            P.check_preempted(rm_train(_proxy_config(config, r_base, train_file, eval_pairs), rm_dir))
             P.mark_done(rm_dir)
-        proxy = P.ProxyScorer(rm_dir, max_length=r_base.data.max_length)(flat_p, flat_r).reshape(
-            len(bon["prompts"]), -1
-        )
+        scorer_k = P.ProxyScorer(rm_dir, max_length=r_base.data.max_length, objective=objective, uwo_lambda=uwo_lambda)
+        proxy = scorer_k(flat_p, flat_r).reshape(len(bon["prompts"]), -1)
         curve = P.best_of_n_curve(np.asarray(proxy), bon_gold, ns)
         points["bon"][label] = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "n")}
 
@@ -171,16 +169,22 @@ def run(config, workdir):
         if not P.stage_done(ppo_dir):
             p = copy.deepcopy(p_base)
             p.reward.workdir = rm_dir
+            p.reward.objective, p.reward.uwo_lambda = objective, uwo_lambda
             p.kl.kind, p.kl.init_beta = "fixed", config.rl.beta
             p.train.steps = config.rl.steps
-            P.log(f"PPO against the {count}-label proxy")
+            P.log(f"PPO against the {count}-label proxy (seed {config.seed})")
             P.check_preempted(ppo_train(p, ppo_dir))
             P.mark_done(ppo_dir)
         curve = P.ppo_gold_curve(ppo_dir, gold_of)
         points["rl"][label] = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "step")}
+    return points
 
-        for method, fit in (("bon", fits.fit_bon), ("rl", fits.fit_rl)):
-            pts = points[method][label]
+
+def fit_points(points: dict) -> dict:
+    """Gao fits of gold and proxy gains (relative to the first point) per method and proxy, with the gold peak."""
+    fit_results = {"bon": {}, "rl": {}}
+    for method, fit in (("bon", fits.fit_bon), ("rl", fits.fit_rl)):
+        for label, pts in points[method].items():
             d = np.asarray(pts["d"])
             base_gold, base_proxy = pts["gold"][0], pts["proxy"][0]  # reward relative to the start (d ~ 0)
             fit_results[method][label] = {
@@ -196,11 +200,77 @@ def run(config, workdir):
                 else float("nan")
             )
             fit_results[method][label]["gold_peak_d"] = float(peak)
+    return fit_results
+
+
+def average_points(per_seed: list[dict]) -> dict:
+    """Seed-averaged curves: best-of-n point-wise per n, PPO per iteration (d, proxy, gold averaged)."""
+    return {
+        method: {
+            label: mean_curve([p[method][label] for p in per_seed], list(per_seed[0][method][label]))
+            for label in per_seed[0][method]
+        }
+        for method in ("bon", "rl")
+    }
+
+
+def across_seeds(per_seed_fits: list[dict]) -> dict:
+    """t-intervals across seeds of each per-seed fit's gold alpha, beta, R^2 and peak d."""
+    out = {}
+    for method in ("bon", "rl"):
+        out[method] = {}
+        for label in per_seed_fits[0][method]:
+            fs = [f[method][label] for f in per_seed_fits]
+            out[method][label] = {
+                "gold_peak_d": interval([f["gold_peak_d"] for f in fs]),
+                **{f"gold_{k}": interval([f["gold"][k] for f in fs]) for k in ("alpha", "beta", "r2")},
+            }
+    return out
+
+
+def run(config, workdir):
+    from sft.train import train as sft_train
+
+    t0 = time.time()
+    world, paths = P.build_world(config, workdir)
+    scorer = SentimentFluencyGold(world)
+    s_cfg, r_base, p_base = _sub_configs(config, paths, workdir)
+    P.log("SFT policy")
+    if not P.stage_done(os.path.join(workdir, "sft")):
+        P.check_preempted(sft_train(s_cfg, os.path.join(workdir, "sft")))
+        P.mark_done(os.path.join(workdir, "sft"))
+    sft_hf = os.path.join(workdir, "sft", "hf")
+    tokenizer = data_io.load_tokenizer(paths["tokenizer"])
+    runs = seed_configs(config, workdir)
+    shared = dict(world=world, tokenizer=tokenizer, sft_hf=sft_hf)
+    gold_of = None
+    per_seed = {}
+    for seed, seed_config, seed_dir in runs:
+        _, r_seed, p_seed = _sub_configs(seed_config, paths, seed_dir, sft_dir=os.path.join(workdir, "sft"))
+        annotator = _seed_annotator(seed_config, scorer)
+        eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
+        if gold_of is None:  # one gold for every seed; a gold RM is evaluated on the first seed's held-out pairs
+            gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=eval_pairs, **shared)
+        per_seed[seed] = _seed_points(
+            seed_config, seed_dir, annotator=annotator, paths=paths, r_base=r_seed, p_base=p_seed, gold_of=gold_of,
+            **shared,
+        )  # fmt: skip
+    points = per_seed[runs[0][0]] if len(runs) == 1 else average_points(list(per_seed.values()))
+    fit_results = fit_points(points)
+    summary_extra = {}
+    if len(runs) > 1:
+        seed_fits = {seed: fit_points(p) for seed, p in per_seed.items()}
+        summary_extra = {"seeds": list(per_seed), "across_seeds": across_seeds(list(seed_fits.values()))}
+        with open(os.path.join(workdir, "points_per_seed.json"), "w") as f:
+            json.dump({str(k): v for k, v in per_seed.items()}, f, indent=2)
+        with open(os.path.join(workdir, "fits_per_seed.json"), "w") as f:
+            json.dump({str(k): v for k, v in seed_fits.items()}, f, indent=2, default=float)
 
     with open(os.path.join(workdir, "points.json"), "w") as f:
         json.dump(points, f, indent=2)
     with open(os.path.join(workdir, "fits.json"), "w") as f:
-        json.dump(fit_results, f, indent=2, default=float)
+        json.dump(dict(fit_results, **summary_extra), f, indent=2, default=float)
+    averaged = f", mean of seeds {list(per_seed)}" if len(runs) > 1 else ""
     for method in ("bon", "rl"):
         shifted = {
             label: {
@@ -215,17 +285,40 @@ def run(config, workdir):
             {k: {"gold": v["gold"], "proxy": v["proxy"]} for k, v in fit_results[method].items()},
             os.path.join(workdir, f"{method}.png"),
             method=method,
-            title=f"{'best-of-n' if method == 'bon' else 'PPO'}: reward gain vs d (gold: {config.gold.kind})",
+            title=f"{'best-of-n' if method == 'bon' else 'PPO'}: reward gain vs d (gold: {config.gold.kind}{averaged})",
         )
     summary = {
         "fits": fit_results,
         "wall_time_s": time.time() - t0,
         "label_counts": list(config.label_counts),
         "gold": config.gold.kind,
+        **summary_extra,
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
+    if len(runs) > 1:
+        with open(os.path.join(workdir, "summary.md"), "w") as f:
+            f.write(seed_table_markdown(summary))
     return summary
+
+
+def seed_table_markdown(summary: dict) -> str:
+    """Markdown: per method and proxy, the fit on the seed-averaged curve (+- SE) and per-seed peaks' interval."""
+    lines = [
+        f"Seeds {summary['seeds']}: fits on the seed-averaged curves (alpha, beta +- OLS SE); gold peak d of each "
+        "seed's own fit, mean (95% t-interval across seeds)\n",
+        "| method | proxy | gold alpha +- SE | gold beta +- SE | R^2 | peak d (avg curve) | peak d across seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in ("bon", "rl"):
+        for label, f in summary["fits"][method].items():
+            g = f["gold"]
+            seeds = summary["across_seeds"][method][label]["gold_peak_d"]
+            lines.append(
+                f"| {method} | {label} | {g['alpha']:.3f} +- {g['alpha_se']:.3f} | {g['beta']:.3f} +- "
+                f"{g['beta_se']:.3f} | {g['r2']:.2f} | {f['gold_peak_d']:.2f} | {format_interval(seeds, 2)} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def train(config, workdir):

@@ -18,7 +18,8 @@ from common import data_io
 from models.hf import load_hf_checkpoint
 from models.sampling import make_generate_fn
 from ppo.data import load_prompts
-from rm.model import load_reward_model, score_arrays
+from rm.ensemble import combine_scores, load_members
+from rm.model import score_arrays
 from rm.score import pad_right, tokenize_single
 from tasks.reviews import ReviewWorld, train_tokenizer, write_jsonl
 
@@ -102,19 +103,31 @@ def sample_responses(
 
 
 class ProxyScorer:
-    """Scores (prompt, response) pairs with a trained reward model (normalised scores)."""
+    """Scores (prompt, response) pairs with a trained reward model (normalised scores).
 
-    def __init__(self, rm_workdir, max_length=128):
-        self.model = load_reward_model(rm_workdir)
+    An ensemble run's workdir (model.ensemble_size = K) scores with every member, each normalised by its
+    own gain / bias, combined by `objective` (mean | wco | uwo, rm/ensemble.py); `members(...)` gives the
+    [K, N] member scores themselves."""
+
+    def __init__(self, rm_workdir, max_length=128, *, objective="mean", uwo_lambda=1.0):
+        self.models = load_members(rm_workdir)
+        self.model = self.models[0]
         self.tokenizer = data_io.load_tokenizer(self.model.tokenizer_path or rm_workdir)
         self.max_length = max_length
+        self.objective, self.uwo_lambda = objective, uwo_lambda
 
-    def __call__(self, prompts, responses):
+    def members(self, prompts, responses):
         rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]  # '' = EOS alone
         seqs, _ = tokenize_single(self.tokenizer, rows, file="<samples>", max_length=self.max_length)
         _, pad = data_io.special_ids(self.tokenizer)
         ids, mask = pad_right(seqs, pad, width=self.max_length)
-        return self.model.normalize(score_arrays(self.model, ids, mask, batch_size=64))
+        return np.stack([m.normalize(score_arrays(m, ids, mask, batch_size=64)) for m in self.models])  # [K, N]
+
+    def __call__(self, prompts, responses):
+        scores = self.members(prompts, responses)
+        if len(scores) == 1:
+            return scores[0]
+        return combine_scores(scores, objective=self.objective, uwo_lambda=self.uwo_lambda)
 
 
 def label_pairs(annotator, prompts, grouped, out_path):

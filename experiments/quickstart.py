@@ -12,10 +12,17 @@ Stages (each resumable; outputs under the workdir):
   summary.json, training_curves.png, reward_vs_kl.png
 Gold reward (VADER sentiment + exact grammar fluency, tasks/gold.py) is tracked beside the
 proxy reward for the SFT policy, every PPO step and every best-of-n point.
+
+The stages' trainer configs are config.sft / config.rm / config.ppo (configs/sft.py, rm.py, ppo.py with
+overrides); `_sub_configs` fills in paths, seeds and the shared sampling lengths. labels.n_calibration_pairs
+> 0 writes labels/calibration.jsonl and fits the RM's temperature there (ECE reported on eval.jsonl).
+config.seeds = (0, 1, 2): labels, RM, best-of-n and PPO once per seed under seed_<s>/ (data/ and sft/
+shared at the top), summary.json / summary.md with means and 95% t-intervals across seeds.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -27,68 +34,59 @@ from experiments import pipeline as P
 from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
 
 
-def _sub_configs(config, paths, workdir):
-    import configs.ppo as ppo_cfg
-    import configs.rm as rm_cfg
-    import configs.sft as sft_cfg
-
-    s = sft_cfg.get_config()
+def _sub_configs(config, paths, workdir, *, sft_dir=None):
+    """The SFT, RM and PPO trainer configs of a run: config.sft / .rm / .ppo (configs/sft.py, rm.py, ppo.py
+    with the driver's overrides) with the run's paths, seed and shared sampling lengths filled in."""
+    sc = config.sampling
+    sft_dir = sft_dir or os.path.join(workdir, "sft")
+    s = copy.deepcopy(config.sft)
     s.model.tokenizer = paths["tokenizer"]
-    for k, v in config.policy.items():
-        setattr(s.model, k, v)
-    for k, v in config.sft.items():
-        setattr(s.train if k != "max_length" else s.data, k, v)
-    s.data.train_files, s.data.eval_files, s.data.bucket = paths["sft_train"], paths["sft_eval"], 0
-    s.train.eval_every, s.train.save_every = config.sft.steps // 2, config.sft.steps // 2
+    s.data.train_files, s.data.eval_files = paths["sft_train"], paths["sft_eval"]
 
-    r = rm_cfg.get_config()
-    r.model.init_from = os.path.join(workdir, "sft", "hf")
-    for k, v in config.rm.items():
-        setattr(r.train, k, v)
+    r = copy.deepcopy(config.rm)
+    r.seed = config.seed
+    r.model.init_from = os.path.join(sft_dir, "hf")
     r.data.train_files = os.path.join(workdir, "labels", "train.jsonl")
     r.data.eval_files = os.path.join(workdir, "labels", "eval.jsonl")
-    r.data.max_length, r.data.bucket = config.sampling.max_prompt_length + config.sampling.max_new_tokens, 0
-    r.train.eval_every, r.train.save_every, r.train.log_every = config.rm.steps // 2, config.rm.steps // 2, 10
+    if config.labels.get("n_calibration_pairs", 0) > 0:  # temperature fitted on its own split, ECE on eval
+        r.eval.calibrate_on = os.path.join(workdir, "labels", "calibration.jsonl")
+    r.data.max_length = sc.max_prompt_length + sc.max_new_tokens
 
-    p = ppo_cfg.get_config()
-    p.policy.init_from = os.path.join(workdir, "sft", "hf")
+    p = copy.deepcopy(config.ppo)
+    p.seed = config.seed
+    p.policy.init_from = os.path.join(sft_dir, "hf")
     p.reward.workdir = os.path.join(workdir, "rm")
     p.data.prompt_files = paths["prompts"]
-    p.data.max_prompt_length = config.sampling.max_prompt_length
-    p.sampling.max_new_tokens = config.sampling.max_new_tokens
-    p.sampling.temperature = config.sampling.temperature
-    for k, v in config.ppo.items():
-        if k in ("init_beta", "target", "horizon"):
-            setattr(p.kl, k, v)
-        else:
-            setattr(p.train, k, v)
-    p.kl.kind = "adaptive"
-    p.train.samples_every, p.train.num_samples = 1, config.ppo.batch_size  # every rollout, for the gold curve
-    p.train.save_every = max(config.ppo.steps // 4, 1)
+    p.data.max_prompt_length = sc.max_prompt_length
+    p.sampling.max_new_tokens, p.sampling.temperature = sc.max_new_tokens, sc.temperature
+    p.train.num_samples = p.train.batch_size  # every rollout of every step (samples_every = 1): the gold curve
     return s, r, p
 
 
-def run_stages(config, workdir):
-    """Run (or resume) every stage; returns the summary dict."""
+def run_stages(config, workdir, *, root=None):
+    """Run (or resume) every stage; returns the summary dict. `root` (default: workdir) holds the world
+    (data/) and the SFT policy (sft/), shared by the seeds of a multi-seed run."""
     from ppo.train import train as ppo_train
     from rm.train import train as rm_train
     from sft.train import train as sft_train
 
     t0 = time.time()
     times = {}
-    world, paths = P.build_world(config, workdir)
+    root = root or workdir
+    sft_dir = os.path.join(root, "sft")
+    world, paths = P.build_world(config, root)
     gold = SentimentFluencyGold(world)
-    s_cfg, r_cfg, p_cfg = _sub_configs(config, paths, workdir)
+    s_cfg, r_cfg, p_cfg = _sub_configs(config, paths, workdir, sft_dir=sft_dir)
     sc = config.sampling
 
     t = time.time()
     P.log("stage 1/5: SFT policy from scratch")
-    if not P.stage_done(os.path.join(workdir, "sft")):
-        P.check_preempted(sft_train(s_cfg, os.path.join(workdir, "sft")))
-        P.mark_done(os.path.join(workdir, "sft"))
+    if not P.stage_done(sft_dir):
+        P.check_preempted(sft_train(s_cfg, sft_dir))
+        P.mark_done(sft_dir)
     times["sft"] = time.time() - t
     tokenizer = data_io.load_tokenizer(paths["tokenizer"])
-    sft_hf = os.path.join(workdir, "sft", "hf")
+    sft_hf = os.path.join(sft_dir, "hf")
 
     t = time.time()
     labels_dir = os.path.join(workdir, "labels")
@@ -98,7 +96,9 @@ def run_stages(config, workdir):
         annotator = SimulatedAnnotator(
             gold, temperature=config.labels.temperature, noise=config.labels.noise, seed=config.seed
         )
-        world_prompts = world.prompts(config.labels.n_pairs + config.labels.n_eval_pairs, seed=11)
+        n_calibration = config.labels.get("n_calibration_pairs", 0)
+        # Calibration pairs come after the train and eval ones, so those stay what they are without them.
+        world_prompts = world.prompts(config.labels.n_pairs + config.labels.n_eval_pairs + n_calibration, seed=11)
         prompt_file = os.path.join(labels_dir, "label_prompts.jsonl")
         P.write_jsonl([{"prompt": q} for q in world_prompts], prompt_file)
         prompts, grouped = P.sample_responses(
@@ -113,7 +113,10 @@ def run_stages(config, workdir):
         )
         n = config.labels.n_pairs
         stats_train = P.label_pairs(annotator, prompts[:n], grouped[:n], os.path.join(labels_dir, "train.jsonl"))
-        stats_eval = P.label_pairs(annotator, prompts[n:], grouped[n:], os.path.join(labels_dir, "eval.jsonl"))
+        m = n + config.labels.n_eval_pairs
+        stats_eval = P.label_pairs(annotator, prompts[n:m], grouped[n:m], os.path.join(labels_dir, "eval.jsonl"))
+        if n_calibration:
+            P.label_pairs(annotator, prompts[m:], grouped[m:], os.path.join(labels_dir, "calibration.jsonl"))
         P.mark_done(labels_dir, {"train": _jsonable(stats_train), "eval": _jsonable(stats_eval)})
     times["labels"] = time.time() - t
 
@@ -204,13 +207,13 @@ def _jsonable(stats):
     }
 
 
-def plot_quickstart(workdir, summary):
+def plot_quickstart(workdir, summary, *, sft_dir=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sft = P.read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))
+    sft = P.read_jsonl(os.path.join(sft_dir or os.path.join(workdir, "sft"), "metrics.jsonl"))
     rm = P.read_jsonl(os.path.join(workdir, "rm", "metrics.jsonl"))
     ppo = summary["ppo_curve"]
     fig, ax = plt.subplots(1, 4, figsize=(18, 4))
@@ -261,19 +264,21 @@ def plot_quickstart(workdir, summary):
     plt.close(fig)
 
 
-def train(config, workdir):
-    """Entry point for experiments.run (trainer 'quickstart')."""
-    os.makedirs(workdir, exist_ok=True)
-    from common.metrics import write_config_json
+# Rows of the multi-seed table: (name, function of one seed's summary).
+SEED_ROWS = (
+    ("RM held-out accuracy", lambda s: s["rm"].get("accuracy")),
+    ("RM ECE", lambda s: s["rm"].get("ece")),
+    ("RM ECE after temperature scaling", lambda s: s["rm"].get("calibrated/ece")),
+    ("SFT gold", lambda s: s["before"]["gold"]),
+    ("best-of-n_max proxy", lambda s: s["best_of_n"][-1]["proxy"]),
+    ("best-of-n_max gold", lambda s: s["best_of_n"][-1]["gold"]),
+    ("after PPO proxy", lambda s: s["after_ppo"]["proxy"]),
+    ("after PPO gold", lambda s: s["after_ppo"]["gold"]),
+    ("after PPO KL (nats)", lambda s: s["after_ppo"]["kl"]),
+)
 
-    write_config_json(workdir, config)
-    try:
-        summary = run_stages(config, workdir)
-    except P.StagePreempted as stopped:  # SIGTERM inside a stage: saved, unfinished
-        return stopped.result
-    plot_quickstart(workdir, summary)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+
+def _report(summary, workdir):
     b, a = summary["before"], summary["after_ppo"]
     rm = summary["rm"]
     P.log(
@@ -282,4 +287,36 @@ def train(config, workdir):
         f"{rm.get('calibrated/ece', float('nan')):.3f}); proxy {b['proxy']:.3f} -> {a['proxy']:.3f}, "
         f"gold {b['gold']:.3f} -> {a['gold']:.3f}, KL {a['kl']:.2f}; see {workdir}/summary.json"
     )
-    return summary
+
+
+def train(config, workdir):
+    """Entry point for experiments.run (trainer 'quickstart'); config.seeds runs the loop once per seed."""
+    os.makedirs(workdir, exist_ok=True)
+    from common.metrics import write_config_json
+    from experiments.seeds import interval, seed_configs, table_markdown
+
+    write_config_json(workdir, config)
+    runs = seed_configs(config, workdir)
+    summaries = {}
+    t0 = time.time()
+    for seed, seed_config, seed_dir in runs:
+        try:
+            summary = run_stages(seed_config, seed_dir, root=workdir)
+        except P.StagePreempted as stopped:  # SIGTERM inside a stage: saved, unfinished
+            return stopped.result
+        plot_quickstart(seed_dir, summary, sft_dir=os.path.join(workdir, "sft"))
+        with open(os.path.join(seed_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        _report(summary, seed_dir)
+        summaries[seed] = summary
+    if len(runs) == 1:
+        return summary
+    table = {name: interval([get(s) for s in summaries.values()]) for name, get in SEED_ROWS}
+    combined = {"seeds": list(summaries), "table": table, "per_seed": summaries, "wall_time_s": time.time() - t0}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(combined, f, indent=2)
+    markdown = table_markdown(table)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(f"Quickstart, seeds {list(summaries)} (95% t-intervals across seeds)\n\n" + markdown)
+    P.log("seeds " + str(list(summaries)) + ":\n" + markdown)
+    return combined

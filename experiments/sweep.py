@@ -21,6 +21,11 @@ sub-workdir) and the final metrics: the last value of each key of
 blank. Exit code: 0 all ok, 1 a point failed (after the table), 2 bad arguments,
 130 interrupted (SIGTERM is forwarded to the running point so it can checkpoint).
 
+Seeds: `--seeds 0,1,2` (the same as `--sweep seed=0,1,2`) adds a seed axis; then ROOT/summary_seeds.csv
+and summary_seeds.md (experiments/sweep_summary.py) give, per point of the other axes, each metric's mean
+over the seeds that finished with its 95% t-interval (`--metrics eval/accuracy,eval/ece` picks the
+Markdown columns; default: the eval/ metrics).
+
 `--sweep a.b=v1,v2` splits at commas outside brackets and quotes
 (`"mesh.shape=(1, 1),(2, 1)"`) and parses values by the existing field's type, as
 ml_collections overrides are: unknown keys and bad values fail before anything runs.
@@ -30,14 +35,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import datetime
 import difflib
 import hashlib
 import importlib.util
 import itertools
 import json
-import math
 import os
 import re
 import shlex
@@ -51,11 +54,12 @@ from typing import Any
 import ml_collections
 from absl import flags as absl_flags
 
+from experiments.sweep_summary import SEED_KEY, final_metrics, write_seed_summary, write_summary
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DONE_FILE = "SWEEP_DONE"
 POINT_FILE = "sweep_point.json"
 LOG_FILE = "sweep.log"
-FINAL_FILES = ("summary.json", "eval_final.json")  # later files win on a key clash
 from common.run_utils import EXIT_PREEMPTED as PREEMPTED_EXIT  # noqa: E402 (75: SIGTERM after a checkpoint)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -333,72 +337,6 @@ class _Runner:
                 self.proc = None
 
 
-# ----------------------------------------------------------------------------- results
-
-
-def _flatten(record: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
-    return flat
-
-
-def final_metrics(sub: str) -> dict:
-    """Last value of each key of SUB/metrics.jsonl, then the keys of its final JSON files."""
-    from common.metrics import read_metrics  # Local: imports JAX, only needed here.
-
-    result = {}
-    if os.path.exists(os.path.join(sub, "metrics.jsonl")):
-        for record in read_metrics(sub):
-            result.update({k: v for k, v in _flatten(record).items() if v is not None})
-    for name in FINAL_FILES:
-        path = os.path.join(sub, name)
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    record = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e}).") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}.")
-            result.update(_flatten(record))
-    return result
-
-
-def _md_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isfinite(value):
-        value = f"{value:.4g}"  # The CSV keeps full precision; the Markdown is for reading.
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def write_summary(root: str, rows: Sequence[dict], sweep_keys: Sequence[str], *, title: str = "") -> list[str]:
-    """Writes ROOT/summary.csv and ROOT/summary.md; returns the column order.
-
-    Columns: swept keys (axis order), status, run, then every metric key sorted.
-    """
-    leading = [*sweep_keys, "status", "run"]
-    metric_keys = sorted({k for row in rows for k in row} - set(leading))
-    columns = leading + metric_keys
-    with open(os.path.join(root, "summary.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
-    lines = [f"# {title}", ""] if title else []
-    lines.append("| " + " | ".join(_md_cell(c) for c in columns) + " |")
-    lines.append("|" + "---|" * len(columns))
-    for row in rows:
-        lines.append("| " + " | ".join(_md_cell(row.get(c)) for c in columns) + " |")
-    with open(os.path.join(root, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return columns
-
-
 def _run_grid(points: Sequence[dict], config_spec: str, runner: _Runner, statuses: dict) -> None:
     """Runs the unfinished points in order, filling statuses[name]; stops on SIGTERM."""
     for i, point in enumerate(points):
@@ -463,6 +401,12 @@ def _parse_args(argv):
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=V", help="a fixed override for every point (repeatable)"
     )
+    parser.add_argument(
+        "--seeds", default="", metavar="0,1,2", help="shorthand for --sweep seed=0,1,2: + a table across seeds"
+    )
+    parser.add_argument(
+        "--metrics", default="", metavar="K1,K2", help="columns of summary_seeds.md (default: the eval/ metrics)"
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the plan, run nothing")
     parser.add_argument("--quiet", action="store_true", help="log runs to SUB/sweep.log only")
     return parser.parse_args(argv)
@@ -471,6 +415,8 @@ def _parse_args(argv):
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the sweep; returns the process exit code (0 ok, 1 a point failed, 2 bad arguments)."""
     args = _parse_args(argv)
+    if args.seeds:
+        args.sweep.append(f"{SEED_KEY}={args.seeds}")
     path, sep, arg = args.config.partition(":")
     config_spec = os.path.abspath(path) + sep + arg
     root = os.path.abspath(args.workdir)
@@ -507,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixed = [o[len("--config.") :] for o in points[0]["overrides"][len(points[0]["values"]) :]]
     title = f"Sweep of {args.config}" + (f" with {', '.join(fixed)}" if fixed else "")
     write_summary(root, rows, list(points[0]["values"]), title=title)
+    if len({str(p["values"].get(SEED_KEY)) for p in points}) > 1:  # a seed axis: means and intervals
+        metrics = [m for m in args.metrics.split(",") if m]
+        write_seed_summary(root, rows, list(points[0]["values"]), metrics=metrics)
     failed = [r["run"] for r in rows if r["status"] != "ok"]
     print(f"sweep: {len(rows) - len(failed)}/{len(rows)} points ok; table in {root}/summary.md", flush=True)
     if runner.stop_requested:

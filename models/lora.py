@@ -14,11 +14,11 @@ small matrices next to them:
 The low-rank path is computed as two thin matmuls; W + AB is never formed. B starts at zero,
 so a freshly adapted model computes exactly what the base model computes.
 
-Typical use (the frozen base is shared, only adapters and heads train):
+Typical use (the trainers go through models/adapters.py: add_lora_and_quant, split_trainable):
 
   config = base_config.replace(lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "v_proj"))
   params = add_lora_params(base_params, config, rng)            # e.g. base from load_hf_checkpoint
-  tx, _ = make_optimizer(..., trainable=lora_trainable)           # no Adam state for the base
+  trainable, frozen = partition_params(params, lora_trainable)  # optimizer state for `trainable` only
   ...
   ref_logits = Transformer(config.replace(lora_rank=0)).apply({'params': strip_lora(params)}, ...)
   merged, export_config = merge_lora(params, config)              # -> models.hf.save_hf_checkpoint
@@ -68,7 +68,9 @@ def _parts(path: str) -> list[str]:
 
 
 def lora_trainable(path: str) -> bool:
-    """Trainable-mask predicate for `common.optim.make_optimizer(trainable=...)`.
+    """The predicate of what trains in a LoRA'd model ('/'-joined param path -> bool).
+
+    Used by `models.adapters.split_trainable` (and accepted by `common.optim.make_optimizer(trainable=...)`).
 
     True for LoRA leaves ('.../lora_a', '.../lora_b') and for scalar reward/value heads: any
     path component named 'head' or 'value_head' (so 'head/kernel', 'value/head/bias' and

@@ -57,7 +57,7 @@ def lora_a_init(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.A
     so adapters trained here start from the same distribution as PEFT's. Std = 1/sqrt(3 in):
     x @ A keeps roughly the per-feature scale of x divided by sqrt(3).
     """
-    bound = 1.0 / math.sqrt(shape[-2])  # [..., in, r]: stacked layers (models/scan.py) lead with [G]
+    bound = 1.0 / math.sqrt(shape[-2])  # [..., in, r]: stacked layers lead with [G] (scan_layers)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 

@@ -33,6 +33,7 @@ from models.sampling import make_generate_fn
 from models.transformer import Transformer, TransformerConfig
 from ppo import advantages as A
 from ppo import losses as L
+from rm.ensemble import combine_member_scores
 from rm.model import RewardModel, compute_rewards
 
 
@@ -182,7 +183,9 @@ def make_rollout_fn(specs: ModelSpecs, settings):
     advantage ('gae' default, or a critic-free kind of ppo/advantages.py), group_size (K, default 1),
     group_eps (GRPO's std epsilon), kl_in_loss (default False: the KL is in the reward) and
     length_penalty (default 0: subtracted from the score per response token).
-    norm: [2] array (gain, bias) of the reward model.
+    norm: [2] array (gain, bias) of the reward model; or [K, 2] for an ensemble of K members, whose
+    reward_params are then stacked [K, ...] and whose normalised scores combine by settings'
+    reward_objective ('mean' | 'wco' | 'uwo', rm/ensemble.py) and uwo_lambda.
     """
     s = dict(settings)
     advantage, group_size = s.get("advantage", "gae"), int(s.get("group_size", 1))
@@ -230,8 +233,19 @@ def make_rollout_fn(specs: ModelSpecs, settings):
         # Reward-model score of prompt + response (the mask stops at the stop token).
         ids = jnp.concatenate([query_ids, response_ids], axis=1)
         mask = jnp.concatenate([query_mask, response_mask], axis=1)
-        raw_scores = compute_rewards(specs.reward, reward_params, ids, mask)  # [B]
-        scores = norm[0] * raw_scores + norm[1]
+        if norm.ndim == 2:  # an ensemble: reward_params stacked [K, ...], norm [K, 2]; reward.objective combines
+            member_raw = jax.vmap(compute_rewards, in_axes=(None, 0, None, None))(
+                specs.reward, reward_params, ids, mask
+            )
+            raw_scores = jnp.mean(member_raw, axis=0)  # [B] (reported only)
+            scores = combine_member_scores(
+                norm[:, :1] * member_raw + norm[:, 1:],  # [K, B] each member normalised by its own gain / bias
+                objective=s.get("reward_objective", "mean"),
+                uwo_lambda=float(s.get("uwo_lambda", 1.0)),
+            )
+        else:
+            raw_scores = compute_rewards(specs.reward, reward_params, ids, mask)  # [B]
+            scores = norm[0] * raw_scores + norm[1]
         scores = jnp.where(sample.ended_with_eos, scores, scores - s["missing_eos_penalty"])
         # Optional length penalty against verbosity hacking: score - c * response tokens (EOS included).
         length_penalty = float(s.get("length_penalty", 0.0))

@@ -15,6 +15,10 @@ alone); the frozen bases (int8 with policy.quant / value.quant) form a separate 
 the update (not donated) that checkpoints also hold under 'frozen'. policy.reference=
 'adapters_off' makes the reference the policy's own base (no second copy); reward.quant and
 policy.ref_quant store the frozen reward model / reference copy as int8.
+
+Ensemble reward: reward.workdir = an ensemble run (model.ensemble_size = K, rm/ensemble_train.py) scores every
+rollout with all K members, each normalised by its own gain / bias, combined by reward.objective
+(mean | wco | uwo with reward.uwo_lambda; rm/ensemble.py); the value model starts from member 0.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import data_io
+from common.data_io import split_files
 from common.distributed import gather_to_host, is_main_process
 from common.loop import LoopHooks, open_checkpoints, run_train_loop, start_run
 from common.mesh import batch_sharding, local_rows, replicated, shard_batch
 from common.optim import optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
-from common.train_state import build_train_state, mesh_and_rules
+from common.train_state import build_train_state, lora_settings, mesh_and_rules
 from common.workdir import append_jsonl, save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.heads import ScalarHead
@@ -48,7 +53,7 @@ from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
 from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, rollout_metrics
 from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
-from rm.model import load_reward_model
+from rm.ensemble import OBJECTIVES, load_members
 
 
 def _load_models(config, tokenizer):
@@ -70,9 +75,19 @@ def _load_models(config, tokenizer):
             "set exactly one of config.reward.workdir (an RM workdir) and config.reward.init_from "
             "(an exported Hugging Face reward folder)"
         )
-    reward = load_reward_model(config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype)
-    reward.config = reward.config.replace(scan_layers=config.reward.get("scan_layers", False))
-    reward.params = match_layout(reward.params, reward.config)
+    objective = config.reward.get("objective", "mean")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"config.reward.objective={objective!r}; expected one of {OBJECTIVES}")
+    if not config.reward.get("uwo_lambda", 1.0) >= 0:
+        raise ValueError(f"config.reward.uwo_lambda={config.reward.uwo_lambda}; expected >= 0")
+    # An ensemble run's workdir (rm/ensemble_train.py) stands for its K members; member 0 leads (value init).
+    members = load_members(config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype)
+    if len(members) > 1 and config.reward.quant:
+        raise ValueError("config.reward.quant='int8' is not supported with an ensemble reward (K members)")
+    for member in members:
+        member.config = member.config.replace(scan_layers=config.reward.get("scan_layers", False))
+        member.params = match_layout(member.params, member.config)  # scan_layers: stacked (models/scan.py)
+    reward = members[0]
     if reward.config.vocab_size < policy_config.vocab_size:
         raise ValueError(
             f"reward model vocab ({reward.config.vocab_size}) is smaller than the policy's "
@@ -89,7 +104,7 @@ def _load_models(config, tokenizer):
                 "the reward model's tokenizer differs from the policy's; PPO here scores token ids "
                 "directly, so both must share a tokenizer"
             )
-    return policy_config, policy_params, reward
+    return policy_config, policy_params, members
 
 
 def _frozen_reward(config, reward):
@@ -150,24 +165,21 @@ def train(config, workdir: str) -> dict:
             raise ValueError(f"config.{key} is required")
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
     tokenizer = data_io.load_tokenizer(config.policy.tokenizer or config.policy.init_from, setting="policy.tokenizer")
-    prompt_files = [f.strip() for f in str(config.data.prompt_files).split(",") if f.strip()]
+    prompt_files = split_files(config.data.prompt_files)
     prompts = load_prompts(
         prompt_files, tokenizer, max_prompt_length=config.data.max_prompt_length, on_bad_row=config.data.on_bad_row
     )
     data_identity = run.check_data(prompt_files, rows=prompts.stats["rows"])
     write_json(os.path.join(workdir, "data_stats.json"), prompts.stats)
 
-    policy_config, policy_params, reward = _load_models(config, tokenizer)
+    policy_config, policy_params, reward_members = _load_models(config, tokenizer)
+    reward = reward_members[0]
     rng = jax.random.key(config.seed)
     pc, vc = config.policy, config.value
     policy_config, policy_params = add_lora_and_quant(
         policy_config,
         policy_params,
-        lora_rank=pc.lora_rank,
-        lora_alpha=pc.lora_alpha,
-        lora_targets=pc.lora_targets,
-        lora_dropout=pc.lora_dropout,
-        quant=pc.quant,
+        **lora_settings(pc),
         rng=jax.random.fold_in(rng, 4),
         where="policy",
     )
@@ -176,6 +188,10 @@ def train(config, workdir: str) -> dict:
     if vc.init not in ("reward", "policy_head"):
         raise ValueError(f"config.value.init={vc.init!r}; expected 'reward' or 'policy_head'")
     reward_config, reward_params, rm_config, rm_params = _frozen_reward(config, reward)
+    if len(reward_members) > 1:  # K members scored together: params stacked [K, ...] (replicated), norm [K, 2]
+        reward_params = jax.tree.map(
+            lambda *leaves: jnp.stack(leaves), *[_frozen_reward(config, m)[1] for m in reward_members]
+        )
     ref_adapters_off, ref_config, ref_params = _reference(pc, policy_config, policy_params)
     algo = algos.resolve(config)
     if not algo.critic:  # critic-free: no value model at all (no params, no optimizer state, not checkpointed)
@@ -196,11 +212,7 @@ def train(config, workdir: str) -> dict:
         value_config, value_params = add_lora_and_quant(
             rm_config,
             rm_params,
-            lora_rank=vc.lora_rank,
-            lora_alpha=vc.lora_alpha,
-            lora_targets=vc.lora_targets,
-            lora_dropout=vc.lora_dropout,
-            quant=vc.quant,
+            **lora_settings(vc),
             rng=jax.random.fold_in(rng, 5),
             where="value",
         )
@@ -243,7 +255,11 @@ def train(config, workdir: str) -> dict:
         built.frozen_sharding,
     )
     ref_params = None if ref_params is None else shard_params(ref_params, mesh, rules)  # frozen models: same rules
-    reward_params = shard_params(reward_params, mesh, rules)
+    reward_params = (
+        shard_params(reward_params, mesh, rules)
+        if len(reward_members) == 1
+        else jax.device_put(reward_params, replicated(mesh))
+    )
     memory = {
         "memory/train_state_bytes": algos.tree_bytes(state),
         "memory/frozen_bytes": algos.tree_bytes(frozen),
@@ -287,6 +303,8 @@ def train(config, workdir: str) -> dict:
         stop_token_ids=stop_ids,
         missing_eos_penalty=config.reward.missing_eos_penalty,
         length_penalty=config.reward.get("length_penalty", 0.0),
+        reward_objective=config.reward.get("objective", "mean"),
+        uwo_lambda=config.reward.get("uwo_lambda", 1.0),
         kl_estimator=config.kl.estimator,
         gamma=tc.gamma,
         lam=tc.lam,
@@ -321,7 +339,8 @@ def train(config, workdir: str) -> dict:
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
     )
-    norm = jnp.asarray([reward.gain, reward.bias], jnp.float32)
+    norm = jnp.asarray([[m.gain, m.bias] for m in reward_members], jnp.float32)
+    norm = norm[0] if len(reward_members) == 1 else norm
 
     update_keys = algos.update_keys(UPDATE_KEYS, algo)
     timing = {"rollout": 0.0, "update": 0.0}

@@ -29,6 +29,29 @@ import jax
 import numpy as np
 
 OBJECTIVES = ("mean", "wco", "uwo")
+ENSEMBLE_FILE = "ensemble.json"  # written by rm/ensemble_train.py: {'members': [relative dirs], 'seeds': [...]}
+
+
+def member_workdirs(workdir: str) -> list[str]:
+    """The RM workdirs a reward path stands for: an ensemble run's members (ensemble.json), else itself."""
+    import json
+    import os
+
+    path = os.path.join(workdir, ENSEMBLE_FILE)
+    if not os.path.exists(path):
+        return [workdir]
+    with open(path) as f:
+        members = json.load(f).get("members")
+    if not members:
+        raise ValueError(f"{path}: expected a non-empty 'members' list of member workdirs")
+    return [os.path.join(workdir, m) for m in members]
+
+
+def expand_workdirs(workdirs) -> list[str]:
+    """'A,B' or [A, B] (each an RM workdir, an exported folder or an ensemble run) -> member workdirs."""
+    if isinstance(workdirs, str):
+        workdirs = [w for w in workdirs.split(",") if w]
+    return [m for w in workdirs for m in member_workdirs(w)]
 
 
 def combine_scores(member_scores, *, objective: str = "mean", uwo_lambda: float = 1.0) -> np.ndarray:
@@ -54,6 +77,44 @@ def combine_scores(member_scores, *, objective: str = "mean", uwo_lambda: float 
     if not uwo_lambda >= 0:
         raise ValueError(f"rm/ensemble.py: uwo_lambda must be >= 0, got {uwo_lambda}")
     return scores.mean(0) - uwo_lambda * scores.var(0)
+
+
+def combine_member_scores(member_scores, *, objective: str = "mean", uwo_lambda: float = 1.0):
+    """`combine_scores` in JAX (jittable, float32), for scoring inside a jitted step (PPO's rollout).
+
+    Args:
+      member_scores: [K, B] normalised scores of the same B responses by K members.
+      objective: 'mean', 'wco' or 'uwo' (static).
+      uwo_lambda: variance weight of 'uwo' (static, >= 0).
+
+    Returns:
+      [B] float32 ensemble scores.
+    """
+    import jax.numpy as jnp
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"rm/ensemble.py: objective={objective!r}; expected one of {OBJECTIVES}")
+    if not uwo_lambda >= 0:
+        raise ValueError(f"rm/ensemble.py: uwo_lambda must be >= 0, got {uwo_lambda}")
+    scores = jnp.asarray(member_scores, jnp.float32)  # [K, B]
+    if objective == "mean":
+        return jnp.mean(scores, axis=0)
+    if objective == "wco":
+        return jnp.min(scores, axis=0)
+    return jnp.mean(scores, axis=0) - uwo_lambda * jnp.var(scores, axis=0)  # var: ddof = 0
+
+
+def load_members(path: str, *, dtype: str = "float32") -> list:
+    """The reward models a path stands for (`member_workdirs`), loaded: [LoadedRewardModel] of one
+    architecture and tokenizer (an ensemble run's members, or one RM workdir / exported folder)."""
+    from rm.model import load_reward_model
+
+    workdirs = member_workdirs(path)
+    members = [load_reward_model(w, dtype=dtype) for w in workdirs]
+    for workdir, member in zip(workdirs[1:], members[1:]):
+        if member.config != members[0].config:
+            raise ValueError(f"{workdir}: model config differs from {workdirs[0]}'s; ensemble members share one")
+    return members
 
 
 def average_params(member_params: Sequence) -> dict:
@@ -92,12 +153,15 @@ def write_reward_workdir(
     config_json: str | None = None,
     normalization: dict | None = None,
     extra: dict | None = None,
+    frozen: dict | None = None,
+    step: int = 0,
 ) -> str:
     """Writes an RM workdir that `rm.model.load_reward_model`, rm.score and rm.export read.
 
     workdir/model_config.json, tokenizer/ (copied from tokenizer_dir), config.json (copied from
     config_json: rm.score reads data.max_length there), normalization.json and an Orbax checkpoint
-    (step 0) holding {'params': params} with extra {'step', 'normalization', ...}.
+    (at `step`) holding {'params': params} (plus {'frozen': frozen}, the frozen base of a LoRA / int8
+    model, as rm/train.py writes it) with extra {'step', 'normalization', ...}.
     """
     import json
     import os
@@ -117,7 +181,8 @@ def write_reward_workdir(
         json.dump(normalization, f, indent=2)
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     try:
-        ckpt.save(0, {"params": params}, dict(extra or {}, step=0, normalization=normalization), force=True)
+        tree = {"params": params, "frozen": frozen} if frozen else {"params": params}
+        ckpt.save(step, tree, dict(extra or {}, step=step, normalization=normalization), force=True)
     finally:
         ckpt.close()
     return workdir
@@ -138,6 +203,7 @@ def warm_average(workdirs: Sequence[str], out: str, *, normalize_on: str = "", b
     from rm.evaluate import compute_normalization
     from rm.model import load_reward_model, score_arrays, training_max_length
 
+    workdirs = expand_workdirs(list(workdirs))  # an ensemble run's workdir stands for its members
     if len(workdirs) < 2:
         raise ValueError(f"rm/ensemble.py: WARM needs at least two member workdirs, got {list(workdirs)}")
     members = [load_reward_model(w) for w in workdirs]
@@ -188,7 +254,9 @@ def main(argv=None):
     from common.run_utils import exit_on_user_error
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--workdirs", required=True, help="member RM workdirs, comma-separated (same SFT init)")
+    ap.add_argument(
+        "--workdirs", required=True, help="member RM workdirs, comma-separated, or an ensemble run's workdir"
+    )
     ap.add_argument("--out", required=True, help="the averaged model's RM workdir (rm.score / rm.export read it)")
     ap.add_argument("--normalize_on", default="", help="preference files to recompute gain/bias on")
     args = ap.parse_args(argv)

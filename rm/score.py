@@ -13,7 +13,8 @@ reward folder (`python -m rm.export`). FILE is JSONL/JSON/Parquet:
 Tokenisation is the training one: prompt tokens + response tokens + EOS.
 One output line per input row, in order (bad rows are an error: nothing is dropped).
 
-Ensembles: `--workdir A,B,C --objective mean|wco|uwo [--uwo_lambda 1.0]` scores with each member
+Ensembles: `--workdir A,B,C --objective mean|wco|uwo [--uwo_lambda 1.0]` (or `--workdir W`, W an
+ensemble run's workdir, configs/rm.py model.ensemble_size = K: its members) scores with each member
 (its own tokenizer and normalisation) and combines the normalised scores (rm/ensemble.py):
 pair lines get the combined `chosen_score` / `rejected_score`, the members' `chosen_members` /
 `rejected_members` and `probability` (mean of the members' calibrated probabilities);
@@ -31,7 +32,7 @@ import numpy as np
 from common import data_io
 from common.workdir import write_jsonl
 from rm import data as rm_data
-from rm.ensemble import OBJECTIVES, combine_scores
+from rm.ensemble import OBJECTIVES, combine_scores, expand_workdirs
 from rm.model import load_reward_model, score_arrays, training_max_length
 
 
@@ -131,7 +132,8 @@ def _main(argv=None):
     ap.add_argument(
         "--workdir",
         required=True,
-        help="RM workdir or exported HF reward folder; several, comma-separated, score as an ensemble",
+        help="RM workdir or exported HF reward folder; several, comma-separated, or an ensemble run's workdir, "
+        "score as an ensemble",
     )
     ap.add_argument("--data", required=True, help="JSONL/JSON/Parquet file to score")
     ap.add_argument("--out", required=True, help="output JSONL, one line per input row")
@@ -147,7 +149,8 @@ def _main(argv=None):
     ap.add_argument("--uwo_lambda", type=float, default=1.0, help="variance weight of --objective uwo")
     args = ap.parse_args(argv)
 
-    workdirs = [args.workdir] if os.path.exists(args.workdir) else [w for w in args.workdir.split(",") if w]
+    # An ensemble run's workdir (model.ensemble_size = K) stands for its K member workdirs.
+    workdirs = expand_workdirs([args.workdir] if os.path.exists(args.workdir) else args.workdir)
     if len(workdirs) > 1:
         members = [_score_with(w, args) for w in workdirs]
         records = ensemble_records([m[0] for m in members], objective=args.objective, uwo_lambda=args.uwo_lambda)
@@ -158,7 +161,7 @@ def _main(argv=None):
             file=sys.stderr,
         )
         return
-    records, truncated, model = _score_with(args.workdir, args)
+    records, truncated, model = _score_with(workdirs[0], args)
     write_jsonl(args.out, records)
     print(
         f"scored {len(records)} rows -> {args.out} (truncated: {truncated}; normalisation gain={model.gain:.6g}, "

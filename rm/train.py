@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -24,13 +25,14 @@ import numpy as np
 import optax
 
 from common import data_io
+from common.data_io import split_files
 from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
 from common.mesh import batch_sharding, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.stats import bootstrap_ci
 from common.tracking import open_metrics, plot_training_curves, report_start
-from common.train_state import build_train_state, mesh_and_rules
+from common.train_state import build_train_state, lora_settings, mesh_and_rules
 from common.workdir import save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
@@ -44,15 +46,6 @@ from rm.losses import TIE_MODELS, bradley_terry_loss
 from rm.model import compute_rewards, rm_params_from_backbone
 
 log = logging.getLogger(__name__)
-
-
-def split_files(value) -> list[str]:
-    """'a.jsonl,b.jsonl' or a list -> list of paths (empty string -> [])."""
-    if not value:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def trim_to_bucket(batch: dict, bucket: int) -> dict:
@@ -232,7 +225,11 @@ def final_diagnostics(config, eval_data, chosen, rejected, calibration) -> dict:
 
 
 def train(config, workdir: str) -> dict:
-    """Train a reward model as configured; returns the final eval metrics."""
+    """Train a reward model as configured (K of them with model.ensemble_size = K); returns the final eval metrics."""
+    if int(config.model.get("ensemble_size", 1)) != 1:
+        from rm.ensemble_train import train_ensemble  # vmaps this module's train_step over members
+
+        return train_ensemble(config, workdir, single=sys.modules[__name__])  # passed in: no import circle
     t0 = time.time()
     if not config.model.init_from:
         raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")
@@ -277,11 +274,7 @@ def train(config, workdir: str) -> dict:
     model_config, params = add_lora_and_quant(
         model_config,
         params,
-        lora_rank=mc.lora_rank,
-        lora_alpha=mc.lora_alpha,
-        lora_targets=mc.lora_targets,
-        lora_dropout=mc.lora_dropout,
-        quant=mc.quant,
+        **lora_settings(mc),
         rng=jax.random.fold_in(rng, 3),
         where="model",
     )

@@ -31,11 +31,12 @@ import numpy as np
 import optax
 
 from common import data_io
+from common.data_io import split_files
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
 from common.mesh import batch_sharding, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
-from common.train_state import build_train_state, mesh_and_rules
+from common.train_state import build_train_state, lora_settings, mesh_and_rules
 from common.workdir import save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
@@ -175,15 +176,6 @@ def evaluate(eval_fn, params, data, *, batch_size, bucket) -> dict:
 # ----------------------------------------------------------------------------- setup
 
 
-def split_files(value) -> list[str]:
-    """'a.jsonl,b.jsonl' or a list -> list of paths (empty string -> [])."""
-    if not value:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
 def trim_to_bucket(batch: dict, bucket: int) -> dict:
     """Drop all-padding columns beyond the longest sequence, rounded up to `bucket` (few jit shapes)."""
     if bucket <= 0:
@@ -317,11 +309,7 @@ def train(config, workdir: str) -> dict:
     model_config, params = add_lora_and_quant(
         model_config,
         params,
-        lora_rank=mc.lora_rank,
-        lora_alpha=mc.lora_alpha,
-        lora_targets=mc.lora_targets,
-        lora_dropout=mc.lora_dropout,
-        quant=mc.quant,
+        **lora_settings(mc),
         rng=jax.random.fold_in(rng, 3),
         where="model",
     )

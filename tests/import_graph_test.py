@@ -23,7 +23,11 @@ ALLOWED = {
 }
 # PPO reaches a trained reward model only through loading and scoring it (the same module with a
 # per-token head is its value model).
-PUBLIC_FACES = {("ppo", "rm.model"): {"load_reward_model", "LoadedRewardModel", "RewardModel", "compute_rewards"}}
+PUBLIC_FACES = {
+    ("ppo", "rm.model"): {"load_reward_model", "LoadedRewardModel", "RewardModel", "compute_rewards"},
+    # an ensemble reward (K members of one run) and its scoring objective: loading and scoring too
+    ("ppo", "rm.ensemble"): {"OBJECTIVES", "load_members", "combine_member_scores"},
+}
 
 
 def _modules():

@@ -167,7 +167,7 @@ def _worker():
     from common.mesh import batch_sharding, make_mesh, replicated, shard_batch
     from common.optim import make_optimizer
     from common.train_state import build_train_state
-    from models.sharding import DEFAULT_RULES, param_path, shard_params, tree_shardings
+    from models.sharding import DEFAULT_RULES, param_path, shard_params
     from models.transformer import TransformerConfig, init_params
     from ppo.rollout import ModelSpecs, make_rollout_fn
     from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
@@ -360,16 +360,14 @@ def _worker():
     }
     for shape in GRPO_MESHES:
         mesh = make_mesh(shape)
-        state_sharding = tree_shardings(cf_state0, mesh, DEFAULT_RULES)
+        built = build_train_state(cf_params0, {}, tx, mesh=mesh, rules=DEFAULT_RULES, rng=jax.random.key(4))
         update_fn = jax.jit(
             cf_update,
-            in_shardings=(state_sharding, batch_sharding(mesh), {}),
-            out_shardings=(state_sharding, replicated(mesh)),
+            in_shardings=(built.state_sharding, batch_sharding(mesh), {}),
+            out_shardings=(built.state_sharding, replicated(mesh)),
             donate_argnums=(0,),
         )
-        state, metrics = summarise(
-            *update_fn(jax.device_put(cf_state0, state_sharding), shard_batch(cf_batch, mesh), {})
-        )
+        state, metrics = summarise(*update_fn(built.state, shard_batch(cf_batch, mesh), {}))
         report["grpo"]["meshes"]["x".join(map(str, shape))] = {
             "metrics": metrics,
             "max_policy_diff": max_diff(state["params"]["policy"], cf_single["params"]["policy"]),

@@ -46,7 +46,12 @@ from tests.hf_fixtures import make_tiny_hf_model
 from tests.rm_data_gen import NEUTRAL, corpus, make_rows, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DRIVERS_PRINT_ONLY = ("configs/quickstart.py", "configs/overoptimization.py", "configs/algorithms.py")
+DRIVERS_PRINT_ONLY = (
+    "configs/quickstart.py",
+    "configs/overoptimization.py",
+    "configs/algorithms.py",
+    "configs/ensembles.py",
+)
 TINY_RM = ["--config.train.steps=2"]
 TINY_PPO = [
     "--config.train.steps=1",
