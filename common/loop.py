@@ -34,6 +34,7 @@ from common import resume, tracking
 from common.checkpoint import CheckpointManager
 from common.metrics import MetricsWriter, Progress, write_config_json
 from common.run_utils import PreemptionHandler, check_finite
+from common.throughput import progress_fields
 
 
 def flat_data_stats(stats: dict) -> dict:
@@ -221,13 +222,16 @@ def run_train_loop(
     progress_keys: tuple[str, ...] | dict[str, str] = ("loss", "accuracy"),
     extra: dict | None = None,
     hooks: LoopHooks | None = None,
+    throughput=None,
 ) -> LoopResult:
     """Runs steps start_step+1 .. total_steps. `batches` yields ready (sharded) batches; `step_fn`
     is the jitted `(state, batch) -> (state, device metrics)` with at least 'loss'. Metrics are
     written as 'train/<key>' averages over the fetched group. `to_save(state)` is the checkpoint
     tree; `extra` (e.g. {'data': identity}) goes into every checkpoint's extra dict besides 'step'.
     `progress_keys` are shown on the progress bar (a dict maps shown names to metric keys);
-    `hooks` (LoopHooks) adapt the loop to a trainer (PPO). Returns the final state and step,
+    `hooks` (LoopHooks) adapt the loop to a trainer (PPO). `throughput` (common/throughput.py Meter)
+    adds perf/ fields (real tokens/s, step time, MFU) to each metrics line and the progress bar
+    (a trainer whose step metrics carry perf/ fields itself, as PPO's, passes none). Returns the final state and step,
     whether a SIGTERM stopped the run, and the last metrics written."""
     hooks = hooks or LoopHooks()
     prefix = hooks.metrics_prefix
@@ -261,6 +265,8 @@ def run_train_loop(
             line = {prefix + k: v for k, v in fetched[-1].items()}
         else:
             line = {prefix + k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        if throughput is not None:
+            line.update(throughput.fields(step, fetched))
         metrics_writer.write(step, line)
         pending = []
         return line
@@ -271,6 +277,9 @@ def run_train_loop(
         while step < total_steps:
             state, m = step_fn(state, next(batches))
             step += 1
+            if throughput is not None and step == start_step + 1:
+                jax.block_until_ready(m)  # the first step carries the compilation: rates start after it
+                throughput.mark(step)
             if hooks.on_step is not None:
                 m = jax.device_get(m)
                 check([m], step)
@@ -281,7 +290,8 @@ def run_train_loop(
             # reaches a checkpoint; with on_step every step was checked already.
             if step % log_every == 0 or is_last or (hooks.on_step is None and ckpt.should_save(step)):
                 last = flush(step)
-                progress.update(step - shown, **{name: last[prefix + key] for name, key in shown_keys.items()})
+                shown_values = {name: last[prefix + key] for name, key in shown_keys.items()}
+                progress.update(step - shown, **shown_values, **progress_fields(last))
                 shown = step
             if eval_every and step % eval_every == 0 and not is_last:
                 run_eval(step, state)

@@ -81,6 +81,7 @@ def logging_config() -> ml_collections.ConfigDict:
     lg.wandb = False  # also log to Weights & Biases (needs `pip install wandb`; imported only when True)
     lg.wandb_project = "rlhf-jax"  # W&B project name
     lg.wandb_mode = "offline"  # 'offline' (no network; `wandb sync` later) | 'online'
+    lg.peak_flops = 0.0  # peak FLOP/s per device for perf/mfu; 0 = bf16 table (GPU/TPU) or measured (CPU); -1 = off
     return lg
 
 

@@ -49,6 +49,9 @@ def get_config(arg=None):
     c.data.max_length = 512  # tokens of prompt + response; longer pairs lose prompt tokens from the left
     c.data.on_bad_row = "error"  # 'error': stop naming file/row/key; 'skip': count and report
     c.data.bucket = 64  # pad batches to a multiple of this many tokens (fewer compilations); 0 = max_length
+    c.data.packing = False  # training batches pack several sequences per max_length row (common/packing.py)
+    c.data.pack_rows = 0  # packed rows per group; 0 = the most any training step needs (computed at start)
+    c.data.pack_segments = 0  # most sequences in one packed row; 0 = the most any training step needs
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps

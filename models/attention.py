@@ -20,6 +20,10 @@ Implementations (`TransformerConfig.attention`, resolved by `resolve_attention_i
   auto     cudnn on a GPU when the dtype, head size and mask allow it; otherwise chunked when
            the query or key length is at least `AUTO_CHUNK_MIN_LEN`; otherwise xla. Short
            sequences on CPU/TPU therefore keep exactly the plain path's numbers.
+
+Packed rows (several sequences in one row, common/packing.py): `segment_ids` [B, T] (0 on
+padding, 1, 2, ... per sequence) restrict every path to keys of the query's own segment; the
+cudnn path takes it as part of its boolean mask.
 """
 
 from __future__ import annotations
@@ -36,9 +40,15 @@ DEFAULT_BLOCK_K = 512
 
 
 def attention_mask_for(
-    q_slots: jax.Array, kv_mask: jax.Array, *, num_slots: int, sliding_window: Optional[int] = None
+    q_slots: jax.Array,
+    kv_mask: jax.Array,
+    *,
+    num_slots: int,
+    sliding_window: Optional[int] = None,
+    segment_ids: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """Allowed (query, key) pairs [B, T, S]: a real key, not in the future, inside the window.
+    """Allowed (query, key) pairs [B, T, S]: a real key, not in the future, inside the window
+    and, with `segment_ids` [B, T] (self-attention, T == S), in the query's own segment.
 
     q_slots [T] are the queries' cache slots (0..T-1 without a cache); kv_mask [B, S] marks
     real keys.
@@ -47,7 +57,10 @@ def attention_mask_for(
     allowed = (k_slots[None, :] <= q_slots[:, None])[None]  # [1, T, S]
     if sliding_window is not None:
         allowed &= (q_slots[:, None] - k_slots[None, :] < sliding_window)[None]
-    return allowed & (kv_mask[:, None, :] > 0)  # [B, T, S]
+    allowed = allowed & (kv_mask[:, None, :] > 0)  # [B, T, S]
+    if segment_ids is not None:
+        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return allowed
 
 
 def cudnn_allowed(
@@ -113,8 +126,12 @@ def attend(
     impl: str = "xla",
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    segment_ids: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Grouped-query attention. q [B, T, H, D]; k, v [B, Hkv, S, D] -> [B, T, H, D].
+
+    segment_ids [B, T] (packed rows; self-attention only, S == T): a query sees only keys of
+    its own segment.
 
     Scores are computed in float32, multiplied by `scale`, soft-capped as
     softcap * tanh(scores / softcap) when `softcap` is set, then masked and softmaxed.
@@ -131,9 +148,26 @@ def attend(
             softcap=softcap,
             self_attention=q.shape[1] == k.shape[2],
         )
+    if (
+        segment_ids is not None
+        and segment_ids.shape != (q.shape[0], k.shape[2])
+        or (segment_ids is not None and q.shape[1] != k.shape[2])
+    ):
+        raise ValueError(
+            f"attend: segment_ids need self-attention (T == S) and shape [B, S]; got segment_ids "
+            f"{tuple(segment_ids.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if impl == "xla":
         return _attend_xla(
-            q, k, v, q_slots=q_slots, kv_mask=kv_mask, scale=scale, sliding_window=sliding_window, softcap=softcap
+            q,
+            k,
+            v,
+            q_slots=q_slots,
+            kv_mask=kv_mask,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            segment_ids=segment_ids,
         )
     if impl == "chunked":
         return _attend_chunked(
@@ -147,6 +181,7 @@ def attend(
             softcap=softcap,
             block_q=block_q,
             block_k=block_k,
+            segment_ids=segment_ids,
         )
     if impl in ("cudnn", "dpa_xla"):  # dpa_xla: the same call through XLA (tests the argument mapping on CPU)
         if softcap is not None:
@@ -159,15 +194,16 @@ def attend(
             scale=scale,
             sliding_window=sliding_window,
             implementation="cudnn" if impl == "cudnn" else "xla",
+            segment_ids=segment_ids,
         )
     raise ValueError(f"attention impl={impl!r}; one of {ATTENTION_IMPLS}")
 
 
-def _attend_xla(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap):
+def _attend_xla(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap, segment_ids=None):
     """The plain path: the whole [B, Hkv, G, T, S] float32 score tensor at once."""
     b, t, h, hd = q.shape
     kvh, s = k.shape[1], k.shape[2]
-    allowed = attention_mask_for(q_slots, kv_mask, num_slots=s, sliding_window=sliding_window)
+    allowed = attention_mask_for(q_slots, kv_mask, num_slots=s, sliding_window=sliding_window, segment_ids=segment_ids)
     qg = q.reshape(b, t, kvh, h // kvh, hd)
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * scale
     if softcap is not None:
@@ -177,12 +213,14 @@ def _attend_xla(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap):
     return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, hd)
 
 
-def _attend_dot_product(q, k, v, *, kv_mask, scale, sliding_window, implementation):
+def _attend_dot_product(q, k, v, *, kv_mask, scale, sliding_window, implementation, segment_ids=None):
     """jax.nn.dot_product_attention for self-attention over slots 0..T-1 (no cache offset)."""
     b, t, _, _ = q.shape
     s = k.shape[2]
     # Padding anywhere (left or right) as a boolean mask; cuDNN wants it at full [.., T, S].
     mask = jnp.broadcast_to((kv_mask > 0)[:, None, None, :], (b, 1, t, s))
+    if segment_ids is not None:  # packed rows: the segment test is one more term of the same mask
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     window = None if sliding_window is None else (sliding_window - 1, 0)  # q - k <= window - 1
     return jax.nn.dot_product_attention(
         q,
@@ -205,7 +243,7 @@ def _pad_axis(x, axis, size, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _attend_chunked(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap, block_q, block_k):
+def _attend_chunked(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap, block_q, block_k, segment_ids=None):
     """Blockwise attention with an online softmax; see the module docstring.
 
     Masked keys get float32 min (as in the plain path, so a row with no allowed key averages
@@ -227,10 +265,15 @@ def _attend_chunked(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap
     kv_mask_blocks = _pad_axis(kv_mask > 0, 1, nk * bk).reshape(b, nk, bk).transpose(1, 0, 2)  # [nk, B, bk]
     k_slot_blocks = jnp.arange(nk * bk).reshape(nk, bk)
     k_exists = k_slot_blocks < s  # [nk, bk]
+    # Segment ids of queries [nq, B, bq] and keys [nk, B, bk]; all zeros (one segment) when unpacked.
+    q_seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    k_seg = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    q_seg_blocks = _pad_axis(q_seg, 1, nq * bq).reshape(b, nq, bq).transpose(1, 0, 2)
+    k_seg_blocks = _pad_axis(k_seg, 1, nk * bk).reshape(b, nk, bk).transpose(1, 0, 2)
 
-    def key_step(carry, xs, q_block, q_slot_block):
+    def key_step(carry, xs, q_block, q_slot_block, q_seg_block):
         running_max, running_sum, acc = carry  # [B, Hkv, G, bq], [B, Hkv, G, bq], [B, Hkv, G, bq, D]
-        k_block, v_block, mask_block, k_slot_block, exists = xs
+        k_block, v_block, mask_block, k_slot_block, exists, k_seg_block = xs
         scores = jnp.einsum("bqkgd,bksd->bkgqs", q_block, k_block).astype(jnp.float32) * scale  # [B,Hkv,G,bq,bk]
         if softcap is not None:
             scores = softcap * jnp.tanh(scores / softcap)
@@ -238,6 +281,8 @@ def _attend_chunked(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap
         if sliding_window is not None:
             allowed &= q_slot_block[:, None] - k_slot_block[None, :] < sliding_window
         allowed = allowed[None] & mask_block[:, None, :]  # [B, bq, bk]
+        if segment_ids is not None:
+            allowed &= q_seg_block[:, :, None] == k_seg_block[:, None, :]
         scores = jnp.where(allowed[:, None, None], scores, neg)
         scores = jnp.where(exists[None, None, None, None, :], scores, -jnp.inf)
         # The result does not depend on the shift, so no gradient flows through the running max.
@@ -250,19 +295,19 @@ def _attend_chunked(q, k, v, *, q_slots, kv_mask, scale, sliding_window, softcap
         return (new_max, running_sum, acc), None
 
     @jax.checkpoint
-    def query_block(q_block, q_slot_block):
+    def query_block(q_block, q_slot_block, q_seg_block):
         init = (
             jnp.full((b, kvh, g, bq), neg, jnp.float32),
             jnp.zeros((b, kvh, g, bq), jnp.float32),
             jnp.zeros((b, kvh, g, bq, hd), jnp.float32),
         )
-        step = jax.checkpoint(lambda carry, xs: key_step(carry, xs, q_block, q_slot_block))
+        step = jax.checkpoint(lambda carry, xs: key_step(carry, xs, q_block, q_slot_block, q_seg_block))
         (_, running_sum, acc), _ = jax.lax.scan(
-            step, init, (k_blocks, v_blocks, kv_mask_blocks, k_slot_blocks, k_exists)
+            step, init, (k_blocks, v_blocks, kv_mask_blocks, k_slot_blocks, k_exists, k_seg_blocks)
         )
         out = (acc / running_sum[..., None]).astype(v.dtype)  # [B, Hkv, G, bq, D]
         return out.transpose(0, 3, 1, 2, 4)  # [B, bq, Hkv, G, D]
 
-    out = jax.lax.map(lambda xs: query_block(*xs), (q_blocks, q_slot_blocks))  # [nq, B, bq, Hkv, G, D]
+    out = jax.lax.map(lambda xs: query_block(*xs), (q_blocks, q_slot_blocks, q_seg_blocks))  # [nq, B, bq, Hkv, G, D]
     out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, nq * bq, h, hd)
     return out[:, :t]

@@ -54,7 +54,7 @@ class _LayerGroup(nn.Module):
     period: int
 
     @nn.compact
-    def __call__(self, carry, positions, attention_mask, q_slots, cache_index):
+    def __call__(self, carry, positions, attention_mask, q_slots, cache_index, segment_ids):
         x, caches, g = carry  # caches: None, or P dicts of stacked [G, B, Hkv, S, D] (the scan carry)
         new_caches = []
         for j in range(self.period):
@@ -62,7 +62,7 @@ class _LayerGroup(nn.Module):
             if caches is not None:  # layer g of the stack; written back in place below
                 layer_cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, g, 0, keepdims=False), caches[j])
             x, layer_cache = self.block_cls(self.config, layer=j, name=f"p{j}")(
-                x, positions, attention_mask, q_slots, layer_cache, cache_index
+                x, positions, attention_mask, q_slots, layer_cache, cache_index, segment_ids
             )
             if caches is not None:  # write back only the T slots this step filled: [1, B, Hkv, T, D]
                 new_caches.append(
@@ -71,7 +71,7 @@ class _LayerGroup(nn.Module):
         return (x, new_caches if caches is not None else None, g + 1), None
 
 
-def scan_layer_groups(config, block_cls, x, positions, attention_mask, q_slots, cache, cache_index):
+def scan_layer_groups(config, block_cls, x, positions, attention_mask, q_slots, cache, cache_index, segment_ids=None):
     """Layers 0 .. G*P-1 through one nn.scan (call from the Transformer's compact __call__).
 
     Returns (x, stacked caches or None, the remainder layers' caches (list) or None, index of the
@@ -84,11 +84,11 @@ def scan_layer_groups(config, block_cls, x, positions, attention_mask, q_slots, 
         _LayerGroup,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * 5,  # positions, mask, q_slots, cache_index, segment_ids: every layer's
         length=groups,
     )(config, block_cls, period, name=STACKED)
     (x, stacked_cache, _), _ = scanned(
-        (x, stacked_cache, jnp.zeros((), jnp.int32)), positions, attention_mask, q_slots, cache_index
+        (x, stacked_cache, jnp.zeros((), jnp.int32)), positions, attention_mask, q_slots, cache_index, segment_ids
     )
     return x, stacked_cache, rest_cache, groups * period
 

@@ -23,6 +23,8 @@ Families:
 
 Padding: `attention_mask` marks real tokens; left and right padding both work because
 positions are derived from the mask (cumsum - 1) and padded keys are masked out.
+Packed rows (common/packing.py): `segment_ids` [B, T] (0 padding, 1, 2, ... one per sequence)
+restart the positions at every segment and keep attention inside each segment.
 """
 
 from __future__ import annotations
@@ -96,10 +98,8 @@ class TransformerConfig:
     # Log-probs / entropies / SFT loss from hidden states over chunks of this many positions
     # (models/lm_head.py), so no [B, T, V] float32 logits are held; 0 = full logits.
     logits_chunk: int = 128
-    # Layers run through one scan over groups of `layer_period()` layers (XLA compiles one block body
-    # instead of n_layers copies), their params held stacked as `layers_stacked/p{j}` [G, ...]
-    # (models/scan.py: stack_layers / unstack_layers / match_layout; HF files stay per layer).
-    # LoRA dropout draws other (equally distributed) masks than the unrolled model.
+    # One scan over groups of `layer_period()` layers, params held stacked `layers_stacked/p{j}` [G, ...]
+    # (models/scan.py; HF files stay per layer). LoRA dropout masks differ from the unrolled model's.
     scan_layers: bool = False
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
@@ -229,6 +229,15 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position ids of packed rows: 0 at the first token of every (contiguous) segment. [B, T]."""
+    t = segment_ids.shape[-1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    previous = jnp.concatenate([jnp.full_like(segment_ids[..., :1], -1), segment_ids[..., :-1]], axis=-1)
+    starts = jnp.where(segment_ids != previous, index, 0)  # [B, T] index where each segment begins
+    return index - jax.lax.cummax(starts, axis=segment_ids.ndim - 1)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis. plus_one (Gemma): x_hat * (1 + w) in float32, w initialised 0;
     otherwise (Llama): x_hat cast to the compute dtype, times w (initialised 1)."""
@@ -303,7 +312,7 @@ class Attention(nn.Module):
     layer: int = 0  # index of the block: picks the layer's window and RoPE (local/global)
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, q_slots, cache, cache_index):
+    def __call__(self, x, positions, kv_mask, q_slots, cache, cache_index, segment_ids=None):
         cfg = self.config
         b, t, _ = x.shape
         h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -345,6 +354,7 @@ class Attention(nn.Module):
             sliding_window=cfg.layer_window(self.layer),
             softcap=cfg.attn_softcap,
             impl=impl,
+            segment_ids=segment_ids,
         ).reshape(b, t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
@@ -373,10 +383,10 @@ class Block(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, q_slots, cache, cache_index):
+    def __call__(self, x, positions, kv_mask, q_slots, cache, cache_index, segment_ids=None):
         cfg = self.config
         attn_out, cache = Attention(cfg, layer=self.layer, name="attn")(
-            _norm(cfg, "attn_norm")(x), positions, kv_mask, q_slots, cache, cache_index
+            _norm(cfg, "attn_norm")(x), positions, kv_mask, q_slots, cache, cache_index, segment_ids
         )
         if cfg.is_gemma:
             attn_out = _norm(cfg, "post_attn_norm")(attn_out)
@@ -404,13 +414,18 @@ class Transformer(nn.Module):
         cache: Optional[list] = None,
         cache_index: Optional[jax.Array] = None,
         return_logits: bool = True,
+        segment_ids: Optional[jax.Array] = None,  # [B, T] packed rows: 0 padding, 1, 2, ... per sequence
     ) -> Output:
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         t = input_ids.shape[1]
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for training and scoring forwards, not KV-cache decoding")
         if cache is None:
             if positions is None:
-                positions = positions_from_mask(attention_mask)
+                positions = (
+                    positions_from_mask(attention_mask) if segment_ids is None else positions_from_segments(segment_ids)
+                )
             q_slots = jnp.arange(t)
         else:
             if positions is None or cache_index is None:
@@ -445,12 +460,12 @@ class Transformer(nn.Module):
         first_unrolled, stacked_cache, layer_caches = 0, None, cache
         if cfg.scan_layers:  # layers 0 .. G*P-1: one scan over stacked params (models/scan.py)
             x, stacked_cache, layer_caches, first_unrolled = scan_layer_groups(
-                cfg, block_cls, x, positions, attention_mask, q_slots, cache, cache_index
+                cfg, block_cls, x, positions, attention_mask, q_slots, cache, cache_index, segment_ids
             )
         for i in range(first_unrolled, cfg.n_layers):
             layer_cache = None if cache is None else layer_caches[i - first_unrolled]
             x, layer_cache = block_cls(cfg, layer=i, name=f"layers_{i}")(
-                x, positions, attention_mask, q_slots, layer_cache, cache_index
+                x, positions, attention_mask, q_slots, layer_cache, cache_index, segment_ids
             )
             if new_cache is not None:
                 new_cache.append(layer_cache)

@@ -186,6 +186,11 @@ def make_rollout_fn(specs: ModelSpecs, settings):
     norm: [2] array (gain, bias) of the reward model; or [K, 2] for an ensemble of K members, whose
     reward_params are then stacked [K, ...] and whose normalised scores combine by settings'
     reward_objective ('mean' | 'wco' | 'uwo', rm/ensemble.py) and uwo_lambda.
+
+    The function's two stages are also attributes, to be jitted and timed apart (ppo/train.py's
+    time/generation_s and time/scoring_s): `fn.generate(params, query_ids, query_mask, rng) ->
+    SampleOutput` and `fn.score(params, ref_params, reward_params, norm, beta, query_ids,
+    query_mask, sample) -> Rollout`; fn is score(generate(...)).
     """
     s = dict(settings)
     advantage, group_size = s.get("advantage", "gae"), int(s.get("group_size", 1))
@@ -206,8 +211,10 @@ def make_rollout_fn(specs: ModelSpecs, settings):
         stop_token_ids=tuple(s["stop_token_ids"]),
     )
 
-    def rollout(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng):
-        sample = generate(params["policy"], query_ids, query_mask, rng)
+    def generate_stage(params, query_ids, query_mask, rng):
+        return generate(params["policy"], query_ids, query_mask, rng)
+
+    def score_stage(params, ref_params, reward_params, norm, beta, query_ids, query_mask, sample):
         response_ids, response_mask = sample.response_ids, sample.response_mask
         maskf = response_mask.astype(jnp.float32)
 
@@ -293,6 +300,11 @@ def make_rollout_fn(specs: ModelSpecs, settings):
             kl_coef=jnp.full(scores.shape, beta, jnp.float32),
         )
 
+    def rollout(params, ref_params, reward_params, norm, beta, query_ids, query_mask, rng):
+        sample = generate_stage(params, query_ids, query_mask, rng)
+        return score_stage(params, ref_params, reward_params, norm, beta, query_ids, query_mask, sample)
+
+    rollout.generate, rollout.score = generate_stage, score_stage
     return rollout
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import data_io
+from common import data_io, throughput
 from common.data_io import split_files
 from common.distributed import gather_to_host, is_main_process
 from common.loop import LoopHooks, open_checkpoints, run_train_loop, start_run
@@ -314,7 +314,10 @@ def train(config, workdir: str) -> dict:
         group_eps=algo.group_eps,
         kl_in_loss=algo.kl_in_loss,
     )
-    rollout_fn = jax.jit(make_rollout_fn(specs, settings))
+    rollout_stages = make_rollout_fn(specs, settings)
+    generate_fn, score_fn = jax.jit(rollout_stages.generate), jax.jit(rollout_stages.score)  # timed apart
+    peak, peak_source = throughput.peak_flops(float(config.logging.get("peak_flops", 0.0)))
+    print(f"throughput: MFU against {'no peak' if peak is None else f'{peak:.3g} FLOP/s'} ({peak_source})", flush=True)
     loss_fn = functools.partial(
         ppo_loss,
         specs=specs,
@@ -343,7 +346,7 @@ def train(config, workdir: str) -> dict:
     norm = norm[0] if len(reward_members) == 1 else norm
 
     update_keys = algos.update_keys(UPDATE_KEYS, algo)
-    timing = {"rollout": 0.0, "update": 0.0}
+    timing = {"rollout": 0.0, "update": 0.0, "generation": 0.0, "scoring": 0.0}
     latest = {}  # the last rollout, for samples.jsonl
 
     def ppo_step(state, numbered_batch):
@@ -354,16 +357,11 @@ def train(config, workdir: str) -> dict:
         beta = kl_ctl.value
         t1 = time.time()
         roll_rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-        rollout = rollout_fn(
-            combine_params(state["params"], frozen),
-            ref_params,
-            reward_params,
-            norm,
-            jnp.float32(beta),
-            batch["input_ids"],
-            batch["attention_mask"],
-            roll_rng,
-        )
+        full = combine_params(state["params"], frozen)
+        sample = jax.block_until_ready(generate_fn(full, batch["input_ids"], batch["attention_mask"], roll_rng))
+        t_generated = time.time()
+        query = (batch["input_ids"], batch["attention_mask"])
+        rollout = score_fn(full, ref_params, reward_params, norm, jnp.float32(beta), *query, sample)
         rmetrics = jax.device_get(rollout_metrics(rollout, beta, critic=algo.critic, group_size=algo.group_size))
         t2 = time.time()
         state, umetrics = update_fn(state, {k: getattr(rollout, k) for k in update_keys}, frozen)
@@ -371,13 +369,20 @@ def train(config, workdir: str) -> dict:
         t3 = time.time()
         timing["rollout"] += t2 - t1
         timing["update"] += t3 - t2
+        timing["generation"] += t_generated - t1
+        timing["scoring"] += t2 - t_generated
         latest["rollout"] = rollout
         metrics = {
             **{k: float(v) for k, v in rmetrics.items()},
             **{k: float(v) for k, v in umetrics.items()},
             "kl/beta": beta,
-            "time/rollout_s": t2 - t1,
+            "time/rollout_s": t2 - t1,  # generation + scoring
             "time/update_s": t3 - t2,
+            "time/generation_s": t_generated - t1,
+            "time/scoring_s": t2 - t_generated,
+            **throughput.ppo_iteration_perf(
+                specs, rollout, times=(t_generated - t1, t2 - t_generated, t3 - t2), epochs=tc.ppo_epochs, peak=peak
+            ),
         }
         return state, metrics
 

@@ -44,10 +44,17 @@ class RewardModel(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, *, per_token: bool = False):
-        out = Transformer(self.config, name="backbone")(input_ids, attention_mask, return_logits=False)
-        hidden = out.hidden_states if per_token else gather_last(out.hidden_states, attention_mask)
-        return ScalarHead(param_dtype=self.config.param_dtype, name="head")(hidden)  # [B] or [B, T]
+    def __call__(self, input_ids, attention_mask, *, per_token: bool = False, segment_ids=None, read_at=None):
+        """Rewards [B] at each row's last real token; [B, T] with per_token; packed rows
+        (segment_ids [B, T], common/packing.py): [B, K] read at token indices read_at [B, K]."""
+        out = Transformer(self.config, name="backbone")(
+            input_ids, attention_mask, return_logits=False, segment_ids=segment_ids
+        )
+        if read_at is not None:
+            hidden = jnp.take_along_axis(out.hidden_states, read_at[..., None], axis=1)  # [B, K, d]
+        else:
+            hidden = out.hidden_states if per_token else gather_last(out.hidden_states, attention_mask)
+        return ScalarHead(param_dtype=self.config.param_dtype, name="head")(hidden)  # [B], [B, T] or [B, K]
 
 
 def init_head(config: TransformerConfig, rng: jax.Array) -> dict:
@@ -67,6 +74,22 @@ def compute_rewards(
     """Scalar rewards [B] (raw, before normalisation). `dropout_rng` turns on LoRA dropout (training only)."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return RewardModel(config).apply({"params": params}, input_ids, attention_mask, rngs=rngs)
+
+
+def compute_packed_rewards(
+    config: TransformerConfig, params: dict, input_ids, segment_ids, read_at, dropout_rng: Optional[jax.Array] = None
+) -> jax.Array:
+    """Raw rewards [B, K] of packed rows (common/packing.py): input_ids, segment_ids [B, T]; the
+    reward of segment k is read at its last token read_at[:, k]."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    return RewardModel(config).apply(
+        {"params": params},
+        input_ids,
+        (segment_ids > 0).astype(jnp.int32),
+        segment_ids=segment_ids,
+        read_at=read_at,
+        rngs=rngs,
+    )
 
 
 @dataclasses.dataclass

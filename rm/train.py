@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import data_io
+from common import data_io, packing, throughput
 from common.data_io import split_files
 from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
-from common.mesh import batch_sharding, local_rows, replicated, shard_batch
+from common.mesh import batch_sharding, data_axis_size, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.stats import bootstrap_ci
 from common.tracking import open_metrics, plot_training_curves, report_start
@@ -43,7 +43,7 @@ from rm.calibration import calibration_metrics, fit_temperature, write_calibrati
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
 from rm.length_bias import length_bias_metrics, response_lengths
 from rm.losses import TIE_MODELS, bradley_terry_loss
-from rm.model import compute_rewards, rm_params_from_backbone
+from rm.model import compute_packed_rewards, compute_rewards, rm_params_from_backbone
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,35 @@ def pair_rewards(model_config, params, batch, dropout_rng=None):
     return rewards[:b], rewards[b:]
 
 
+def packed_pair_rewards(model_config, params, batch, dropout_rng=None):
+    """Rewards of chosen and rejected [G * P] from a packed batch (common/packing.py pack_pairs),
+    in the unpacked batch's pair order: one forward over the G * R packed rows."""
+    g, r, t = batch["input_ids"].shape
+    rewards = compute_packed_rewards(
+        model_config,
+        params,
+        batch["input_ids"].reshape(g * r, t),
+        batch["segment_ids"].reshape(g * r, t),
+        batch["read_at"].reshape(g * r, -1),
+        dropout_rng,
+    ).reshape(g, -1)  # [G, R * K], slot row * K + k
+    chosen = jnp.take_along_axis(rewards, batch["chosen_slot"], axis=1).reshape(-1)  # [G * P]
+    rejected = jnp.take_along_axis(rewards, batch["rejected_slot"], axis=1).reshape(-1)
+    return chosen, rejected
+
+
+def batch_token_stats(batch, *, window=None):
+    """Real tokens, attended pairs and pad fractions of a padded or packed preference batch (device metrics)."""
+    if "segment_ids" in batch:
+        out = throughput.token_stats(batch["segment_ids"], batch["positions"], window=window)
+        out["pad_fraction_unpacked"] = 1.0 - out["tokens"] / jnp.sum(batch["padded_tokens"])
+    else:
+        masks = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+        out = throughput.token_stats(masks, throughput.positions_of_mask(masks), window=window)
+    out["pad_fraction"] = 1.0 - out["tokens"] / out["slots"]
+    return out
+
+
 def train_step(
     state,
     batch,
@@ -95,17 +124,20 @@ def train_step(
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     frozen = frozen or {}
+    packed = "segment_ids" in batch  # common/packing.py rows: pair leaves are [G, P], flattened in pair order
+    rewards_fn = packed_pair_rewards if packed else pair_rewards
 
     def loss_fn(params, micro, micro_rng):
         dropout_rng = micro_rng if model_config.lora_dropout > 0 else None
-        chosen, rejected = pair_rewards(model_config, combine_params(params, frozen), micro, dropout_rng)
-        margin = micro["margin"] if use_margin else None
+        chosen, rejected = rewards_fn(model_config, combine_params(params, frozen), micro, dropout_rng)
+        margin = micro["margin"].reshape(-1) if use_margin else None
+        labels = micro["label"].reshape(-1) if "label" in micro else None
         return bradley_terry_loss(
             chosen,
             rejected,
             margin=margin,
             center_coef=center_coef,
-            labels=micro.get("label"),
+            labels=labels,
             label_smoothing=label_smoothing,
             tie_model=tie_model,
             tie_theta=tie_theta,
@@ -118,6 +150,7 @@ def train_step(
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"]))
+    metrics.update(batch_token_stats(batch, window=model_config.sliding_window))
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics
 
@@ -151,6 +184,29 @@ def normalization_rewards(config, eval_fn, params, train_data, eval_data, tokeni
         )
     chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
     return np.concatenate([chosen, rejected]), used
+
+
+def pack_layout(config, data, mesh) -> packing.PackLayout:
+    """The static packed-batch layout of this run (data.packing): one group of consecutive pairs per
+    micro-batch and data shard, rows and segments per row the maximum any training step needs."""
+    tc = config.train
+    groups = tc.grad_accum_steps * data_axis_size(mesh)
+    if tc.batch_size % groups:
+        raise ValueError(
+            f"config.data.packing needs train.batch_size={tc.batch_size} divisible by grad_accum_steps x data "
+            f"shards = {groups} (one packing group each)"
+        )
+    n = len(data)
+    return packing.plan_pair_layout(
+        data.chosen_mask.sum(1),
+        data.rejected_mask.sum(1),
+        lambda step: data_io.batch_indices(n, batch_size=tc.batch_size, seed=config.seed, step=step),
+        steps=range(tc.steps),
+        groups=groups,
+        length=config.data.max_length,
+        rows=config.data.get("pack_rows", 0),
+        max_segments=config.data.get("pack_segments", 0),
+    )
 
 
 def check_loss_options(config):
@@ -227,6 +283,11 @@ def final_diagnostics(config, eval_data, chosen, rejected, calibration) -> dict:
 def train(config, workdir: str) -> dict:
     """Train a reward model as configured (K of them with model.ensemble_size = K); returns the final eval metrics."""
     if int(config.model.get("ensemble_size", 1)) != 1:
+        if config.data.get("packing", False):
+            raise ValueError(
+                "config.data.packing=True is not supported with model.ensemble_size > 1 (members' batches are "
+                "stacked padded); set data.packing=False"
+            )
         from rm.ensemble_train import train_ensemble  # vmaps this module's train_step over members
 
         return train_ensemble(config, workdir, single=sys.modules[__name__])  # passed in: no import circle
@@ -293,6 +354,10 @@ def train(config, workdir: str) -> dict:
         built.frozen,
         built.frozen_sharding,
     )
+    layout = pack_layout(config, train_data, mesh) if config.data.get("packing", False) else None
+    if layout is not None:
+        stats["train"].update(pack_groups=layout.groups, pack_rows=layout.rows, pack_segments=layout.max_segments)
+        write_json(os.path.join(workdir, "data_stats.json"), stats)
 
     def to_save(state):  # the checkpoint also holds the frozen base, so the workdir is self-contained
         return dict(state, frozen=frozen) if frozen else state
@@ -342,10 +407,15 @@ def train(config, workdir: str) -> dict:
         return out
 
     batches = rm_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
+    if layout is not None:
+        pad = model_config.pad_token_id
+        batches = ((s, packing.pack_pairs(b, layout, pad_id=pad, bucket=config.data.bucket)) for s, b in batches)
+    else:
+        batches = ((s, trim_to_bucket(b, config.data.bucket)) for s, b in batches)
     loop = run_train_loop(
         step_fn=lambda s, b: step_fn(s, b, frozen),
         state=state,
-        batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
+        batches=(shard_batch(local_rows(b, mesh), mesh) for _, b in batches),
         start_step=start_step,
         total_steps=tc.steps,
         ckpt=ckpt,
@@ -358,6 +428,7 @@ def train(config, workdir: str) -> dict:
         desc="rm",
         progress_keys=("loss", "accuracy"),
         extra={"data": data_identity},
+        throughput=throughput.training_meter(config, model_config, lm_head=False),
     )
     state, step = loop.state, loop.step
     if loop.preempted:

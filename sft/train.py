@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import data_io
+from common import data_io, packing, throughput
 from common.data_io import split_files
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
-from common.mesh import batch_sharding, local_rows, replicated, shard_batch
+from common.mesh import batch_sharding, data_axis_size, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
 from common.train_state import build_train_state, lora_settings, mesh_and_rules
@@ -88,24 +88,27 @@ def next_token_loss(*, logits, input_ids, loss_mask, num_targets=None):
     return jnp.sum(nll) / jnp.maximum(denominator, 1.0)
 
 
-def lm_logits(model_config, params, input_ids, attention_mask):
-    """[B, T, V] float32 logits of the causal LM."""
-    return Transformer(model_config).apply({"params": params}, input_ids, attention_mask).logits
+def lm_logits(model_config, params, input_ids, attention_mask, segment_ids=None):
+    """[B, T, V] float32 logits of the causal LM (packed rows with `segment_ids`)."""
+    return (
+        Transformer(model_config).apply({"params": params}, input_ids, attention_mask, segment_ids=segment_ids).logits
+    )
 
 
-def lm_nll(model_config, params, input_ids, attention_mask, loss_mask, dropout_rng=None):
+def lm_nll(model_config, params, input_ids, attention_mask, loss_mask, dropout_rng=None, segment_ids=None):
     """`next_token_nll` of the causal LM: over chunks of the hidden states when
     model_config.logits_chunk > 0 (models/lm_head.py: no [B, T, V] float32 logits), else from
-    the full logits. `dropout_rng` turns on LoRA dropout (training only)."""
+    the full logits. `dropout_rng` turns on LoRA dropout (training only). Packed rows
+    (common/packing.py) pass `segment_ids`; the first token of every sequence is never a target,
+    so no loss term crosses a segment boundary."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    model = Transformer(model_config)
     if model_config.logits_chunk:
-        hidden = (
-            Transformer(model_config)
-            .apply({"params": params}, input_ids, attention_mask, return_logits=False, rngs=rngs)
-            .hidden_states
-        )  # [B, T, d]
+        hidden = model.apply(
+            {"params": params}, input_ids, attention_mask, return_logits=False, rngs=rngs, segment_ids=segment_ids
+        ).hidden_states  # [B, T, d]
         return next_token_nll_from_hidden(model_config, params, hidden, input_ids, loss_mask)
-    logits = Transformer(model_config).apply({"params": params}, input_ids, attention_mask, rngs=rngs).logits
+    logits = model.apply({"params": params}, input_ids, attention_mask, rngs=rngs, segment_ids=segment_ids).logits
     return next_token_nll(logits=logits, input_ids=input_ids, loss_mask=loss_mask)
 
 
@@ -126,8 +129,10 @@ def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_s
     def loss_fn(params, micro, micro_rng):
         full = combine_params(params, frozen) if frozen else params
         dropout_rng = micro_rng if model_config.lora_dropout > 0 else None
+        segment_ids = micro.get("segment_ids")  # packed rows (common/packing.py) or None
+        mask = micro["attention_mask"] if segment_ids is None else (segment_ids > 0).astype(jnp.int32)
         nll, _, correct = lm_nll(
-            model_config, full, micro["input_ids"], micro["attention_mask"], micro["loss_mask"], dropout_rng
+            model_config, full, micro["input_ids"], mask, micro["loss_mask"], dropout_rng, segment_ids
         )
         denominator = micro["denominator"][0]
         return jnp.sum(nll) / denominator, {"accuracy": jnp.sum(correct) / denominator}
@@ -145,7 +150,20 @@ def train_step(state, batch, frozen=None, *, model_config, tx, schedule, accum_s
         learning_rate=schedule(state["step"]),
         target_tokens=num_targets,
     )
+    metrics.update(batch_token_stats(batch, window=model_config.sliding_window))
     return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+
+
+def batch_token_stats(batch, *, window=None):
+    """Real tokens, attended pairs and pad fractions of a padded or packed SFT batch (device metrics)."""
+    if "segment_ids" in batch:
+        out = throughput.token_stats(batch["segment_ids"], batch["positions"], window=window)
+        out["pad_fraction_unpacked"] = 1.0 - out["tokens"] / jnp.sum(batch["padded_tokens"])
+    else:
+        mask = batch["attention_mask"]
+        out = throughput.token_stats(mask, throughput.positions_of_mask(mask), window=window)
+    out["pad_fraction"] = 1.0 - out["tokens"] / out["slots"]
+    return out
 
 
 def eval_sums(model_config, params, batch):
@@ -373,10 +391,24 @@ def train(config, workdir: str) -> dict:
         if initial:
             print(f"initial eval loss {initial['eval/loss']:.4f}", flush=True)
     batches = sft_data.train_batches(train_data, batch_size=tc.batch_size, seed=config.seed, start_step=start_step)
+    if config.data.get("packing", False):
+        layout = packing.plan_sequence_layout(
+            train_data.attention_mask.sum(1),
+            lambda s: data_io.batch_indices(len(train_data), batch_size=tc.batch_size, seed=config.seed, step=s),
+            steps=range(tc.steps),
+            length=config.data.max_length,
+            row_multiple=tc.grad_accum_steps * data_axis_size(mesh),
+            rows=config.data.get("pack_rows", 0),
+        )
+        print(f"packing: {layout.rows} rows of {layout.length} tokens per step", flush=True)
+        pad = model_config.pad_token_id
+        batches = ((s, packing.pack_sequences(b, layout, pad_id=pad, bucket=config.data.bucket)) for s, b in batches)
+    else:
+        batches = ((s, trim_to_bucket(b, config.data.bucket)) for s, b in batches)
     loop = run_train_loop(
         step_fn=lambda s, b: step_fn(s, b, frozen),
         state=state,
-        batches=(shard_batch(local_rows(trim_to_bucket(b, config.data.bucket), mesh), mesh) for _, b in batches),
+        batches=(shard_batch(local_rows(b, mesh), mesh) for _, b in batches),
         start_step=start_step,
         total_steps=tc.steps,
         ckpt=ckpt,
@@ -389,6 +421,7 @@ def train(config, workdir: str) -> dict:
         desc="sft",
         progress_keys=("loss", "accuracy"),
         extra={"data": data_identity},
+        throughput=throughput.training_meter(config, model_config, lm_head=True),
     )
     state, step = loop.state, loop.step
     if loop.preempted:

@@ -90,6 +90,22 @@ def test_score_rises_with_bounded_kl(ppo_run):
     assert samples and {"step", "prompt", "response", "score"} <= set(samples[0])
 
 
+def test_metrics_carry_throughput_and_time_split(ppo_run):
+    """Each line splits the iteration into generation, scoring and update, and counts real tokens."""
+    workdir, _ = ppo_run
+    batch_size = ppo_config.get_config("size=tiny").train.batch_size
+    for line in read(os.path.join(workdir, "metrics.jsonl")):
+        assert line["time/generation_s"] + line["time/scoring_s"] == pytest.approx(line["time/rollout_s"])
+        # response tokens: rollout/response_length is their mean per row
+        assert line["perf/response_tokens"] == pytest.approx(line["rollout/response_length"] * batch_size)
+        query_tokens = line["perf/tokens"] - line["perf/response_tokens"]
+        assert query_tokens >= 2 * batch_size and query_tokens == int(query_tokens)  # 'Review: ' + words
+        step_s = line["time/rollout_s"] + line["time/update_s"]
+        assert line["perf/step_time_s"] == pytest.approx(step_s, rel=1e-6)
+        assert line["perf/tokens_per_s"] == pytest.approx(line["perf/tokens"] / step_s, rel=1e-6)
+        assert line["perf/model_flops_per_s"] > 0 and 0 < line["perf/mfu"] < 2  # CPU probe: noisy when shared
+
+
 def test_high_fixed_beta_barely_moves(setup, ppo_run):
     workdir = str(setup["dir"] / "ppo_beta")
     ppo_train(tiny(setup, train__steps=24, kl__kind="fixed", kl__init_beta=5.0), workdir)

@@ -112,6 +112,12 @@ def test_stacked_forward_and_gradients_equal_unrolled(name, remat):
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
     assert shapes(grads) == shapes(stacked)  # the gradients come out stacked
     assert_trees_close(unstack_layers(grads), ref_grads)
+    if name == "llama":  # packed rows (segment ids) reach every scanned layer
+        seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3, 0]] * 3, jnp.int32)
+        fwd = lambda c, p: Transformer(c).apply({"params": p}, ids, (seg > 0).astype(jnp.int32), segment_ids=seg)
+        np.testing.assert_allclose(
+            np.asarray(fwd(scan_cfg, stacked).logits), np.asarray(fwd(cfg, params).logits), rtol=1e-5, atol=1e-5
+        )
     # One loop over the groups (with remat inside it), not n_layers block copies.
     jaxpr = str(jax.make_jaxpr(lambda p: Transformer(scan_cfg).apply({"params": p}, ids, mask).logits)(stacked))
     assert "scan" in jaxpr and ("checkpoint" in jaxpr or "remat" in jaxpr) == remat
