@@ -16,7 +16,7 @@ What is measured
 
   ours        `rm.train.train_step`, jitted with `donate_argnums=(0,)` and built exactly as
               `rm/train.py` builds it (load_hf_checkpoint -> rm_params_from_backbone ->
-              make_optimizer -> replicated state on a `make_mesh` mesh; each batch goes through
+              make_optimizer -> common.train_state.build_train_state, replicated, on a `make_mesh` mesh; each batch goes through
               `trim_to_bucket` (bucket 64) and `shard_batch`; metrics are fetched every 10 steps as
               the trainer's log_every does). Run twice: with the process's XLA_FLAGS
               ("xla-default") and with `--xla_cpu_experimental_ynn_fusion_type=` appended
@@ -113,9 +113,11 @@ def worker_ours(directory: str, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from common.mesh import make_mesh, replicated, shard_batch
+    from common.mesh import make_mesh, shard_batch
     from common.optim import make_optimizer
+    from common.train_state import build_train_state
     from models.hf import load_hf_checkpoint
+    from models.sharding import REPLICATED_RULES
     from rm.model import rm_params_from_backbone
     from rm.train import train_step, trim_to_bucket
 
@@ -133,13 +135,8 @@ def worker_ours(directory: str, steps: int) -> dict:
         learning_rate=LEARNING_RATE, total_steps=10**6, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0
     )
     mesh = make_mesh((-1, 1), ("data", "model"))
-    state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.asarray(0, jnp.int32),
-        "rng": jax.random.key_data(jax.random.fold_in(rng, 2)),
-    }
-    state = jax.device_put(state, replicated(mesh))
+    # The trainer's own state builder (rm/train.py), replicated: data parallel only.
+    state = build_train_state(params, {}, tx, mesh=mesh, rules=REPLICATED_RULES, rng=jax.random.fold_in(rng, 2)).state
     step_fn = jax.jit(
         functools.partial(
             train_step,

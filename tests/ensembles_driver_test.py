@@ -25,7 +25,7 @@ def test_ensembles_tiny(tmp_path):
     run = results["per_seed"][0]["0.25"]
     assert len(run["rm"]["member_accuracy"]) == 2
     bon = run["bon"]["single"]
-    assert bon["n"] == [1, 2, 4] and bon["gold"][0] == 0.0  # gains over the SFT policy (best-of-1)
+    assert bon["n"] == [1, 2, 4] and abs(bon["gold"][0]) < 1e-6  # gains over the SFT policy (best-of-1)
     # The PPO runs read the single RM (member 0) and the ensemble run under wco.
     for variant, reward in (("single", "members/0"), ("wco", "")):
         config = json.load(open(os.path.join(workdir, "noise_0.25", f"ppo_{variant}", "config.json")))
