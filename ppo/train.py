@@ -381,7 +381,12 @@ def train(config, workdir: str) -> dict:
             "time/generation_s": t_generated - t1,
             "time/scoring_s": t2 - t_generated,
             **throughput.ppo_iteration_perf(
-                specs, rollout, times=(t_generated - t1, t2 - t_generated, t3 - t2), epochs=tc.ppo_epochs, peak=peak
+                specs,
+                rollout,
+                times=(t_generated - t1, t2 - t_generated, t3 - t2),
+                epochs=tc.ppo_epochs,
+                peak=peak,
+                reward_members=len(reward_members),
             ),
         }
         return state, metrics
