@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +44,14 @@ def _parse_args(argv=None):
         help="off: disable XLA:CPU YNNPACK fusions (see the module docstring)",
     )
     parser.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for HF generate")
+    parser.add_argument(
+        "--pin",
+        type=int,
+        default=0,
+        help="pin the process to this many cores (XLA sizes its pool from them) and use as many torch threads; "
+        "with 1, CPU-seconds per token is the load-robust figure on a shared machine",
+    )
+    parser.add_argument("--quick", action="store_true", help="3 repetitions")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -143,12 +152,13 @@ def bench_shape(shape: str, args) -> dict:
     ours(-1)  # compile + warm-up
     compile_s = time.perf_counter() - start
     theirs(-1)
-    times = {"ours": [], "hf": []}
+    times, cpu = {"ours": [], "hf": []}, {"ours": [], "hf": []}
     for rep in range(args.reps):
         for name, fn in (("ours", ours), ("hf", theirs)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             tokens = fn(rep)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
             if tokens.shape != (b, n):
                 raise RuntimeError(f"{name} produced {tokens.shape} new tokens, expected {(b, n)}")
     family, layers, d, heads, vocab = SHAPES[shape]
@@ -165,13 +175,20 @@ def bench_shape(shape: str, args) -> dict:
     for name in times:
         result[f"{name}_tokens_per_s"] = b * n / statistics.median(times[name])
         result[f"{name}_tokens_per_s_best"] = b * n / min(times[name])  # least disturbed by machine load
+        result[f"{name}_tokens_per_cpu_s"] = b * n / statistics.median(cpu[name])
     result["ratio"] = result["ours_tokens_per_s"] / result["hf_tokens_per_s"]
     result["ratio_best"] = result["ours_tokens_per_s_best"] / result["hf_tokens_per_s_best"]
+    result["ratio_per_cpu_s"] = result["ours_tokens_per_cpu_s"] / result["hf_tokens_per_cpu_s"]
     return result
 
 
 def main(argv=None):
     args = _parse_args(argv)
+    if args.quick:
+        args.reps = 3
+    if args.pin:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.pin])  # before jax starts its pool
+        args.torch_threads = args.pin
     if args.xla_ynn == "off":
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -196,11 +213,18 @@ def main(argv=None):
         f"\nbatch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, temperature {TEMPERATURE}, "
         f"median of {args.reps}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n"
     )
-    print("| shape | model | ours tok/s | HF generate tok/s | ours/HF |")
-    print("|---|---|---:|---:|---:|")
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `{uptime}`; torch threads {args.torch_threads}\n")
+    print(
+        "| shape | model | ours tok/s | HF generate tok/s | ours/HF | ours tok/CPU-s | HF tok/CPU-s | ours/HF per CPU-s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for shape, r in results.items():
         model = f"{r['family']} L{r['layers']} d{r['d_model']} h{r['heads']} V{r['vocab']}"
-        print(f"| {shape} | {model} | {r['ours_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | {r['ratio']:.2f}x |")
+        print(
+            f"| {shape} | {model} | {r['ours_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | {r['ratio']:.2f}x | "
+            f"{r['ours_tokens_per_cpu_s']:.0f} | {r['hf_tokens_per_cpu_s']:.0f} | {r['ratio_per_cpu_s']:.2f}x |"
+        )
 
     meta = dict(
         batch=args.batch,
@@ -208,6 +232,7 @@ def main(argv=None):
         new_tokens=args.new_tokens,
         temperature=TEMPERATURE,
         reps=args.reps,
+        uptime=uptime,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         torch_threads=torch.get_num_threads(),
         cpu_count=os.cpu_count(),

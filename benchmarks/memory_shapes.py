@@ -14,6 +14,8 @@ DEFAULT_RULES ('embed' over 'data') and batches by their leading dim; the figure
 Modes
   before  attention='xla' (float32 [B, H, T, T] scores) and logits_chunk=0 (full [B, T, V] logits).
   after   attention='chunked' (blockwise, models/attention.py) and logits_chunk=128 (models/lm_head.py).
+  after_scan  after + scan_layers=True: params (and Adam moments) held stacked [G, ...] per period
+          position, one checkpointed scan over the layers (models/scan.py); use --depths ''.
 
 Configuration: bf16 parameters and compute, remat on every block (nothing_saveable), full
 fine-tuning of policy and value model (benchmarks/memory.py's 'bf16+remat'). Workloads (global
@@ -87,7 +89,7 @@ REAL_SHAPES = {
 MODES = {
     "before": dict(attention="xla", logits_chunk=0),
     "after": dict(attention="chunked", logits_chunk=128),
-    # after + a scan over the layers: the scan body is checkpointed, so only its carries (one
+    # after + a scan over stacked layers: the scan body is checkpointed, so only its carries (one
     # residual per layer) are saved for the backward pass whatever the CPU scheduler does.
     "after_scan": dict(attention="chunked", logits_chunk=128, scan_layers=True),
 }
