@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.memory import (
+from benchmarks.memory_setup import (
     SHAPES,
     Variant,
     make_tx,

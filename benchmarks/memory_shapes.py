@@ -48,15 +48,8 @@ if __name__ == "__main__" and "--devices" in sys.argv and sys.argv[sys.argv.inde
 
 import jax  # noqa: E402
 
-from benchmarks.memory import (  # noqa: E402
-    SHAPES,
-    Variant,
-    _affine,
-    compiler_options,
-    memory_stats,
-    ppo_setup,
-    rm_setup,
-)
+from benchmarks.memory import _affine, compiler_options, memory_stats  # noqa: E402
+from benchmarks.memory_setup import SHAPES, Variant, ppo_setup, rm_setup  # noqa: E402
 from common.mesh import batch_sharding, make_mesh  # noqa: E402
 from models.sharding import DEFAULT_RULES, tree_shardings  # noqa: E402
 
