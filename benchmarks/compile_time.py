@@ -8,8 +8,9 @@ the Llama-3.2-1B shape (benchmarks/memory.py's SHAPES['1b']) with its layer coun
 The time is `jit(...).lower(...).compile()` wall-clock on this machine's CPU backend (XLA:CPU
 at its default options, as a run would compile). Workloads are small (the compile time
 depends on the program, hardly on the batch): RM 2 pairs x 256, SFT 2 x 256, PPO 2 rollouts
-x (64 + 32). `--scan` sets TransformerConfig.scan_layers (one lax.scan over the layers in the
-training and scoring forwards; the rollout's KV-cache sampling loop stays unrolled).
+x (64 + 32). `--scan` sets TransformerConfig.scan_layers (params stacked per period position and one
+scan over the layer groups, in the training and scoring forwards and in KV-cache decoding;
+models/scan.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.memory import (
+from benchmarks.memory_setup import (
     SHAPES,
     Variant,
     make_tx,

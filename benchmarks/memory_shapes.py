@@ -14,6 +14,8 @@ DEFAULT_RULES ('embed' over 'data') and batches by their leading dim; the figure
 Modes
   before  attention='xla' (float32 [B, H, T, T] scores) and logits_chunk=0 (full [B, T, V] logits).
   after   attention='chunked' (blockwise, models/attention.py) and logits_chunk=128 (models/lm_head.py).
+  after_scan  after + scan_layers=True: params (and Adam moments) held stacked [G, ...] per period
+          position, one checkpointed scan over the layers (models/scan.py); use --depths ''.
 
 Configuration: bf16 parameters and compute, remat on every block (nothing_saveable), full
 fine-tuning of policy and value model (benchmarks/memory.py's 'bf16+remat'). Workloads (global
@@ -46,15 +48,8 @@ if __name__ == "__main__" and "--devices" in sys.argv and sys.argv[sys.argv.inde
 
 import jax  # noqa: E402
 
-from benchmarks.memory import (  # noqa: E402
-    SHAPES,
-    Variant,
-    _affine,
-    compiler_options,
-    memory_stats,
-    ppo_setup,
-    rm_setup,
-)
+from benchmarks.memory import _affine, compiler_options, memory_stats  # noqa: E402
+from benchmarks.memory_setup import SHAPES, Variant, ppo_setup, rm_setup  # noqa: E402
 from common.mesh import batch_sharding, make_mesh  # noqa: E402
 from models.sharding import DEFAULT_RULES, tree_shardings  # noqa: E402
 
@@ -87,7 +82,7 @@ REAL_SHAPES = {
 MODES = {
     "before": dict(attention="xla", logits_chunk=0),
     "after": dict(attention="chunked", logits_chunk=128),
-    # after + a scan over the layers: the scan body is checkpointed, so only its carries (one
+    # after + a scan over stacked layers: the scan body is checkpointed, so only its carries (one
     # residual per layer) are saved for the backward pass whatever the CPU scheduler does.
     "after_scan": dict(attention="chunked", logits_chunk=128, scan_layers=True),
 }

@@ -33,8 +33,9 @@ def rm_quality(rm_dir: str, pairs_file: str, *, max_length: int, batch_size: int
     from models.lora import merge_lora
     from models.quant import param_bytes, quantize_params
     from rm import data as rm_data
+    from rm.final_eval import evaluate
     from rm.model import load_reward_model
-    from rm.train import evaluate, pair_rewards
+    from rm.train import pair_rewards
 
     model = load_reward_model(rm_dir)
     params, config = merge_lora(model.params, model.config)  # a LoRA RM is scored merged (as in PPO)

@@ -124,8 +124,9 @@ def worker_ours(directory: str, steps: int, packed: bool = False) -> dict:
     from common.train_state import build_train_state
     from models.hf import load_hf_checkpoint
     from models.sharding import REPLICATED_RULES
+    from rm.data import trim_to_bucket
     from rm.model import rm_params_from_backbone
-    from rm.train import train_step, trim_to_bucket
+    from rm.train import train_step
 
     pairs = load_pairs(directory)
     model_config, backbone, leftovers = load_hf_checkpoint(directory, with_leftovers=True)

@@ -186,12 +186,15 @@ def progress_fields(perf: dict) -> dict:
     return out
 
 
-def ppo_iteration_flops(specs, *, tokens, response_tokens, attended, attended_window=0.0, epochs) -> float:
+def ppo_iteration_flops(
+    specs, *, tokens, response_tokens, attended, attended_window=0.0, epochs, reward_members=1
+) -> float:
     """Model FLOPs of one PPO iteration over sequences of `tokens` real (query + response) tokens.
 
     specs: ppo/rollout.py ModelSpecs. Counted: generation (a policy forward over every token, the
     LM head on response tokens only), scoring (policy and reference forwards with their LM heads on
-    response tokens, the value model unless its head sits on the policy, the reward model), and
+    response tokens, the value model unless its head sits on the policy, each of `reward_members`
+    reward models), and
     `epochs` update passes (3 forwards of the policy and of a separate value model).
     """
     pairs = dict(attended=attended, attended_window=attended_window)
@@ -205,12 +208,12 @@ def ppo_iteration_flops(specs, *, tokens, response_tokens, attended, attended_wi
         value = forward_flops(specs.value, tokens=tokens, lm_head=False, **pairs)
     generation = lm(specs.policy)
     scoring = lm(specs.policy) + lm(specs.reference_config()) + value
-    scoring += forward_flops(specs.reward, tokens=tokens, lm_head=False, **pairs)
+    scoring += reward_members * forward_flops(specs.reward, tokens=tokens, lm_head=False, **pairs)
     update = epochs * 3.0 * (lm(specs.policy) + value)
     return generation + scoring + update
 
 
-def ppo_iteration_perf(specs, rollout, *, times, epochs, peak) -> dict:
+def ppo_iteration_perf(specs, rollout, *, times, epochs, peak, reward_members=1) -> dict:
     """perf/ fields of one PPO iteration (ppo/train.py): real tokens/s overall, of generation and
     of the update, the step time, the model FLOPs rate and MFU. rollout: ppo/rollout.py Rollout;
     times: (generation_s, scoring_s, update_s). The first iteration's times include compilation."""
@@ -226,6 +229,7 @@ def ppo_iteration_perf(specs, rollout, *, times, epochs, peak) -> dict:
         attended=float(stats["attended"]),
         attended_window=float(stats.get("attended_window", 0.0)),
         epochs=epochs,
+        reward_members=reward_members,
     )
     out = {
         "perf/tokens": tokens,

@@ -133,9 +133,13 @@ def add_lora_params(params: dict, config: TransformerConfig, rng: jax.Array) -> 
         present = [k for k in LORA_LEAVES if k in d]
         if present:
             raise ValueError(f"add_lora_params: {'/'.join(prefix)} already has {present}; strip_lora first")
-        w = d["kernel"] if "kernel" in d else d["qvalue"]  # [in, out]
-        n_in, n_out = w.shape[-2], w.shape[-1]
-        return dict(d, lora_a=lora_a_init(keys[prefix], (n_in, rank), pdtype), lora_b=jnp.zeros((rank, n_out), pdtype))
+        w = d["kernel"] if "kernel" in d else d["qvalue"]  # [..., in, out] ([G, in, out] when stacked)
+        lead, n_in, n_out = tuple(w.shape[:-2]), w.shape[-2], w.shape[-1]
+        return dict(
+            d,
+            lora_a=lora_a_init(keys[prefix], lead + (n_in, rank), pdtype),
+            lora_b=jnp.zeros(lead + (rank, n_out), pdtype),
+        )
 
     return _rebuild(params, add)
 
@@ -216,7 +220,7 @@ def merge_lora(params: dict, config: TransformerConfig) -> tuple[dict, Transform
             raise ValueError(
                 f"merge_lora: {where}/lora_a has rank {a.shape[-1]}, config.lora_rank is {config.lora_rank}"
             )
-        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [in, out]; full f32 on TPU/GPU too
+        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [..., in, out]; full f32 on TPU/GPU too
         merged = (w + scale * delta).astype(d["kernel"].dtype)
         out = {k: v for k, v in d.items() if k not in LORA_LEAVES}
         out["kernel"] = merged

@@ -27,6 +27,8 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
+from models.scan import unstack_layers
+
 __all__ = ["export_peft_adapter", "PEFT_FAMILIES"]
 
 # Families whose HF module names are mapped (and tested against peft) here.
@@ -60,6 +62,7 @@ def _f32(x):
 def _adapters(config, params):
     """{(layer, projection): (A [in, r], B [r, out])} of every adapted projection."""
     out = {}
+    params = unstack_layers(params)  # scan_layers runs hold the layers stacked (models/scan.py)
     for i in range(config.n_layers):
         layer = params[f"layers_{i}"]
         for name, section in _SECTION.items():

@@ -43,6 +43,7 @@ from models.projections import PROJECTIONS as _PROJECTIONS
 from models.projections import LoRADense, QuantDense
 from models.projections import expand_lora_targets as _expand_lora_targets
 from models.rope import ROPE_TYPES, apply_rope, rope_inv_freq, rotary_dim  # noqa: F401 (re-exported)
+from models.scan import init_stacked_cache, scan_layer_groups
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "gpt_neox", "phi3")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF config.layer_types entries
@@ -97,13 +98,8 @@ class TransformerConfig:
     # Log-probs / entropies / SFT loss from hidden states over chunks of this many positions
     # (models/lm_head.py), so no [B, T, V] float32 logits are held; 0 = full logits.
     logits_chunk: int = 128
-    # Training/scoring forwards (no KV cache) run the layers through one jax.lax.scan over groups of
-    # `layer_period()` layers, so XLA compiles one block body instead of n_layers copies (the PPO
-    # update at 32 layers of a 1B shape compiles in minutes unrolled). Parameters keep the
-    # `layers_{i}` layout (checkpoints, LoRA, int8, sharding, HF mapping unchanged); the cost is that
-    # each forward stacks the layer weights into [n_groups, ...] copies (one extra copy of the block
-    # weights, and of their gradients in the backward pass). Decoding with a cache stays unrolled.
-    # LoRA dropout draws other (equally distributed) masks than the unrolled model.
+    # One scan over groups of `layer_period()` layers, params held stacked `layers_stacked/p{j}` [G, ...]
+    # (models/scan.py; HF files stay per layer). LoRA dropout masks differ from the unrolled model's.
     scan_layers: bool = False
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
@@ -216,7 +212,7 @@ class TransformerConfig:
 class Output:
     logits: Optional[jax.Array]  # [B, T, V] float32, or None when not requested
     hidden_states: jax.Array  # [B, T, d] float32, after the final norm
-    cache: Optional[Any]  # updated KV cache (list of {'k','v'}) or None
+    cache: Optional[Any]  # updated KV cache (list of {'k','v'}; scan_layers: see models/scan.py) or None
 
 
 def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype=None) -> list:
@@ -224,7 +220,8 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype=N
     step's attention reads contiguous [S, D] blocks per head)."""
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
+    return init_stacked_cache(config, layers)  # scan_layers: stacked per period position (models/scan.py)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -462,16 +459,20 @@ class Transformer(nn.Module):
         if cfg.remat:
             block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
         new_cache = [] if cache is not None else None
-        first_unrolled = 0
-        if cfg.scan_layers and cache is None and not self.is_initializing():
-            # init stays unrolled so the parameters are created under their usual names
-            x, first_unrolled = self._scanned_layers(x, positions, attention_mask, q_slots, segment_ids)
+        first_unrolled, stacked_cache, layer_caches = 0, None, cache
+        if cfg.scan_layers:  # layers 0 .. G*P-1: one scan over stacked params (models/scan.py)
+            x, stacked_cache, layer_caches, first_unrolled = scan_layer_groups(
+                cfg, block_cls, x, positions, attention_mask, q_slots, cache, cache_index, segment_ids
+            )
         for i in range(first_unrolled, cfg.n_layers):
+            layer_cache = None if cache is None else layer_caches[i - first_unrolled]
             x, layer_cache = block_cls(cfg, layer=i, name=f"layers_{i}")(
-                x, positions, attention_mask, q_slots, None if cache is None else cache[i], cache_index, segment_ids
+                x, positions, attention_mask, q_slots, layer_cache, cache_index, segment_ids
             )
             if new_cache is not None:
                 new_cache.append(layer_cache)
+        if stacked_cache is not None:
+            new_cache = {"stacked": stacked_cache, "layers": new_cache}
         x = _norm(cfg, "final_norm")(x)
 
         logits = None
@@ -491,60 +492,6 @@ class Transformer(nn.Module):
             if cfg.final_softcap is not None:
                 logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         return Output(logits=logits, hidden_states=x.astype(jnp.float32), cache=new_cache)
-
-    def _scanned_layers(self, x, positions, attention_mask, q_slots, segment_ids=None):
-        """Layers 0 .. G*P-1 through a lax.scan over G = n_layers // P groups of P = layer_period()
-        blocks; returns (x, index of the first layer left for the unrolled loop)."""
-        cfg = self.config
-        period = cfg.layer_period()
-        groups = cfg.n_layers // period
-        if groups < 1:  # fewer layers than one period: the unrolled loop does it all
-            return x, 0
-        layer_params = self.variables["params"]
-        # xs[j]: the params of layers j, j + P, j + 2P, ... stacked on a new leading axis [G, ...]
-        xs = {
-            "params": [
-                jax.tree.map(
-                    lambda *leaves: jnp.stack(leaves),
-                    *[layer_params[f"layers_{g * period + j}"] for g in range(groups)],
-                )
-                for j in range(period)
-            ]
-        }
-        has_dropout = self.has_rng("dropout")
-        if has_dropout:  # one key per scanned layer (fold_in of the layer index); the unrolled
-            # model folds module paths in instead, so its masks differ (same distribution)
-            base = self.make_rng("dropout")
-            xs["dropout"] = [
-                jax.vmap(lambda g, j=j: jax.random.fold_in(base, g * period + j))(jnp.arange(groups))
-                for j in range(period)
-            ]
-
-        def one_block(j, p, rng, h):
-            # Static layer index j (< P): the block keeps that position's window and RoPE kind.
-            out, _ = Block(cfg, layer=j, parent=None).apply(
-                {"params": p},
-                h,
-                positions,
-                attention_mask,
-                q_slots,
-                None,
-                None,
-                segment_ids,
-                rngs=None if rng is None else {"dropout": rng},
-            )
-            return out
-
-        if cfg.remat:
-            one_block = jax.checkpoint(one_block, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(0,))
-
-        def group(h, xs_g):
-            for j in range(period):
-                h = one_block(j, xs_g["params"][j], xs_g["dropout"][j] if has_dropout else None, h)
-            return h, None
-
-        x, _ = jax.lax.scan(group, x, xs)
-        return x, groups * period
 
 
 def init_params(config: TransformerConfig, rng: jax.Array) -> dict:

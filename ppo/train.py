@@ -46,6 +46,7 @@ from models.heads import ScalarHead
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params, merge_lora, strip_lora
 from models.quant import quantize_params
+from models.scan import match_layout
 from models.sharding import shard_params
 from ppo import algorithms as algos
 from ppo.data import load_prompts, prompt_batches
@@ -66,6 +67,7 @@ def _load_models(config, tokenizer):
         logits_chunk=mc.get("logits_chunk", 128),
         scan_layers=mc.get("scan_layers", False),
     )
+    policy_params = match_layout(policy_params, policy_config)  # scan_layers: stacked layers (models/scan.py)
     if policy_config.pad_token_id is None:
         policy_config = policy_config.replace(pad_token_id=tokenizer.pad_token_id)
     if bool(config.reward.workdir) == bool(config.reward.init_from):
@@ -84,6 +86,7 @@ def _load_models(config, tokenizer):
         raise ValueError("config.reward.quant='int8' is not supported with an ensemble reward (K members)")
     for member in members:
         member.config = member.config.replace(scan_layers=config.reward.get("scan_layers", False))
+        member.params = match_layout(member.params, member.config)  # scan_layers: stacked (models/scan.py)
     reward = members[0]
     if reward.config.vocab_size < policy_config.vocab_size:
         raise ValueError(
@@ -214,6 +217,7 @@ def train(config, workdir: str) -> dict:
             where="value",
         )
         value_config = value_config.replace(scan_layers=vc.get("scan_layers", False))
+        value_params = match_layout(value_params, value_config)
         value_tree = {"value": value_params}
     specs = ModelSpecs(
         policy=policy_config,
@@ -377,7 +381,12 @@ def train(config, workdir: str) -> dict:
             "time/generation_s": t_generated - t1,
             "time/scoring_s": t2 - t_generated,
             **throughput.ppo_iteration_perf(
-                specs, rollout, times=(t_generated - t1, t2 - t_generated, t3 - t2), epochs=tc.ppo_epochs, peak=peak
+                specs,
+                rollout,
+                times=(t_generated - t1, t2 - t_generated, t3 - t2),
+                epochs=tc.ppo_epochs,
+                peak=peak,
+                reward_members=len(reward_members),
             ),
         }
         return state, metrics

@@ -6,5 +6,6 @@ Modules:
   losses.py    Bradley-Terry pairwise loss (margin, centering, masking) and metrics
   train.py     train(config, workdir)
   evaluate.py  accuracy, ECE / Brier / reliability diagrams, gain-bias normalisation
+  final_eval.py  the trainer's held-out rewards, calibration and end-of-run diagnostics
   export.py    export to a Hugging Face AutoModelForSequenceClassification folder
 """

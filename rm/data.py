@@ -325,6 +325,20 @@ def load_preference_data(
 # ----------------------------------------------------------------------------- batching
 
 
+def trim_to_bucket(batch: dict, bucket: int) -> dict:
+    """Drop all-padding columns beyond the batch's longest sequence, rounded up to `bucket`.
+
+    Keeps the number of distinct shapes (and so jit compilations) small while not paying
+    for padding up to data.max_length on every batch.
+    """
+    if bucket <= 0:
+        return batch
+    longest = max(int(batch["chosen_mask"].sum(1).max()), int(batch["rejected_mask"].sum(1).max()))
+    width = batch["chosen_ids"].shape[1]
+    keep = min(width, -(-longest // bucket) * bucket)
+    return {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in batch.items()}
+
+
 def train_batches(data: PreferenceData, *, batch_size, seed, start_step=0):
     """Endless (step, batch) for training; batch `s` depends only on (seed, s).
 

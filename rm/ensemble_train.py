@@ -51,6 +51,7 @@ from common.workdir import save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params
+from models.scan import match_layout
 from rm import data as rm_data
 from rm.calibration import write_calibration
 from rm.ensemble import OBJECTIVES, combine_scores, write_reward_workdir
@@ -180,6 +181,7 @@ def train_ensemble(config, workdir: str, *, single) -> dict:
         attention=config.model.get("attention", "auto"),
         scan_layers=config.model.get("scan_layers", False),
     )
+    backbone = match_layout(backbone, model_config)  # scan_layers: layers held stacked (models/scan.py)
     if model_config.pad_token_id is None:
         model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
     inits = [init_member(model_config, backbone, config.model, s) for s in seeds]

@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from common import data_io, packing, throughput
@@ -30,35 +29,22 @@ from common.distributed import is_main_process
 from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
 from common.mesh import batch_sharding, data_axis_size, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
-from common.stats import bootstrap_ci
 from common.tracking import open_metrics, plot_training_curves, report_start
 from common.train_state import build_train_state, lora_settings, mesh_and_rules
 from common.workdir import save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params
+from models.scan import match_layout
 from rm import data as rm_data
-from rm.calibration import calibration_metrics, fit_temperature, write_calibration
+from rm.calibration import write_calibration
+from rm.data import trim_to_bucket
 from rm.evaluate import compute_normalization, plot_reliability_diagram, preference_metrics
-from rm.length_bias import length_bias_metrics, response_lengths
+from rm.final_eval import evaluate, final_diagnostics, fit_calibration, normalization_rewards
 from rm.losses import TIE_MODELS, bradley_terry_loss
 from rm.model import compute_packed_rewards, compute_rewards, rm_params_from_backbone
 
 log = logging.getLogger(__name__)
-
-
-def trim_to_bucket(batch: dict, bucket: int) -> dict:
-    """Drop all-padding columns beyond the batch's longest sequence, rounded up to `bucket`.
-
-    Keeps the number of distinct shapes (and so jit compilations) small while not paying
-    for padding up to data.max_length on every batch.
-    """
-    if bucket <= 0:
-        return batch
-    longest = max(int(batch["chosen_mask"].sum(1).max()), int(batch["rejected_mask"].sum(1).max()))
-    width = batch["chosen_ids"].shape[1]
-    keep = min(width, -(-longest // bucket) * bucket)
-    return {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in batch.items()}
 
 
 def pair_rewards(model_config, params, batch, dropout_rng=None):
@@ -154,37 +140,6 @@ def train_step(
     return new_state, metrics
 
 
-def evaluate(eval_fn, params, data, *, batch_size, bucket):
-    """Rewards of every pair in `data` -> (chosen [N], rejected [N])."""
-    chosen, rejected = np.zeros(len(data), np.float32), np.zeros(len(data), np.float32)
-    for batch in rm_data.eval_batches(data, batch_size=batch_size):
-        batch = trim_to_bucket(batch, bucket)
-        c, r = eval_fn(params, {k: batch[k] for k in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")})
-        valid = batch["valid"] > 0
-        chosen[batch["index"][valid]] = np.asarray(c)[valid]
-        rejected[batch["index"][valid]] = np.asarray(r)[valid]
-    return chosen, rejected
-
-
-def normalization_rewards(config, eval_fn, params, train_data, eval_data, tokenizer, *, batch_size, bucket):
-    """(rewards, source) of the responses named by eval.normalize_on ('eval', 'train' or preference
-    files); `source` is the set actually used: 'eval' without eval files falls back to 'train'."""
-    source = config.eval.normalize_on
-    if source == "eval" and eval_data is not None:
-        data, used = eval_data, "eval"
-    elif source in ("train", "eval"):
-        data, used = train_data, "train"
-    else:
-        data, used = (
-            rm_data.load_preference_data(
-                split_files(source), tokenizer, max_length=config.data.max_length, on_bad_row=config.data.on_bad_row
-            ),
-            str(source),
-        )
-    chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
-    return np.concatenate([chosen, rejected]), used
-
-
 def pack_layout(config, data, mesh) -> packing.PackLayout:
     """The static packed-batch layout of this run (data.packing): one group of consecutive pairs per
     micro-batch and data shard, rows and segments per row the maximum any training step needs."""
@@ -224,59 +179,6 @@ def check_loss_options(config):
         # Checked now, not after the whole run: a local-looking path that is missing.
         if os.path.splitext(path)[1].lower() in data_io.LOCAL_BUILDERS and not os.path.exists(path):
             raise FileNotFoundError(f"config.eval.calibrate_on: {path}: no such file")
-
-
-def fit_calibration(config, eval_fn, params, eval_data, tokenizer, eval_chosen, eval_rejected, *, batch_size, bucket):
-    """Temperature fitted on the pairs named by eval.calibrate_on ('eval', 'none' or preference files).
-
-    Returns the JSON-able record stored in the checkpoint and calibration.json: temperature, source, n,
-    and ECE / Brier / NLL of the eval pairs at T = 1 ('before') and at the fitted T ('after')."""
-    source = str(config.eval.calibrate_on)
-    if source == "none":
-        temperature, n, used = 1.0, 0, "none"
-    elif source == "eval":
-        temperature = fit_temperature(eval_chosen, eval_rejected, labels=eval_data.label)
-        n, used = len(eval_data), "eval"
-    else:
-        data = rm_data.load_preference_data(
-            split_files(source), tokenizer, max_length=config.data.max_length, on_bad_row=config.data.on_bad_row
-        )
-        chosen, rejected = evaluate(eval_fn, params, data, batch_size=batch_size, bucket=bucket)
-        temperature, n, used = fit_temperature(chosen, rejected, labels=data.label), len(data), source
-    n_bins = config.eval.n_bins
-    # at_bound: T hit fit_temperature's [0.01, 100] limits, e.g. separable pairs (every gap > 0), where the
-    # NLL keeps falling as T -> 0: the calibrated probabilities are then ~0/1 and say so.
-    return {
-        "temperature": temperature,
-        "source": used,
-        "n": n,
-        "at_bound": temperature in (1e-2, 1e2),
-        "before": calibration_metrics(eval_chosen, eval_rejected, temperature=1.0, n_bins=n_bins),
-        "after": calibration_metrics(eval_chosen, eval_rejected, temperature=temperature, n_bins=n_bins),
-    }
-
-
-def final_diagnostics(config, eval_data, chosen, rejected, calibration) -> dict:
-    """eval/ metrics added at the end of training: temperature and calibrated ECE/Brier/NLL, the accuracy's
-    bootstrap 95% interval over pairs, and length bias (reward-length correlations, accuracy by length diff)."""
-    after = calibration["after"]
-    out = {
-        "eval/temperature": calibration["temperature"],
-        "eval/calibrated/ece": after["ece"],
-        "eval/calibrated/brier": after["brier"],
-        "eval/calibrated/nll": after["nll"],
-    }
-    if config.eval.bootstrap_resamples > 0:
-        ci = bootstrap_ci(
-            (chosen > rejected).astype(np.float64),
-            n_resamples=int(config.eval.bootstrap_resamples),
-            seed=int(config.seed),
-        )
-        out.update({"eval/accuracy_ci_low": ci["low"], "eval/accuracy_ci_high": ci["high"]})
-    chosen_lengths, rejected_lengths = response_lengths(eval_data)
-    metrics = length_bias_metrics(chosen, rejected, chosen_lengths, rejected_lengths)
-    out.update({f"eval/{k}": v for k, v in metrics.items()})
-    return out
 
 
 def train(config, workdir: str) -> dict:
@@ -324,6 +226,7 @@ def train(config, workdir: str) -> dict:
         attention=config.model.get("attention", "auto"),
         scan_layers=config.model.get("scan_layers", False),
     )
+    backbone = match_layout(backbone, model_config)  # scan_layers: layers held stacked (models/scan.py)
     if model_config.pad_token_id is None:
         model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
     rng = jax.random.key(config.seed)

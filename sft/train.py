@@ -42,6 +42,7 @@ from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
 from models.lora import combine_params, merge_lora
+from models.scan import match_layout
 from models.sharding import abstract_sharded, shard_params
 from models.transformer import Transformer, TransformerConfig, init_params
 from sft import data as sft_data
@@ -260,6 +261,7 @@ def build_model(config, tokenizer, mesh, rules, rng):
         )
         if model_config.pad_token_id is None:
             model_config = model_config.replace(pad_token_id=data_io.special_ids(tokenizer)[1])
+        params = match_layout(params, model_config)  # scan_layers: layers held stacked (models/scan.py)
         if not model_config.tie_embeddings and "lm_head" not in params:
             raise ValueError(
                 f"{mc.init_from} has no lm_head weights: not a causal LM (a sequence-classification "

@@ -22,8 +22,9 @@ from models.quant import quantize_params
 from models.sharding import param_path
 from ppo.train import train as ppo_train
 from rm import data as rm_data
+from rm.final_eval import evaluate
 from rm.model import load_reward_model, rm_params_from_backbone
-from rm.train import evaluate, pair_rewards
+from rm.train import pair_rewards
 from rm.train import train as rm_train
 from tests.rm_data_gen import NEUTRAL, make_rows, make_tiny_policy, write_jsonl
 

@@ -7,6 +7,7 @@ gate/up/down, two RMSNorms; tied embeddings; scalar head d + 1), not read from t
 import pytest
 
 from benchmarks import memory as M
+from benchmarks.memory_setup import model_config
 
 D, LAYERS, HEADS, KV, HD, FF, VOCAB, RANK = 64, 2, 4, 2, 16, 128, 256, 4
 DIMS = dict(
@@ -46,7 +47,7 @@ def rm():
 
 def test_hand_counts_are_consistent():
     # Independent check of the formulas above against TransformerConfig.num_params (no lm_head: tied).
-    assert M.model_config(DIMS, variant("fp32")).num_params() == N_BACKBONE
+    assert model_config(DIMS, variant("fp32")).num_params() == N_BACKBONE
 
 
 def test_rm_numbers_positive_and_formula(rm):

@@ -1,0 +1,186 @@
+"""scan_layers: the transformer's layers held stacked [G, ...] per period position and run by one scan.
+
+With `TransformerConfig.scan_layers`, layers 0 .. G*P-1 (P = `config.layer_period()`, G =
+n_layers // P) live in the param tree as
+
+  layers_stacked/p{j}/<block tree>   every leaf with a leading [G] axis: layers j, j+P, j+2P, ...
+
+and the remaining n_layers mod P layers stay `layers_{i}` (unrolled). The forward runs one
+`nn.scan` over the G groups (each group = P blocks, position j keeping layer j's window and RoPE
+kind), reading the stacked leaves in place: no per-forward stacking copy of the weights, and the
+gradients come out stacked too. The layout is a property of the run, not of the checkpoint:
+`stack_layers` / `unstack_layers` / `match_layout` convert any tree holding a Transformer param
+tree (bare, or nested as {'backbone': ...}), and the Hugging Face export unstacks (models/hf.py).
+
+KV-cache decoding scans too: the cache of the stacked layers is {'stacked': [P x {'k','v'} of
+[G, B, Hkv, S, D]], 'layers': [remainder layers' {'k','v'}]}; each scan step reads layer g's slice
+and writes it back in place (no copy of the weights or of the whole cache per token).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STACKED = "layers_stacked"  # param-tree key of the stacked layer groups
+_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+
+
+def layer_groups(config) -> tuple[int, int]:
+    """(P, G): the period and the number of whole groups the scan covers (G may be 0)."""
+    period = config.layer_period()
+    return period, config.n_layers // period
+
+
+def _write_slots(stack, layer_cache, g, cache_index, t):
+    """stack [G, B, Hkv, S, D] with slots [cache_index, cache_index + t) of layer g taken from
+    layer_cache [B, Hkv, S, D] (the block's updated cache): an in-place update of t slots."""
+    index = jnp.asarray(cache_index, jnp.int32)
+    new = jax.lax.dynamic_slice_in_dim(layer_cache, index, t, axis=2)[None].astype(stack.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(stack, new, (jnp.asarray(g, jnp.int32), zero, zero, index, zero))
+
+
+class _LayerGroup(nn.Module):
+    """Body of the scan: P consecutive blocks (p0 .. p{P-1}), one group of the period."""
+
+    config: Any
+    block_cls: Any
+    period: int
+
+    @nn.compact
+    def __call__(self, carry, positions, attention_mask, q_slots, cache_index, segment_ids):
+        x, caches, g = carry  # caches: None, or P dicts of stacked [G, B, Hkv, S, D] (the scan carry)
+        new_caches = []
+        for j in range(self.period):
+            layer_cache = None
+            if caches is not None:  # layer g of the stack; written back in place below
+                layer_cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, g, 0, keepdims=False), caches[j])
+            x, layer_cache = self.block_cls(self.config, layer=j, name=f"p{j}")(
+                x, positions, attention_mask, q_slots, layer_cache, cache_index, segment_ids
+            )
+            if caches is not None:  # write back only the T slots this step filled: [1, B, Hkv, T, D]
+                new_caches.append(
+                    jax.tree.map(lambda s, c: _write_slots(s, c, g, cache_index, x.shape[1]), caches[j], layer_cache)
+                )
+        return (x, new_caches if caches is not None else None, g + 1), None
+
+
+def scan_layer_groups(config, block_cls, x, positions, attention_mask, q_slots, cache, cache_index, segment_ids=None):
+    """Layers 0 .. G*P-1 through one nn.scan (call from the Transformer's compact __call__).
+
+    Returns (x, stacked caches or None, the remainder layers' caches (list) or None, index of the
+    first layer left for the unrolled loop)."""
+    period, groups = layer_groups(config)
+    if groups < 1:  # fewer layers than one period: the unrolled loop does it all
+        return x, None, cache, 0
+    stacked_cache, rest_cache = (None, None) if cache is None else (cache["stacked"], cache["layers"])
+    scanned = nn.scan(
+        _LayerGroup,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * 5,  # positions, mask, q_slots, cache_index, segment_ids: every layer's
+        length=groups,
+    )(config, block_cls, period, name=STACKED)
+    (x, stacked_cache, _), _ = scanned(
+        (x, stacked_cache, jnp.zeros((), jnp.int32)), positions, attention_mask, q_slots, cache_index, segment_ids
+    )
+    return x, stacked_cache, rest_cache, groups * period
+
+
+def init_stacked_cache(config, layer_cache: list) -> Any:
+    """Per-layer cache list (models/transformer.py init_cache) -> the scan layout, when it applies."""
+    period, groups = layer_groups(config)
+    if not config.scan_layers or groups < 1:
+        return layer_cache
+    stacked = [
+        jax.tree.map(lambda *cs: jnp.stack(cs), *[layer_cache[g * period + j] for g in range(groups)])
+        for j in range(period)
+    ]
+    return {"stacked": stacked, "layers": layer_cache[groups * period :]}
+
+
+# ----------------------------------------------------------------------------- layout conversions
+
+
+def _stack(leaves):
+    if all(isinstance(x, np.ndarray) for x in leaves):  # NumPy (e.g. views on load) stays NumPy
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def _is_transformer_tree(tree) -> bool:
+    return isinstance(tree, dict) and (STACKED in tree or any(_LAYER_KEY.match(str(k)) for k in tree))
+
+
+def _map_transformer_trees(fn, tree):
+    """Copy of `tree` with fn applied to every Transformer param tree in it (bare or nested)."""
+    if _is_transformer_tree(tree):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_transformer_trees(fn, v) for k, v in tree.items()}
+    return tree
+
+
+def is_stacked(params) -> bool:
+    """Whether any Transformer tree in `params` holds stacked layers."""
+    found = []
+    _map_transformer_trees(lambda t: found.append(STACKED in t) or t, params)
+    return any(found)
+
+
+def _stack_one(tree, period, stack=_stack):
+    if STACKED in tree:
+        return tree
+    n_layers = sum(1 for k in tree if _LAYER_KEY.match(str(k)))
+    groups = n_layers // period
+    if groups < 1:
+        return tree
+    out = {k: v for k, v in tree.items() if not _LAYER_KEY.match(str(k))}
+    out[STACKED] = {
+        f"p{j}": jax.tree.map(lambda *xs: stack(xs), *[tree[f"layers_{g * period + j}"] for g in range(groups)])
+        for j in range(period)
+    }
+    for i in range(groups * period, n_layers):
+        out[f"layers_{i}"] = tree[f"layers_{i}"]
+    return out
+
+
+def _unstack_one(tree):
+    if STACKED not in tree:
+        return tree
+    stacked = tree[STACKED]
+    period = len(stacked)
+    if sorted(stacked) != [f"p{j}" for j in range(period)]:
+        raise ValueError(f"{STACKED} must hold p0 .. p{period - 1}; has {sorted(stacked)}")
+    groups = jax.tree.leaves(stacked["p0"])[0].shape[0]
+    out = {k: v for k, v in tree.items() if k != STACKED}
+    for g in range(groups):
+        for j in range(period):
+            out[f"layers_{g * period + j}"] = jax.tree.map(lambda x, g=g: x[g], stacked[f"p{j}"])
+    return out
+
+
+def stack_layers(params, config, *, stack=_stack):
+    """Per-layer `layers_{i}` trees -> `layers_stacked/p{j}` [G, ...] (+ the remainder unrolled).
+
+    Works on any tree holding Transformer param trees (LoRA and int8 leaves stack like any
+    other); an already stacked tree is returned as is. NumPy leaves stay NumPy; `stack` (a
+    function of the list of G leaves) lets the loader stack lazily (models/hf.py)."""
+    period, _ = layer_groups(config)
+    return _map_transformer_trees(lambda t: _stack_one(t, period, stack), params)
+
+
+def unstack_layers(params):
+    """Inverse of `stack_layers`: `layers_{g*P+j}` = layers_stacked/p{j}[g]; unstacked trees unchanged."""
+    return _map_transformer_trees(_unstack_one, params)
+
+
+def match_layout(params, config):
+    """`params` in the layout `config` runs with: stacked when config.scan_layers, else per layer."""
+    return stack_layers(params, config) if config.scan_layers else unstack_layers(params)
