@@ -215,7 +215,7 @@ def test_every_readme_command_runs(tmp_path):
             print(f"{module} {shlex.join(args)}: {time.time() - w0:.1f} s wall", flush=True)
     finally:
         os.chdir(old_cwd)
-    assert sorted(printed) == sorted(DRIVERS_PRINT_ONLY), printed
+    assert sorted(set(printed)) == sorted(DRIVERS_PRINT_ONLY), printed  # a driver may appear in several commands
     assert len(ran) >= 10, ran
 
 
