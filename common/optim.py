@@ -2,7 +2,8 @@
 
 schedule = make_schedule(learning_rate=1e-5, total_steps=1000, warmup_steps=50)
 tx, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000,
-                              warmup_steps=50, weight_decay=0.01)
+                              warmup_steps=50, weight_decay=0.01,
+                              trainable=lambda path: 'lora' in path)
 loss, aux, grads = accumulate_gradients(loss_fn, params, batch, rng, accum_steps=4)
 """
 
@@ -18,6 +19,8 @@ import optax
 from models.sharding import param_path
 
 __all__ = ["make_schedule", "make_optimizer", "optimizer_from_config", "accumulate_gradients"]
+
+_TRAIN, _FREEZE = "trainable", "frozen"
 
 
 def make_schedule(
@@ -57,6 +60,27 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
+def _trainable_labels(trainable: Any) -> Callable[[Any], Any]:
+    """Builds optax.multi_transform's labeller from a bool pytree or a path predicate."""
+
+    def labels(params):
+        if callable(trainable):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: _TRAIN if trainable(param_path(path)) else _FREEZE, params
+            )
+        params_structure = jax.tree.structure(params)
+        mask_structure = jax.tree.structure(trainable)
+        if params_structure != mask_structure:
+            raise ValueError(
+                "make_optimizer: `trainable` must be a pytree of bools with the same "
+                f"structure as the params.\n  params:    {params_structure}\n"
+                f"  trainable: {mask_structure}"
+            )
+        return jax.tree.map(lambda flag: _TRAIN if bool(flag) else _FREEZE, trainable)
+
+    return labels
+
+
 def make_optimizer(
     *,
     learning_rate: float,
@@ -68,9 +92,9 @@ def make_optimizer(
     eps: float = 1e-8,
     max_grad_norm: float = 1.0,
     min_lr_ratio: float = 0.0,
+    trainable: Any = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with warmup+cosine schedule, global-norm clipping and no trainable mask: what trains is said once, by
-    `models.adapters.split_trainable`, and only that half of the params reaches the optimizer.
+    """AdamW with warmup+cosine schedule, global-norm clipping and a trainable mask.
 
     Args:
       learning_rate, total_steps, warmup_steps, min_lr_ratio: see `make_schedule`.
@@ -78,6 +102,13 @@ def make_optimizer(
       b1, b2, eps: Adam hyperparameters.
       max_grad_norm: clip the global gradient norm (of trainable leaves only) to
         this value; <= 0 disables clipping.
+      trainable: None (train everything), a pytree of bools with the params'
+        structure, or a callable `path -> bool` taking the '/'-joined parameter
+        path (see `param_path`). Frozen leaves get zero updates and carry no
+        Adam moments (their slots in the optimizer state are empty
+        `optax.MaskedNode`s). For code that keeps one tree; the trainers instead
+        split their params (models.adapters.split_trainable) and optimize the
+        trainable half alone, so they pass None.
 
     Returns:
       (tx, schedule): the optax transformation and the schedule, to log the
@@ -91,6 +122,11 @@ def make_optimizer(
         parts.append(optax.clip_by_global_norm(max_grad_norm))
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
     tx = optax.chain(*parts)
+    if trainable is None:
+        return tx, schedule
+    # Clipping sits inside the trainable branch so the global norm is measured
+    # over the trainable gradients only: frozen gradients never move anything.
+    tx = optax.multi_transform({_TRAIN: tx, _FREEZE: optax.set_to_zero()}, _trainable_labels(trainable))
     return tx, schedule
 
 

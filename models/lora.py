@@ -70,7 +70,7 @@ def _parts(path: str) -> list[str]:
 def lora_trainable(path: str) -> bool:
     """The predicate of what trains in a LoRA'd model ('/'-joined param path -> bool).
 
-    Used by `models.adapters.split_trainable`.
+    Used by `models.adapters.split_trainable` (and accepted by `common.optim.make_optimizer(trainable=...)`).
 
     True for LoRA leaves ('.../lora_a', '.../lora_b') and for scalar reward/value heads: any
     path component named 'head' or 'value_head' (so 'head/kernel', 'value/head/bias' and

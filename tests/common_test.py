@@ -179,35 +179,55 @@ def _params():
     }
 
 
-def test_optimizer_adamw_step_decays_matrices_only():
+@pytest.mark.parametrize("mode", ["tree", "callable"])
+def test_optimizer_trainable_mask(mode):
     params = _params()
+    if mode == "tree":
+        trainable = {"backbone": {"kernel": False, "bias": False}, "lora": {"a": True, "scale": True}}
+    else:
+        trainable = lambda path: path.startswith("lora/")
     tx, schedule = optim.make_optimizer(
-        learning_rate=0.1, total_steps=10, warmup_steps=0, weight_decay=0.5, max_grad_norm=1.0
+        learning_rate=0.1, total_steps=10, warmup_steps=0, weight_decay=0.5, max_grad_norm=1.0, trainable=trainable
     )
+    opt_state = tx.init(params)
+    # Adam moments exist only for the two trainable leaves.
+    moment_leaves = [x for x in jax.tree.leaves(opt_state) if jnp.ndim(x) > 0]
+    assert sorted(x.shape for x in moment_leaves) == sorted([(3, 2), (2,)] * 2)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = tx.update(grads, opt_state, params)
     new = optax.apply_updates(params, updates)
-    # Hand AdamW step 0: the first Adam step gives m_hat/sqrt(v_hat) = sign(g) = 1 whatever the
-    # clip factor, so update = -lr * (1 + wd * p) for matrices and -lr for 1-D leaves (no decay).
+    np.testing.assert_array_equal(new["backbone"]["kernel"], params["backbone"]["kernel"])
+    np.testing.assert_array_equal(new["backbone"]["bias"], params["backbone"]["bias"])
+    # Hand AdamW step 0 (lr = 0.1): the clipped grad is g*c, first Adam step gives
+    # m_hat/sqrt(v_hat) = sign(g) = 1, so update = -lr * (1 + wd * p) for matrices and
+    # -lr * 1 for 1-D leaves (no decay on them).
     lr = float(schedule(0))
-    np.testing.assert_allclose(new["backbone"]["kernel"], 1.0 - lr * (1 + 0.5 * 1.0), rtol=1e-5)
     np.testing.assert_allclose(new["lora"]["a"], 0.5 - lr * (1 + 0.5 * 0.5), rtol=1e-5)
-    np.testing.assert_allclose(new["backbone"]["bias"], 1.0 - lr, rtol=1e-5)
     np.testing.assert_allclose(new["lora"]["scale"], 1.0 - lr, rtol=1e-5)
 
 
-def test_optimizer_clips_the_global_norm():
+def test_optimizer_clipping_uses_trainable_grads_only():
     params = _params()
-    # b1=b2=0 and eps=1 make the first Adam update -lr * g / (|g| + 1), which depends on the
-    # clipped gradient's scale, so the clip factor is visible.
+    # b1=b2=0 and eps=1 make the first Adam update -lr * g / (|g| + 1), which depends
+    # on the clipped gradient's scale, so the clip factor is visible.
     tx, _ = optim.make_optimizer(
-        learning_rate=0.1, total_steps=10, warmup_steps=0, max_grad_norm=1.0, b1=0.0, b2=0.0, eps=1.0
+        learning_rate=0.1,
+        total_steps=10,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        b1=0.0,
+        b2=0.0,
+        eps=1.0,
+        trainable=lambda path: path.startswith("lora/"),
     )
     grads = jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)
+    grads["backbone"]["kernel"] = jnp.full((3, 2), 1e6)  # Frozen and huge: must not count.
     updates, _ = tx.update(grads, tx.init(params), params)
-    clipped = 2.0 / (2.0 * math.sqrt(6 + 2 + 6 + 2))  # 16 entries of 2.0
-    for leaf in jax.tree.leaves(updates):
-        np.testing.assert_allclose(leaf, -0.1 * clipped / (clipped + 1.0), rtol=1e-5)
+    trainable_norm = 2.0 * math.sqrt(6 + 2)  # lora/a has 6 entries, lora/scale 2.
+    clipped = 2.0 / trainable_norm
+    np.testing.assert_allclose(updates["lora"]["a"], -0.1 * clipped / (clipped + 1.0), rtol=1e-5)
+    np.testing.assert_allclose(updates["lora"]["scale"], -0.1 * clipped / (clipped + 1.0), rtol=1e-5)
+    np.testing.assert_array_equal(updates["backbone"]["kernel"], 0.0)
 
 
 def _mean_loss(params, batch, rng):
