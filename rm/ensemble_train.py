@@ -40,9 +40,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from common import data_io
 from common.distributed import is_main_process
-from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start_run
+from common.loop import flat_data_stats, open_checkpoints, run_train_loop
 from common.mesh import make_mesh, replicated
 from common.metrics import write_config_json
 from common.optim import optimizer_from_config
@@ -139,34 +138,14 @@ def train_ensemble(config, workdir: str, *, single) -> dict:
 
     `single` is rm.train (it calls this): its train_step, evaluation, calibration and normalisation are
     the members' own, passed in rather than imported so the two modules form no import circle."""
-    check_loss_options, evaluate = single.check_loss_options, single.evaluate
-    pair_rewards, split_files, train_step = single.pair_rewards, single.split_files, single.train_step
+    evaluate, pair_rewards, train_step = single.evaluate, single.pair_rewards, single.train_step
     t0 = time.time()
     K = int(config.model.ensemble_size)
     if K < 2:
         raise ValueError(f"config.model.ensemble_size={K}; the ensemble trainer needs K >= 2 (1 = rm/train.py)")
     if jax.process_count() > 1:
         raise ValueError("config.model.ensemble_size > 1 runs in one process only (members are replicated)")
-    if not config.model.init_from:
-        raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")
-    if not split_files(config.data.train_files):
-        raise ValueError("config.data.train_files is empty: give one or more preference files (comma-separated)")
-    check_loss_options(config)
-    run = start_run(config, workdir)
-    tokenizer = data_io.load_tokenizer(config.model.tokenizer or config.model.init_from)
-    load = functools.partial(
-        rm_data.load_preference_data,
-        tokenizer=tokenizer,
-        max_length=config.data.max_length,
-        on_bad_row=config.data.on_bad_row,
-    )
-    train_files = split_files(config.data.train_files)
-    train_data = load(train_files)
-    data_identity = run.check_data(train_files, rows=train_data.stats["rows"])
-    eval_files = split_files(config.data.eval_files)
-    eval_data = load(eval_files) if eval_files else None
-    stats = {"train": train_data.stats, "eval": eval_data.stats if eval_data else None}
-    write_json(os.path.join(workdir, "data_stats.json"), stats)
+    run, tokenizer, train_data, eval_data, data_identity, stats = single.start_and_load_data(config, workdir)
     seeds = member_seeds(config)
     bootstrap = bool(config.model.get("ensemble_bootstrap", False))
     members_data = [member_train_data(train_data, seed=s, bootstrap=bootstrap) for s in seeds]

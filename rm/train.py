@@ -181,18 +181,10 @@ def check_loss_options(config):
             raise FileNotFoundError(f"config.eval.calibrate_on: {path}: no such file")
 
 
-def train(config, workdir: str) -> dict:
-    """Train a reward model as configured (K of them with model.ensemble_size = K); returns the final eval metrics."""
-    if int(config.model.get("ensemble_size", 1)) != 1:
-        if config.data.get("packing", False):
-            raise ValueError(
-                "config.data.packing=True is not supported with model.ensemble_size > 1 (members' batches are "
-                "stacked padded); set data.packing=False"
-            )
-        from rm.ensemble_train import train_ensemble  # vmaps this module's train_step over members
-
-        return train_ensemble(config, workdir, single=sys.modules[__name__])  # passed in: no import circle
-    t0 = time.time()
+def start_and_load_data(config, workdir: str):
+    """Checks the config, starts the run (resume comparison before any data) and loads the preference
+    files; shared by the single and the ensemble trainer. Returns (run, tokenizer, train_data,
+    eval_data or None, data_identity, stats), stats as written to data_stats.json."""
     if not config.model.init_from:
         raise ValueError("config.model.init_from is required: a Hugging Face folder (SFT or base checkpoint)")
     if not split_files(config.data.train_files):
@@ -200,8 +192,6 @@ def train(config, workdir: str) -> dict:
     check_loss_options(config)
     run = start_run(config, workdir)  # config, mesh and path checks, resume comparison: before any data
     tokenizer = data_io.load_tokenizer(config.model.tokenizer or config.model.init_from)
-
-    # ---- data
     load = functools.partial(
         rm_data.load_preference_data,
         tokenizer=tokenizer,
@@ -215,6 +205,22 @@ def train(config, workdir: str) -> dict:
     eval_data = load(eval_files) if eval_files else None
     stats = {"train": train_data.stats, "eval": eval_data.stats if eval_data else None}
     write_json(os.path.join(workdir, "data_stats.json"), stats)
+    return run, tokenizer, train_data, eval_data, data_identity, stats
+
+
+def train(config, workdir: str) -> dict:
+    """Train a reward model as configured (K of them with model.ensemble_size = K); returns the final eval metrics."""
+    if int(config.model.get("ensemble_size", 1)) != 1:
+        if config.data.get("packing", False):
+            raise ValueError(
+                "config.data.packing=True is not supported with model.ensemble_size > 1 (members' batches are "
+                "stacked padded); set data.packing=False"
+            )
+        from rm.ensemble_train import train_ensemble  # vmaps this module's train_step over members
+
+        return train_ensemble(config, workdir, single=sys.modules[__name__])  # passed in: no import circle
+    t0 = time.time()
+    run, tokenizer, train_data, eval_data, data_identity, stats = start_and_load_data(config, workdir)
 
     # ---- model
     model_config, backbone = load_hf_checkpoint(
