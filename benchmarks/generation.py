@@ -1,15 +1,17 @@
 """New tokens per second: our jitted KV-cache sampler vs Hugging Face `generate` (PyTorch, CPU).
 
-    python -m benchmarks.generation [--reps 5] [--shapes tiny,small,small_llama] [--out PATH]
-        [--xla-ynn default|off]
+    python -m benchmarks.generation [--reps 5] [--shapes tiny,small,small-12L,gpt2-small] [--out PATH]
+        [--xla-ynn default|off] [--pin N] [--quick]
 
-Both sides get the same random-weight model (saved by transformers, loaded by models/hf.py),
-the same 16 prompts of 16 tokens and sample 48 new tokens with temperature 0.7, no top-k/top-p.
+Both sides get the same random-weight model (saved once by transformers; our worker loads it with
+models/hf.py, HF's with from_pretrained), the same 16 prompts of 16 tokens and sample 48 new tokens
+with temperature 0.7, no top-k/top-p. Each framework runs in its own process (ours imports no torch,
+HF's no JAX, so neither's thread pool competes with the other's), one after the other per shape.
 EOS is disabled on both sides so every row produces exactly 48 tokens: HF's generation config
 has no eos_token_id, ours gets eos_token_id=-1. PyTorch runs with torch.set_num_threads(2) (--torch-threads),
-XLA uses the machine's cores (2 on the reference box). Compilation and one warm-up call per side
-are excluded; repetitions alternate (ours, HF, ours, HF, ...) so drifts in machine load hit both;
-the table reports medians and ours/HF.
+XLA uses the machine's cores (2 on the reference box); --pin N pins both to N cores and N torch threads.
+Compilation and one warm-up call per side are excluded; the table reports medians of the timed
+calls, wall and CPU seconds (the load-robust figure on a shared machine), and ours/HF.
 
 --xla-ynn off (the default) appends `--xla_cpu_experimental_ynn_fusion_type=` to XLA_FLAGS, so
 XLA:CPU uses no YNNPACK fusions: measured on 2 cores it made the small shape's decode step
@@ -55,6 +57,8 @@ def _parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)  # internal: one side
+    parser.add_argument("--dir", help=argparse.SUPPRESS)  # internal: the worker's checkpoint folder
     args = parser.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
@@ -73,12 +77,10 @@ SHAPES = {
 TEMPERATURE = 0.7
 
 
-def build_models(shape: str, folder: str):
-    """Random HF model of the shape, saved and reloaded into ours. Returns (torch model, config, params)."""
+def save_hf_model(shape: str, folder: str):
+    """Random HF model of the shape (seed 0), saved to `folder`. Returns the torch model."""
     import torch
     import transformers
-
-    from models import hf
 
     family, layers, d, heads, vocab = SHAPES[shape]
     torch.manual_seed(0)
@@ -108,30 +110,70 @@ def build_models(shape: str, folder: str):
         )
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     model.save_pretrained(folder)
+    return model
+
+
+def build_models(shape: str, folder: str):
+    """Random HF model of the shape, saved and reloaded into ours. Returns (torch model, config, params)."""
+    from models import hf
+
+    model = save_hf_model(shape, folder)
     model.generation_config.eos_token_id = None  # no EOS: exactly max_new_tokens per row
     config, params = hf.load_hf_checkpoint(folder)
     return model, config, params
 
 
-def bench_shape(shape: str, args) -> dict:
+def _prompts(vocab: int, args):
+    import numpy as np
+
+    prompts = np.random.default_rng(0).integers(1, vocab, (args.batch, args.prompt_len)).astype(np.int32)
+    return prompts, np.ones_like(prompts)
+
+
+def _timed_reps(fn, args) -> dict:
+    """Compile + warm-up call (timed as compile_s), then args.reps timed calls (wall and CPU seconds)."""
+    start = time.perf_counter()
+    fn(-1)
+    out = dict(compile_s=round(time.perf_counter() - start, 2), times_s=[], cpu_s=[])
+    for rep in range(args.reps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        tokens = fn(rep)
+        out["times_s"].append(time.perf_counter() - start)
+        out["cpu_s"].append(time.process_time() - start_cpu)
+        if tokens.shape != (args.batch, args.new_tokens):
+            raise RuntimeError(f"produced {tokens.shape} new tokens, expected {(args.batch, args.new_tokens)}")
+    return out
+
+
+def worker_ours(folder: str, args) -> dict:
+    """Our jitted sampler on the checkpoint in `folder` (this process runs JAX only)."""
     import jax
     import numpy as np
-    import torch
 
+    from models import hf
     from models.sampling import make_generate_fn
 
-    b, p, n = args.batch, args.prompt_len, args.new_tokens
-    with tempfile.TemporaryDirectory() as folder:
-        model, config, params = build_models(shape, folder)
-    prompts = np.random.default_rng(0).integers(1, config.vocab_size, (b, p)).astype(np.int32)
-    mask = np.ones_like(prompts)
-    t_prompts, t_mask = torch.tensor(prompts, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-    sample = make_generate_fn(config, max_new_tokens=n, temperature=TEMPERATURE, eos_token_id=-1)
+    config, params = hf.load_hf_checkpoint(folder)
+    prompts, mask = _prompts(config.vocab_size, args)
+    sample = make_generate_fn(config, max_new_tokens=args.new_tokens, temperature=TEMPERATURE, eos_token_id=-1)
     j_prompts, j_mask = jax.device_put(prompts), jax.device_put(mask)
 
     def ours(rep):
-        out = sample(params, j_prompts, j_mask, jax.random.key(rep))
-        return np.asarray(out.response_ids)
+        return np.asarray(sample(params, j_prompts, j_mask, jax.random.key(rep)).response_ids)
+
+    return dict(_timed_reps(ours, args), params=config.num_params())
+
+
+def worker_hf(folder: str, args) -> dict:
+    """Hugging Face `generate` on the checkpoint in `folder` (this process runs PyTorch only)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.torch_threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model.generation_config.eos_token_id = None  # no EOS: exactly max_new_tokens per row
+    prompts, mask = _prompts(model.config.vocab_size, args)
+    t_prompts, t_mask = torch.tensor(prompts, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def theirs(rep):
         torch.manual_seed(rep)
@@ -143,24 +185,44 @@ def bench_shape(shape: str, args) -> dict:
                 temperature=TEMPERATURE,
                 top_k=0,
                 top_p=1.0,
-                max_new_tokens=n,
+                max_new_tokens=args.new_tokens,
                 pad_token_id=0,
             )
-        return out[:, p:].numpy()
+        return out[:, args.prompt_len :].numpy()
 
-    start = time.perf_counter()
-    ours(-1)  # compile + warm-up
-    compile_s = time.perf_counter() - start
-    theirs(-1)
-    times, cpu = {"ours": [], "hf": []}, {"ours": [], "hf": []}
-    for rep in range(args.reps):
-        for name, fn in (("ours", ours), ("hf", theirs)):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            tokens = fn(rep)
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-            if tokens.shape != (b, n):
-                raise RuntimeError(f"{name} produced {tokens.shape} new tokens, expected {(b, n)}")
+    return dict(_timed_reps(theirs, args), torch_threads=torch.get_num_threads())
+
+
+def _ours_xla_flags(args) -> str:
+    """XLA_FLAGS of our worker process."""
+    extra = " " + YNN_OFF_FLAG if args.xla_ynn == "off" else ""
+    return (os.environ.get("XLA_FLAGS", "") + extra).strip()
+
+
+def _spawn(kind: str, folder: str, shape: str, args) -> dict:
+    """Run one framework's worker in a fresh process (inherits the pinning); returns its RESULT json."""
+    env = dict(os.environ)
+    if kind == "ours":
+        env["XLA_FLAGS"] = _ours_xla_flags(args)
+    cmd = [sys.executable, "-m", "benchmarks.generation", "--worker", kind, "--dir", folder, "--shapes", shape]
+    cmd += ["--reps", str(args.reps), "--torch-threads", str(args.torch_threads), "--batch", str(args.batch)]
+    cmd += ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(
+            f"generation worker {kind} ({shape}) failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def bench_shape(shape: str, args) -> dict:
+    """Both frameworks on one shape, each in its own process, same saved weights and prompts."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf_model(shape, folder)
+        runs = {name: _spawn(name, folder, shape, args) for name in ("ours", "hf")}
+    b, n = args.batch, args.new_tokens
     family, layers, d, heads, vocab = SHAPES[shape]
     result = dict(
         family=family,
@@ -168,14 +230,15 @@ def bench_shape(shape: str, args) -> dict:
         d_model=d,
         heads=heads,
         vocab=vocab,
-        params=config.num_params(),
-        compile_s=round(compile_s, 2),
-        times_s=times,
+        params=runs["ours"]["params"],
+        compile_s=runs["ours"]["compile_s"],
+        times_s={name: r["times_s"] for name, r in runs.items()},
+        cpu_s={name: r["cpu_s"] for name, r in runs.items()},
     )
-    for name in times:
-        result[f"{name}_tokens_per_s"] = b * n / statistics.median(times[name])
-        result[f"{name}_tokens_per_s_best"] = b * n / min(times[name])  # least disturbed by machine load
-        result[f"{name}_tokens_per_cpu_s"] = b * n / statistics.median(cpu[name])
+    for name, r in runs.items():
+        result[f"{name}_tokens_per_s"] = b * n / statistics.median(r["times_s"])
+        result[f"{name}_tokens_per_s_best"] = b * n / min(r["times_s"])  # least disturbed by machine load
+        result[f"{name}_tokens_per_cpu_s"] = b * n / statistics.median(r["cpu_s"])
     result["ratio"] = result["ours_tokens_per_s"] / result["hf_tokens_per_s"]
     result["ratio_best"] = result["ours_tokens_per_s_best"] / result["hf_tokens_per_s_best"]
     result["ratio_per_cpu_s"] = result["ours_tokens_per_cpu_s"] / result["hf_tokens_per_cpu_s"]
@@ -187,18 +250,19 @@ def main(argv=None):
     if args.quick:
         args.reps = 3
     if args.pin:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.pin])  # before jax starts its pool
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.pin])  # the workers inherit it
         args.torch_threads = args.pin
-    if args.xla_ynn == "off":
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.worker:  # one framework, one shape, in this process; the parent reads the RESULT line
+        worker = worker_ours if args.worker == "ours" else worker_hf
+        print("RESULT " + json.dumps(worker(args.dir, args)))
+        return
     import jax
     import torch
     import transformers
 
-    torch.set_num_threads(args.torch_threads)
     results = {}
     for shape in args.shapes.split(","):
         results[shape] = bench_shape(shape, args)
@@ -211,7 +275,8 @@ def main(argv=None):
 
     print(
         f"\nbatch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, temperature {TEMPERATURE}, "
-        f"median of {args.reps}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n"
+        f"median of {args.reps}; each framework in its own process; ours with "
+        f"XLA_FLAGS={_ours_xla_flags(args)!r}\n"
     )
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `{uptime}`; torch threads {args.torch_threads}\n")
@@ -233,8 +298,8 @@ def main(argv=None):
         temperature=TEMPERATURE,
         reps=args.reps,
         uptime=uptime,
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        torch_threads=torch.get_num_threads(),
+        xla_flags=_ours_xla_flags(args),
+        torch_threads=args.torch_threads,
         cpu_count=os.cpu_count(),
         machine=platform.machine(),
         jax=jax.__version__,

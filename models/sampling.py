@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.lm_head import lm_head_kernel
 from models.transformer import Transformer, TransformerConfig, init_cache, positions_from_mask
 
 
@@ -219,6 +220,7 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
     if pad_id is None:
         pad_id = stop_ids[0] if stop_ids else 0
     stop_array = np.asarray(stop_ids, np.int32)  # [K], may be empty
+    compute_dtype = jnp.dtype(config.dtype)
 
     def run(params, prompt_ids, prompt_mask, rng):
         b, p = prompt_ids.shape
@@ -240,6 +242,11 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
                 return_logits=False,
             ).cache
 
+        # The LM head as a [d, V] matrix, laid out (and cast) once before the loop: XLA:CPU's Eigen dot runs the
+        # tied head x . E^T (E [V, d], contracting E's minor axis) at ~3 GFLOP/s at V = 50k, x @ [d, V] at ~40
+        # (benchmarks/decode_profile.py). Same products and sums, so the same logits up to float rounding.
+        head = lm_head_kernel(config, params).astype(compute_dtype)
+
         def cond(state):
             return (state["t"] < n) & ~jnp.all(state["done"])
 
@@ -253,10 +260,14 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
                 positions=positions,
                 cache=state["cache"],
                 cache_index=p - 1 + t,
+                return_logits=False,
             )
+            logits = jnp.dot(out.hidden_states[:, 0].astype(compute_dtype), head).astype(jnp.float32)  # [B, V]
+            if config.final_softcap is not None:
+                logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
             step_rng = None if greedy else jax.random.fold_in(rng, t)
             token, logprob = sample_logits(
-                out.logits[:, 0], step_rng, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+                logits, step_rng, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
             )  # [B], [B]
             live = ~state["done"]
             token = jnp.where(live, token, pad_id)
