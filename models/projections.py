@@ -104,14 +104,16 @@ WEIGHT_GRAD_BLOCK = 256
 def _weight_grad(x: jax.Array, g: jax.Array, block: int) -> jax.Array:
     """dW = x^T g for x [N, in], g [N, out] -> [in, out], in dots of at most `block` output columns.
 
-    XLA:CPU's matmul runs a long-contraction x^T g with a wide g at about half the speed of the
-    forward dot (its packed right-hand panel of N x out floats outgrows the cache); column blocks of
-    g keep each panel at N x block. Each block is g_j^T x [block, in] (the operand order XLA:CPU
-    runs fastest there), stacked and transposed once (a weight-sized copy).
+    XLA:CPU's matmul runs a long-contraction x^T g with a wide g (out > in: the MLP's up and gate
+    projections) at about 0.55-0.7x the speed of the forward dot (its packed right-hand panel of
+    N x out floats outgrows the cache); there, column blocks of g keep each panel at N x block.
+    Each block is g_j^T x [block, in] (the operand order XLA:CPU ran fastest), stacked and
+    transposed once (a weight-sized copy). With out <= in the single dot is faster (measured in
+    benchmarks/rm_step_profile.py's notes in the README).
     """
     contract_rows = (((0,), (0,)), ((), ()))
     out = g.shape[1]
-    if out <= block:
+    if out <= block or out <= x.shape[1]:
         return jax.lax.dot_general(x, g, contract_rows)
     parts = [jax.lax.dot_general(g[:, j : j + block], x, contract_rows) for j in range(0, out, block)]
     return jnp.concatenate(parts, axis=0).T  # [out, in] -> [in, out]

@@ -10,7 +10,7 @@ from models.projections import WEIGHT_GRAD_BLOCK, RowsDense, rows_matmul
 
 def test_rows_matmul_gradients_match_numpy_at_blocked_and_unblocked_widths():
     rng = np.random.default_rng(0)
-    for out in (7, WEIGHT_GRAD_BLOCK + 44):  # one dot, and two column blocks of the weight gradient
+    for out in (7, WEIGHT_GRAD_BLOCK + 44):  # one dot, and (out > in) two column blocks of the weight gradient
         x = rng.normal(size=(13, 5)).astype(np.float32)
         w = rng.normal(size=(5, out)).astype(np.float32)
         upstream = rng.normal(size=(13, out)).astype(np.float32)
