@@ -1,7 +1,7 @@
 """Reward-model training throughput: ours (JAX) vs TRL's RewardTrainer vs a plain PyTorch step.
 
   python -m benchmarks.rm_throughput [--shapes tiny,small] [--reps 3] [--steps N] [--threads 2] \
-      [--lengths full|variable] [--out benchmarks/results/rm_throughput.json]
+      [--lengths full|variable|longtail] [--variants ...] [--out benchmarks/results/rm_throughput.json]
 
 About 10 minutes at the defaults on an idle 2-core machine (much longer on a busy one).
 
@@ -21,6 +21,13 @@ What is measured
               the trainer's log_every does). Run twice: with the process's XLA_FLAGS
               ("xla-default") and with `--xla_cpu_experimental_ynn_fusion_type=` appended
               ("ynn-off"). The faster median is the headline "ours"; both are reported.
+  ours-packed `data.packing` batches (common/packing.py pack_pairs: first-fit-decreasing rows of
+              max_length with segment ids, one group, the layout planned over the benchmark's
+              batches) with `data.pack_row_buckets` = PACK_ROW_BUCKETS (4): each step takes the
+              smallest of 4 row counts it fits in; every bucket's compilation happens in an
+              untimed warm-up step (its time is kept as bucket_compile_plus_step_s), YNN off.
+  ours-packed-static  the same with one row count for every step (pack_row_buckets=1, the most
+              rows any batch needs).
   trl-default `trl.RewardTrainer` with `RewardConfig` at its defaults except what a fair fp32
               CPU benchmark needs (bf16=False, use_cpu, no eval/saving/logging/tqdm, report_to
               none, dataloader workers 0, sequential sampler so every framework sees the same
