@@ -1,6 +1,7 @@
 """Packed and padded reward-model training reach the same held-out accuracy (data.packing).
 
-  python -m benchmarks.rm_packing_accuracy [--steps 300] [--seeds 0,1] [--out benchmarks/results/rm_packing_accuracy.json]
+  python -m benchmarks.rm_packing_accuracy [--steps 300] [--seeds 0,1] [--pack_row_buckets 1] \
+      [--out benchmarks/results/rm_packing_accuracy.json]
 
 About 10-15 minutes on an idle 2-core machine. On the built-in review world (tasks/reviews.py):
 a byte-level BPE tokenizer, a small GPT-2 policy fine-tuned from scratch for a few SFT steps (the
@@ -8,9 +9,10 @@ reward model's initialisation), preference pairs labelled by simulated annotator
 score (tasks/gold.py make_gold_preference_data: world continuations of review openings, some
 perturbed, so lengths are uneven). Then for each seed the reward model is trained twice with
 the same config, data order and steps, `data.packing` False (padded to a bucket of 16 tokens)
-and True, and evaluated on the same held-out pairs. Reported per run: held-out accuracy with its
-bootstrap 95% interval over pairs (rm/train.py's eval/accuracy_ci_*), the training pad
-fraction, real tokens/s and wall time; and per seed the paired accuracy difference.
+and True (with `data.pack_row_buckets` = --pack_row_buckets), and evaluated on the same
+held-out pairs. Reported per run: held-out accuracy with its bootstrap 95% interval over pairs
+(rm/train.py's eval/accuracy_ci_*), the training pad fraction, real tokens/s and wall time; and
+per seed the paired accuracy difference.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def run_config(config, workdir, overrides):
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
 
 
-def train_rm(paths, workdir, *, packed, seed, steps):
+def train_rm(paths, workdir, *, packed, seed, steps, row_buckets=1):
     start = time.time()
     run_config(
         "configs/rm.py",
@@ -94,6 +96,7 @@ def train_rm(paths, workdir, *, packed, seed, steps):
             "data.max_length": 128,
             "data.bucket": 16,
             "data.packing": packed,
+            "data.pack_row_buckets": row_buckets,
             "train.steps": steps,
             "train.batch_size": 32,
             "train.learning_rate": 3e-4,
@@ -148,6 +151,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--pack_row_buckets", type=int, default=1, help="data.pack_row_buckets of the packed runs")
     parser.add_argument("--train_pairs", type=int, default=4000)
     parser.add_argument("--eval_pairs", type=int, default=1000)
     parser.add_argument("--work", default="/tmp/rm_packing_accuracy")
@@ -156,13 +160,19 @@ def main():
     sys.path.insert(0, ROOT)
     os.makedirs(args.work, exist_ok=True)
     paths = build_data(args.work, n_train=args.train_pairs, n_eval=args.eval_pairs)
-    results = {"steps": args.steps, "train_pairs": args.train_pairs, "eval_pairs": args.eval_pairs, "runs": []}
+    results = {
+        "steps": args.steps,
+        "train_pairs": args.train_pairs,
+        "eval_pairs": args.eval_pairs,
+        "pack_row_buckets": args.pack_row_buckets,
+        "runs": [],
+    }
     for seed in [int(s) for s in args.seeds.split(",")]:
         runs = {}
         for packed in (False, True):  # interleaved per seed, so machine drift hits both alike
             workdir = os.path.join(args.work, f"rm_seed{seed}_{'packed' if packed else 'padded'}")
             runs["packed" if packed else "padded"] = train_rm(
-                paths, workdir, packed=packed, seed=seed, steps=args.steps
+                paths, workdir, packed=packed, seed=seed, steps=args.steps, row_buckets=args.pack_row_buckets
             )
             print(seed, "packed" if packed else "padded", runs["packed" if packed else "padded"], flush=True)
         runs["paired"] = paired_difference(paths, [runs["padded"]["workdir"], runs["packed"]["workdir"]], seed=seed)

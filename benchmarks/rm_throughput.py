@@ -1,7 +1,7 @@
 """Reward-model training throughput: ours (JAX) vs TRL's RewardTrainer vs a plain PyTorch step.
 
   python -m benchmarks.rm_throughput [--shapes tiny,small] [--reps 3] [--steps N] [--threads 2] \
-      [--lengths full|variable] [--out benchmarks/results/rm_throughput.json]
+      [--lengths full|variable|longtail] [--variants ...] [--out benchmarks/results/rm_throughput.json]
 
 About 10 minutes at the defaults on an idle 2-core machine (much longer on a busy one).
 
@@ -21,6 +21,13 @@ What is measured
               the trainer's log_every does). Run twice: with the process's XLA_FLAGS
               ("xla-default") and with `--xla_cpu_experimental_ynn_fusion_type=` appended
               ("ynn-off"). The faster median is the headline "ours"; both are reported.
+  ours-packed `data.packing` batches (common/packing.py pack_pairs: first-fit-decreasing rows of
+              max_length with segment ids, one group, the layout planned over the benchmark's
+              batches) with `data.pack_row_buckets` = PACK_ROW_BUCKETS (4): each step takes the
+              smallest of 4 row counts it fits in; every bucket's compilation happens in an
+              untimed warm-up step (its time is kept as bucket_compile_plus_step_s), YNN off.
+  ours-packed-static  the same with one row count for every step (pack_row_buckets=1, the most
+              rows any batch needs).
   trl-default `trl.RewardTrainer` with `RewardConfig` at its defaults except what a fair fp32
               CPU benchmark needs (bf16=False, use_cpu, no eval/saving/logging/tqdm, report_to
               none, dataloader workers 0, sequential sampler so every framework sees the same
@@ -103,16 +110,18 @@ from benchmarks._rm_bench import (
 BUCKET = 64  # rm/configs default data.bucket
 LOG_EVERY = 10  # rm/configs default train.log_every: ours fetches metrics this often
 YNN_OFF_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
-VARIANTS = ("ours", "ours-ynn-off", "ours-packed", "trl-default", "trl-no-gc", "torch")
+VARIANTS = ("ours", "ours-ynn-off", "ours-packed", "ours-packed-static", "trl-default", "trl-no-gc", "torch")
+PACK_ROW_BUCKETS = 4  # ours-packed: data.pack_row_buckets (ours-packed-static: 1, one worst-case shape)
 QUICK = dict(reps=3, steps={"tiny": 10, "small": 2, "gpt2-small": 1})
 
 
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_ours(directory: str, steps: int, packed: bool = False) -> dict:
+def worker_ours(directory: str, steps: int, packed: bool = False, row_buckets: int = 1) -> dict:
     """rm.train.train_step, jitted with donation as rm/train.py builds it; packed: data.packing's
-    batches (common/packing.py, one group, rows of max_length, layout planned over all batches)."""
+    batches (common/packing.py, one group, rows of max_length, layout planned over all batches,
+    `row_buckets` row counts, each compiled during warm-up)."""
     import functools
 
     import jax
@@ -172,6 +181,7 @@ def worker_ours(directory: str, steps: int, packed: bool = False) -> dict:
             steps=range(N_DISTINCT_BATCHES),
             groups=1,
             length=int(pairs["chosen_ids"].shape[1]),
+            row_buckets=row_buckets,
         )
 
     t0 = time.perf_counter()
@@ -181,6 +191,18 @@ def worker_ours(directory: str, steps: int, packed: bool = False) -> dict:
     for s in range(1, WARMUP_STEPS):
         state, m = step_fn(state, place(s))
     jax.block_until_ready(state)
+    compile_s = {}  # packed: one untimed step per row bucket not met yet, so no compile is timed
+    if packed:
+        seen = {int(place(s)["input_ids"].shape[1]) for s in range(WARMUP_STEPS)}
+        for s in range(N_DISTINCT_BATCHES):
+            batch = place(s)
+            rows = int(batch["input_ids"].shape[1])
+            if rows not in seen:
+                t = time.perf_counter()
+                state, m = step_fn(state, batch)
+                jax.block_until_ready(state)
+                seen.add(rows)
+                compile_s[rows] = time.perf_counter() - t
 
     pending = []
     t0 = now()
@@ -203,14 +225,29 @@ def worker_ours(directory: str, steps: int, packed: bool = False) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax": jax.__version__,
         "packed_rows": layout.rows if packed else None,
+        "packed_row_buckets": list(layout.row_buckets) if packed else None,
+        "slots": _packed_slots(pairs, layout, WARMUP_STEPS, steps) if packed else None,
+        "bucket_compile_plus_step_s": compile_s,
     }
+
+
+def _packed_slots(pairs: dict, layout, first: int, count: int) -> int:
+    """Token slots (real + padding) of the packed batches first .. first+count-1."""
+    from common import packing
+
+    return sum(
+        int(packing.pack_pairs(batch_at(pairs, s), layout, pad_id=0)["input_ids"].size)
+        for s in range(first, first + count)
+    )
 
 
 def run_worker(kind: str, directory: str, steps: int, shape: dict, lengths: str) -> dict:
     if kind == "prepare":
         return worker_prepare(shape, directory, lengths)
-    if kind in ("ours", "ours-ynn-off", "ours-packed"):
-        return worker_ours(directory, steps, packed=kind == "ours-packed")
+    if kind in ("ours", "ours-ynn-off"):
+        return worker_ours(directory, steps)
+    if kind in ("ours-packed", "ours-packed-static"):
+        return worker_ours(directory, steps, packed=True, row_buckets=PACK_ROW_BUCKETS if kind == "ours-packed" else 1)
     from benchmarks import _torch_rm
 
     if kind == "torch":
@@ -237,7 +274,7 @@ def spawn(kind: str, directory: str, steps: int, shape_name: str, lengths: str, 
         HF_DATASETS_DISABLE_PROGRESS_BARS="1",
         TF_CPP_MIN_LOG_LEVEL="2",
     )
-    if kind in ("ours-ynn-off", "ours-packed"):  # packed runs with the setting that wins on this CPU
+    if kind in ("ours-ynn-off", "ours-packed", "ours-packed-static"):  # packed: the setting that wins on this CPU
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_OFF_FLAG).strip()
     if kind.startswith("ours"):
         # Repetitions reuse the compiled step (compilation is never timed; this only saves wall time).

@@ -33,6 +33,45 @@ class PackLayout:
     rows: int
     length: int
     max_segments: int
+    row_buckets: tuple[int, ...] = ()  # allowed row counts, ascending, the last == rows; () = (rows,)
+
+    def rows_for(self, need: int) -> int:
+        """The smallest row bucket holding `need` rows (ValueError above `rows`)."""
+        if need > self.rows:
+            raise ValueError(f"packing: {need} rows needed, the layout has {self.rows}")
+        return next(r for r in (self.row_buckets or (self.rows,)) if r >= need)
+
+
+def choose_row_buckets(needs: Sequence[int], *, count: int, top: int | None = None) -> tuple[int, ...]:
+    """At most `count` row counts (ascending, the largest = `top` or max(needs)) minimising the total
+    rows over steps when every step takes the smallest bucket >= its need (exact dynamic programme
+    over the distinct needs; deterministic)."""
+    if count < 1:
+        raise ValueError(f"packing: row_buckets must be >= 1, got {count}")
+    top = max(needs) if top is None else top
+    values, counts = np.unique(np.minimum(np.asarray(needs, np.int64), top), return_counts=True)
+    values, counts = values.tolist(), counts.tolist()
+    if values[-1] != top:
+        values, counts = values + [top], counts + [0]
+    m, k = len(values), min(count, len(values))
+    prefix = np.concatenate([[0], np.cumsum(counts)]).tolist()  # steps with need <= values[i - 1]
+    inf = float("inf")
+    # best[j][i]: least total rows covering values[:i] with j buckets, the last one values[i - 1].
+    best = [[inf] * (m + 1) for _ in range(k + 1)]
+    back = [[-1] * (m + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for j in range(1, k + 1):
+        for i in range(1, m + 1):
+            for start in range(i):  # values[start:i] all take bucket values[i - 1]
+                cost = best[j - 1][start] + values[i - 1] * (prefix[i] - prefix[start])
+                if cost < best[j][i]:
+                    best[j][i], back[j][i] = cost, start
+    j = min(range(1, k + 1), key=lambda jj: (best[jj][m], jj))  # fewest buckets among the cheapest
+    chosen, i = [], m
+    while i > 0:
+        chosen.append(values[i - 1])
+        i, j = back[j][i], j - 1
+    return tuple(sorted(chosen))
 
 
 def first_fit_decreasing(lengths: Sequence[int], *, capacity: int, max_segments: int | None = None):
@@ -122,19 +161,22 @@ def plan_pair_layout(
     length: int,
     rows: int = 0,
     max_segments: int = 0,
+    row_buckets: int = 1,
 ) -> PackLayout:
     """The static layout for packed preference batches of every step in `steps`.
 
     chosen_lengths / rejected_lengths [N]: real tokens of every example; batch_indices(step):
     the example indices of a step's batch (rm/data.py's order). rows / max_segments 0: the
     maximum any step needs (computed here); given, they are checked and a ValueError names the
-    first step that does not fit.
+    first step that does not fit. row_buckets: how many row counts steps may take (1: every
+    step has `rows` rows; see choose_row_buckets).
     """
-    need_rows, need_segments = 1, 1
+    need_rows, need_segments, step_needs = 1, 1, []
     for step in steps:
         indices = batch_indices(step)
         if len(indices) % groups:
             raise ValueError(f"packing: batch_size {len(indices)} must be divisible by {groups} packing groups")
+        step_needs.append(1)  # rows of this step: the most any of its groups needs
         for items in _group_items(chosen_lengths[indices], rejected_lengths[indices], groups):
             bin_of, offset_of, n_bins = first_fit_decreasing(items, capacity=length, max_segments=max_segments or None)
             segments = int(np.bincount(bin_of).max())
@@ -144,7 +186,15 @@ def plan_pair_layout(
                     f"raise it or set 0 (the maximum over the run)"
                 )
             need_rows, need_segments = max(need_rows, n_bins), max(need_segments, segments)
-    return PackLayout(groups=groups, rows=rows or need_rows, length=length, max_segments=max_segments or need_segments)
+            step_needs[-1] = max(step_needs[-1], n_bins)
+    rows = rows or need_rows
+    return PackLayout(
+        groups=groups,
+        rows=rows,
+        length=length,
+        max_segments=max_segments or need_segments,
+        row_buckets=choose_row_buckets(step_needs or [rows], count=row_buckets, top=rows),
+    )
 
 
 def pack_pairs(batch: dict, layout: PackLayout, *, pad_id: int, bucket: int = 0) -> dict:
@@ -152,23 +202,27 @@ def pack_pairs(batch: dict, layout: PackLayout, *, pad_id: int, bucket: int = 0)
 
     Returns numpy arrays with leading [G] (G = layout.groups, P = pairs per group, R rows,
     L length, K max segments):
-      input_ids, segment_ids, positions [G, R, L] int32; read_at [G, R, K] int32 (last token of
+      input_ids, segment_ids, positions [G, R, L] int32 (R: the smallest of layout.row_buckets the
+      step's sequences fit in); read_at [G, R, K] int32 (last token of
       each segment, 0 where unused); chosen_slot, rejected_slot [G, P] int32 (row * K + k);
       margin [G, P] float32 (and label [G, P] when the batch has labels); padded_tokens [G]
       float32 (what the unpacked, bucketed batch would hold, for the pad-fraction metrics).
     """
-    g_count, r_count, length, k_count = layout.groups, layout.rows, layout.length, layout.max_segments
+    g_count, length, k_count = layout.groups, layout.length, layout.max_segments
     chosen_lengths, rejected_lengths = _pair_lengths(batch)
     pairs = len(chosen_lengths) // g_count
     width = padded_width(np.concatenate([chosen_lengths, rejected_lengths]), max_length=length, bucket=bucket)
+    groups = _group_items(chosen_lengths, rejected_lengths, g_count)
+    bins = [first_fit_decreasing(items, capacity=length, max_segments=k_count) for items in groups]
+    for g, (_, _, n_bins) in enumerate(bins):
+        if n_bins > layout.rows:
+            raise ValueError(f"pack_pairs: group {g} needs {n_bins} rows, the layout has {layout.rows}")
+    r_count = layout.rows_for(max(n_bins for _, _, n_bins in bins))  # this step's row bucket
     out = {k: np.zeros((g_count, r_count, length), np.int32) for k in ("input_ids", "segment_ids", "positions")}
     out["read_at"] = np.zeros((g_count, r_count, k_count), np.int32)
     out["chosen_slot"] = np.zeros((g_count, pairs), np.int32)
     out["rejected_slot"] = np.zeros((g_count, pairs), np.int32)
-    for g, items in enumerate(_group_items(chosen_lengths, rejected_lengths, g_count)):
-        bin_of, offset_of, n_bins = first_fit_decreasing(items, capacity=length, max_segments=k_count)
-        if n_bins > r_count:
-            raise ValueError(f"pack_pairs: group {g} needs {n_bins} rows, the layout has {r_count}")
+    for g, (items, (bin_of, offset_of, _)) in enumerate(zip(groups, bins)):
         segment = _segment_numbers(bin_of, offset_of)  # 1-based
         pieces = []
         for i in range(2 * pairs):
@@ -197,22 +251,25 @@ def plan_sequence_layout(
     length: int,
     row_multiple: int = 1,
     rows: int = 0,
+    row_buckets: int = 1,
 ) -> PackLayout:
     """Static layout for packed SFT batches (one group; rows a multiple of `row_multiple`, the
-    micro-batches x data shards the rows are split over). rows 0: the maximum over `steps`."""
-    need = 1
+    micro-batches x data shards the rows are split over). rows 0: the maximum over `steps`.
+    row_buckets: how many row counts steps may take (see choose_row_buckets)."""
+    needs = []
     for step in steps:
         _, _, n_bins = first_fit_decreasing(lengths[batch_indices(step)], capacity=length)
         if rows and n_bins > rows:
             raise ValueError(f"packing: step {step} needs {n_bins} rows but data.pack_rows={rows}; raise it or set 0")
-        need = max(need, n_bins)
-    need = rows or need
-    need = -(-need // row_multiple) * row_multiple
-    return PackLayout(groups=1, rows=need, length=length, max_segments=0)
+        needs.append(-(-n_bins // row_multiple) * row_multiple)
+    top = -(-(rows or max(needs, default=1)) // row_multiple) * row_multiple
+    buckets = choose_row_buckets(needs or [top], count=row_buckets, top=top)
+    return PackLayout(groups=1, rows=top, length=length, max_segments=0, row_buckets=buckets)
 
 
 def pack_sequences(batch: dict, layout: PackLayout, *, pad_id: int, bucket: int = 0) -> dict:
-    """A padded SFT batch (input_ids, attention_mask, loss_mask [B, L]) -> packed rows [R, L].
+    """A padded SFT batch (input_ids, attention_mask, loss_mask [B, L]) -> packed rows [R, L]
+    (R: the smallest of layout.row_buckets the batch fits in).
 
     loss_mask is carried per token; the first token of every sequence is never a target, so the
     next-token loss never crosses from one segment into the next. Also padded_tokens [R] float32
@@ -222,14 +279,15 @@ def pack_sequences(batch: dict, layout: PackLayout, *, pad_id: int, bucket: int 
     bin_of, offset_of, n_bins = first_fit_decreasing(lengths, capacity=layout.length)
     if n_bins > layout.rows:
         raise ValueError(f"pack_sequences: the batch needs {n_bins} rows, the layout has {layout.rows}")
+    n_rows = layout.rows_for(n_bins)  # this step's row bucket (a multiple of the planned row_multiple)
     segment = _segment_numbers(bin_of, offset_of)
     pieces = [(bin_of[i], offset_of[i], segment[i], batch["input_ids"][i, : lengths[i]]) for i in range(len(lengths))]
-    ids, segment_ids, positions = _row_tokens(layout.rows, layout.length, pieces, pad_id)
+    ids, segment_ids, positions = _row_tokens(n_rows, layout.length, pieces, pad_id)
     loss_mask = np.zeros_like(ids)
     for i in range(len(lengths)):
         loss_mask[bin_of[i], offset_of[i] : offset_of[i] + lengths[i]] = batch["loss_mask"][i, : lengths[i]]
     width = padded_width(lengths, max_length=layout.length, bucket=bucket)
-    padded = np.full((layout.rows,), len(lengths) * width / layout.rows, np.float32)
+    padded = np.full((n_rows,), len(lengths) * width / n_rows, np.float32)
     return {
         "input_ids": ids,
         "segment_ids": segment_ids,

@@ -52,6 +52,7 @@ def get_config(arg=None):
     c.data.packing = False  # training batches pack several sequences per max_length row (common/packing.py)
     c.data.pack_rows = 0  # packed rows per group; 0 = the most any training step needs (computed at start)
     c.data.pack_segments = 0  # most sequences in one packed row; 0 = the most any training step needs
+    c.data.pack_row_buckets = 1  # row counts a packed step may take (k > 1: fewer padded rows, <= k compilations)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps

@@ -142,7 +142,8 @@ def train_step(
 
 def pack_layout(config, data, mesh) -> packing.PackLayout:
     """The static packed-batch layout of this run (data.packing): one group of consecutive pairs per
-    micro-batch and data shard, rows and segments per row the maximum any training step needs."""
+    micro-batch and data shard, segments per row the maximum any training step needs, rows one of
+    data.pack_row_buckets row counts (1: the maximum any training step needs)."""
     tc = config.train
     groups = tc.grad_accum_steps * data_axis_size(mesh)
     if tc.batch_size % groups:
@@ -160,6 +161,7 @@ def pack_layout(config, data, mesh) -> packing.PackLayout:
         length=config.data.max_length,
         rows=config.data.get("pack_rows", 0),
         max_segments=config.data.get("pack_segments", 0),
+        row_buckets=config.data.get("pack_row_buckets", 1),
     )
 
 
@@ -263,7 +265,12 @@ def train(config, workdir: str) -> dict:
     )
     layout = pack_layout(config, train_data, mesh) if config.data.get("packing", False) else None
     if layout is not None:
-        stats["train"].update(pack_groups=layout.groups, pack_rows=layout.rows, pack_segments=layout.max_segments)
+        stats["train"].update(
+            pack_groups=layout.groups,
+            pack_rows=layout.rows,
+            pack_segments=layout.max_segments,
+            pack_row_buckets=list(layout.row_buckets),
+        )
         write_json(os.path.join(workdir, "data_stats.json"), stats)
 
     def to_save(state):  # the checkpoint also holds the frozen base, so the workdir is self-contained

@@ -399,8 +399,9 @@ def train(config, workdir: str) -> dict:
             length=config.data.max_length,
             row_multiple=tc.grad_accum_steps * data_axis_size(mesh),
             rows=config.data.get("pack_rows", 0),
+            row_buckets=config.data.get("pack_row_buckets", 1),
         )
-        print(f"packing: {layout.rows} rows of {layout.length} tokens per step", flush=True)
+        print(f"packing: {list(layout.row_buckets)} rows of {layout.length} tokens per step", flush=True)
         pad = model_config.pad_token_id
         batches = ((s, packing.pack_sequences(b, layout, pad_id=pad, bucket=config.data.bucket)) for s, b in batches)
     else:
