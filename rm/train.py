@@ -36,6 +36,7 @@ from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params
 from models.scan import match_layout
+from models.sharding import with_layer_sharding
 from rm import data as rm_data
 from rm.calibration import write_calibration
 from rm.data import trim_to_bucket
@@ -284,7 +285,7 @@ def train(config, workdir: str) -> dict:
 
     step_fn = jax.jit(
         functools.partial(
-            train_step,
+            with_layer_sharding(train_step, mesh, rules),  # scanned layers: per-layer params/grads sharded
             model_config=model_config,
             tx=tx,
             schedule=schedule,
