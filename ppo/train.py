@@ -59,7 +59,9 @@ from rm.ensemble import OBJECTIVES, load_members
 def _load_models(config, tokenizer):
     """Policy (+ reference copy), reward model, and value-model initialisation."""
     mc = config.policy
-    policy_config, policy_params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
+    policy_config, policy_params = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
+        mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype, scan_layers=mc.get("scan_layers", False)
+    )
     policy_config = policy_config.replace(
         remat=mc.remat,
         remat_policy=mc.remat_policy,

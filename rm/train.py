@@ -224,8 +224,11 @@ def train(config, workdir: str) -> dict:
     run, tokenizer, train_data, eval_data, data_identity, stats = start_and_load_data(config, workdir)
 
     # ---- model
-    model_config, backbone = load_hf_checkpoint(
-        config.model.init_from, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+    model_config, backbone = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
+        config.model.init_from,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        scan_layers=config.model.get("scan_layers", False),
     )
     model_config = model_config.replace(
         remat=config.model.remat,

@@ -251,7 +251,9 @@ def build_model(config, tokenizer, mesh, rules, rng):
     """(TransformerConfig, params placed on the mesh): from init_from, or random from the config."""
     mc = config.model
     if mc.init_from:
-        model_config, params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
+        model_config, params = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
+            mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype, scan_layers=mc.get("scan_layers", False)
+        )
         model_config = model_config.replace(
             remat=mc.remat,
             remat_policy=mc.remat_policy,

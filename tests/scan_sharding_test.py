@@ -51,8 +51,8 @@ def _bits_worker(report):
             scan._uses_bits = uses_bits if on else (lambda c: False)
             try:
                 fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-                text = fn.lower(params).as_text()
-                runs.append((jax.device_get(fn(params)), "bitcast_convert" in text))
+                lowered = fn.lower(params)
+                runs.append((jax.device_get(lowered.compile()(params)), "bitcast_convert" in lowered.as_text()))
             finally:
                 scan._uses_bits = uses_bits
         (a, bits_on), (b, bits_off) = runs
@@ -111,8 +111,8 @@ def _sharding_worker(report):
 
         return jax.grad(loss)(p)["backbone"]["layers_stacked"]["p0"]["mlp"]["gate_proj"]["kernel"]
 
-    for name, constrained in (("gspmd", False), ("constrained", True)):
-        wrap = (lambda f: with_layer_sharding(f, mesh, DEFAULT_RULES)) if constrained else (lambda f: f)
+    for name in ("constrained",):  # (GSPMD alone leaves this gradient whole: benchmarks/memory_peak.py figures)
+        wrap = lambda f: with_layer_sharding(f, mesh, DEFAULT_RULES)  # noqa: E731
         jitted = jax.jit(
             wrap(step),
             in_shardings=(shardings, batch_sharding(mesh), None),
@@ -171,6 +171,5 @@ def test_bits_path_and_layer_sharding_on_8_devices():
     assert report["grad_shape"] == [4, 32, 64]
     assert report["constrained"]["grad_spec"][:2] == ["None", "data"], report["constrained"]
     assert report["constrained"]["grad_shard_shapes"] == [[4, 4, 64]]
-    for name in ("gspmd", "constrained"):  # same step as one device
-        assert report[name]["param_max_diff"] < 1e-5, report[name]
-        assert max(report[name]["metric_diffs"].values()) < 1e-5, report[name]
+    assert report["constrained"]["param_max_diff"] < 1e-5, report["constrained"]  # the step equals one device's
+    assert max(report["constrained"]["metric_diffs"].values()) < 1e-5, report["constrained"]
