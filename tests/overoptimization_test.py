@@ -18,6 +18,7 @@ from tasks.reviews import ReviewWorld
 def test_overoptimization_tiny_with_gold_rm(tmp_path):
     c = oo_config.get_config("size=tiny")
     c.gold.kind = "rm"
+    c.label_counts = (16, 64)  # two proxies test every per-proxy path; a third costs ~25 s of CPU
     workdir = str(tmp_path / "oo")
     summary = train(c, workdir)
     labels = [f"{n} labels" for n in c.label_counts]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -27,7 +28,7 @@ def runs(tmp_path_factory):
         c.data.train_files, c.data.eval_files = train_file, eval_file
         c.seed, c.model.ensemble_size = seed, k
         c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 8, 8, 2, 4
-        c.train.save_every, c.eval.bootstrap_resamples = 100, 0
+        c.train.save_every, c.eval.bootstrap_resamples = 4, 0  # a step-4 checkpoint: the resume test's
         # With center_coef = 0 the head bias has an exactly-zero gradient (it cancels in r_c - r_r), and
         # Adam turns round-off there into +-lr steps of either sign: centring gives it a real gradient.
         c.train.center_coef = 0.01
@@ -36,7 +37,7 @@ def runs(tmp_path_factory):
 
     ensemble = train(config(3, 2), str(d / "ens"))
     singles = [train(config(3 + k, 1), str(d / f"single{k}")) for k in range(2)]
-    return d, ensemble, singles
+    return d, ensemble, singles, config
 
 
 def _lines(workdir):
@@ -44,7 +45,7 @@ def _lines(workdir):
 
 
 def test_members_equal_single_runs(runs):
-    d, ensemble, singles = runs
+    d, ensemble, singles, _ = runs
     members = member_workdirs(str(d / "ens"))
     assert members == [str(d / "ens" / "members" / "0"), str(d / "ens" / "members" / "1")]
     ens_lines = [line for line in _lines(d / "ens") if "train/m0/loss" in line]
@@ -97,7 +98,7 @@ def test_score_ensemble_run_with_each_objective(runs, tmp_path):
     """rm.score --workdir ENSEMBLE_RUN: the members' normalised scores combined, against NumPy."""
     from rm.score import main
 
-    d, _, _ = runs
+    d, _, _, _ = runs
     data = str(d / "eval.jsonl")
     singles = []
     for k in range(2):
@@ -118,7 +119,7 @@ def test_ppo_refuses_an_unknown_objective(runs):
     import configs.ppo as ppo_config
     from ppo.train import train as ppo_train
 
-    d, _, _ = runs
+    d, _, _, _ = runs
     prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": "Review: the film"}] * 8)
     c = ppo_config.get_config("size=tiny")
     c.policy.init_from, c.reward.workdir, c.data.prompt_files = str(d / "hf"), str(d / "ens"), prompts
@@ -132,9 +133,36 @@ def test_driver_proxy_scorer_on_an_ensemble_run(runs):
     over each member's own normalised scores."""
     from experiments.pipeline import ProxyScorer
 
-    d, _, _ = runs
+    d, _, _, _ = runs
     prompts, responses = ["Review: the film", "Review: a story"] * 2, [" great lovely", " dull", " superb", ""]
     members = [ProxyScorer(str(d / "ens" / "members" / str(k)), max_length=64)(prompts, responses) for k in range(2)]
     for objective, want in (("wco", np.minimum(*members)), ("mean", (members[0] + members[1]) / 2)):
         got = ProxyScorer(str(d / "ens"), max_length=64, objective=objective)(prompts, responses)
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_killed_ensemble_run_resumes_bit_identically(runs, capsys):
+    """The stacked [K] train state goes through the ordinary checkpoint path: a K = 2 run that lost
+    everything after its step-4 checkpoint (as if killed there) resumes and ends with the same member
+    parameters and train metrics, bit for bit, as the uninterrupted run."""
+    d, _, _, config = runs
+    resumed = str(d / "ens_resumed")
+    shutil.copytree(d / "ens", resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+    shutil.rmtree(os.path.join(resumed, "members"))
+    with open(os.path.join(resumed, "metrics.jsonl")) as f:  # the lines the killed run had written by step 4
+        kept = [line for line in f if json.loads(line)["step"] <= 4]
+    with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
+        f.writelines(kept)
+    train(config(3, 2), resumed)
+    assert "Resuming from checkpoint at step 4" in capsys.readouterr().out
+    for k, member in enumerate(member_workdirs(resumed)):
+        a = load_reward_model(member).params
+        b = load_reward_model(os.path.join(d / "ens", "members", str(k))).params
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    train_lines = lambda w: [line for line in _lines(w) if "train/m0/loss" in line]  # noqa: E731
+    assert [line["step"] for line in train_lines(resumed)] == [2, 4, 6, 8]
+    for a, b in zip(train_lines(resumed), train_lines(d / "ens")):  # per-member loss, accuracy, grad norm
+        assert {k: v for k, v in a.items() if k.startswith("train/m")} == {
+            k: v for k, v in b.items() if k.startswith("train/m")
+        }
