@@ -34,6 +34,7 @@ def get_config(arg=None):
     c.coste.bootstrap_resamples = 1000  # one seed: bootstrap over prompts (best-of-n) / rollouts (PPO)
 
     c.rl.steps = 100  # PPO iterations per variant (8 runs at the default size); bon.n_max: 128 (as Gao's)
+    c.ppo.train.learning_rate = 1e-4  # the quickstart's (not the over-optimisation driver's 2e-5)
     if args["size"] == "tiny":
         c.coste.n_labels = 64
         c.coste.ensemble_size = 2

@@ -97,6 +97,73 @@ def dense_base(x: jax.Array, kernel: jax.Array, bias: Any, dtype: Any) -> jax.Ar
     return y
 
 
+# Output columns per weight-gradient dot in `rows_matmul`'s backward (see there).
+WEIGHT_GRAD_BLOCK = 256
+
+
+def _weight_grad(x: jax.Array, g: jax.Array, block: int) -> jax.Array:
+    """dW = x^T g for x [N, in], g [N, out] -> [in, out], in dots of at most `block` output columns.
+
+    XLA:CPU's matmul runs a long-contraction x^T g with a wide g (out > in: the MLP's up and gate
+    projections) at about 0.55-0.7x the speed of the forward dot (its packed right-hand panel of
+    N x out floats outgrows the cache); there, column blocks of g keep each panel at N x block.
+    Each block is g_j^T x [block, in] (the operand order XLA:CPU ran fastest), stacked and
+    transposed once (a weight-sized copy). With out <= in the single dot is faster (measured in
+    benchmarks/rm_step_profile.py's notes in the README).
+    """
+    contract_rows = (((0,), (0,)), ((), ()))
+    out = g.shape[1]
+    # Measured on XLA:CPU only; other backends' matmul libraries get the single dot.
+    if out <= block or out <= x.shape[1] or jax.default_backend() != "cpu":
+        return jax.lax.dot_general(x, g, contract_rows)
+    parts = [jax.lax.dot_general(g[:, j : j + block], x, contract_rows) for j in range(0, out, block)]
+    return jnp.concatenate(parts, axis=0).T  # [out, in] -> [in, out]
+
+
+@jax.custom_vjp
+def rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [N, in] @ kernel [in, out] -> [N, out]: the same dot as nn.Dense, with a backward whose
+    weight gradient is computed in column blocks (`_weight_grad`); the input gradient g W^T is
+    the dot autodiff would emit."""
+    return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ())))
+
+
+def _rows_matmul_fwd(x, kernel):
+    return rows_matmul(x, kernel), (x, kernel)
+
+
+def _rows_matmul_bwd(residuals, g):
+    x, kernel = residuals
+    dx = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))  # [N, out] x [in, out] -> [N, in]
+    return dx, _weight_grad(x, g, WEIGHT_GRAD_BLOCK).astype(kernel.dtype)
+
+
+rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)
+
+
+class RowsDense(nn.Module):
+    """nn.Dense ('kernel' [in, out], optional 'bias'; same params, same forward numbers) for rows
+    [N, in], whose backward computes the weight gradient through `rows_matmul`. Other ranks fall
+    back to the plain dot."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [N, in] -> [N, out]
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        if x.ndim != 2:
+            return dense_base(x, kernel, bias, self.dtype)
+        y = rows_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+        if bias is not None:
+            y = y + jnp.reshape(bias.astype(self.dtype), (1, -1))
+        return y
+
+
 class LoRADense(nn.Module):
     """nn.Dense ('kernel' [in, out], optional 'bias') plus a low-rank adapter ('lora_a', 'lora_b')."""
 

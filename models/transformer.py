@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from models.attention import ATTENTION_IMPLS, attend, resolve_attention_impl
 from models.projections import PROJECTIONS as _PROJECTIONS
-from models.projections import LoRADense, QuantDense
+from models.projections import LoRADense, QuantDense, RowsDense
 from models.projections import expand_lora_targets as _expand_lora_targets
 from models.rope import ROPE_TYPES, apply_rope, rope_inv_freq, rotary_dim  # noqa: F401 (re-exported)
 from models.scan import init_stacked_cache, scan_layer_groups
@@ -286,14 +286,7 @@ def _dense(config: TransformerConfig, features: int, use_bias: bool, name: str):
         )
     if lora:
         return LoRADense(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, **common)
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=nn.initializers.normal(0.02),
-        name=name,
-    )
+    return RowsDense(**common)
 
 
 def _activation(name: str):
@@ -314,8 +307,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, kv_mask, q_slots, cache, cache_index, segment_ids=None):
+        """x: rows [B*T, d] (Block's layout); positions [B, T] give B and T. Returns rows [B*T, d]."""
         cfg = self.config
-        b, t, _ = x.shape
+        b, t = positions.shape
         h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q = _dense(cfg, h * hd, cfg.qkv_bias, "q_proj")(x).reshape(b, t, h, hd)
         k = _dense(cfg, kvh * hd, cfg.qkv_bias, "k_proj")(x).reshape(b, t, kvh, hd)
@@ -356,7 +350,7 @@ class Attention(nn.Module):
             softcap=cfg.attn_softcap,
             impl=impl,
             segment_ids=segment_ids,
-        ).reshape(b, t, h * hd)
+        ).reshape(b * t, h * hd)
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 
@@ -364,17 +358,15 @@ class MLP(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x):  # rows [N, d] -> [N, d]
         cfg = self.config
         act = _activation(cfg.activation)
-        lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])  # rows [N, d]: XLA:CPU sums the bias gradients over one axis
         if not cfg.gated_mlp:
             hidden = act(_dense(cfg, cfg.d_ff, cfg.mlp_bias, "up_proj")(x))
         else:
             gate = _dense(cfg, cfg.d_ff, cfg.mlp_bias, "gate_proj")(x)
             hidden = act(gate) * _dense(cfg, cfg.d_ff, cfg.mlp_bias, "up_proj")(x)
-        return _dense(cfg, cfg.d_model, cfg.mlp_bias, "down_proj")(hidden).reshape(*lead, cfg.d_model)
+        return _dense(cfg, cfg.d_model, cfg.mlp_bias, "down_proj")(hidden)
 
 
 class Block(nn.Module):
@@ -388,18 +380,23 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv_mask, q_slots, cache, cache_index, segment_ids=None):
         cfg = self.config
+        b, t, d = x.shape
+        # The residual stream, norms and projections run on rows [B*T, d]; only the attention core
+        # sees [B, T, H, D]. Same numbers; XLA:CPU then sums bias and norm-scale gradients over one
+        # axis instead of through its much slower multi-axis reduction trees.
+        x = x.reshape(b * t, d)
         attn_out, cache = Attention(cfg, layer=self.layer, name="attn")(
             _norm(cfg, "attn_norm")(x), positions, kv_mask, q_slots, cache, cache_index, segment_ids
         )
         if cfg.is_gemma:
             attn_out = _norm(cfg, "post_attn_norm")(attn_out)
         if cfg.parallel_residual:
-            return x + attn_out + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x)), cache
+            return (x + attn_out + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))).reshape(b, t, d), cache
         x = x + attn_out
         mlp_out = MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))
         if cfg.is_gemma:
             mlp_out = _norm(cfg, "post_mlp_norm")(mlp_out)
-        return x + mlp_out, cache
+        return (x + mlp_out).reshape(b, t, d), cache
 
 
 def _checkpointed(cfg: TransformerConfig, cls):
