@@ -81,6 +81,10 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--devices", type=int, default=1, help="1, or 8 (fake CPU devices, FSDP mesh data=8)")
+    ap.add_argument(
+        "--variant", default="bf16+remat", help="benchmarks.memory_setup.parse_variant name, e.g. fp32+remat"
+    )
+    ap.add_argument("--no-layer-constraint", action="store_true", help="8 devices: GSPMD alone inside the layer scan")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="xla_dump_")
@@ -91,16 +95,24 @@ def main(argv=None):
     ).strip()
     if args.devices > 1:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from benchmarks.memory_setup import parse_variant
     from benchmarks.memory_shapes import MODES, REAL_SHAPES, compiled_memory  # jax reads XLA_FLAGS on import
     from common.mesh import make_mesh
 
     dims = dict(REAL_SHAPES[args.shape], **MODES[args.mode], n_layers=args.layers)
     workload = dict(rm_pairs=8, rm_len=2048, ppo_rollouts=8, prompt_len=1024, response_len=1024)
     mesh = make_mesh((args.devices, 1), ("data", "model")) if args.devices > 1 else None
-    stats = compiled_memory(args.kind, dims, workload, mesh)
+    stats = compiled_memory(
+        args.kind,
+        dims,
+        workload,
+        mesh,
+        variant=parse_variant(args.variant),
+        layer_constraint=not args.no_layer_constraint,
+    )
     out = dict(vars(args), memory_analysis=stats, **summarize(parse_dump(folder), args.top))
     print(
-        f"{args.shape} {args.mode} {args.kind} {args.layers} layers, {args.devices} device(s): XLA temp {stats['temp'] / GIB:.2f} GiB; "
+        f"{args.shape} {args.mode} {args.variant} {args.kind} {args.layers} layers, {args.devices} device(s): XLA temp {stats['temp'] / GIB:.2f} GiB; "
         f"at the peak {out['peak_bytes'] / GIB:.2f} GiB live = arguments {out['argument_bytes_live'] / GIB:.2f} "
         f"+ temps {out['temp_bytes_live'] / GIB:.2f} ({out['n_temps']} buffers)"
     )

@@ -51,14 +51,15 @@ PPO_SETTINGS = dict(temperature=0.7, clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.1)
 class Variant:
     """One memory configuration (see the module docstring)."""
 
-    base: str  # fp32 | bf16 | lora | lora_int8
+    base: str  # fp32 | bf16 | bf16_compute (fp32 params, bf16 compute) | lora | lora_int8
     remat: bool = False
     lora_rank: int = 16
     lora_alpha: float = 32.0
     scan_layers: bool = False  # TransformerConfig.scan_layers (benchmarks/compile_time.py --scan)
 
     name = property(lambda self: self.base + ("+remat" if self.remat else "") + ("+scan" if self.scan_layers else ""))
-    dtype = property(lambda self: "bfloat16" if self.base == "bf16" else "float32")  # params and compute
+    dtype = property(lambda self: "bfloat16" if self.base in ("bf16", "bf16_compute") else "float32")  # compute
+    param_dtype = property(lambda self: "bfloat16" if self.base == "bf16" else "float32")
     rank = property(lambda self: self.lora_rank if self.base.startswith("lora") else 0)
     quant = property(lambda self: "int8" if self.base == "lora_int8" else "")
 
@@ -73,12 +74,20 @@ def variant_by_name(name: str) -> Variant:
     return found[0]
 
 
+def parse_variant(name: str) -> Variant:
+    """'bf16_compute+remat+scan' -> Variant('bf16_compute', remat=True, scan_layers=True); any base."""
+    base, *flags = name.split("+")
+    if base not in ("fp32", "bf16", "bf16_compute", "lora", "lora_int8") or set(flags) - {"remat", "scan"}:
+        raise ValueError(f"configuration {name!r}: a base (fp32, bf16, bf16_compute, lora, lora_int8) + remat / + scan")
+    return Variant(base, remat="remat" in flags, scan_layers="scan" in flags)
+
+
 def model_config(dims: dict, variant: Variant) -> TransformerConfig:
     """Float backbone config of every model in the run (before LoRA / int8)."""
     settings = dict(
         family="llama",
         dtype=variant.dtype,
-        param_dtype=variant.dtype,
+        param_dtype=variant.param_dtype,
         remat=variant.remat,
         remat_policy="nothing_saveable",
         scan_layers=variant.scan_layers,

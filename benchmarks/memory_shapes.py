@@ -51,7 +51,7 @@ import jax  # noqa: E402
 from benchmarks.memory import _affine, compiler_options, memory_stats  # noqa: E402
 from benchmarks.memory_setup import SHAPES, Variant, ppo_setup, rm_setup  # noqa: E402
 from common.mesh import batch_sharding, make_mesh  # noqa: E402
-from models.sharding import DEFAULT_RULES, tree_shardings  # noqa: E402
+from models.sharding import DEFAULT_RULES, layer_sharding, tree_shardings  # noqa: E402
 
 GIB = 2.0**30
 REAL_SHAPES = {
@@ -93,10 +93,13 @@ def _place(tree, sharding_fn):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding_fn(tree))
 
 
-def compiled_memory(kind, dims, workload, mesh) -> dict:
-    """Per-device XLA memory of one step; params/moments FSDP on `mesh`, batches split (None: 1 device)."""
+def compiled_memory(kind, dims, workload, mesh, *, variant=VARIANT, layer_constraint=True) -> dict:
+    """Per-device XLA memory of one step; params/moments FSDP on `mesh`, batches split (None: 1 device).
+
+    layer_constraint: trace inside models.sharding.layer_sharding(mesh) as the trainers do (scanned
+    layers constrain each layer's params and gradients to their shards); False: GSPMD alone."""
     setup = {"rm": rm_setup, "ppo": ppo_setup}[kind]
-    step, build = setup(dims, VARIANT, workload)
+    step, build = setup(dims, variant, workload)
     args = list(jax.eval_shape(build))
     if mesh is not None:
         batch_index = 1  # rm: (state, batch, frozen); ppo: (state, rollout, frozen, reference, reward)
@@ -108,7 +111,8 @@ def compiled_memory(kind, dims, workload, mesh) -> dict:
             else:
                 args[i] = _place(tree, lambda t: tree_shardings(t, mesh, DEFAULT_RULES))
     t0 = time.time()
-    compiled = step.lower(*args).compile(compiler_options("memory"))
+    with layer_sharding(mesh if layer_constraint else None, DEFAULT_RULES):  # the step is traced in lower()
+        compiled = step.lower(*args).compile(compiler_options("memory"))
     out = memory_stats(compiled)
     out["compile_s"] = time.time() - t0
     return out

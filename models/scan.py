@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.sharding import constrain_layer_params, layer_sharding_active
+
 STACKED = "layers_stacked"  # param-tree key of the stacked layer groups
 _LAYER_KEY = re.compile(r"^layers_(\d+)$")
 
@@ -71,25 +73,107 @@ class _LayerGroup(nn.Module):
         return (x, new_caches if caches is not None else None, g + 1), None
 
 
-def scan_layer_groups(config, block_cls, x, positions, attention_mask, q_slots, cache, cache_index, segment_ids=None):
+# ----------------------------------------------------------------------------- bf16 through the scan as bits
+# XLA:CPU supports bfloat16 in almost no op (FloatNormalization upcasts every bf16 op but
+# tuples/while/convert), the scan's per-layer dynamic-slice of a stacked bf16 leaf included: it becomes
+# dynamic-slice(convert(stack)) and the convert, loop-invariant, is hoisted out of the layer loop, a
+# whole-stack float32 copy of every weight (and of the saved bf16 carries in the backward loop). The
+# same bits as float16, which XLA:CPU moves natively, are sliced instead: bitcasts both ways, with
+# custom VJPs that bitcast the cotangents back (no float16 arithmetic ever happens on them: the f16
+# values only go through data movement, and each is consumed once). Values and gradients are
+# bit-identical; GPU/TPU lose nothing (bitcasts are free).
+
+
+@jax.custom_vjp
+def _bf16_as_f16(x):
+    return jax.lax.bitcast_convert_type(x, jnp.float16)
+
+
+@jax.custom_vjp
+def _f16_as_bf16(x):
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+
+
+_bf16_as_f16.defvjp(lambda x: (_bf16_as_f16(x), None), lambda _, ct: (_f16_as_bf16(ct),))
+_f16_as_bf16.defvjp(lambda x: (_f16_as_bf16(x), None), lambda _, ct: (_bf16_as_f16(ct),))
+
+
+def _to_bits(tree):
+    return jax.tree.map(lambda a: _bf16_as_f16(a) if a.dtype == jnp.bfloat16 else a, tree)
+
+
+def _from_bits(tree):
+    return jax.tree.map(lambda a: _f16_as_bf16(a) if a.dtype == jnp.float16 else a, tree)
+
+
+def _uses_bits(config) -> bool:
+    """bf16 params or compute, and no float16 anywhere (f16 leaves would be read back as bf16)."""
+    dtypes = {jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)}
+    return jnp.dtype(jnp.bfloat16) in dtypes and jnp.dtype(jnp.float16) not in dtypes
+
+
+def _carry_bits(block_cls):
+    """block_cls taking and returning the residual stream as float16 bits (converted inside the
+    block, so under remat the saved carry is the bits)."""
+
+    class CarryBits(block_cls):
+        def __call__(self, x, *args):
+            y, cache = super().__call__(_f16_as_bf16(x), *args)
+            return _bf16_as_f16(y), cache
+
+    return CarryBits
+
+
+def scan_layer_groups(
+    config,
+    block_cls,
+    x,
+    positions,
+    attention_mask,
+    q_slots,
+    cache,
+    cache_index,
+    segment_ids=None,
+    *,
+    wrap=lambda cls: cls,
+    initializing=False,
+):
     """Layers 0 .. G*P-1 through one nn.scan (call from the Transformer's compact __call__).
 
-    Returns (x, stacked caches or None, the remainder layers' caches (list) or None, index of the
-    first layer left for the unrolled loop)."""
+    block_cls: the layer module; wrap(cls): that class as the layers run it (remat). Training and
+    scoring forwards of bf16 models pass bf16 leaves and the bf16 carry through the scan as float16
+    bits (see above). Returns (x, stacked caches or None, the remainder layers' caches (list) or
+    None, index of the first layer left for the unrolled loop)."""
     period, groups = layer_groups(config)
     if groups < 1:  # fewer layers than one period: the unrolled loop does it all
         return x, None, cache, 0
     stacked_cache, rest_cache = (None, None) if cache is None else (cache["stacked"], cache["layers"])
-    scanned = nn.scan(
+    # Only under remat: the bits -> bf16 bitcasts then run inside each block's checkpoint, so what
+    # the backward pass reads is the float16 bits themselves (the scan's xs and carries), not a
+    # saved bf16 copy of them.
+    bits = cache is None and not initializing and config.remat and _uses_bits(config)
+    carry_bits = bits and x.dtype == jnp.bfloat16
+    layer_cls = _carry_bits(block_cls) if carry_bits else block_cls
+    constrain = cache is None and not initializing and layer_sharding_active()
+    if bits or constrain:  # each layer's slice of every leaf, inside the block: bits -> bf16, sharded
+        layer_cls = nn.map_variables(
+            layer_cls, "params", trans_in_fn=lambda p: constrain_layer_params(_from_bits(p) if bits else p)
+        )
+    scan = nn.scan(
         _LayerGroup,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * 5,  # positions, mask, q_slots, cache_index, segment_ids: every layer's
         length=groups,
-    )(config, block_cls, period, name=STACKED)
+    )
+    if bits:  # the stacked leaves: bf16 -> float16 bits, outside the scan
+        scan = nn.map_variables(scan, "params", trans_in_fn=_to_bits)
+    scanned = scan(config, wrap(layer_cls), period, name=STACKED)
+    x = _bf16_as_f16(x) if carry_bits else x
     (x, stacked_cache, _), _ = scanned(
         (x, stacked_cache, jnp.zeros((), jnp.int32)), positions, attention_mask, q_slots, cache_index, segment_ids
     )
+    x = _f16_as_bf16(x) if carry_bits else x
     return x, stacked_cache, rest_cache, groups * period
 
 

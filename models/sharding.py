@@ -59,6 +59,9 @@ propagates shardings from the parameters and the batch through the computation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -79,6 +82,9 @@ __all__ = [
     "shard_params",
     "abstract_sharded",
     "param_path",
+    "layer_sharding",
+    "with_layer_sharding",
+    "constrain_layer_params",
 ]
 
 MeshAxes = Union[None, str, Sequence[str]]
@@ -269,3 +275,56 @@ def abstract_sharded(
     shardings = tree_shardings(shapes, mesh, rules)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return abstract, shardings
+
+
+# ----------------------------------------------------------------------------- inside the layer scan
+
+# (mesh, rules) the scanned layers constrain their per-layer params to while a step is traced
+# (models/scan.py); None: no constraint (one device, or no trainer asked).
+_LAYER_SHARDING: contextvars.ContextVar = contextvars.ContextVar("layer_sharding", default=None)
+
+
+@contextlib.contextmanager
+def layer_sharding(mesh: Optional[Mesh], rules: Rules = DEFAULT_RULES):
+    """Within this context, code traced through `scan_layers` models constrains each layer's param
+    slice inside the scan body to its sharding on `mesh` by `rules`; the constraint's transpose
+    puts the same sharding on that layer's gradient, so the backward scan accumulates sharded
+    weight gradients (GSPMD alone leaves the stacked accumulator whole on every device).
+    No-op on a mesh of one device."""
+    token = _LAYER_SHARDING.set(None if mesh is None or mesh.size <= 1 else (mesh, rules))
+    try:
+        yield
+    finally:
+        _LAYER_SHARDING.reset(token)
+
+
+def with_layer_sharding(fn: Callable[..., Any], mesh: Optional[Mesh], rules: Rules = DEFAULT_RULES):
+    """`fn` traced inside `layer_sharding(mesh, rules)`: wrap a step before `jax.jit`, so the
+    context is active whenever the step is traced."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with layer_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def layer_sharding_active() -> bool:
+    """Whether a `layer_sharding` context with a multi-device mesh is active."""
+    return _LAYER_SHARDING.get() is not None
+
+
+def constrain_layer_params(params: Any) -> Any:
+    """One layer's param tree (paths ending like attn/q_proj/kernel) with every leaf constrained to
+    its sharding under the active `layer_sharding`; unchanged outside one."""
+    active = _LAYER_SHARDING.get()
+    if active is None:
+        return params
+    mesh, rules = active
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, spec_for(param_path(path), x.shape, mesh, rules))
+        ),
+        params,
+    )

@@ -30,6 +30,7 @@ restart the positions at every segment and keep attention inside each segment.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -398,6 +399,11 @@ class Block(nn.Module):
         return (x + mlp_out).reshape(b, t, d), cache
 
 
+def _checkpointed(cfg: TransformerConfig, cls):
+    """cls with jax.checkpoint on its __call__ when cfg.remat (else cls)."""
+    return nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True) if cfg.remat else cls
+
+
 class Transformer(nn.Module):
     """Decoder-only transformer. See the module docstring for families and padding."""
 
@@ -452,15 +458,15 @@ class Transformer(nn.Module):
                 name="pos_embed",
             )(positions)
 
-        block_cls = Block
-        if cfg.remat:
-            block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
+        checkpointed = functools.partial(_checkpointed, cfg)
+        block_cls = checkpointed(Block)
         new_cache = [] if cache is not None else None
         first_unrolled, stacked_cache, layer_caches = 0, None, cache
         if cfg.scan_layers:  # layers 0 .. G*P-1: one scan over stacked params (models/scan.py)
             x, stacked_cache, layer_caches, first_unrolled = scan_layer_groups(
-                cfg, block_cls, x, positions, attention_mask, q_slots, cache, cache_index, segment_ids
-            )
+                cfg, Block, x, positions, attention_mask, q_slots, cache, cache_index, segment_ids,
+                wrap=checkpointed, initializing=self.is_initializing(),
+            )  # fmt: skip
         for i in range(first_unrolled, cfg.n_layers):
             layer_cache = None if cache is None else layer_caches[i - first_unrolled]
             x, layer_cache = block_cls(cfg, layer=i, name=f"layers_{i}")(

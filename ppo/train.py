@@ -47,7 +47,7 @@ from models.hf import load_hf_checkpoint
 from models.lora import combine_params, merge_lora, strip_lora
 from models.quant import quantize_params
 from models.scan import match_layout
-from models.sharding import shard_params
+from models.sharding import shard_params, with_layer_sharding
 from ppo import algorithms as algos
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
@@ -59,7 +59,9 @@ from rm.ensemble import OBJECTIVES, load_members
 def _load_models(config, tokenizer):
     """Policy (+ reference copy), reward model, and value-model initialisation."""
     mc = config.policy
-    policy_config, policy_params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
+    policy_config, policy_params = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
+        mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype, scan_layers=mc.get("scan_layers", False)
+    )
     policy_config = policy_config.replace(
         remat=mc.remat,
         remat_policy=mc.remat_policy,
@@ -330,7 +332,7 @@ def train(config, workdir: str) -> dict:
     )
     update_fn = jax.jit(
         functools.partial(
-            ppo_update,
+            with_layer_sharding(ppo_update, mesh, rules),  # scanned layers: per-layer params/grads sharded
             tx=tx,
             loss_fn=loss_fn,
             ppo_epochs=tc.ppo_epochs,

@@ -151,8 +151,11 @@ def train_ensemble(config, workdir: str, *, single) -> dict:
     members_data = [member_train_data(train_data, seed=s, bootstrap=bootstrap) for s in seeds]
 
     # ---- K members, each initialised as the single run with its seed
-    model_config, backbone = load_hf_checkpoint(
-        config.model.init_from, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+    model_config, backbone = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
+        config.model.init_from,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        scan_layers=config.model.get("scan_layers", False),
     )
     model_config = model_config.replace(
         remat=config.model.remat,

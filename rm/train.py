@@ -36,6 +36,7 @@ from models.adapters import add_lora_and_quant, split_trainable
 from models.hf import load_hf_checkpoint
 from models.lora import combine_params
 from models.scan import match_layout
+from models.sharding import with_layer_sharding
 from rm import data as rm_data
 from rm.calibration import write_calibration
 from rm.data import trim_to_bucket
@@ -225,8 +226,11 @@ def train(config, workdir: str) -> dict:
     run, tokenizer, train_data, eval_data, data_identity, stats = start_and_load_data(config, workdir)
 
     # ---- model
-    model_config, backbone = load_hf_checkpoint(
-        config.model.init_from, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+    model_config, backbone = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
+        config.model.init_from,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        scan_layers=config.model.get("scan_layers", False),
     )
     model_config = model_config.replace(
         remat=config.model.remat,
@@ -291,7 +295,7 @@ def train(config, workdir: str) -> dict:
 
     step_fn = jax.jit(
         functools.partial(
-            train_step,
+            with_layer_sharding(train_step, mesh, rules),  # scanned layers: per-layer params/grads sharded
             model_config=model_config,
             tx=tx,
             schedule=schedule,

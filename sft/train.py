@@ -43,7 +43,7 @@ from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
 from models.lora import combine_params, merge_lora
 from models.scan import match_layout
-from models.sharding import abstract_sharded, shard_params
+from models.sharding import abstract_sharded, shard_params, with_layer_sharding
 from models.transformer import Transformer, TransformerConfig, init_params
 from sft import data as sft_data
 from sft.export import save_causal_lm
@@ -251,7 +251,9 @@ def build_model(config, tokenizer, mesh, rules, rng):
     """(TransformerConfig, params placed on the mesh): from init_from, or random from the config."""
     mc = config.model
     if mc.init_from:
-        model_config, params = load_hf_checkpoint(mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype)
+        model_config, params = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
+            mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype, scan_layers=mc.get("scan_layers", False)
+        )
         model_config = model_config.replace(
             remat=mc.remat,
             remat_policy=mc.remat_policy,
@@ -363,7 +365,7 @@ def train(config, workdir: str) -> dict:
 
     step_fn = jax.jit(
         functools.partial(
-            train_step,
+            with_layer_sharding(train_step, mesh, rules),  # scanned layers: per-layer params/grads sharded
             model_config=model_config,
             tx=tx,
             schedule=schedule,
