@@ -1,11 +1,10 @@
 """Decoder-only transformer (nine Hugging Face families) in Flax Linen.
 
-One backbone serves the policy, the reference, the reward and the value models: it returns
-the final hidden states (after the final norm) and, when asked, language-model logits.
-Parameter names follow Hugging Face's module names (q_proj, up_proj, ...) so the checkpoint
-mapping in `models/hf.py` / `models/families.py` and the LoRA target names in `models/lora.py`
-stay simple; fused HF projections (GPT-2 c_attn, GPT-NeoX query_key_value, Phi-3 qkv_proj and
-gate_up_proj) are split into q/k/v_proj and gate/up_proj on load and fused again on save.
+One backbone serves the policy, the reference, the reward and the value models: it returns the final
+hidden states (after the final norm) and, when asked, language-model logits. Parameter names follow
+Hugging Face's module names (q_proj, up_proj, ...) so the checkpoint mapping in `models/hf.py` /
+`models/families.py` and the LoRA target names stay simple; fused HF projections (GPT-2 c_attn, GPT-NeoX
+query_key_value, Phi-3 qkv_proj and gate_up_proj) are split on load and fused again on save.
 
 Families:
   gpt2         learned positions, LayerNorm with bias, GELU (tanh), biases everywhere, tied head
@@ -21,10 +20,10 @@ Families:
   gpt_neox     LayerNorm with bias, GELU MLP with biases, partial rotary (rotary_pct),
                parallel residual x + attn(ln1 x) + mlp(ln2 x) (or sequential), untied head
 
-Padding: `attention_mask` marks real tokens; left and right padding both work because
-positions are derived from the mask (cumsum - 1) and padded keys are masked out.
-Packed rows (common/packing.py): `segment_ids` [B, T] (0 padding, 1, 2, ... one per sequence)
-restart the positions at every segment and keep attention inside each segment.
+Padding: `attention_mask` marks real tokens; left and right padding both work because positions are
+derived from the mask (cumsum - 1) and padded keys are masked out. Packed rows (common/packing.py):
+`segment_ids` [B, T] (0 padding, 1, 2, ... one per sequence) restart the positions at every segment and
+keep attention inside each segment.
 """
 
 from __future__ import annotations
@@ -278,12 +277,8 @@ def _dense(config: TransformerConfig, features: int, use_bias: bool, name: str):
         name=name,
     )
     if config.quant == "int8":  # frozen int8 base, float adapters when also LoRA (QLoRA-style)
-        return QuantDense(
-            lora_rank=config.lora_rank if lora else 0,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            **common,
-        )
+        rank = config.lora_rank if lora else 0
+        return QuantDense(lora_rank=rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **common)
     if lora:
         return LoRADense(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, **common)
     return RowsDense(**common)
