@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from tests.worker import run_worker  # noqa: E402
 
 PAD, EOS = 0, 1
 # d_ff differs between policy and value model so a mix-up of the two trees cannot go unnoticed.
@@ -91,23 +92,8 @@ def test_ppo_rollout_and_update_match_single_device_under_meshes():
         "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
         "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
     )
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
-    )
     t0 = time.time()
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_worker(__file__, xla_flags=flags)
     print(f"ppo sharding worker: {time.time() - t0:.1f}s, timings {report['timings']}")
     assert report["device_count"] == 8
 

@@ -3,12 +3,13 @@ under `models.sharding.layer_sharding` each layer's weight gradient stays sharde
 
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from tests.worker import run_worker  # noqa: E402
 
 SMALL = dict(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, pad_token_id=0)
 GEMMA2 = dict(
@@ -142,22 +143,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
 
 
 def test_layer_sharding_on_8_devices():
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(),
-    )
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_worker(__file__, xla_flags="--xla_force_host_platform_device_count=8")
     # [G=4, d=32, F=64]: d over data=8 -> each device holds [4, 4, 64] of the gradient.
     assert report["grad_shape"] == [4, 32, 64]
     assert report["constrained"]["grad_spec"][:2] == ["None", "data"], report["constrained"]

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from tests.worker import run_worker  # noqa: E402
 
 # Tiny Llama-shaped model (qwen2 = llama + q/k/v biases). vocab 50 is NOT divisible by a
 # 4- or 8-way model axis, so the vocab dim must fall back to replication.
@@ -165,23 +166,8 @@ def test_multi_device_shardings_and_train_step_equivalence():
         "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
         "--xla_llvm_disable_expensive_passes=true"
     )
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
-    )
     t0 = time.time()
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_worker(__file__, xla_flags=flags, timeout=300)
     print(f"sharding worker: {time.time() - t0:.1f}s, timings {report['timings']}")
     assert report["device_count"] == 8
 
