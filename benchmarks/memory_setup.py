@@ -102,6 +102,20 @@ def make_tx():
     return make_optimizer(learning_rate=1e-5, total_steps=1000, warmup_steps=0, max_grad_norm=1.0)
 
 
+def _adapted(cfg, params, variant: Variant, rng, where: str):
+    """add_lora_and_quant with this variant's LoRA rank/alpha and int8 choice (LORA_TARGETS)."""
+    return add_lora_and_quant(
+        cfg,
+        params,
+        lora_rank=variant.rank,
+        lora_alpha=variant.lora_alpha,
+        lora_targets=LORA_TARGETS,
+        quant=variant.quant,
+        rng=rng,
+        where=where,
+    )
+
+
 def _copy(tree):
     """Fresh buffers (as the trainers copy before donating), so no tree aliases another."""
     return jax.tree.map(jnp.array, tree)
@@ -133,16 +147,7 @@ def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
         keys = jax.random.split(_init_key(seed), 5)
         cfg = model_config(dims, variant)
         params = rm_params_from_backbone(cfg, init_params(cfg, keys[0]), keys[1])
-        cfg, params = add_lora_and_quant(
-            cfg,
-            params,
-            lora_rank=variant.rank,
-            lora_alpha=variant.lora_alpha,
-            lora_targets=LORA_TARGETS,
-            quant=variant.quant,
-            rng=keys[2],
-            where="model",
-        )
+        cfg, params = _adapted(cfg, params, variant, keys[2], "model")
         box["config"] = cfg
         params, frozen = split_trainable(params, lora=cfg.lora_rank > 0)
         state, frozen = _train_state(params, frozen, tx, seed)
@@ -186,31 +191,13 @@ def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
         lora = variant.rank > 0
         policy_params = init_params(cfg, keys[0])  # the SFT policy
         rm_params = rm_params_from_backbone(cfg, init_params(cfg, keys[1]), keys[2])  # the trained RM (float)
-        policy_config, policy_params = add_lora_and_quant(
-            cfg,
-            policy_params,
-            lora_rank=variant.rank,
-            lora_alpha=variant.lora_alpha,
-            lora_targets=LORA_TARGETS,
-            quant=variant.quant,
-            rng=keys[3],
-            where="policy",
-        )
+        policy_config, policy_params = _adapted(cfg, policy_params, variant, keys[3], "policy")
         reward_config, reward_params = cfg, rm_params
         if variant.quant:  # reward.quant='int8'
             reward_params, reward_config = quantize_params(rm_params, cfg)
         reward_params = _copy(reward_params)  # own buffers: counted once here, once in the value model
         # value.init='reward': the value model starts as the float reward model (+ adapters).
-        value_config, value_params = add_lora_and_quant(
-            cfg,
-            rm_params,
-            lora_rank=variant.rank,
-            lora_alpha=variant.lora_alpha,
-            lora_targets=LORA_TARGETS,
-            quant=variant.quant,
-            rng=keys[4],
-            where="value",
-        )
+        value_config, value_params = _adapted(cfg, rm_params, variant, keys[4], "value")
         if lora:  # policy.reference='auto' -> 'adapters_off': no second copy of the base
             ref_config, ref_params = None, None
         else:  # 'copy': a separate frozen copy of the initial policy

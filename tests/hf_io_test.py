@@ -4,7 +4,6 @@ out, sharded index folders in and out, and loading straight onto a mesh of 8 fak
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -118,22 +117,11 @@ def test_load_onto_8_device_mesh_places_each_shard(tmp_path):
 
     folder = str(tmp_path / "llama")
     make_tiny_hf_model("llama", folder, d=64, layers=2, vocab_size=128)
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(),
+    from tests.worker import run_worker
+
+    report = run_worker(
+        __file__, xla_flags="--xla_force_host_platform_device_count=8", args=("--worker", folder), timeout=300
     )
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", folder],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
     # vocab on 'model' (4), embed on 'data' (2): each device holds a [128/4, 64/2] block.
     assert report["embed/embedding"]["shard_shapes"] == [[32, 32]]

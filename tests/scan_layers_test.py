@@ -4,7 +4,6 @@ checkpoints, LoRA / int8 leaves, shardings, greedy tokens and trainer losses."""
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -231,18 +230,11 @@ def test_stacked_state_shards_on_8_devices(tmp_path):
 
     folder = str(tmp_path / "llama")
     make_tiny_hf_model("llama", folder, d=64, layers=4, vocab_size=128)
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(),
+    from tests.worker import run_worker
+
+    report = run_worker(
+        __file__, xla_flags="--xla_force_host_platform_device_count=8", args=("--worker", folder), timeout=300
     )
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", folder],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
     # [G=4, d=64, H*D=64]: layer axis whole, d over data (2), heads over model (4).
     assert report[f"{STACKED}/p0/attn/q_proj/kernel"]["shard_shapes"] == [[4, 32, 16]]
