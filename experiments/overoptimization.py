@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 
@@ -90,11 +91,26 @@ def _gold_fn(config, workdir, *, world, scorer, tokenizer, sft_hf, r_base, eval_
     return lambda prompts, responses: np.asarray(gold_rm(prompts, responses))
 
 
-def _proxy_config(config, r_base, train_file, eval_pairs):
-    """The proxy RM's trainer config: r_base on these files, K members with config.proxy.ensemble_size."""
+def proxy_steps(config, n_labels: int, batch_size: int, base_steps: int) -> int:
+    """Training steps of the proxy on n_labels pairs: rm.train.steps, or with proxy.epochs > 0 that many
+    passes over the labels (at least proxy.min_steps), so every label budget sees its data equally often."""
+    epochs = float(config.proxy.get("epochs", 0.0))
+    if epochs <= 0:
+        return int(base_steps)
+    return max(int(config.proxy.min_steps), math.ceil(epochs * n_labels / batch_size))
+
+
+def _proxy_config(config, r_base, train_file, eval_pairs, n_labels):
+    """The proxy RM's trainer config: r_base on these files, K members with config.proxy.ensemble_size,
+    steps from proxy_steps (warmup and checkpoint cadence shrunk to fit a shorter run)."""
     r = copy.deepcopy(r_base)
     r.data.train_files, r.data.eval_files = train_file, eval_pairs
     r.model.ensemble_size = int(config.proxy.ensemble_size)
+    steps = proxy_steps(config, n_labels, r.train.batch_size, r.train.steps)
+    if steps != r.train.steps:
+        r.train.steps = steps
+        r.train.warmup_steps = min(r.train.warmup_steps, steps // 10)
+        r.train.eval_every = r.train.save_every = min(r.train.save_every, steps)
     return r
 
 
@@ -158,7 +174,7 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
             train_file = os.path.join(labels_dir, f"train_first_{count}.jsonl")
             P.write_jsonl(rows[:count], train_file)
             P.log(f"proxy RM on {count} labels (seed {config.seed})")
-            P.check_preempted(rm_train(_proxy_config(config, r_base, train_file, eval_pairs), rm_dir))
+            P.check_preempted(rm_train(_proxy_config(config, r_base, train_file, eval_pairs, count), rm_dir))
             P.mark_done(rm_dir)
         scorer_k = P.ProxyScorer(rm_dir, max_length=r_base.data.max_length, objective=objective, uwo_lambda=uwo_lambda)
         proxy = scorer_k(flat_p, flat_r).reshape(len(bon["prompts"]), -1)
