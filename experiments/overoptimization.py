@@ -19,6 +19,7 @@ slower). All stages resume.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -131,6 +132,19 @@ def _eval_pairs(config, workdir, annotator, *, world, tokenizer, sft_hf):
     return eval_pairs
 
 
+def _cached_bon_scores(path, samples_key, score):
+    """The proxy's scores of this seed's best-of-n samples: from `path` when it holds them for the same
+    samples (sha256 of bon_samples.json), else score() and keep them there. Re-running a finished workdir
+    (new fits, plots) then skips re-scoring 3 x 32,768 samples per seed at the documented size."""
+    if os.path.exists(path):
+        cached = np.load(path)
+        if str(cached["samples_sha256"]) == samples_key:
+            return cached["scores"]
+    scores = np.asarray(score())
+    np.savez(path, scores=scores, samples_sha256=np.asarray(samples_key))
+    return scores
+
+
 def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths, r_base, p_base, gold_of):
     """One seed: labels, a proxy per label count, best-of-n and PPO against each -> points {bon, rl}."""
     from ppo.train import train as ppo_train
@@ -159,6 +173,8 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
             max_prompt_length=config.sampling.max_prompt_length,
         )
         json.dump({"prompts": prompts, "responses": grouped}, open(bon_path, "w"))
+    with open(bon_path, "rb") as f:
+        samples_key = hashlib.sha256(f.read()).hexdigest()  # the proxy-score caches are of these samples
     bon = json.load(open(bon_path))
     flat_p = [p for p, g in zip(bon["prompts"], bon["responses"]) for _ in g]
     flat_r = [r for g in bon["responses"] for r in g]
@@ -176,8 +192,13 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
             P.log(f"proxy RM on {count} labels (seed {config.seed})")
             P.check_preempted(rm_train(_proxy_config(config, r_base, train_file, eval_pairs, count), rm_dir))
             P.mark_done(rm_dir)
-        scorer_k = P.ProxyScorer(rm_dir, max_length=r_base.data.max_length, objective=objective, uwo_lambda=uwo_lambda)
-        proxy = scorer_k(flat_p, flat_r).reshape(len(bon["prompts"]), -1)
+        proxy = _cached_bon_scores(
+            os.path.join(rm_dir, f"bon_scores_{objective}_{uwo_lambda:g}.npz"),
+            samples_key,
+            lambda: P.ProxyScorer(
+                rm_dir, max_length=r_base.data.max_length, objective=objective, uwo_lambda=uwo_lambda
+            )(flat_p, flat_r),
+        ).reshape(len(bon["prompts"]), -1)
         curve = P.best_of_n_curve(np.asarray(proxy), bon_gold, ns)
         points["bon"][label] = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "n")}
 

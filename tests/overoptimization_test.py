@@ -121,3 +121,23 @@ def test_proxy_steps_scale_with_labels_at_fixed_epochs():
     assert r.data.train_files == "train.jsonl" and c.rm.train.steps == 300  # the base config is not changed
     c.proxy.epochs = 0.0
     assert proxy_steps(c, 10000, 32, 300) == 300
+
+
+def test_bon_score_cache_is_keyed_on_the_samples(tmp_path):
+    """The cached proxy scores are reused only for the same best-of-n samples; other samples re-score."""
+    from experiments.overoptimization import _cached_bon_scores
+
+    calls = []
+
+    def score(values):
+        calls.append(values)
+        return np.asarray(values, np.float64)
+
+    path = str(tmp_path / "bon_scores.npz")
+    first = _cached_bon_scores(path, "sha-a", lambda: score([0.5, -1.25]))
+    again = _cached_bon_scores(path, "sha-a", lambda: score([9.0, 9.0]))
+    other = _cached_bon_scores(path, "sha-b", lambda: score([2.0, 3.0]))
+    np.testing.assert_array_equal(first, [0.5, -1.25])
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(other, [2.0, 3.0])
+    assert calls == [[0.5, -1.25], [2.0, 3.0]] and again.dtype == np.float64
