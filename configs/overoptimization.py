@@ -57,6 +57,12 @@ def get_config(arg=None):
     # prompts than the quickstart's so that sampling and scoring 3 x 32,768 responses per seed stays minutes.
     c.bon.n_max = 2048
     c.world.n_eval_prompts = 16
+
+    # Percentile bootstrap of the seed-averaged curve's fitted gold peak (experiments/peak_bootstrap.py):
+    # best-of-n prompts / PPO rollouts resampled within each seed, this many times, from this rng seed.
+    c.bootstrap = ml_collections.ConfigDict()
+    c.bootstrap.resamples = 1000
+    c.bootstrap.seed = 0
     if args["size"] == "tiny":
         c.seeds = ()
         c.label_counts = (16, 32, 64)
@@ -68,4 +74,5 @@ def get_config(arg=None):
         c.bon.n_max = 4
         c.gold.n_pairs, c.gold.steps = 64, 5
         c.world.n_eval_prompts = 8  # best-of-n prompts
+        c.bootstrap.resamples = 50
     return c

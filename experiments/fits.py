@@ -35,6 +35,7 @@ __all__ = [
     "best_of_n_indices",
     "best_of_n_weights",
     "best_of_n_estimate",
+    "best_of_n_prompt_estimates",
     "plot_overoptimization",
 ]
 
@@ -213,6 +214,18 @@ def best_of_n_estimate(proxy, gold, n: int, *, rng: np.random.Generator | None =
     Returns:
       (mean proxy, mean gold) of the best-of-n sample, averaged over prompts.
     """
+    proxy_units, gold_units = best_of_n_prompt_estimates(proxy, gold, n, rng=rng)
+    return float(np.mean(proxy_units)), float(np.mean(gold_units))
+
+
+def best_of_n_prompt_estimates(
+    proxy, gold, n: int, *, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt, the unbiased best-of-n estimate of E[proxy] and E[gold]: ([P], [P]) float64.
+
+    best_of_n_estimate is their mean over prompts; the bootstrap of the fitted gold peak
+    (experiments/peak_bootstrap.py) resamples these prompt units. Args and ties as best_of_n_estimate.
+    """
     proxy = _check_scores(proxy, n, name="best_of_n_estimate")
     gold = np.asarray(gold, np.float64)
     if gold.shape != proxy.shape:
@@ -227,7 +240,7 @@ def best_of_n_estimate(proxy, gold, n: int, *, rng: np.random.Generator | None =
     weights = best_of_n_weights(n_samples, n)  # [N]
     proxy_sorted = np.take_along_axis(proxy, order, axis=1)  # [P, N]
     gold_sorted = np.take_along_axis(gold, order, axis=1)  # [P, N]
-    return float(np.mean(proxy_sorted @ weights)), float(np.mean(gold_sorted @ weights))
+    return proxy_sorted @ weights, gold_sorted @ weights  # [P], [P]
 
 
 # ----------------------------------------------------------------------------- plot

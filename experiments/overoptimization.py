@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from common import data_io
-from experiments import fits
+from experiments import fits, peak_bootstrap
 from experiments import pipeline as P
 from experiments.quickstart import _sub_configs
 from experiments.seeds import format_interval, interval, mean_curve, seed_configs
@@ -201,6 +201,9 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
         ).reshape(len(bon["prompts"]), -1)
         curve = P.best_of_n_curve(np.asarray(proxy), bon_gold, ns)
         points["bon"][label] = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "n")}
+        # Each prompt's own unbiased estimate per n ([P][len(ns)]; their mean is "gold"): the bootstrap's units.
+        units = np.stack([fits.best_of_n_prompt_estimates(proxy, bon_gold, n)[1] for n in ns], axis=1)
+        points["bon"][label]["gold_units"] = units.tolist()
 
         ppo_dir = os.path.join(workdir, f"ppo_{count}")
         if not P.stage_done(ppo_dir):
@@ -212,8 +215,9 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
             P.log(f"PPO against the {count}-label proxy (seed {config.seed})")
             P.check_preempted(ppo_train(p, ppo_dir))
             P.mark_done(ppo_dir)
-        curve = P.ppo_gold_curve(ppo_dir, gold_of)
+        curve = P.ppo_gold_curve(ppo_dir, gold_of, gold_units=True)
         points["rl"][label] = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "step")}
+        points["rl"][label]["gold_units"] = [c["gold_units"] for c in curve]  # [T][rollouts] gold scores
     return points
 
 
@@ -241,10 +245,13 @@ def fit_points(points: dict) -> dict:
 
 
 def average_points(per_seed: list[dict]) -> dict:
-    """Seed-averaged curves: best-of-n point-wise per n, PPO per iteration (d, proxy, gold averaged)."""
+    """Seed-averaged curves: best-of-n point-wise per n, PPO per iteration (d, proxy, gold averaged); the
+    per-unit gold lists (gold_units) stay per seed (experiments/peak_bootstrap.py resamples them)."""
     return {
         method: {
-            label: mean_curve([p[method][label] for p in per_seed], list(per_seed[0][method][label]))
+            label: mean_curve(
+                [p[method][label] for p in per_seed], [k for k in per_seed[0][method][label] if k != "gold_units"]
+            )
             for label in per_seed[0][method]
         }
         for method in ("bon", "rl")
@@ -294,6 +301,13 @@ def run(config, workdir):
         )  # fmt: skip
     points = per_seed[runs[0][0]] if len(runs) == 1 else average_points(list(per_seed.values()))
     fit_results = fit_points(points)
+    b_cfg = config.get("bootstrap") or {}
+    resamples, b_seed = int(b_cfg.get("resamples", 1000)), int(b_cfg.get("seed", 0))
+    P.log(f"bootstrap of the gold peaks ({resamples} resamples)")
+    bootstrap = {
+        m: peak_bootstrap.bootstrap_peaks(list(per_seed.values()), m, resamples=resamples, seed=b_seed)
+        for m in ("bon", "rl")
+    }
     summary_extra = {}
     if len(runs) > 1:
         seed_fits = {seed: fit_points(p) for seed, p in per_seed.items()}
@@ -306,7 +320,7 @@ def run(config, workdir):
     with open(os.path.join(workdir, "points.json"), "w") as f:
         json.dump(points, f, indent=2)
     with open(os.path.join(workdir, "fits.json"), "w") as f:
-        json.dump(dict(fit_results, **summary_extra), f, indent=2, default=float)
+        json.dump(dict(fit_results, bootstrap=bootstrap, **summary_extra), f, indent=2, default=float)
     averaged = f", mean of seeds {list(per_seed)}" if len(runs) > 1 else ""
     for method in ("bon", "rl"):
         shifted = {
@@ -329,6 +343,7 @@ def run(config, workdir):
         "wall_time_s": time.time() - t0,
         "label_counts": list(config.label_counts),
         "gold": config.gold.kind,
+        "bootstrap": bootstrap,
         **summary_extra,
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -340,21 +355,31 @@ def run(config, workdir):
 
 
 def seed_table_markdown(summary: dict) -> str:
-    """Markdown: per method and proxy, the fit on the seed-averaged curve (+- SE) and per-seed peaks' interval."""
+    """Markdown: per method and proxy, the fit on the seed-averaged curve (+- SE), the bootstrap interval of
+    its peak, the per-seed peaks' interval; then per method how often the peak moves out with more labels."""
+    boot = summary.get("bootstrap") or {}
     lines = [
-        f"Seeds {summary['seeds']}: fits on the seed-averaged curves (alpha, beta +- OLS SE); gold peak d of each "
-        "seed's own fit, mean (95% t-interval across seeds)\n",
-        "| method | proxy | gold alpha +- SE | gold beta +- SE | R^2 | peak d (avg curve) | peak d across seeds |",
-        "|---|---|---|---|---|---|---|",
+        f"Seeds {summary['seeds']}: fits on the seed-averaged curves (alpha, beta +- OLS SE); its gold peak d with "
+        "a 95% percentile bootstrap interval (units resampled within each seed: best-of-n prompts, PPO rollouts "
+        "per iteration); gold peak d of each seed's own fit, mean (95% t-interval across seeds)\n",
+        "| method | proxy | gold alpha +- SE | gold beta +- SE | R^2 | peak d (avg curve) | "
+        "peak d 95% bootstrap CI (prompts / rollouts) | peak d across seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in ("bon", "rl"):
         for label, f in summary["fits"][method].items():
             g = f["gold"]
             seeds = summary["across_seeds"][method][label]["gold_peak_d"]
+            ci = peak_bootstrap.format_ci(boot[method][label]) if method in boot else "n/a"
             lines.append(
                 f"| {method} | {label} | {g['alpha']:.3f} +- {g['alpha_se']:.3f} | {g['beta']:.3f} +- "
-                f"{g['beta_se']:.3f} | {g['r2']:.2f} | {f['gold_peak_d']:.2f} | {format_interval(seeds, 2)} |"
+                f"{g['beta_se']:.3f} | {g['r2']:.2f} | {f['gold_peak_d']:.2f} | {ci} | {format_interval(seeds, 2)} |"
             )
+    lines.append("")
+    for method in boot:
+        pairing = "paired prompt resamples" if method == "bon" else "independent rollout resamples"
+        order = ", ".join(f"P({k.replace(' < ', ' peak < ')} peak) = {v:.3f}" for k, v in boot[method]["order"].items())
+        lines.append(f"- {method}: fraction of bootstrap replicates ({pairing}) with the peak further out: {order}")
     return "\n".join(lines) + "\n"
 
 

@@ -149,10 +149,10 @@ def best_of_n_curve(proxy, gold, ns):
     return rows
 
 
-def ppo_gold_curve(ppo_workdir, gold_of):
+def ppo_gold_curve(ppo_workdir, gold_of, *, gold_units=False):
     """Per PPO step: proxy score, gold score (of that step's rollouts) and KL, from samples + metrics.
 
-    gold_of(prompts, responses) -> gold scores.
+    gold_of(prompts, responses) -> gold scores. gold_units=True adds each rollout's gold score ("gold_units").
     """
     metrics = {m["step"]: m for m in read_jsonl(os.path.join(ppo_workdir, "metrics.jsonl"))}
     by_step = {}
@@ -164,15 +164,16 @@ def ppo_gold_curve(ppo_workdir, gold_of):
         gold = gold_of([s["prompt"] for s in samples], [s["response"] for s in samples])
         m = metrics.get(step, {})
         kl = max(float(m.get("objective/kl", np.nan)), 0.0)
-        rows.append(
-            {
-                "step": step,
-                "kl": kl,
-                "d": float(np.sqrt(kl)),
-                "proxy": float(np.mean([s["score"] for s in samples])),
-                "gold": float(np.mean(gold)),
-            }
-        )
+        row = {
+            "step": step,
+            "kl": kl,
+            "d": float(np.sqrt(kl)),
+            "proxy": float(np.mean([s["score"] for s in samples])),
+            "gold": float(np.mean(gold)),
+        }
+        if gold_units:  # the Gao driver's bootstrap resamples the rollouts
+            row["gold_units"] = [float(g) for g in gold]
+        rows.append(row)
     return rows
 
 
