@@ -52,7 +52,7 @@ from ppo import algorithms as algos
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
 from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, rollout_metrics
-from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
+from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update, separate_optimizers
 from rm.ensemble import OBJECTIVES, load_members
 
 
@@ -247,6 +247,10 @@ def train(config, workdir: str) -> dict:
         )
     updates_total = tc.steps * tc.ppo_epochs * tc.num_minibatches
     tx, _ = optimizer_from_config(tc, total_steps=updates_total)
+    if sequential_value := bool(tc.get("sequential_value_update", False)):  # one AdamW per model: state keyed by it
+        if "value" not in params:
+            raise ValueError(f"train.sequential_value_update needs value.init='reward' and a critic ({vc.init!r})")
+        tx = separate_optimizers(tx)
 
     mesh, rules = mesh_and_rules(config.mesh)
     built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))
@@ -339,6 +343,7 @@ def train(config, workdir: str) -> dict:
             num_minibatches=tc.num_minibatches,
             accum_steps=tc.grad_accum_steps,
             group_size=algo.group_size,
+            sequential_value_update=sequential_value,
         ),
         in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
         out_shardings=(state_sharding, replicated(mesh)),
