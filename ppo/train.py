@@ -83,11 +83,14 @@ def _load_models(config, tokenizer):
     if not config.reward.get("uwo_lambda", 1.0) >= 0:
         raise ValueError(f"config.reward.uwo_lambda={config.reward.uwo_lambda}; expected >= 0")
     # An ensemble run's workdir (rm/ensemble_train.py) stands for its K members; member 0 leads (value init).
-    members = load_members(config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype)
+    rm_scan = config.reward.get("scan_layers", False)  # an exported folder stacks per shard on load (models/hf.py)
+    members = load_members(
+        config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype, scan_layers=rm_scan
+    )
     if len(members) > 1 and config.reward.quant:
         raise ValueError("config.reward.quant='int8' is not supported with an ensemble reward (K members)")
     for member in members:
-        member.config = member.config.replace(scan_layers=config.reward.get("scan_layers", False))
+        member.config = member.config.replace(scan_layers=rm_scan)
         member.params = match_layout(member.params, member.config)  # scan_layers: stacked (models/scan.py)
     reward = members[0]
     if reward.config.vocab_size < policy_config.vocab_size:
@@ -248,9 +251,7 @@ def train(config, workdir: str) -> dict:
     updates_total = tc.steps * tc.ppo_epochs * tc.num_minibatches
     tx, _ = optimizer_from_config(tc, total_steps=updates_total)
     if sequential_value := bool(tc.get("sequential_value_update", False)):  # one AdamW per model: state keyed by it
-        if "value" not in params:
-            raise ValueError(f"train.sequential_value_update needs value.init='reward' and a critic ({vc.init!r})")
-        tx = separate_optimizers(tx)
+        tx = separate_optimizers(tx)  # ppo_update refuses a run without a separate value model
 
     mesh, rules = mesh_and_rules(config.mesh)
     built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))

@@ -165,8 +165,9 @@ def ppo_update(
     frozen = frozen or {}
     if sequential_value_update and set(state["params"]) != {"policy", "value"}:
         raise ValueError(
-            "ppo_update: sequential_value_update needs a separate value model (params {'policy', 'value'}); got "
-            f"params {sorted(state['params'])} (a value head on the policy shares its backbone: use the joint update)"
+            "ppo_update: sequential_value_update (config train.sequential_value_update) needs a separate value "
+            f"model (value.init='reward' and a critic: params {{'policy', 'value'}}); got params "
+            f"{sorted(state['params'])} (a value head on the policy shares its backbone: use the joint update)"
         )
     if sequential_value_update and not (
         isinstance(state["opt_state"], dict) and set(state["opt_state"]) == {"policy", "value"}
