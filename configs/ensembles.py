@@ -21,6 +21,11 @@ def get_config(arg=None):
     c = overoptimization.get_config("size=tiny" if args["size"] == "tiny" else None)
     c.trainer = "experiments.ensembles"
     c.label_counts = ()  # unused here (the over-optimisation driver's)
+    # The quickstart's annotator, best-of-n size and one seed, as the documented Coste run used: the Gao
+    # driver's own choices (sharper annotator, n up to 2048 on 16 prompts, 3 seeds) are not inherited.
+    c.labels.temperature, c.proxy.epochs, c.seeds = 0.3, 0.0, ()
+    if args["size"] != "tiny":
+        c.bon.n_max, c.world.n_eval_prompts = 128, 48
 
     c.coste = ml_collections.ConfigDict()
     c.coste.n_labels = 1000  # labelled pairs every reward model trains on

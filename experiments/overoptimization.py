@@ -19,7 +19,9 @@ slower). All stages resume.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
 import os
 import time
 
@@ -90,11 +92,26 @@ def _gold_fn(config, workdir, *, world, scorer, tokenizer, sft_hf, r_base, eval_
     return lambda prompts, responses: np.asarray(gold_rm(prompts, responses))
 
 
-def _proxy_config(config, r_base, train_file, eval_pairs):
-    """The proxy RM's trainer config: r_base on these files, K members with config.proxy.ensemble_size."""
+def proxy_steps(config, n_labels: int, batch_size: int, base_steps: int) -> int:
+    """Training steps of the proxy on n_labels pairs: rm.train.steps, or with proxy.epochs > 0 that many
+    passes over the labels (at least proxy.min_steps), so every label budget sees its data equally often."""
+    epochs = float(config.proxy.get("epochs", 0.0))
+    if epochs <= 0:
+        return int(base_steps)
+    return max(int(config.proxy.min_steps), math.ceil(epochs * n_labels / batch_size))
+
+
+def _proxy_config(config, r_base, train_file, eval_pairs, n_labels):
+    """The proxy RM's trainer config: r_base on these files, K members with config.proxy.ensemble_size,
+    steps from proxy_steps (warmup and checkpoint cadence shrunk to fit a shorter run)."""
     r = copy.deepcopy(r_base)
     r.data.train_files, r.data.eval_files = train_file, eval_pairs
     r.model.ensemble_size = int(config.proxy.ensemble_size)
+    steps = proxy_steps(config, n_labels, r.train.batch_size, r.train.steps)
+    if steps != r.train.steps:
+        r.train.steps = steps
+        r.train.warmup_steps = min(r.train.warmup_steps, steps // 10)
+        r.train.eval_every = r.train.save_every = min(r.train.save_every, steps)
     return r
 
 
@@ -113,6 +130,19 @@ def _eval_pairs(config, workdir, annotator, *, world, tokenizer, sft_hf):
         n_eval = config.labels.n_eval_pairs
         _label_file(world, annotator, tokenizer, sft_hf, config, eval_pairs, n_eval, seed=101 + shift)
     return eval_pairs
+
+
+def _cached_bon_scores(path, samples_key, score):
+    """The proxy's scores of this seed's best-of-n samples: from `path` when it holds them for the same
+    samples (sha256 of bon_samples.json), else score() and keep them there. Re-running a finished workdir
+    (new fits, plots) then skips re-scoring 3 x 32,768 samples per seed at the documented size."""
+    if os.path.exists(path):
+        cached = np.load(path)
+        if str(cached["samples_sha256"]) == samples_key:
+            return cached["scores"]
+    scores = np.asarray(score())
+    np.savez(path, scores=scores, samples_sha256=np.asarray(samples_key))
+    return scores
 
 
 def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths, r_base, p_base, gold_of):
@@ -143,6 +173,8 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
             max_prompt_length=config.sampling.max_prompt_length,
         )
         json.dump({"prompts": prompts, "responses": grouped}, open(bon_path, "w"))
+    with open(bon_path, "rb") as f:
+        samples_key = hashlib.sha256(f.read()).hexdigest()  # the proxy-score caches are of these samples
     bon = json.load(open(bon_path))
     flat_p = [p for p, g in zip(bon["prompts"], bon["responses"]) for _ in g]
     flat_r = [r for g in bon["responses"] for r in g]
@@ -158,10 +190,15 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
             train_file = os.path.join(labels_dir, f"train_first_{count}.jsonl")
             P.write_jsonl(rows[:count], train_file)
             P.log(f"proxy RM on {count} labels (seed {config.seed})")
-            P.check_preempted(rm_train(_proxy_config(config, r_base, train_file, eval_pairs), rm_dir))
+            P.check_preempted(rm_train(_proxy_config(config, r_base, train_file, eval_pairs, count), rm_dir))
             P.mark_done(rm_dir)
-        scorer_k = P.ProxyScorer(rm_dir, max_length=r_base.data.max_length, objective=objective, uwo_lambda=uwo_lambda)
-        proxy = scorer_k(flat_p, flat_r).reshape(len(bon["prompts"]), -1)
+        proxy = _cached_bon_scores(
+            os.path.join(rm_dir, f"bon_scores_{objective}_{uwo_lambda:g}.npz"),
+            samples_key,
+            lambda: P.ProxyScorer(
+                rm_dir, max_length=r_base.data.max_length, objective=objective, uwo_lambda=uwo_lambda
+            )(flat_p, flat_r),
+        ).reshape(len(bon["prompts"]), -1)
         curve = P.best_of_n_curve(np.asarray(proxy), bon_gold, ns)
         points["bon"][label] = {k: [c[k] for c in curve] for k in ("d", "proxy", "gold", "kl", "n")}
 

@@ -212,6 +212,11 @@ def make_generate_fn(
     )
 
 
+def _lay_out_tied_head() -> bool:
+    """Whether generate lays a tied LM head out as [d, V] before decoding: on XLA:CPU only (see run)."""
+    return jax.default_backend() == "cpu"
+
+
 @functools.lru_cache(maxsize=64)
 def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_ids, greedy):
     model = Transformer(config)
@@ -242,10 +247,21 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
                 return_logits=False,
             ).cache
 
-        # The LM head as a [d, V] matrix, laid out (and cast) once before the loop: XLA:CPU's Eigen dot runs the
-        # tied head x . E^T (E [V, d], contracting E's minor axis) at ~3 GFLOP/s at V = 50k, x @ [d, V] at ~40
-        # (benchmarks/decode_profile.py). Same products and sums, so the same logits up to float rounding.
-        head = lm_head_kernel(config, params).astype(compute_dtype)
+        # On XLA:CPU the LM head is laid out (and cast) once before the loop as a [d, V] matrix: its Eigen dot runs
+        # the tied head x . E^T (E [V, d], contracting E's minor axis) at ~3 GFLOP/s at V = 50k, x @ [d, V] at ~40
+        # (benchmarks/decode_profile.py). Elsewhere a tied head stays E: a transposed copy would be V x d more
+        # memory (1 GiB at 8B, V = 128k, bf16) for a layout GPU/TPU dots do not need. Same products and sums
+        # either way, so the same logits up to float rounding.
+        if config.tie_embeddings and not _lay_out_tied_head():
+            embed = params["embed"]["embedding"]  # [V, d]
+
+            def head_logits(h):  # [B, d] -> [B, V]
+                return jnp.einsum("bd,vd->bv", h.astype(compute_dtype), embed.astype(compute_dtype))
+        else:
+            head = lm_head_kernel(config, params).astype(compute_dtype)  # [d, V]
+
+            def head_logits(h):
+                return jnp.dot(h.astype(compute_dtype), head)
 
         def cond(state):
             return (state["t"] < n) & ~jnp.all(state["done"])
@@ -262,7 +278,7 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
                 cache_index=p - 1 + t,
                 return_logits=False,
             )
-            logits = jnp.dot(out.hidden_states[:, 0].astype(compute_dtype), head).astype(jnp.float32)  # [B, V]
+            logits = head_logits(out.hidden_states[:, 0]).astype(jnp.float32)  # [B, V]
             if config.final_softcap is not None:
                 logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
             step_rng = None if greedy else jax.random.fold_in(rng, t)

@@ -106,3 +106,38 @@ def test_unfittable_points_give_nan_and_reason_not_a_crash():
     assert np.isnan(out["alpha"]) and np.isnan(out["beta"]) and "two distinct d > 0" in out["error"]
     ok = _fit(fits.fit_bon, np.array([0.0, 0.5, 1.0, 1.5]), np.array([0.0, 0.5, 0.8, 0.9]), "bon test gold")
     assert "error" not in ok and np.isfinite(ok["alpha"])
+
+
+def test_proxy_steps_scale_with_labels_at_fixed_epochs():
+    """proxy.epochs > 0: ceil(epochs * labels / batch), at least proxy.min_steps, warmup and checkpoint
+    cadence shrunk to fit; proxy.epochs = 0 keeps the trainer's own steps (hand-computed values)."""
+    from experiments.overoptimization import _proxy_config, proxy_steps
+
+    c = oo_config.get_config()
+    assert (c.proxy.epochs, c.proxy.min_steps) == (2.0, 50)
+    assert [proxy_steps(c, n, 32, 300) for n in (100, 1000, 10000)] == [50, 63, 625]
+    r = _proxy_config(c, c.rm, "train.jsonl", "eval.jsonl", 1000)
+    assert (r.train.steps, r.train.warmup_steps, r.train.save_every, r.train.eval_every) == (63, 6, 63, 63)
+    assert r.data.train_files == "train.jsonl" and c.rm.train.steps == 300  # the base config is not changed
+    c.proxy.epochs = 0.0
+    assert proxy_steps(c, 10000, 32, 300) == 300
+
+
+def test_bon_score_cache_is_keyed_on_the_samples(tmp_path):
+    """The cached proxy scores are reused only for the same best-of-n samples; other samples re-score."""
+    from experiments.overoptimization import _cached_bon_scores
+
+    calls = []
+
+    def score(values):
+        calls.append(values)
+        return np.asarray(values, np.float64)
+
+    path = str(tmp_path / "bon_scores.npz")
+    first = _cached_bon_scores(path, "sha-a", lambda: score([0.5, -1.25]))
+    again = _cached_bon_scores(path, "sha-a", lambda: score([9.0, 9.0]))
+    other = _cached_bon_scores(path, "sha-b", lambda: score([2.0, 3.0]))
+    np.testing.assert_array_equal(first, [0.5, -1.25])
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(other, [2.0, 3.0])
+    assert calls == [[0.5, -1.25], [2.0, 3.0]] and again.dtype == np.float64

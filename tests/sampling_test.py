@@ -253,3 +253,22 @@ def test_draws_follow_a_many_block_distribution():
     freq = np.bincount(np.asarray(tokens), minlength=300) / draws
     assert freq[probs == 0].sum() == 0
     assert (np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / draws) + 2e-4).all()
+
+
+def test_tied_head_unlaid_path_matches(tiny, monkeypatch):
+    """Off XLA:CPU a tied head is not copied to [d, V] before decoding: that path (forced here) gives the
+    CPU path's greedy tokens and log-probs."""
+    from models import sampling
+
+    family, model, config, params = tiny
+    ids, mask = left_padded_prompts()
+    kw = dict(max_new_tokens=N, temperature=0.7, eos_token_id=NO_EOS)
+    laid_out = generate(params, config, ids, mask, jax.random.key(4), **kw)
+    monkeypatch.setattr(sampling, "_lay_out_tied_head", lambda: False)
+    sampling._build_generate_fn.cache_clear()
+    try:
+        unlaid = generate(params, config, ids, mask, jax.random.key(4), **kw)
+    finally:
+        sampling._build_generate_fn.cache_clear()
+    np.testing.assert_array_equal(np.asarray(unlaid.response_ids), np.asarray(laid_out.response_ids))
+    np.testing.assert_allclose(np.asarray(unlaid.logprobs), np.asarray(laid_out.logprobs), atol=1e-5)
