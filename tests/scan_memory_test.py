@@ -36,14 +36,10 @@ def _temp_bytes(attention: str, n_layers: int, t: int) -> int:
 
 
 def test_scanned_stack_memory_is_linear_in_length_and_depth():
-    base, longer, deeper = (
-        _temp_bytes("chunked", 2, 1024),
-        _temp_bytes("chunked", 2, 2048),
-        _temp_bytes("chunked", 4, 1024),
-    )
+    """A per-layer [B, T, T] buffer (a mask broadcast per layer, or scores kept for the backward
+    pass) would quadruple the temp when T doubles and add B * T * T * 4 bytes a layer; the plain
+    path's quadratic growth is caught the same way in tests/attention_test.py."""
+    base, longer, deeper = (_temp_bytes("chunked", n, t) for n, t in ((2, 1024), (2, 2048), (4, 1024)))
     assert longer / base < 2.3, (base, longer)
     # Two more layers add their saved residuals [B, T, d] and weight gradients, far below one f32 [B, T, T] each.
-    per_layer_square = B * 1024 * 1024 * 4
-    assert deeper - base < per_layer_square, (base, deeper)
-    plain = [_temp_bytes("xla", 2, t) for t in (1024, 2048)]  # the check can fail: [B, H, T, T] scores per layer
-    assert plain[1] / plain[0] > 3.0, plain
+    assert deeper - base < B * 1024 * 1024 * 4, (base, deeper)
