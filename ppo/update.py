@@ -128,6 +128,20 @@ def separate_optimizers(tx: optax.GradientTransformation) -> optax.GradientTrans
     return optax.GradientTransformation(init, update)
 
 
+def _in_own_computation(fn, *args, opaque_true):
+    """fn(*args), traced as the taken branch of a conditional XLA cannot fold (`opaque_true` is
+    True at run time but not provably so), so its ops live in their own HLO computation.
+
+    Why: JAX's lax.scan starts every stacked output (a layer scan's saved carries, the backward
+    scan's stacked weight gradients) from a zero broadcast, and XLA merges identical broadcasts
+    of one computation. With the policy and value model of the same shape in one computation,
+    one zero buffer then feeds both models' loops and lives from the first model's forward to
+    the second model's: a whole stack of carries and gradients of zeros held through the first
+    model's backward pass (benchmarks/memory_peak.py). Branches are not merged across."""
+    out = jax.eval_shape(fn, *args)
+    return jax.lax.cond(opaque_true, fn, lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out), *args)
+
+
 def _apply(tx, grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -217,8 +231,12 @@ def ppo_update(
             def part_loss(own, batch, micro_rng, key=key):  # loss_fn(part=key) reads params[key] alone
                 return trainable_loss({key: own}, batch, micro_rng, part=key)
 
-            _, part_aux, grads = accumulate_gradients(
-                part_loss, params[key], batch, minibatch_rng, accum_steps=accum_steps
+            _, part_aux, grads = _in_own_computation(
+                lambda p, b, r, part_loss=part_loss: accumulate_gradients(part_loss, p, b, r, accum_steps=accum_steps),
+                params[key],
+                batch,
+                minibatch_rng,
+                opaque_true=state["step"] >= 0,
             )
             new, opt_state = _apply(tx, {key: grads}, opt_state, {key: params[key]})
             params = dict(params, **new)
