@@ -107,3 +107,37 @@ def test_sequential_update_refuses_a_shared_backbone():
     params = {"policy": params["policy"], "value_head": params["value"]["head"]}
     with pytest.raises(ValueError, match="separate value model"):
         _update(params, tx, loss_fn, rng, sequential=True)
+
+
+def test_sequential_update_holds_no_shared_zero_stack(monkeypatch):
+    """Each model's gradient pass in its own computation: the compiled update's temp is at least one
+    stack of saved carries [L, B, T, d] float32 below the same update with the two passes in one
+    computation, where XLA merges their zero buffers (see ppo/update.py `_in_own_computation`)."""
+    import ppo.update as update_module
+    from benchmarks.memory import compiler_options
+    from benchmarks.memory_setup import parse_variant, ppo_setup
+
+    dims = dict(
+        vocab_size=128,
+        d_model=128,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=64,
+        d_ff=256,
+        tie_embeddings=True,
+        logits_chunk=32,
+        scan_layers=True,
+    )
+    workload = dict(rm_pairs=2, rm_len=64, ppo_rollouts=4, prompt_len=64, response_len=64)
+
+    def temp_bytes():
+        step, build = ppo_setup(dims, parse_variant("lora+remat"), workload, sequential_value_update=True)
+        compiled = step.lower(*jax.eval_shape(build)).compile(compiler_options("memory"))
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    isolated = temp_bytes()
+    monkeypatch.setattr(update_module, "_in_own_computation", lambda fn, *args, opaque_true: fn(*args))
+    shared = temp_bytes()
+    carries_stack = 2 * 4 * 128 * 128 * 4  # [L, B, P + N, d] float32
+    assert shared - isolated >= carries_stack, (shared, isolated)
