@@ -48,7 +48,12 @@ def _label_file(world, annotator, tokenizer, sft_hf, config, out_path, n_pairs, 
         seed=seed,
         max_prompt_length=config.sampling.max_prompt_length,
     )
-    return P.label_pairs(annotator, prompts, grouped, out_path)
+    result = P.label_pairs(annotator, prompts, grouped, out_path)
+    # Pairs whose two responses are identical carry no preference and are not written: say how many.
+    P.log(
+        f"{out_path}: {result['written']} labelled pairs of {n_pairs}, {result['skipped_identical']} skipped (identical responses)"
+    )
+    return result
 
 
 def _fit(fit, d, r, what):
