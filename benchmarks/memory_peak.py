@@ -1,7 +1,7 @@
 """What is live at the peak of one compiled step: XLA's own live-range report, grouped.
 
   python -m benchmarks.memory_peak [--kind ppo|rm] [--shape llama3.2-1b] [--mode after_scan] [--layers 16]
-      [--top 25] [--out benchmarks/results/memory_peak_ppo.json]
+      [--variant bf16+remat] [--sequential-value-update] [--top 25] [--out benchmarks/results/memory_peak_ppo.json]
 
 Compiles the step as benchmarks/memory_shapes.py does (1 device or the 8-device FSDP mesh, bf16
 + remat, XLA:CPU memory-optimised scheduler; figures per device) with `--xla_dump_to`, then reads the dump's `*-live-range.txt` ("Live ranges
@@ -85,6 +85,11 @@ def main(argv=None):
         "--variant", default="bf16+remat", help="benchmarks.memory_setup.parse_variant name, e.g. fp32+remat"
     )
     ap.add_argument("--no-layer-constraint", action="store_true", help="8 devices: GSPMD alone inside the layer scan")
+    ap.add_argument(
+        "--sequential-value-update",
+        action="store_true",
+        help="ppo: train.sequential_value_update (policy step, then value step, one optimizer each)",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="xla_dump_")
@@ -109,10 +114,12 @@ def main(argv=None):
         mesh,
         variant=parse_variant(args.variant),
         layer_constraint=not args.no_layer_constraint,
+        **({"sequential_value_update": True} if args.sequential_value_update else {}),
     )
     out = dict(vars(args), memory_analysis=stats, **summarize(parse_dump(folder), args.top))
     print(
-        f"{args.shape} {args.mode} {args.variant} {args.kind} {args.layers} layers, {args.devices} device(s): XLA temp {stats['temp'] / GIB:.2f} GiB; "
+        f"{args.shape} {args.mode} {args.variant}{' sequential' if args.sequential_value_update else ''} "
+        f"{args.kind} {args.layers} layers, {args.devices} device(s): XLA temp {stats['temp'] / GIB:.2f} GiB; "
         f"at the peak {out['peak_bytes'] / GIB:.2f} GiB live = arguments {out['argument_bytes_live'] / GIB:.2f} "
         f"+ temps {out['temp_bytes_live'] / GIB:.2f} ({out['n_temps']} buffers)"
     )

@@ -17,7 +17,7 @@ from models.quant import quantize_params
 from models.sharding import REPLICATED_RULES
 from models.transformer import TransformerConfig, init_params
 from ppo.rollout import ModelSpecs
-from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
+from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update, separate_optimizers
 from rm.model import rm_params_from_backbone
 from rm.train import train_step
 
@@ -176,13 +176,17 @@ def rm_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
     return step, build
 
 
-def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
+def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0, sequential_value_update: bool = False):
     """(jitted step, build) of one PPO update with all four models, trees as ppo/train.py makes them.
 
     build() -> (state, rollout, frozen, ref_params, reward_params). The step is `ppo_update(state,
     rollout, frozen)`; ref and reward are unread arguments (keep_unused=True): resident memory.
+    sequential_value_update: train.sequential_value_update (policy step, then value step, one
+    optimizer each).
     """
     tx, _ = make_tx()
+    if sequential_value_update:
+        tx = separate_optimizers(tx)
     box = {}
 
     def build():
@@ -232,7 +236,15 @@ def ppo_setup(dims: dict, variant: Variant, workload: dict, seed: int = 0):
 
     jax.eval_shape(build)
     loss_fn = functools.partial(ppo_loss, specs=box["specs"], **PPO_SETTINGS)
-    update = functools.partial(ppo_update, tx=tx, loss_fn=loss_fn, ppo_epochs=1, num_minibatches=1, accum_steps=1)
+    update = functools.partial(
+        ppo_update,
+        tx=tx,
+        loss_fn=loss_fn,
+        ppo_epochs=1,
+        num_minibatches=1,
+        accum_steps=1,
+        sequential_value_update=sequential_value_update,
+    )
 
     def step(state, rollout, frozen, ref_params, reward_params):
         del ref_params, reward_params  # resident (read by the rollout), not read by the update

@@ -93,13 +93,14 @@ def _place(tree, sharding_fn):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding_fn(tree))
 
 
-def compiled_memory(kind, dims, workload, mesh, *, variant=VARIANT, layer_constraint=True) -> dict:
+def compiled_memory(kind, dims, workload, mesh, *, variant=VARIANT, layer_constraint=True, **setup_options) -> dict:
     """Per-device XLA memory of one step; params/moments FSDP on `mesh`, batches split (None: 1 device).
 
     layer_constraint: trace inside models.sharding.layer_sharding(mesh) as the trainers do (scanned
-    layers constrain each layer's params and gradients to their shards); False: GSPMD alone."""
+    layers constrain each layer's params and gradients to their shards); False: GSPMD alone.
+    setup_options: passed to the step builder (ppo: sequential_value_update)."""
     setup = {"rm": rm_setup, "ppo": ppo_setup}[kind]
-    step, build = setup(dims, variant, workload)
+    step, build = setup(dims, variant, workload, **setup_options)
     args = list(jax.eval_shape(build))
     if mesh is not None:
         batch_index = 1  # rm: (state, batch, frozen); ppo: (state, rollout, frozen, reference, reward)

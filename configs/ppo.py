@@ -118,6 +118,10 @@ def get_config(arg=None):
     c.train.clip_eps = 0.2  # policy ratio clip
     c.train.vf_clip_eps = 0.2  # value clip
     c.train.vf_coef = 0.1  # value loss weight
+    # True: per minibatch the policy's gradients are computed and applied, then the value model's, each by
+    # its own AdamW clipped on its own norm (OpenRLHF-style; one model's gradients live at a time). Needs
+    # value.init='reward'. False: one joint loss, one optimizer, one global norm over both models.
+    c.train.sequential_value_update = False
     c.train.gamma = 1.0  # discount
     c.train.lam = 0.95  # GAE lambda
     c.train.whiten_rewards = False  # whiten per-token rewards before GAE

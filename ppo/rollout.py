@@ -115,12 +115,27 @@ def response_logits_and_values(
     if specs.value_head_on_policy:
         values = ScalarHead(param_dtype=specs.policy.param_dtype).apply(
             {"params": params["value_head"]}, out.hidden_states
-        )
+        )[:, p - 1 : p + n - 1]
     else:
-        values = RewardModel(specs.value).apply(
-            {"params": params["value"]}, ids, mask, per_token=True, rngs=rngs(specs.value, 1)
-        )
-    return logits, values[:, p - 1 : p + n - 1]
+        values = response_values(specs, params, query_ids, query_mask, response_ids, response_mask, dropout_rng)
+    return logits, values
+
+
+def response_values(
+    specs: ModelSpecs, params: dict, query_ids, query_mask, response_ids, response_mask, dropout_rng=None
+):
+    """Values [B, N] of the separate value model (specs.value on params['value']) alone, the same
+    forward `response_logits_and_values` runs for them (its LoRA dropout key: fold_in(rng, 1))."""
+    if specs.value_head_on_policy or not specs.critic:
+        raise ValueError("response_values: needs a separate value model (value.init='reward' and a critic)")
+    rngs = None
+    if dropout_rng is not None and specs.value.lora_dropout > 0:
+        rngs = {"dropout": jax.random.fold_in(dropout_rng, 1)}
+    ids = jnp.concatenate([query_ids, response_ids], axis=1)  # [B, P+N]
+    mask = jnp.concatenate([query_mask, response_mask], axis=1)
+    p, n = query_ids.shape[1], response_ids.shape[1]
+    values = RewardModel(specs.value).apply({"params": params["value"]}, ids, mask, per_token=True, rngs=rngs)
+    return values[:, p - 1 : p + n - 1]
 
 
 def response_logprobs_and_values(

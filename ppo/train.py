@@ -52,7 +52,7 @@ from ppo import algorithms as algos
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
 from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, rollout_metrics
-from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update
+from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update, separate_optimizers
 from rm.ensemble import OBJECTIVES, load_members
 
 
@@ -83,11 +83,14 @@ def _load_models(config, tokenizer):
     if not config.reward.get("uwo_lambda", 1.0) >= 0:
         raise ValueError(f"config.reward.uwo_lambda={config.reward.uwo_lambda}; expected >= 0")
     # An ensemble run's workdir (rm/ensemble_train.py) stands for its K members; member 0 leads (value init).
-    members = load_members(config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype)
+    rm_scan = config.reward.get("scan_layers", False)  # an exported folder stacks per shard on load (models/hf.py)
+    members = load_members(
+        config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype, scan_layers=rm_scan
+    )
     if len(members) > 1 and config.reward.quant:
         raise ValueError("config.reward.quant='int8' is not supported with an ensemble reward (K members)")
     for member in members:
-        member.config = member.config.replace(scan_layers=config.reward.get("scan_layers", False))
+        member.config = member.config.replace(scan_layers=rm_scan)
         member.params = match_layout(member.params, member.config)  # scan_layers: stacked (models/scan.py)
     reward = members[0]
     if reward.config.vocab_size < policy_config.vocab_size:
@@ -247,6 +250,8 @@ def train(config, workdir: str) -> dict:
         )
     updates_total = tc.steps * tc.ppo_epochs * tc.num_minibatches
     tx, _ = optimizer_from_config(tc, total_steps=updates_total)
+    if sequential_value := bool(tc.get("sequential_value_update", False)):  # one AdamW per model: state keyed by it
+        tx = separate_optimizers(tx)  # ppo_update refuses a run without a separate value model
 
     mesh, rules = mesh_and_rules(config.mesh)
     built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))
@@ -339,6 +344,7 @@ def train(config, workdir: str) -> dict:
             num_minibatches=tc.num_minibatches,
             accum_steps=tc.grad_accum_steps,
             group_size=algo.group_size,
+            sequential_value_update=sequential_value,
         ),
         in_shardings=(state_sharding, batch_sharding(mesh), frozen_sharding),
         out_shardings=(state_sharding, replicated(mesh)),

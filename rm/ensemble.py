@@ -104,13 +104,14 @@ def combine_member_scores(member_scores, *, objective: str = "mean", uwo_lambda:
     return jnp.mean(scores, axis=0) - uwo_lambda * jnp.var(scores, axis=0)  # var: ddof = 0
 
 
-def load_members(path: str, *, dtype: str = "float32") -> list:
+def load_members(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> list:
     """The reward models a path stands for (`member_workdirs`), loaded: [LoadedRewardModel] of one
-    architecture and tokenizer (an ensemble run's members, or one RM workdir / exported folder)."""
+    architecture and tokenizer (an ensemble run's members, or one RM workdir / exported folder).
+    scan_layers: exported folders load stacked per shard (rm.model.load_reward_model)."""
     from rm.model import load_reward_model
 
     workdirs = member_workdirs(path)
-    members = [load_reward_model(w, dtype=dtype) for w in workdirs]
+    members = [load_reward_model(w, dtype=dtype, scan_layers=scan_layers) for w in workdirs]
     for workdir, member in zip(workdirs[1:], members[1:]):
         if member.config != members[0].config:
             raise ValueError(f"{workdir}: model config differs from {workdirs[0]}'s; ensemble members share one")

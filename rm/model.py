@@ -113,13 +113,22 @@ class LoadedRewardModel:
 
 
 def load_reward_model(
-    path: str, *, dtype: str = "float32", param_dtype: Optional[str] = None, step: Optional[int] = None
+    path: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: Optional[str] = None,
+    step: Optional[int] = None,
+    scan_layers: bool = False,
 ) -> LoadedRewardModel:
-    """Load a reward model from an RM workdir (Orbax) or an exported HF sequence-classification folder."""
+    """Load a reward model from an RM workdir (Orbax) or an exported HF sequence-classification folder.
+
+    scan_layers: an exported folder loads with its layers stacked per shard (models/hf.py, config
+    scan_layers=True); a workdir restores in its checkpoint's layout (models.scan.match_layout
+    converts it)."""
     if os.path.exists(os.path.join(path, "model_config.json")):
         return _load_from_workdir(path, dtype=dtype, param_dtype=param_dtype, step=step)
     if os.path.exists(os.path.join(path, "config.json")):
-        return _load_from_hf(path, dtype=dtype, param_dtype=param_dtype or "float32")
+        return _load_from_hf(path, dtype=dtype, param_dtype=param_dtype or "float32", scan_layers=scan_layers)
     raise FileNotFoundError(f"{path} is neither an RM workdir (model_config.json) nor a HF folder (config.json)")
 
 
@@ -182,8 +191,10 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
     )
 
 
-def _load_from_hf(path, *, dtype, param_dtype):
-    config, backbone, leftovers = load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype, with_leftovers=True)
+def _load_from_hf(path, *, dtype, param_dtype, scan_layers=False):
+    config, backbone, leftovers = load_hf_checkpoint(
+        path, dtype=dtype, param_dtype=param_dtype, with_leftovers=True, scan_layers=scan_layers
+    )
     if "score.weight" not in leftovers:
         raise ValueError(f"{path} has no score.weight: not a sequence-classification (reward) model")
     with open(os.path.join(path, "config.json")) as f:
