@@ -61,29 +61,15 @@ def ppo_loss(
     if part != "both" and (specs.value_head_on_policy or not specs.critic):
         raise ValueError(f"ppo_loss: part={part!r} needs a separate value model (value.init='reward' and a critic)")
     maskf = batch["response_mask"].astype(jnp.float32)
+    sequences = tuple(batch[k] for k in ("query_ids", "query_mask", "response_ids", "response_mask"))
     if part == "value":
-        values = response_values(
-            specs,
-            params,
-            batch["query_ids"],
-            batch["query_mask"],
-            batch["response_ids"],
-            batch["response_mask"],
-            dropout_rng=rng,
-        )
+        values = response_values(specs, params, *sequences, dropout_rng=rng)
         vf_loss, vf_m = L.value_loss(values, batch["values"], batch["returns"], maskf, clip_eps=vf_clip_eps)
         return vf_coef * vf_loss, {"val/vf_loss": vf_loss, "val/clipfrac": vf_m["vf_clipfrac"]}
     if part == "policy":  # the same forward without the value model's
         specs = specs.replace(critic=False)
     logprobs, token_entropy, values = response_logprobs_and_values(
-        specs,
-        params,
-        batch["query_ids"],
-        batch["query_mask"],
-        batch["response_ids"],
-        batch["response_mask"],
-        dropout_rng=rng,
-        temperature=temperature,
+        specs, params, *sequences, dropout_rng=rng, temperature=temperature
     )
     if variant is not None:
         loss, metrics = algos.policy_gradient_loss(logprobs, batch, maskf, variant=variant, kl_in_loss=kl_in_loss)
