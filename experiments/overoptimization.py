@@ -137,16 +137,17 @@ def _eval_pairs(config, workdir, annotator, *, world, tokenizer, sft_hf):
     return eval_pairs
 
 
-def _cached_bon_scores(path, samples_key, score):
-    """The proxy's scores of this seed's best-of-n samples: from `path` when it holds them for the same
-    samples (sha256 of bon_samples.json), else score() and keep them there. Re-running a finished workdir
-    (new fits, plots) then skips re-scoring 3 x 32,768 samples per seed at the documented size."""
+def _cached_bon_scores(path, key, score):
+    """The proxy's scores of this seed's best-of-n samples: from `path` when it holds them under the same
+    key (the samples' sha256 and the proxy stage's completion time), else score() and keep them there.
+    Re-running a finished workdir (new fits, plots) then skips re-scoring 3 x 32,768 samples per seed at
+    the documented size; new samples or a retrained proxy re-score."""
     if os.path.exists(path):
         cached = np.load(path)
-        if str(cached["samples_sha256"]) == samples_key:
+        if "key" in cached and str(cached["key"]) == key:
             return cached["scores"]
     scores = np.asarray(score())
-    np.savez(path, scores=scores, samples_sha256=np.asarray(samples_key))
+    np.savez(path, scores=scores, key=np.asarray(key))
     return scores
 
 
@@ -199,7 +200,7 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
             P.mark_done(rm_dir)
         proxy = _cached_bon_scores(
             os.path.join(rm_dir, f"bon_scores_{objective}_{uwo_lambda:g}.npz"),
-            samples_key,
+            f"{samples_key}:{os.stat(os.path.join(rm_dir, 'STAGE_DONE')).st_mtime_ns}",  # samples + this proxy
             lambda: P.ProxyScorer(
                 rm_dir, max_length=r_base.data.max_length, objective=objective, uwo_lambda=uwo_lambda
             )(flat_p, flat_r),
