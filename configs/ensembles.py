@@ -24,6 +24,9 @@ def get_config(arg=None):
     # The quickstart's annotator, best-of-n size and one seed, as the documented Coste run used: the Gao
     # driver's own choices (sharper annotator, n up to 2048 on 16 prompts, 3 seeds) are not inherited.
     c.labels.temperature, c.proxy.epochs, c.seeds = 0.3, 0.0, ()
+    # Worker processes for the (seed, noise level) runs (experiments/parallel.py): the two noise levels side by
+    # side; 0 runs them one after another in this process.
+    c.workers = 0 if args["size"] == "tiny" else 2
     if args["size"] != "tiny":
         c.bon.n_max, c.world.n_eval_prompts = 128, 48
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from common import data_io
 from common.stats import bootstrap_ci
-from experiments import fits
+from experiments import fits, parallel
 from experiments import pipeline as P
 from experiments.overoptimization import _label_file
 from experiments.quickstart import _sub_configs
@@ -155,6 +155,51 @@ def _noise_run(config, workdir, *, noise, world, scorer, tokenizer, sft_hf, eval
     return results
 
 
+def _gold_of(scorer):
+    """gold_of(prompts, responses) -> [N] gold scores of the joined texts."""
+    return lambda prompts, responses: np.asarray(scorer([p + r for p, r in zip(prompts, responses)]))
+
+
+def _seed_inputs(sc, seed_dir, *, world, scorer, tokenizer, sft_hf, paths):
+    """This seed's noise-free held-out pairs and best-of-n samples (made when missing) -> (eval_pairs, bon)."""
+    seed = int(sc.seed)
+    eval_pairs = os.path.join(seed_dir, "labels", "eval.jsonl")
+    os.makedirs(os.path.dirname(eval_pairs), exist_ok=True)
+    if not os.path.exists(eval_pairs):  # noise-free held-out pairs: the accuracy against the truth
+        clean = SimulatedAnnotator(scorer, temperature=sc.labels.temperature, seed=seed + 500)
+        _label_file(world, clean, tokenizer, sft_hf, sc, eval_pairs, sc.labels.n_eval_pairs, 101 + 1000 * seed)
+    bon_path = os.path.join(seed_dir, "bon_samples.json")
+    if not os.path.exists(bon_path):
+        prompts, grouped = P.sample_responses(
+            sft_hf, tokenizer, paths["prompts_eval"], n_per_prompt=sc.bon.n_max,
+            max_new_tokens=sc.sampling.max_new_tokens, temperature=sc.sampling.temperature, seed=seed + 7,
+            max_prompt_length=sc.sampling.max_prompt_length,
+        )  # fmt: skip
+        json.dump({"prompts": prompts, "responses": grouped}, open(bon_path, "w"))
+    samples = json.load(open(bon_path))
+    flat_p = [p for p, g in zip(samples["prompts"], samples["responses"]) for _ in g]
+    flat_r = [r for g in samples["responses"] for r in g]
+    gold = _gold_of(scorer)(flat_p, flat_r).reshape(len(samples["prompts"]), -1)
+    return eval_pairs, {"flat_p": flat_p, "flat_r": flat_r, "gold": gold, "baseline": float(gold.mean())}
+
+
+def _noise_worker(config, workdir, seed, noise):
+    """One (seed, noise level) run in a worker process (config.workers): the world, tokenizer, held-out pairs
+    and best-of-n samples are rebuilt from the workdir, where the main process made them."""
+    world, paths = P.build_world(config, workdir)
+    scorer = SentimentFluencyGold(world)
+    tokenizer, sft_dir = data_io.load_tokenizer(paths["tokenizer"]), os.path.join(workdir, "sft")
+    sft_hf = os.path.join(sft_dir, "hf")
+    [(_, sc, seed_dir)] = [r for r in seed_configs(config, workdir) if r[0] == seed]
+    _, r_base, p_base = _sub_configs(sc, paths, seed_dir, sft_dir=sft_dir)
+    shared = dict(world=world, scorer=scorer, tokenizer=tokenizer, sft_hf=sft_hf)
+    eval_pairs, bon = _seed_inputs(sc, seed_dir, paths=paths, **shared)
+    return _noise_run(
+        sc, seed_dir, noise=noise, eval_pairs=eval_pairs, r_base=r_base, p_base=p_base, bon=bon,
+        gold_of=_gold_of(scorer), **shared,
+    )  # fmt: skip
+
+
 def run(config, workdir):
     from sft.train import train as sft_train
 
@@ -170,37 +215,30 @@ def run(config, workdir):
     sft_hf = os.path.join(sft_dir, "hf")
     tokenizer = data_io.load_tokenizer(paths["tokenizer"])
 
-    def gold_of(prompts, responses):
-        return np.asarray(scorer([p + r for p, r in zip(prompts, responses)]))
-
+    runs = seed_configs(config, workdir)
+    shared = dict(world=world, scorer=scorer, tokenizer=tokenizer, sft_hf=sft_hf, paths=paths)
+    noises = [float(noise) for noise in config.coste.noise_levels]
     per_seed = {}
-    for seed, sc, seed_dir in seed_configs(config, workdir):
-        _, r_base, p_base = _sub_configs(sc, paths, seed_dir, sft_dir=sft_dir)
-        eval_pairs = os.path.join(seed_dir, "labels", "eval.jsonl")
-        os.makedirs(os.path.dirname(eval_pairs), exist_ok=True)
-        if not os.path.exists(eval_pairs):  # noise-free held-out pairs: the accuracy against the truth
-            clean = SimulatedAnnotator(scorer, temperature=config.labels.temperature, seed=seed + 500)
-            _label_file(world, clean, tokenizer, sft_hf, sc, eval_pairs, sc.labels.n_eval_pairs, 101 + 1000 * seed)
-        bon_path = os.path.join(seed_dir, "bon_samples.json")
-        if not os.path.exists(bon_path):
-            prompts, grouped = P.sample_responses(
-                sft_hf, tokenizer, paths["prompts_eval"], n_per_prompt=sc.bon.n_max,
-                max_new_tokens=sc.sampling.max_new_tokens, temperature=sc.sampling.temperature, seed=seed + 7,
-                max_prompt_length=sc.sampling.max_prompt_length,
-            )  # fmt: skip
-            json.dump({"prompts": prompts, "responses": grouped}, open(bon_path, "w"))
-        samples = json.load(open(bon_path))
-        flat_p = [p for p, g in zip(samples["prompts"], samples["responses"]) for _ in g]
-        flat_r = [r for g in samples["responses"] for r in g]
-        gold = gold_of(flat_p, flat_r).reshape(len(samples["prompts"]), -1)
-        bon = {"flat_p": flat_p, "flat_r": flat_r, "gold": gold, "baseline": float(gold.mean())}
-        per_seed[seed] = {
-            f"{noise:g}": _noise_run(
-                sc, seed_dir, noise=float(noise), world=world, scorer=scorer, tokenizer=tokenizer, sft_hf=sft_hf,
-                eval_pairs=eval_pairs, r_base=r_base, p_base=p_base, bon=bon, gold_of=gold_of,
-            )
-            for noise in config.coste.noise_levels
-        }  # fmt: skip
+    workers = int(config.get("workers", 0))
+    if workers > 0:  # every (seed, noise level) run in its own worker process, after the shared samples exist
+        for seed, sc, seed_dir in runs:
+            _seed_inputs(sc, seed_dir, **shared)
+        jobs = [dict(config=config, workdir=workdir, seed=seed, noise=noise) for seed, _, _ in runs for noise in noises]
+        logs = [os.path.join(d, f"noise_{noise:g}", "stages.log") for _, _, d in runs for noise in noises]
+        P.log(f"{len(jobs)} (seed, noise level) runs in {min(workers, len(jobs))} worker processes")
+        results = iter(parallel.run_in_processes(_noise_worker, jobs, workers=workers, log_paths=logs))
+        per_seed = {seed: {f"{noise:g}": next(results) for noise in noises} for seed, _, _ in runs}
+    else:
+        for seed, sc, seed_dir in runs:
+            _, r_base, p_base = _sub_configs(sc, paths, seed_dir, sft_dir=sft_dir)
+            eval_pairs, bon = _seed_inputs(sc, seed_dir, **shared)
+            per_seed[seed] = {
+                f"{noise:g}": _noise_run(
+                    sc, seed_dir, noise=noise, world=world, scorer=scorer, tokenizer=tokenizer, sft_hf=sft_hf,
+                    eval_pairs=eval_pairs, r_base=r_base, p_base=p_base, bon=bon, gold_of=_gold_of(scorer),
+                )
+                for noise in noises
+            }  # fmt: skip
     table = summary_table(per_seed, config)
     results = {"seeds": list(per_seed), "table": table, "per_seed": per_seed, "wall_time_s": time.time() - t0}
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from common import data_io
-from experiments import fits, peak_bootstrap
+from experiments import fits, parallel, peak_bootstrap
 from experiments import pipeline as P
 from experiments.quickstart import _sub_configs
 from experiments.seeds import format_interval, interval, mean_curve, seed_configs
@@ -227,6 +227,53 @@ def _seed_points(config, workdir, *, annotator, world, tokenizer, sft_hf, paths,
     return points
 
 
+def _seed_worker(config, workdir, seed, annotator_state=None):
+    """One seed's stages in a worker process (config.workers): the world, tokenizer and gold are rebuilt
+    from the workdir (the main process has finished SFT and any gold RM), and the seed's points returned.
+    annotator_state: the rng state to go on from when the main process already labelled this seed's
+    held-out pairs (the gold RM's eval set), so that the training labels are those of the sequential run."""
+    world, paths = P.build_world(config, workdir)
+    scorer = SentimentFluencyGold(world)
+    shared = dict(
+        world=world, tokenizer=data_io.load_tokenizer(paths["tokenizer"]), sft_hf=os.path.join(workdir, "sft", "hf")
+    )
+    [(_, seed_config, seed_dir)] = [r for r in seed_configs(config, workdir) if r[0] == seed]
+    _, r_seed, p_seed = _sub_configs(seed_config, paths, seed_dir, sft_dir=os.path.join(workdir, "sft"))
+    annotator = _seed_annotator(seed_config, scorer)
+    if annotator_state is not None:
+        annotator.rng.bit_generator.state = annotator_state
+    eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
+    gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=eval_pairs, **shared)
+    return _seed_points(
+        seed_config, seed_dir, annotator=annotator, paths=paths, r_base=r_seed, p_base=p_seed, gold_of=gold_of,
+        **shared,
+    )  # fmt: skip
+
+
+def _parallel_seed_points(config, workdir, runs, workers, *, scorer, paths, world, tokenizer, sft_hf):
+    """{seed: points} from worker processes, `workers` at a time (experiments/parallel.py); each seed's output
+    goes to <seed dir>/stages.log. A gold RM is trained here first, on the first seed's held-out pairs, as in
+    the sequential loop; that seed's worker continues the annotator's rng from where labelling them left it."""
+    states = [None] * len(runs)
+    if config.gold.kind == "rm":
+        _, first_config, first_dir = runs[0]
+        _, r_first, _ = _sub_configs(first_config, paths, first_dir, sft_dir=os.path.join(workdir, "sft"))
+        annotator = _seed_annotator(first_config, scorer)
+        shared = dict(world=world, tokenizer=tokenizer, sft_hf=sft_hf)
+        eval_pairs = _eval_pairs(first_config, first_dir, annotator, **shared)
+        _gold_fn(config, workdir, scorer=scorer, r_base=r_first, eval_pairs=eval_pairs, **shared)
+        states[0] = annotator.rng.bit_generator.state
+    P.log(f"{len(runs)} seeds in {min(workers, len(runs))} worker processes")
+    jobs = [
+        dict(config=config, workdir=workdir, seed=seed, annotator_state=state)
+        for (seed, _, _), state in zip(runs, states)
+    ]
+    results = parallel.run_in_processes(
+        _seed_worker, jobs, workers=workers, log_paths=[os.path.join(d, "stages.log") for _, _, d in runs]
+    )
+    return {seed: points for (seed, _, _), points in zip(runs, results)}
+
+
 def fit_points(points: dict) -> dict:
     """Gao fits of gold and proxy gains (relative to the first point) per method and proxy, with the gold peak."""
     fit_results = {"bon": {}, "rl": {}}
@@ -293,18 +340,22 @@ def run(config, workdir):
     tokenizer = data_io.load_tokenizer(paths["tokenizer"])
     runs = seed_configs(config, workdir)
     shared = dict(world=world, tokenizer=tokenizer, sft_hf=sft_hf)
-    gold_of = None
-    per_seed = {}
-    for seed, seed_config, seed_dir in runs:
-        _, r_seed, p_seed = _sub_configs(seed_config, paths, seed_dir, sft_dir=os.path.join(workdir, "sft"))
-        annotator = _seed_annotator(seed_config, scorer)
-        eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
-        if gold_of is None:  # one gold for every seed; a gold RM is evaluated on the first seed's held-out pairs
-            gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=eval_pairs, **shared)
-        per_seed[seed] = _seed_points(
-            seed_config, seed_dir, annotator=annotator, paths=paths, r_base=r_seed, p_base=p_seed, gold_of=gold_of,
-            **shared,
-        )  # fmt: skip
+    workers = int(config.get("workers", 0))
+    if workers > 0:
+        per_seed = _parallel_seed_points(config, workdir, runs, workers, scorer=scorer, paths=paths, **shared)
+    else:
+        gold_of = None
+        per_seed = {}
+        for seed, seed_config, seed_dir in runs:
+            _, r_seed, p_seed = _sub_configs(seed_config, paths, seed_dir, sft_dir=os.path.join(workdir, "sft"))
+            annotator = _seed_annotator(seed_config, scorer)
+            eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
+            if gold_of is None:  # one gold for every seed; a gold RM is evaluated on the first seed's held-out pairs
+                gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=eval_pairs, **shared)
+            per_seed[seed] = _seed_points(
+                seed_config, seed_dir, annotator=annotator, paths=paths, r_base=r_seed, p_base=p_seed,
+                gold_of=gold_of, **shared,
+            )  # fmt: skip
     points = per_seed[runs[0][0]] if len(runs) == 1 else average_points(list(per_seed.values()))
     fit_results = fit_points(points)
     b_cfg = config.get("bootstrap") or {}

@@ -12,6 +12,7 @@ from experiments.ensembles import train
 def test_ensembles_tiny(tmp_path):
     c = ens_config.get_config("size=tiny")
     c.coste.noise_levels, c.coste.variants, c.rl.steps = (0.25,), ("single", "wco"), 2
+    c.workers = 1  # the (seed, noise level) run in a worker process, as the documented run does it
     workdir = str(tmp_path / "coste")
     results = train(c, workdir)
     table = results["table"]
@@ -32,5 +33,6 @@ def test_ensembles_tiny(tmp_path):
         assert config["reward"]["workdir"] == os.path.join(workdir, "noise_0.25", "rm", reward).rstrip("/")
         assert config["reward"]["objective"] == ("mean" if variant == "single" else "wco")
         assert len(run["ppo"][variant]["gold"]) == 2
+    assert "PPO against wco" in open(os.path.join(workdir, "noise_0.25", "stages.log")).read()
     for name in ("results.json", "table.md", "bon.png", "ppo.png"):
         assert os.path.exists(os.path.join(workdir, name)), name

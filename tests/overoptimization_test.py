@@ -19,11 +19,15 @@ def test_overoptimization_tiny_with_gold_rm(tmp_path):
     c = oo_config.get_config("size=tiny")
     c.gold.kind = "rm"
     c.label_counts = (16, 64)  # two proxies test every per-proxy path; a third costs ~25 s of CPU
+    # The seed's stages in a worker process, as the documented 3-seed run does them; the gold RM is trained in
+    # this process first, and the worker continues the annotator's rng (tests/parallel_test.py).
+    c.workers = 1
     workdir = str(tmp_path / "oo")
     summary = train(c, workdir)
     labels = [f"{n} labels" for n in c.label_counts]
     assert summary["gold"] == "rm" and summary["label_counts"] == list(c.label_counts)
     assert os.path.exists(os.path.join(workdir, "gold_rm", "STAGE_DONE"))
+    assert "PPO against the 64-label proxy" in open(os.path.join(workdir, "stages.log")).read()
     points = json.load(open(os.path.join(workdir, "points.json")))
     fitted = json.load(open(os.path.join(workdir, "fits.json")))
     for method in ("bon", "rl"):
