@@ -60,7 +60,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointManager", "CheckpointDamaged", "NoIntactCheckpoint", "rng_to_data", "rng_from_data"]
+__all__ = ["CheckpointManager", "default_sharding", "CheckpointDamaged", "NoIntactCheckpoint", "rng_to_data", "rng_from_data"]
 
 _ITEMS = ("state", "extra")
 CHECKSUM_FILE = "checksums.json"
@@ -111,7 +111,7 @@ def rng_from_data(data: Any, *, impl: str | None = None) -> jax.Array:
     return jax.random.wrap_key_data(data, impl=impl)
 
 
-def _default_sharding() -> jax.sharding.Sharding:
+def default_sharding() -> jax.sharding.Sharding:
     """Where a restored array goes when its template names no sharding."""
     if jax.process_count() == 1:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -133,7 +133,7 @@ def _abstract_leaf(leaf: Any) -> Any:
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
     if isinstance(leaf, jax.ShapeDtypeStruct):
         if leaf.sharding is None:
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_default_sharding())
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=default_sharding())
         return leaf
     return leaf
 
@@ -407,35 +407,58 @@ class CheckpointManager:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
-        problem = self.verify(int(step))
-        if problem is not None:
-            raise CheckpointDamaged(
-                f"checkpoint step {step} in {self.directory} is damaged: {problem}; "
-                f"available steps: {self.all_steps()} (pass an older step)"
-            )
+        self._check_intact(step)
         metadata = self._manager.item_metadata(int(step))["state"]
         tree = metadata.tree if hasattr(metadata, "tree") else metadata
         if key not in tree:
             raise KeyError(f"checkpoint {step} in {self.directory} has no {key!r}; keys: {sorted(tree)}")
 
         def to_abstract(m):
-            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_default_sharding()) if hasattr(m, "shape") else m
+            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=default_sharding()) if hasattr(m, "shape") else m
 
         abstract = jax.tree.map(to_abstract, dict(tree))
         if template is not None:
             abstract[key] = jax.tree.map(_abstract_leaf, template)
+        state, extra = self._restore_partial(int(step), {key: abstract[key]})
+        return state[key], extra
+
+    def restore_subset(self, template: Any, step: int, *, verify: bool = True) -> tuple[Any, dict[str, Any]]:
+        """Restores only the leaves `template` names: a nested subset of the saved state, e.g.
+        {'params': {'backbone': {'layers_3': ...}}} (one layer of the params); nothing else is read.
+
+        Leaves are ShapeDtypeStructs or arrays: restored with their dtypes (cast if the saved one
+        differs) and shardings (the default device when none). verify=False skips the checksum pass,
+        for a caller that verified the step once and restores it piece by piece.
+
+        Returns:
+          (the restored subset, extra).
+        """
+        if verify:
+            self._check_intact(step)
+        return self._restore_partial(int(step), jax.tree.map(_abstract_leaf, template))
+
+    def _check_intact(self, step: int) -> None:
+        problem = self.verify(int(step))
+        if problem is not None:
+            raise CheckpointDamaged(
+                f"checkpoint step {step} in {self.directory} is damaged: {problem}; "
+                f"available steps: {self.all_steps()} (pass an older step)"
+            )
+
+    def _restore_partial(self, step: int, item: Any) -> tuple[Any, dict[str, Any]]:
+        """(state subset, extra) of the abstract `item` (a subset of the saved state's tree)."""
         restored = self._manager.restore(
-            int(step),
+            step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
-                    item={key: abstract[key]},
+                    item=item,
                     restore_args=jax.tree.map(
                         lambda a: (
                             ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype)
                             if isinstance(a, jax.ShapeDtypeStruct)
                             else ocp.RestoreArgs()
                         ),
-                        {key: abstract[key]},
+                        item,
                     ),
                     partial_restore=True,
                 ),
@@ -443,7 +466,7 @@ class CheckpointManager:
             ),
         )
         extra = restored.extra if restored.extra is not None else {}
-        return restored.state[key], dict(extra)
+        return restored.state, dict(extra)
 
     def wait(self) -> None:
         """Blocks until any in-flight save has finished (and its checksums are written)."""

@@ -4,19 +4,27 @@ A trainer's workdir holds what a loader needs to rebuild its model without the r
   model_config.json   the TransformerConfig fields (LoRA / int8 settings included)
   tokenizer/          the tokenizer files
   checkpoints/        Orbax steps; 'params' holds the trained tree, 'frozen' (LoRA runs) the frozen base
+
+`restore_params_stacked` reads a checkpoint saved per layer straight into the stacked layout of a
+scan_layers run (models/scan.py), one layer at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from common.checkpoint import CheckpointManager
+import jax
+import jax.numpy as jnp
+
+from common.checkpoint import CheckpointManager, default_sharding
 from common.distributed import is_main_process
 from models.lora import combine_params
+from models.scan import STACKED, layer_groups, stack_layers, transformer_tree_paths
 from models.transformer import TransformerConfig
 
 __all__ = [
@@ -27,6 +35,7 @@ __all__ = [
     "load_model_config",
     "save_model_files",
     "restore_params",
+    "restore_params_stacked",
 ]
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -109,4 +118,105 @@ def restore_params(
             frozen, _ = ckpt.restore_subtree("frozen", step=step, template=frozen_template)
     finally:
         ckpt.close()
+    return (combine_params(params, frozen) if frozen else params), extra
+
+
+# ----------------------------------------------------------------------------- per-layer checkpoint -> stacked
+
+
+def _abstract_stack(leaves):
+    """stack_layers' stack function on abstract leaves: the [G, ...] ShapeDtypeStruct of G layers' leaves."""
+    return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stacks, layer, g):
+    """`stacks` (trees of [G, ...] arrays) with entry g set to `layer` (the same trees of [...] arrays);
+    the stacks are donated, so the update happens in place instead of copying them."""
+    return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x.astype(s.dtype), g, 0), stacks, layer)
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _nest(path, value):
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def _without(tree, path, key):
+    """Copy of `tree` without tree[path][key]; dicts left empty are dropped (Orbax restores leaves)."""
+    if not path:
+        out = {k: v for k, v in tree.items() if k != key}
+    else:
+        out = dict(tree)
+        out[path[0]] = _without(tree[path[0]], path[1:], key)
+    return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+
+
+def restore_params_stacked(
+    workdir: str,
+    config: TransformerConfig,
+    *,
+    step: Optional[int] = None,
+    template: Any,
+    frozen_template: Any = None,
+    nothing: str = "",
+) -> tuple[dict, dict]:
+    """`restore_params` of a checkpoint saved per layer (`layers_{i}`), read straight into the stacked
+    layout `config` runs with (models/scan.py): equal leaf for leaf to
+    stack_layers(restore_params(...)[0], config), without holding the model in both layouts.
+
+    The leaves outside the scanned layers (embeddings, heads, the n_layers mod P remainder layers)
+    restore as restore_params does. Every stacked leaf [G, ...] is allocated once on the default
+    device, and layer g*P + j, restored on its own (Orbax partial restore, with the template's dtype),
+    is written into entry g of layers_stacked/p{j} by a donated in-place update: at most the stacked
+    tree plus one layer is live. template / frozen_template: the per-layer abstract trees of 'params'
+    and 'frozen' (ShapeDtypeStructs without shardings; a frozen_template of {} or None: no frozen tree).
+    """
+    if template is None:
+        raise ValueError("restore_params_stacked: pass the per-layer template of the checkpoint's 'params'")
+    period, groups = layer_groups(config)
+    halves = {"params": template, **({"frozen": frozen_template} if frozen_template else {})}
+    stacked = {key: stack_layers(tree, config, stack=_abstract_stack) for key, tree in halves.items()}
+    # (half, path of a Transformer tree) of every stacked group in the checkpoint's trees
+    slots = [(key, path) for key, tree in stacked.items() for path in transformer_tree_paths(tree)]
+    slots = [(key, path) for key, path in slots if STACKED in _get(stacked[key], path)]
+    rest = dict(stacked)
+    for key, path in slots:
+        rest[key] = _without(rest[key], path, STACKED)
+    rest = {key: tree for key, tree in rest.items() if tree}
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints{nothing}")
+        step = ckpt.latest_step() if step is None else int(step)
+        out, extra = ckpt.restore_subset(rest, step)  # verifies the step's checksums, once
+        sharding = default_sharding()
+        stacks = [
+            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=sharding), _get(stacked[key], path)[STACKED])
+            for key, path in slots
+        ]
+        for g in range(groups):
+            for j in range(period):
+                name = f"layers_{g * period + j}"
+                item = {}
+                for key, path in slots:
+                    item = combine_params(item, {key: _nest((*path, name), _get(halves[key], path)[name])})
+                layer, _ = ckpt.restore_subset(item, step, verify=False)
+                written = _write_layer(
+                    [s[f"p{j}"] for s in stacks], [_get(layer[key], path)[name] for key, path in slots], g
+                )
+                for s, new in zip(stacks, written):
+                    s[f"p{j}"] = new
+                del layer, written  # only this layer's restored arrays were live beside the stacks
+    finally:
+        ckpt.close()
+    for (key, path), s in zip(slots, stacks):
+        out[key] = combine_params(out.get(key, {}), _nest(path, {STACKED: s}))
+    params, frozen = out.get("params", {}), out.get("frozen", {})
     return (combine_params(params, frozen) if frozen else params), extra

@@ -211,6 +211,15 @@ def _map_transformer_trees(fn, tree):
     return tree
 
 
+def transformer_tree_paths(tree, prefix: tuple = ()) -> list[tuple]:
+    """Key paths of the Transformer param trees in `tree` (() for a bare one), in the tree's order."""
+    if _is_transformer_tree(tree):
+        return [prefix]
+    if isinstance(tree, dict):
+        return [path for k, v in tree.items() for path in transformer_tree_paths(v, prefix + (k,))]
+    return []
+
+
 def is_stacked(params) -> bool:
     """Whether any Transformer tree in `params` holds stacked layers."""
     found = []

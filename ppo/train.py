@@ -83,7 +83,7 @@ def _load_models(config, tokenizer):
     if not config.reward.get("uwo_lambda", 1.0) >= 0:
         raise ValueError(f"config.reward.uwo_lambda={config.reward.uwo_lambda}; expected >= 0")
     # An ensemble run's workdir (rm/ensemble_train.py) stands for its K members; member 0 leads (value init).
-    rm_scan = config.reward.get("scan_layers", False)  # an exported folder stacks per shard on load (models/hf.py)
+    rm_scan = config.reward.get("scan_layers", False)  # loads stacked: folders per shard, workdirs per layer
     members = load_members(
         config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype, scan_layers=rm_scan
     )

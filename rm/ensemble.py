@@ -107,7 +107,7 @@ def combine_member_scores(member_scores, *, objective: str = "mean", uwo_lambda:
 def load_members(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> list:
     """The reward models a path stands for (`member_workdirs`), loaded: [LoadedRewardModel] of one
     architecture and tokenizer (an ensemble run's members, or one RM workdir / exported folder).
-    scan_layers: exported folders load stacked per shard (rm.model.load_reward_model)."""
+    scan_layers: loaded stacked (exported folders per shard, workdirs layer by layer; rm.model.load_reward_model)."""
     from rm.model import load_reward_model
 
     workdirs = member_workdirs(path)

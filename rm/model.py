@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.checkpoint import CheckpointManager
-from common.workdir import load_model_config, restore_params
+from common.workdir import load_model_config, restore_params, restore_params_stacked
 from models.adapters import split_trainable
 from models.heads import ScalarHead, gather_last
 from models.hf import load_hf_checkpoint
@@ -122,11 +122,12 @@ def load_reward_model(
 ) -> LoadedRewardModel:
     """Load a reward model from an RM workdir (Orbax) or an exported HF sequence-classification folder.
 
-    scan_layers: an exported folder loads with its layers stacked per shard (models/hf.py, config
-    scan_layers=True); a workdir restores in its checkpoint's layout (models.scan.match_layout
-    converts it)."""
+    scan_layers: load with the layers stacked (models/scan.py) and config.scan_layers=True. An
+    exported folder stacks per shard (models/hf.py); a workdir saved per layer restores each layer
+    into its slot of the stack (common.workdir.restore_params_stacked), one saved stacked as it is.
+    Without it a workdir restores in its checkpoint's layout (models.scan.match_layout converts)."""
     if os.path.exists(os.path.join(path, "model_config.json")):
-        return _load_from_workdir(path, dtype=dtype, param_dtype=param_dtype, step=step)
+        return _load_from_workdir(path, dtype=dtype, param_dtype=param_dtype, step=step, scan_layers=scan_layers)
     if os.path.exists(os.path.join(path, "config.json")):
         return _load_from_hf(path, dtype=dtype, param_dtype=param_dtype or "float32", scan_layers=scan_layers)
     raise FileNotFoundError(f"{path} is neither an RM workdir (model_config.json) nor a HF folder (config.json)")
@@ -153,7 +154,7 @@ def describe_workdir(workdir: str, ckpt=None) -> str:
     return f"{kind} (checkpoint params: {', '.join(keys) or 'none'})"
 
 
-def _load_from_workdir(workdir, *, dtype, param_dtype, step):
+def _load_from_workdir(workdir, *, dtype, param_dtype, step, scan_layers=False):
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     try:
         keys = ckpt.subtree_keys("params") if ckpt.latest_step() is not None else []
@@ -177,7 +178,11 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step):
     # A LoRA run checkpoints the trainable half under 'params' and the frozen base under
     # 'frozen' (rm/train.py); the model is their union.
     trainable, frozen = split_trainable(abstract, lora=config.lora_rank > 0)
-    params, extra = restore_params(workdir, step=step, template=trainable, frozen_template=frozen)
+    if scan_layers and not config.scan_layers:  # saved per layer, run stacked: no per-layer copy of the model
+        config = config.replace(scan_layers=True)
+        params, extra = restore_params_stacked(workdir, config, step=step, template=trainable, frozen_template=frozen)
+    else:
+        params, extra = restore_params(workdir, step=step, template=trainable, frozen_template=frozen)
     norm = extra.get("normalization") or {}
     tok = os.path.join(workdir, "tokenizer")
     return LoadedRewardModel(
