@@ -60,7 +60,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointManager", "default_sharding", "CheckpointDamaged", "NoIntactCheckpoint", "rng_to_data", "rng_from_data"]
+__all__ = [
+    "CheckpointManager",
+    "default_sharding",
+    "CheckpointDamaged",
+    "NoIntactCheckpoint",
+    "rng_to_data",
+    "rng_from_data",
+]
 
 _ITEMS = ("state", "extra")
 CHECKSUM_FILE = "checksums.json"
