@@ -161,7 +161,7 @@ def _gold_of(scorer):
 
 
 def _seed_inputs(sc, seed_dir, *, world, scorer, tokenizer, sft_hf, paths):
-    """This seed's noise-free held-out pairs and best-of-n samples (made when missing) -> (eval_pairs, bon)."""
+    """This seed's noise-free held-out pairs and best-of-n samples, made when missing -> their two paths."""
     seed = int(sc.seed)
     eval_pairs = os.path.join(seed_dir, "labels", "eval.jsonl")
     os.makedirs(os.path.dirname(eval_pairs), exist_ok=True)
@@ -176,11 +176,16 @@ def _seed_inputs(sc, seed_dir, *, world, scorer, tokenizer, sft_hf, paths):
             max_prompt_length=sc.sampling.max_prompt_length,
         )  # fmt: skip
         json.dump({"prompts": prompts, "responses": grouped}, open(bon_path, "w"))
+    return eval_pairs, bon_path
+
+
+def _bon_inputs(bon_path, scorer) -> dict:
+    """The best-of-n samples, flattened, with their gold scores [P, n] and mean (the SFT policy's gold)."""
     samples = json.load(open(bon_path))
     flat_p = [p for p, g in zip(samples["prompts"], samples["responses"]) for _ in g]
     flat_r = [r for g in samples["responses"] for r in g]
     gold = _gold_of(scorer)(flat_p, flat_r).reshape(len(samples["prompts"]), -1)
-    return eval_pairs, {"flat_p": flat_p, "flat_r": flat_r, "gold": gold, "baseline": float(gold.mean())}
+    return {"flat_p": flat_p, "flat_r": flat_r, "gold": gold, "baseline": float(gold.mean())}
 
 
 def _noise_worker(config, workdir, seed, noise):
@@ -193,10 +198,10 @@ def _noise_worker(config, workdir, seed, noise):
     [(_, sc, seed_dir)] = [r for r in seed_configs(config, workdir) if r[0] == seed]
     _, r_base, p_base = _sub_configs(sc, paths, seed_dir, sft_dir=sft_dir)
     shared = dict(world=world, scorer=scorer, tokenizer=tokenizer, sft_hf=sft_hf)
-    eval_pairs, bon = _seed_inputs(sc, seed_dir, paths=paths, **shared)
+    eval_pairs, bon_path = _seed_inputs(sc, seed_dir, paths=paths, **shared)
     return _noise_run(
-        sc, seed_dir, noise=noise, eval_pairs=eval_pairs, r_base=r_base, p_base=p_base, bon=bon,
-        gold_of=_gold_of(scorer), **shared,
+        sc, seed_dir, noise=noise, eval_pairs=eval_pairs, r_base=r_base, p_base=p_base,
+        bon=_bon_inputs(bon_path, scorer), gold_of=_gold_of(scorer), **shared,
     )  # fmt: skip
 
 
@@ -222,7 +227,7 @@ def run(config, workdir):
     workers = int(config.get("workers", 0))
     if workers > 0:  # every (seed, noise level) run in its own worker process, after the shared samples exist
         for seed, sc, seed_dir in runs:
-            _seed_inputs(sc, seed_dir, **shared)
+            _seed_inputs(sc, seed_dir, **shared)  # files only: each worker reads and scores its seed's samples
         jobs = [dict(config=config, workdir=workdir, seed=seed, noise=noise) for seed, _, _ in runs for noise in noises]
         logs = [os.path.join(d, f"noise_{noise:g}", "stages.log") for _, _, d in runs for noise in noises]
         P.log(f"{len(jobs)} (seed, noise level) runs in {min(workers, len(jobs))} worker processes")
@@ -231,7 +236,8 @@ def run(config, workdir):
     else:
         for seed, sc, seed_dir in runs:
             _, r_base, p_base = _sub_configs(sc, paths, seed_dir, sft_dir=sft_dir)
-            eval_pairs, bon = _seed_inputs(sc, seed_dir, **shared)
+            eval_pairs, bon_path = _seed_inputs(sc, seed_dir, **shared)
+            bon = _bon_inputs(bon_path, scorer)
             per_seed[seed] = {
                 f"{noise:g}": _noise_run(
                     sc, seed_dir, noise=noise, world=world, scorer=scorer, tokenizer=tokenizer, sft_hf=sft_hf,
