@@ -2,7 +2,7 @@
 FSDP + tensor-parallel rules) every loaded leaf already carries the NamedSharding its train state (or
 frozen tree) uses, so building the state moves no loaded buffer; each device holds only its shard; the
 values equal a single-device load. Covers SFT (plain, LoRA, scan_layers), the RM trainer's backbone
-(plain, LoRA + int8), PPO's policy and reward, and RM workdirs restored onto the mesh per layer and
+(plain, LoRA + int8), PPO's policy, reference copy and reward, and RM workdirs restored onto the mesh per layer and
 stacked (scan_layers), full fine-tune and LoRA + int8.
 
 Fixtures (a tiny Llama folder with a tokenizer, RM workdirs) are written by this pytest process; the
@@ -166,7 +166,7 @@ def _ppo_checks(folder, workdir, mesh, rules, report):
     from common import data_io
     from models.scan import stack_layers
     from models.sharding import shard_params, tree_shardings
-    from ppo.loading import frozen_reward, load_models
+    from ppo.loading import frozen_reward, load_models, reference_model
     from rm.model import load_reward_model
 
     tokenizer = data_io.load_tokenizer(folder)
@@ -175,10 +175,14 @@ def _ppo_checks(folder, workdir, mesh, rules, report):
         c = ppo_config.get_config("size=tiny")
         c.policy.init_from, c.reward.workdir = folder, workdir
         c.policy.scan_layers = c.reward.scan_layers = scan
-        _, policy, members = load_models(c, tokenizer, mesh, rules)
+        policy_config, policy, members = load_models(c, tokenizer, mesh, rules)
         built, shardings = _state_shardings({"policy": policy}, {}, mesh, rules)
         report[f"ppo_policy_scan{scan}"] = check_placed(policy, shardings["policy"], f"ppo policy scan={scan}")
         check_unmoved(policy, built.state["params"]["policy"], f"ppo policy scan={scan}")
+        # the frozen reference copy ('copy' mode) keeps the policy's placement
+        _, _, reference_params = reference_model(c.policy, policy_config, policy)
+        check_placed(reference_params, tree_shardings(reference_params, mesh, rules), f"ppo reference scan={scan}")
+        check_unmoved(reference_params, shard_params(reference_params, mesh, rules), f"ppo reference scan={scan}")
         _, reward_params, _, _ = frozen_reward(c, members[0])
         want = stack_layers(reference.params, members[0].config) if scan else reference.params
         check_equal(reward_params, want, f"ppo reward scan={scan}")
