@@ -2,7 +2,7 @@
 FSDP + tensor-parallel rules) every loaded leaf already carries the NamedSharding its train state (or
 frozen tree) uses, so building the state moves no loaded buffer; each device holds only its shard; the
 values equal a single-device load. Covers SFT (plain, LoRA, scan_layers), the RM trainer's backbone
-(plain, LoRA + int8), PPO's policy, reference copy and reward, and RM workdirs restored onto the mesh per layer and
+(plain, LoRA + int8; replicated for the ensemble trainer), PPO's policy, reference copy and reward, and RM workdirs restored onto the mesh per layer and
 stacked (scan_layers), full fine-tune and LoRA + int8.
 
 Fixtures (a tiny Llama folder with a tokenizer, RM workdirs) are written by this pytest process; the
@@ -106,8 +106,10 @@ def _sft_checks(folder, mesh, rules, report):
 def _rm_checks(folder, mesh, rules, report):
     import configs.rm as rm_config
     from common import data_io
+    from common.mesh import replicated
     from models.adapters import add_lora_and_quant, split_trainable
     from models.hf import load_hf_checkpoint
+    from models.sharding import REPLICATED_RULES
     from rm.model import rm_params_from_backbone
     from rm.train import load_backbone
 
@@ -121,6 +123,9 @@ def _rm_checks(folder, mesh, rules, report):
     built, shardings = _state_shardings(params, {}, mesh, rules)
     report["rm_backbone"] = check_placed(params["backbone"], shardings["backbone"], "rm backbone")
     check_unmoved(params["backbone"], built.state["params"]["backbone"], "rm backbone")
+    # The ensemble trainer's members run replicated: its backbone loads replicated on every device.
+    _, replicated_backbone = load_backbone(c, tokenizer, mesh, REPLICATED_RULES)
+    check_unmoved(replicated_backbone, jax.device_put(replicated_backbone, replicated(mesh)), "ensemble backbone")
     # QLoRA: the int8 base is derived from the placed kernels; the leaves loaded as they are stay put.
     _, qparams = add_lora_and_quant(model_config, params, lora_rank=2, quant="int8", rng=jax.random.key(3))
     trainable, frozen = split_trainable(qparams, lora=True)
