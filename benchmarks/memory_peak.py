@@ -1,7 +1,8 @@
 """What is live at the peak of one compiled step: XLA's own live-range report, grouped.
 
   python -m benchmarks.memory_peak [--kind ppo|rm] [--shape llama3.2-1b] [--mode after_scan] [--layers 16]
-      [--variant bf16+remat] [--sequential-value-update] [--top 25] [--out benchmarks/results/memory_peak_ppo.json]
+      [--variant bf16+remat] [--sequential-value-update] [--mlp-chunk 512] [--top 25]
+      [--out benchmarks/results/memory_peak_ppo.json]
 
 Compiles the step as benchmarks/memory_shapes.py does (1 device or the 8-device FSDP mesh, bf16
 + remat, XLA:CPU memory-optimised scheduler; figures per device) with `--xla_dump_to`, then reads the dump's `*-live-range.txt` ("Live ranges
@@ -90,6 +91,9 @@ def main(argv=None):
         action="store_true",
         help="ppo: train.sequential_value_update (policy step, then value step, one optimizer each)",
     )
+    ap.add_argument(
+        "--mlp-chunk", type=int, default=0, help="model.mlp_chunk: the MLP over chunks of this many positions"
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="xla_dump_")
@@ -104,7 +108,7 @@ def main(argv=None):
     from benchmarks.memory_shapes import MODES, REAL_SHAPES, compiled_memory  # jax reads XLA_FLAGS on import
     from common.mesh import make_mesh
 
-    dims = dict(REAL_SHAPES[args.shape], **MODES[args.mode], n_layers=args.layers)
+    dims = dict(REAL_SHAPES[args.shape], **MODES[args.mode], n_layers=args.layers, mlp_chunk=args.mlp_chunk)
     workload = dict(rm_pairs=8, rm_len=2048, ppo_rollouts=8, prompt_len=1024, response_len=1024)
     mesh = make_mesh((args.devices, 1), ("data", "model")) if args.devices > 1 else None
     stats = compiled_memory(
@@ -118,7 +122,8 @@ def main(argv=None):
     )
     out = dict(vars(args), memory_analysis=stats, **summarize(parse_dump(folder), args.top))
     print(
-        f"{args.shape} {args.mode} {args.variant}{' sequential' if args.sequential_value_update else ''} "
+        f"{args.shape} {args.mode} {args.variant}{' sequential' if args.sequential_value_update else ''}"
+        f"{f' mlp_chunk {args.mlp_chunk}' if args.mlp_chunk else ''} "
         f"{args.kind} {args.layers} layers, {args.devices} device(s): XLA temp {stats['temp'] / GIB:.2f} GiB; "
         f"at the peak {out['peak_bytes'] / GIB:.2f} GiB live = arguments {out['argument_bytes_live'] / GIB:.2f} "
         f"+ temps {out['temp_bytes_live'] / GIB:.2f} ({out['n_temps']} buffers)"

@@ -85,6 +85,8 @@ MODES = {
     # after + a scan over stacked layers: the scan body is checkpointed, so only its carries (one
     # residual per layer) are saved for the backward pass whatever the CPU scheduler does.
     "after_scan": dict(attention="chunked", logits_chunk=128, scan_layers=True),
+    # after_scan + the MLP over chunks of 512 positions (models/mlp.py): one chunk's [rows, d_ff] intermediates.
+    "after_scan_mlp": dict(attention="chunked", logits_chunk=128, scan_layers=True, mlp_chunk=512),
 }
 VARIANT = Variant("bf16", remat=True)
 

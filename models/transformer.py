@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import ATTENTION_IMPLS, attend, resolve_attention_impl
+from models.mlp import MLP, mlp_rows  # noqa: F401 (MLP re-exported)
+from models.mlp import dense as _dense
 from models.projections import PROJECTIONS as _PROJECTIONS
-from models.projections import LoRADense, QuantDense, RowsDense
 from models.projections import expand_lora_targets as _expand_lora_targets
 from models.rope import ROPE_TYPES, apply_rope, rope_inv_freq, rotary_dim  # noqa: F401 (re-exported)
 from models.scan import init_stacked_cache, scan_layer_groups
@@ -98,6 +99,9 @@ class TransformerConfig:
     # Log-probs / entropies / SFT loss from hidden states over chunks of this many positions
     # (models/lm_head.py), so no [B, T, V] float32 logits are held; 0 = full logits.
     logits_chunk: int = 128
+    # The MLP over chunks of this many positions (models/mlp.py): its [B*T, d_ff] intermediates are then
+    # held for one chunk at a time, forward and backward; 0 = the whole sequence at once.
+    mlp_chunk: int = 0
     # One scan over groups of `layer_period()` layers, params held stacked `layers_stacked/p{j}` [G, ...]
     # (models/scan.py; HF files stay per layer). LoRA dropout masks differ from the unrolled model's.
     scan_layers: bool = False
@@ -144,6 +148,8 @@ class TransformerConfig:
             raise ValueError(f"attention={self.attention!r}; one of {ATTENTION_IMPLS}")
         if self.logits_chunk < 0:
             raise ValueError(f"logits_chunk={self.logits_chunk}; >= 0 (0 = full logits)")
+        if self.mlp_chunk < 0:
+            raise ValueError(f"mlp_chunk={self.mlp_chunk}; >= 0 (0 = the MLP over the whole sequence)")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; one of {sorted(_REMAT_POLICIES)}")
         if self.layer_types is not None and (
@@ -265,37 +271,6 @@ def _norm(config: TransformerConfig, name: str):
     return RMSNorm(eps=config.norm_eps, dtype=dtype, param_dtype=pdtype, plus_one=config.is_gemma, name=name)
 
 
-def _dense(config: TransformerConfig, features: int, use_bias: bool, name: str):
-    """Projection `name`: int8 QuantDense (config.quant), LoRADense (named in lora_targets), or nn.Dense."""
-    lora = config.lora_rank > 0 and name in config.lora_targets
-    common = dict(
-        features=features,
-        use_bias=use_bias,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=nn.initializers.normal(0.02),
-        name=name,
-    )
-    if config.quant == "int8":  # frozen int8 base, float adapters when also LoRA (QLoRA-style)
-        rank = config.lora_rank if lora else 0
-        return QuantDense(lora_rank=rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **common)
-    if lora:
-        return LoRADense(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, **common)
-    return RowsDense(**common)
-
-
-def _activation(name: str):
-    if name == "gelu_new":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "silu":
-        return jax.nn.silu
-    if name == "relu":
-        return jax.nn.relu
-    raise ValueError(f"activation={name!r}; supported: gelu_new, gelu, silu, relu")
-
-
 class Attention(nn.Module):
     config: TransformerConfig
     layer: int = 0  # index of the block: picks the layer's window and RoPE (local/global)
@@ -349,21 +324,6 @@ class Attention(nn.Module):
         return _dense(cfg, cfg.d_model, cfg.o_bias, "o_proj")(out), cache
 
 
-class MLP(nn.Module):
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(self, x):  # rows [N, d] -> [N, d]
-        cfg = self.config
-        act = _activation(cfg.activation)
-        if not cfg.gated_mlp:
-            hidden = act(_dense(cfg, cfg.d_ff, cfg.mlp_bias, "up_proj")(x))
-        else:
-            gate = _dense(cfg, cfg.d_ff, cfg.mlp_bias, "gate_proj")(x)
-            hidden = act(gate) * _dense(cfg, cfg.d_ff, cfg.mlp_bias, "up_proj")(x)
-        return _dense(cfg, cfg.d_model, cfg.mlp_bias, "down_proj")(hidden)
-
-
 class Block(nn.Module):
     """One layer. Pre-norm residual x + attn(norm x), then x + mlp(norm x); Gemma also norms each
     branch's output (post_attn_norm, post_mlp_norm); GPT-NeoX's parallel residual feeds both
@@ -380,15 +340,19 @@ class Block(nn.Module):
         # sees [B, T, H, D]. Same numbers; XLA:CPU then sums bias and norm-scale gradients over one
         # axis instead of through its much slower multi-axis reduction trees.
         x = x.reshape(b * t, d)
+
+        def mlp(rows):  # over chunks of cfg.mlp_chunk positions when the sequence is longer (models/mlp.py)
+            return mlp_rows(cfg, rows, b, t, initializing=self.is_initializing())
+
         attn_out, cache = Attention(cfg, layer=self.layer, name="attn")(
             _norm(cfg, "attn_norm")(x), positions, kv_mask, q_slots, cache, cache_index, segment_ids
         )
         if cfg.is_gemma:
             attn_out = _norm(cfg, "post_attn_norm")(attn_out)
         if cfg.parallel_residual:
-            return (x + attn_out + MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))).reshape(b, t, d), cache
+            return (x + attn_out + mlp(_norm(cfg, "mlp_norm")(x))).reshape(b, t, d), cache
         x = x + attn_out
-        mlp_out = MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x))
+        mlp_out = mlp(_norm(cfg, "mlp_norm")(x))
         if cfg.is_gemma:
             mlp_out = _norm(cfg, "post_mlp_norm")(mlp_out)
         return (x + mlp_out).reshape(b, t, d), cache
