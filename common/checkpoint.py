@@ -415,19 +415,23 @@ class CheckpointManager:
             if step is None:
                 raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
         self._check_intact(step)
+        abstract = self.abstract_subtree(key, step) if template is None else template
+        state, extra = self._restore_partial(int(step), {key: jax.tree.map(_abstract_leaf, abstract)})
+        return state[key], extra
+
+    def abstract_subtree(self, key: str, step: int | None = None) -> Any:
+        """`state[key]` of checkpoint `step` (default: the latest) as saved, without reading it: a tree of
+        ShapeDtypeStructs (no shardings; non-array leaves as their metadata), from Orbax's metadata."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
         metadata = self._manager.item_metadata(int(step))["state"]
         tree = metadata.tree if hasattr(metadata, "tree") else metadata
         if key not in tree:
             raise KeyError(f"checkpoint {step} in {self.directory} has no {key!r}; keys: {sorted(tree)}")
-
-        def to_abstract(m):
-            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=default_sharding()) if hasattr(m, "shape") else m
-
-        abstract = jax.tree.map(to_abstract, dict(tree))
-        if template is not None:
-            abstract[key] = jax.tree.map(_abstract_leaf, template)
-        state, extra = self._restore_partial(int(step), {key: abstract[key]})
-        return state[key], extra
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype) if hasattr(m, "shape") else m, dict(tree)[key]
+        )
 
     def restore_subset(self, template: Any, step: int, *, verify: bool = True) -> tuple[Any, dict[str, Any]]:
         """Restores only the leaves `template` names: a nested subset of the saved state, e.g.

@@ -132,7 +132,15 @@ def place_params(views: dict, *, param_dtype: str, mesh=None, rules=None) -> dic
     shardings = tree_shardings(shapes, mesh, DEFAULT_RULES if rules is None else rules)
 
     def place(view, sharding):
-        return jax.make_array_from_callback(view.shape, sharding, lambda index: np.array(view[index], dtype=cast))
+        read = {}  # devices holding the same slice (a partly replicated leaf) share one host copy of it
+
+        def shard(index):
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in read:
+                read[key] = np.array(view[index], dtype=cast)
+            return read[key]
+
+        return jax.make_array_from_callback(view.shape, sharding, shard)
 
     return jax.tree.map(place, views, shardings, is_leaf=lambda x: isinstance(x, (np.ndarray, StackedView)))
 

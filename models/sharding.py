@@ -81,6 +81,7 @@ __all__ = [
     "param_shardings",
     "shard_params",
     "abstract_sharded",
+    "with_shardings",
     "param_path",
     "layer_sharding",
     "with_layer_sharding",
@@ -275,6 +276,13 @@ def abstract_sharded(
     shardings = tree_shardings(shapes, mesh, rules)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return abstract, shardings
+
+
+def with_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """ShapeDtypeStruct per leaf of `tree` (arrays, ShapeDtypeStructs) carrying its NamedSharding on
+    `mesh` by `rules`: a restore template that makes Orbax place every array straight onto its shard."""
+    shardings = tree_shardings(tree, mesh, rules)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
 
 
 # ----------------------------------------------------------------------------- inside the layer scan

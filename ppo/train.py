@@ -43,123 +43,17 @@ from common.train_state import build_train_state, lora_settings, mesh_and_rules
 from common.workdir import append_jsonl, save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.heads import ScalarHead
-from models.hf import load_hf_checkpoint
-from models.lora import combine_params, merge_lora, strip_lora
-from models.quant import quantize_params
+from models.lora import combine_params
 from models.scan import match_layout
 from models.sharding import shard_params, with_layer_sharding
 from ppo import algorithms as algos
 from ppo.data import load_prompts, prompt_batches
 from ppo.kl import make_kl_controller
+from ppo.loading import frozen_reward, load_models, reference_model
 from ppo.rollout import ModelSpecs, Rollout, make_rollout_fn, rollout_metrics
 from ppo.update import UPDATE_KEYS, ppo_loss, ppo_update, separate_optimizers
-from rm.ensemble import OBJECTIVES, load_members
 
-
-def _load_models(config, tokenizer):
-    """Policy (+ reference copy), reward model, and value-model initialisation."""
-    mc = config.policy
-    policy_config, policy_params = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
-        mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype, scan_layers=mc.get("scan_layers", False)
-    )
-    policy_config = policy_config.replace(
-        remat=mc.remat,
-        remat_policy=mc.remat_policy,
-        attention=mc.get("attention", "auto"),
-        logits_chunk=mc.get("logits_chunk", 128),
-        scan_layers=mc.get("scan_layers", False),
-    )
-    policy_params = match_layout(policy_params, policy_config)  # scan_layers: stacked layers (models/scan.py)
-    if policy_config.pad_token_id is None:
-        policy_config = policy_config.replace(pad_token_id=tokenizer.pad_token_id)
-    if bool(config.reward.workdir) == bool(config.reward.init_from):
-        raise ValueError(
-            "set exactly one of config.reward.workdir (an RM workdir) and config.reward.init_from "
-            "(an exported Hugging Face reward folder)"
-        )
-    objective = config.reward.get("objective", "mean")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"config.reward.objective={objective!r}; expected one of {OBJECTIVES}")
-    if not config.reward.get("uwo_lambda", 1.0) >= 0:
-        raise ValueError(f"config.reward.uwo_lambda={config.reward.uwo_lambda}; expected >= 0")
-    # An ensemble run's workdir (rm/ensemble_train.py) stands for its K members; member 0 leads (value init).
-    rm_scan = config.reward.get("scan_layers", False)  # loads stacked: folders per shard, workdirs per layer
-    members = load_members(
-        config.reward.workdir or config.reward.init_from, dtype=config.reward.dtype, scan_layers=rm_scan
-    )
-    if len(members) > 1 and config.reward.quant:
-        raise ValueError("config.reward.quant='int8' is not supported with an ensemble reward (K members)")
-    for member in members:
-        member.config = member.config.replace(scan_layers=rm_scan)
-        member.params = match_layout(member.params, member.config)  # scan_layers: stacked (models/scan.py)
-    reward = members[0]
-    if reward.config.vocab_size < policy_config.vocab_size:
-        raise ValueError(
-            f"reward model vocab ({reward.config.vocab_size}) is smaller than the policy's "
-            f"({policy_config.vocab_size}): policy and reward model must share a tokenizer"
-        )
-    if reward.tokenizer_path:
-        rm_tok = data_io.load_tokenizer(reward.tokenizer_path)
-        probe = "The quick brown fox, 123!"
-        if (
-            rm_tok(probe, add_special_tokens=False)["input_ids"]
-            != tokenizer(probe, add_special_tokens=False)["input_ids"]
-        ):
-            raise ValueError(
-                "the reward model's tokenizer differs from the policy's; PPO here scores token ids "
-                "directly, so both must share a tokenizer"
-            )
-    return policy_config, policy_params, members
-
-
-def _frozen_reward(config, reward):
-    """(reward config, reward params, float config, float params) of the loaded reward model.
-
-    A LoRA reward model is merged first (an int8 base dequantised), giving the plain float
-    model the value model starts from; with reward.quant='int8' the scoring copy is then
-    quantised (weight-only, models/quant.py), which the QuantDense path reads directly.
-    """
-    quant = config.reward.quant
-    if quant not in ("", "int8"):
-        raise ValueError(f"config.reward.quant={quant!r}; expected '' or 'int8'")
-    rm_params, rm_config = merge_lora(reward.params, reward.config)
-    if not quant:
-        return rm_config, rm_params, rm_config, rm_params
-    params, qconfig = quantize_params(rm_params, rm_config)
-    return qconfig, params, rm_config, rm_params
-
-
-def _reference(pc, policy_config, policy_params):
-    """(adapters_off, reference config or None, reference params or None) from config.policy.
-
-    'adapters_off': the rollout runs the policy's own params with lora_rank=0 (the frozen base),
-    so nothing is held here. 'copy': a separate frozen copy of the initial policy without
-    adapters, quantised to int8 with policy.ref_quant.
-    """
-    mode = pc.reference
-    if mode == "auto":
-        mode = "adapters_off" if pc.lora_rank > 0 else "copy"
-    if mode not in ("copy", "adapters_off"):
-        raise ValueError(f"config.policy.reference={mode!r}; expected 'auto', 'copy' or 'adapters_off'")
-    if pc.ref_quant not in ("", "int8"):
-        raise ValueError(f"config.policy.ref_quant={pc.ref_quant!r}; expected '' or 'int8'")
-    if mode == "adapters_off":
-        if policy_config.lora_rank <= 0:
-            raise ValueError(
-                "config.policy.reference='adapters_off' needs config.policy.lora_rank > 0: without "
-                "adapters the policy has no frozen base to serve as the reference"
-            )
-        if pc.ref_quant:
-            raise ValueError(
-                "config.policy.ref_quant quantises a separate reference copy (reference='copy'); with "
-                "reference='adapters_off' the reference is the policy's base: set config.policy.quant"
-            )
-        return True, None, None
-    ref_config = policy_config.replace(lora_rank=0)
-    ref_params = jax.tree.map(jnp.array, strip_lora(policy_params))  # a copy: the policy's leaves get donated
-    if pc.ref_quant and not ref_config.quant:  # (an int8 policy base is copied as int8 already)
-        ref_params, ref_config = quantize_params(ref_params, ref_config)
-    return False, ref_config, ref_params
+_reference = reference_model  # the name tests/lora_trainers_test.py imports
 
 
 def train(config, workdir: str) -> dict:
@@ -177,7 +71,8 @@ def train(config, workdir: str) -> dict:
     data_identity = run.check_data(prompt_files, rows=prompts.stats["rows"])
     write_json(os.path.join(workdir, "data_stats.json"), prompts.stats)
 
-    policy_config, policy_params, reward_members = _load_models(config, tokenizer)
+    mesh, rules = mesh_and_rules(config.mesh)
+    policy_config, policy_params, reward_members = load_models(config, tokenizer, mesh, rules)
     reward = reward_members[0]
     rng = jax.random.key(config.seed)
     pc, vc = config.policy, config.value
@@ -192,12 +87,12 @@ def train(config, workdir: str) -> dict:
     head_on_policy = vc.init == "policy_head"
     if vc.init not in ("reward", "policy_head"):
         raise ValueError(f"config.value.init={vc.init!r}; expected 'reward' or 'policy_head'")
-    reward_config, reward_params, rm_config, rm_params = _frozen_reward(config, reward)
+    reward_config, reward_params, rm_config, rm_params = frozen_reward(config, reward)
     if len(reward_members) > 1:  # K members scored together: params stacked [K, ...] (replicated), norm [K, 2]
         reward_params = jax.tree.map(
-            lambda *leaves: jnp.stack(leaves), *[_frozen_reward(config, m)[1] for m in reward_members]
+            lambda *leaves: jnp.stack(leaves), *[frozen_reward(config, m)[1] for m in reward_members]
         )
-    ref_adapters_off, ref_config, ref_params = _reference(pc, policy_config, policy_params)
+    ref_adapters_off, ref_config, ref_params = reference_model(pc, policy_config, policy_params)
     algo = algos.resolve(config)
     if not algo.critic:  # critic-free: no value model at all (no params, no optimizer state, not checkpointed)
         value_config, value_tree = rm_config, {}
@@ -253,7 +148,6 @@ def train(config, workdir: str) -> dict:
     if sequential_value := bool(tc.get("sequential_value_update", False)):  # one AdamW per model: state keyed by it
         tx = separate_optimizers(tx)  # ppo_update refuses a run without a separate value model
 
-    mesh, rules = mesh_and_rules(config.mesh)
     built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))
     state, state_sharding, frozen, frozen_sharding = (
         built.state,

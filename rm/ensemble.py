@@ -104,14 +104,15 @@ def combine_member_scores(member_scores, *, objective: str = "mean", uwo_lambda:
     return jnp.mean(scores, axis=0) - uwo_lambda * jnp.var(scores, axis=0)  # var: ddof = 0
 
 
-def load_members(path: str, *, dtype: str = "float32", scan_layers: bool = False) -> list:
+def load_members(path: str, *, dtype: str = "float32", scan_layers: bool = False, mesh=None, rules=None) -> list:
     """The reward models a path stands for (`member_workdirs`), loaded: [LoadedRewardModel] of one
     architecture and tokenizer (an ensemble run's members, or one RM workdir / exported folder).
-    scan_layers: loaded stacked (exported folders per shard, workdirs layer by layer; rm.model.load_reward_model)."""
+    scan_layers: loaded stacked (exported folders per shard, workdirs layer by layer; rm.model.load_reward_model).
+    mesh (+ rules): every member's tensors straight onto their shardings (rm.model.load_reward_model)."""
     from rm.model import load_reward_model
 
     workdirs = member_workdirs(path)
-    members = [load_reward_model(w, dtype=dtype, scan_layers=scan_layers) for w in workdirs]
+    members = [load_reward_model(w, dtype=dtype, scan_layers=scan_layers, mesh=mesh, rules=rules) for w in workdirs]
     for workdir, member in zip(workdirs[1:], members[1:]):
         if member.config != members[0].config:
             raise ValueError(f"{workdir}: model config differs from {workdirs[0]}'s; ensemble members share one")

@@ -48,9 +48,8 @@ from common.optim import optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves
 from common.workdir import save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
-from models.hf import load_hf_checkpoint
 from models.lora import combine_params
-from models.scan import match_layout
+from models.sharding import REPLICATED_RULES
 from rm import data as rm_data
 from rm.calibration import write_calibration
 from rm.ensemble import OBJECTIVES, combine_scores, write_reward_workdir
@@ -151,21 +150,9 @@ def train_ensemble(config, workdir: str, *, single) -> dict:
     members_data = [member_train_data(train_data, seed=s, bootstrap=bootstrap) for s in seeds]
 
     # ---- K members, each initialised as the single run with its seed
-    model_config, backbone = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
-        config.model.init_from,
-        dtype=config.model.dtype,
-        param_dtype=config.model.param_dtype,
-        scan_layers=config.model.get("scan_layers", False),
-    )
-    model_config = model_config.replace(
-        remat=config.model.remat,
-        remat_policy=config.model.remat_policy,
-        attention=config.model.get("attention", "auto"),
-        scan_layers=config.model.get("scan_layers", False),
-    )
-    backbone = match_layout(backbone, model_config)  # scan_layers: layers held stacked (models/scan.py)
-    if model_config.pad_token_id is None:
-        model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
+    # Members are replicated on the mesh: the backbone loads straight onto every device (no one device first).
+    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
+    model_config, backbone = single.load_backbone(config, tokenizer, mesh, REPLICATED_RULES)
     inits = [init_member(model_config, backbone, config.model, s) for s in seeds]
     del backbone
     model_config, frozen = inits[0][0], inits[0][2]  # frozen base: the same for every member (seed-free)
@@ -180,7 +167,6 @@ def train_ensemble(config, workdir: str, *, single) -> dict:
     }
     del inits, trainable
     save_model_files(workdir, model_config, tokenizer)
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     state = jax.device_put(state, replicated(mesh))
     frozen = jax.device_put(frozen, replicated(mesh))
 

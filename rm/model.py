@@ -36,6 +36,7 @@ from common.workdir import load_model_config, restore_params, restore_params_sta
 from models.adapters import split_trainable
 from models.heads import ScalarHead, gather_last
 from models.hf import load_hf_checkpoint
+from models.sharding import DEFAULT_RULES, shard_params
 from models.transformer import Transformer, TransformerConfig
 from rm.calibration import calibrated_probability
 
@@ -119,17 +120,25 @@ def load_reward_model(
     param_dtype: Optional[str] = None,
     step: Optional[int] = None,
     scan_layers: bool = False,
+    mesh=None,
+    rules=None,
 ) -> LoadedRewardModel:
     """Load a reward model from an RM workdir (Orbax) or an exported HF sequence-classification folder.
 
     scan_layers: load with the layers stacked (models/scan.py) and config.scan_layers=True. An
     exported folder stacks per shard (models/hf.py); a workdir saved per layer restores each layer
     into its slot of the stack (common.workdir.restore_params_stacked), one saved stacked as it is.
-    Without it a workdir restores in its checkpoint's layout (models.scan.match_layout converts)."""
+    Without it a workdir restores in its checkpoint's layout (models.scan.match_layout converts).
+    mesh (+ rules, default models.sharding.DEFAULT_RULES): every tensor lands straight on its
+    NamedSharding by the rules, the placement `models.sharding.shard_params` would give it;
+    without a mesh, on the default device."""
+    place = dict(mesh=mesh, rules=rules)
     if os.path.exists(os.path.join(path, "model_config.json")):
-        return _load_from_workdir(path, dtype=dtype, param_dtype=param_dtype, step=step, scan_layers=scan_layers)
+        return _load_from_workdir(
+            path, dtype=dtype, param_dtype=param_dtype, step=step, scan_layers=scan_layers, **place
+        )
     if os.path.exists(os.path.join(path, "config.json")):
-        return _load_from_hf(path, dtype=dtype, param_dtype=param_dtype or "float32", scan_layers=scan_layers)
+        return _load_from_hf(path, dtype=dtype, param_dtype=param_dtype or "float32", scan_layers=scan_layers, **place)
     raise FileNotFoundError(f"{path} is neither an RM workdir (model_config.json) nor a HF folder (config.json)")
 
 
@@ -154,7 +163,7 @@ def describe_workdir(workdir: str, ckpt=None) -> str:
     return f"{kind} (checkpoint params: {', '.join(keys) or 'none'})"
 
 
-def _load_from_workdir(workdir, *, dtype, param_dtype, step, scan_layers=False):
+def _load_from_workdir(workdir, *, dtype, param_dtype, step, scan_layers=False, mesh=None, rules=None):
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), save_every=1)
     try:
         keys = ckpt.subtree_keys("params") if ckpt.latest_step() is not None else []
@@ -180,9 +189,13 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step, scan_layers=False):
     trainable, frozen = split_trainable(abstract, lora=config.lora_rank > 0)
     if scan_layers and not config.scan_layers:  # saved per layer, run stacked: no per-layer copy of the model
         config = config.replace(scan_layers=True)
-        params, extra = restore_params_stacked(workdir, config, step=step, template=trainable, frozen_template=frozen)
+        params, extra = restore_params_stacked(
+            workdir, config, step=step, template=trainable, frozen_template=frozen, mesh=mesh, rules=rules
+        )
     else:
-        params, extra = restore_params(workdir, step=step, template=trainable, frozen_template=frozen)
+        params, extra = restore_params(
+            workdir, step=step, template=trainable, frozen_template=frozen, mesh=mesh, rules=rules
+        )
     norm = extra.get("normalization") or {}
     tok = os.path.join(workdir, "tokenizer")
     return LoadedRewardModel(
@@ -196,9 +209,9 @@ def _load_from_workdir(workdir, *, dtype, param_dtype, step, scan_layers=False):
     )
 
 
-def _load_from_hf(path, *, dtype, param_dtype, scan_layers=False):
+def _load_from_hf(path, *, dtype, param_dtype, scan_layers=False, mesh=None, rules=None):
     config, backbone, leftovers = load_hf_checkpoint(
-        path, dtype=dtype, param_dtype=param_dtype, with_leftovers=True, scan_layers=scan_layers
+        path, dtype=dtype, param_dtype=param_dtype, with_leftovers=True, scan_layers=scan_layers, mesh=mesh, rules=rules
     )
     if "score.weight" not in leftovers:
         raise ValueError(f"{path} has no score.weight: not a sequence-classification (reward) model")
@@ -215,6 +228,8 @@ def _load_from_hf(path, *, dtype, param_dtype, scan_layers=False):
         "kernel": kernel.astype(param_dtype),
         "bias": jnp.asarray([hf_config.get("reward_offset", 0.0)], jnp.float32).astype(param_dtype),
     }
+    if mesh is not None:  # the [d, 1] head: placed by the same rules (replicated)
+        head = shard_params({"head": head}, mesh, DEFAULT_RULES if rules is None else rules)["head"]
     backbone = {k: v for k, v in backbone.items() if k != "lm_head"}
     has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
     return LoadedRewardModel(

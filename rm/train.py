@@ -211,6 +211,31 @@ def start_and_load_data(config, workdir: str):
     return run, tokenizer, train_data, eval_data, data_identity, stats
 
 
+def load_backbone(config, tokenizer, mesh, rules):
+    """(TransformerConfig, backbone params) of config.model.init_from, each tensor placed straight onto
+    its sharding on `mesh` by `rules` (the train state's own, so building it moves no loaded array);
+    scan_layers: stacked per shard on load (models/hf.py)."""
+    mc = config.model
+    model_config, backbone = load_hf_checkpoint(
+        mc.init_from,
+        dtype=mc.dtype,
+        param_dtype=mc.param_dtype,
+        scan_layers=mc.get("scan_layers", False),
+        mesh=mesh,
+        rules=rules,
+    )
+    model_config = model_config.replace(
+        remat=mc.remat,
+        remat_policy=mc.remat_policy,
+        attention=mc.get("attention", "auto"),
+        scan_layers=mc.get("scan_layers", False),
+    )
+    backbone = match_layout(backbone, model_config)  # scan_layers: layers held stacked (models/scan.py)
+    if model_config.pad_token_id is None:
+        model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
+    return model_config, backbone
+
+
 def train(config, workdir: str) -> dict:
     """Train a reward model as configured (K of them with model.ensemble_size = K); returns the final eval metrics."""
     if int(config.model.get("ensemble_size", 1)) != 1:
@@ -226,21 +251,8 @@ def train(config, workdir: str) -> dict:
     run, tokenizer, train_data, eval_data, data_identity, stats = start_and_load_data(config, workdir)
 
     # ---- model
-    model_config, backbone = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
-        config.model.init_from,
-        dtype=config.model.dtype,
-        param_dtype=config.model.param_dtype,
-        scan_layers=config.model.get("scan_layers", False),
-    )
-    model_config = model_config.replace(
-        remat=config.model.remat,
-        remat_policy=config.model.remat_policy,
-        attention=config.model.get("attention", "auto"),
-        scan_layers=config.model.get("scan_layers", False),
-    )
-    backbone = match_layout(backbone, model_config)  # scan_layers: layers held stacked (models/scan.py)
-    if model_config.pad_token_id is None:
-        model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
+    mesh, rules = mesh_and_rules(config.mesh)
+    model_config, backbone = load_backbone(config, tokenizer, mesh, rules)
     rng = jax.random.key(config.seed)
     params = rm_params_from_backbone(model_config, backbone, jax.random.fold_in(rng, 1))
     del backbone
@@ -259,7 +271,6 @@ def train(config, workdir: str) -> dict:
 
     tc = config.train
     tx, schedule = optimizer_from_config(tc, total_steps=tc.steps)
-    mesh, rules = mesh_and_rules(config.mesh)
     built = build_train_state(params, frozen, tx, mesh=mesh, rules=rules, rng=jax.random.fold_in(rng, 2))
     state, state_sharding, frozen, frozen_sharding = (
         built.state,

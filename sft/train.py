@@ -251,8 +251,13 @@ def build_model(config, tokenizer, mesh, rules, rng):
     """(TransformerConfig, params placed on the mesh): from init_from, or random from the config."""
     mc = config.model
     if mc.init_from:
-        model_config, params = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
-            mc.init_from, dtype=mc.dtype, param_dtype=mc.param_dtype, scan_layers=mc.get("scan_layers", False)
+        model_config, params = load_hf_checkpoint(  # each tensor straight onto its shard; scan_layers: stacked
+            mc.init_from,
+            dtype=mc.dtype,
+            param_dtype=mc.param_dtype,
+            scan_layers=mc.get("scan_layers", False),
+            mesh=mesh,
+            rules=rules,
         )
         model_config = model_config.replace(
             remat=mc.remat,
@@ -269,7 +274,7 @@ def build_model(config, tokenizer, mesh, rules, rng):
                 f"{mc.init_from} has no lm_head weights: not a causal LM (a sequence-classification "
                 f"export?); give a causal-LM folder"
             )
-        params = shard_params(params, mesh, rules)
+        params = shard_params(params, mesh, rules)  # already placed so: moves nothing
     else:
         model_config = scratch_model_config(mc, tokenizer)
         init_fn = functools.partial(init_params, model_config, rng)

@@ -359,9 +359,10 @@ def test_rm_trainer_with_stacked_params(rm_runs):
     )
 
 
-def test_sft_and_ppo_trainers_run_with_stacked_params(rm_runs):
-    """SFT (from a HF folder) and PPO (policy, reward and value all scanned, reward from the stacked
-    RM run) train with scan_layers and checkpoint the stacked tree."""
+def test_sft_and_ppo_trainers_run_with_stacked_params(rm_runs, monkeypatch):
+    """SFT (from a HF folder) and PPO (policy, reward and value all scanned; the reward from the RM run
+    saved per layer, restored stacked: common.workdir.restore_params_stacked) train with scan_layers and
+    checkpoint the stacked tree; the rollout's reward-model scores equal the unrolled reward model's."""
     import configs.ppo as ppo_config
     import configs.sft as sft_config
     from common.checkpoint import CheckpointManager
@@ -380,13 +381,28 @@ def test_sft_and_ppo_trainers_run_with_stacked_params(rm_runs):
     assert len(losses) == 1 and np.isfinite(losses[0]) and losses[0] > 0
     rng = np.random.default_rng(0)
     c = ppo_config.get_config("size=tiny")
-    c.policy.init_from, c.reward.workdir = str(d / "hf"), runs[True]
+    c.policy.init_from, c.reward.workdir = str(d / "hf"), runs[False]
     c.data.prompt_files = write_jsonl(
         d / "prompts.jsonl", [{"prompt": "Review: " + " ".join(rng.choice(NEUTRAL, size=3))} for _ in range(16)]
     )
     c.policy.scan_layers = c.reward.scan_layers = c.value.scan_layers = True
     c.train.steps, c.train.log_every = 1, 1
+    import ppo.train
+
+    rollouts, write_samples = [], ppo.train._write_samples
+    monkeypatch.setattr(ppo.train, "_write_samples", lambda *a: (rollouts.append(a[3]), write_samples(*a)))
     ppo_train(c, str(d / "ppo"))
+    # The independent reference: the RM run's own (unrolled, per-layer) model scores the rollout's rows.
+    from rm.model import compute_rewards, load_reward_model
+
+    (rollout,) = rollouts
+    reward = load_reward_model(runs[False])
+    assert not reward.config.scan_layers and "layers_0" in reward.params["backbone"]
+    ids = np.concatenate([np.asarray(rollout.query_ids), np.asarray(rollout.response_ids)], axis=1)
+    mask = np.concatenate([np.asarray(rollout.query_mask), np.asarray(rollout.response_mask)], axis=1)
+    want = np.asarray(compute_rewards(reward.config, reward.params, ids, mask))
+    np.testing.assert_allclose(np.asarray(rollout.raw_scores), want, rtol=1e-5, atol=1e-5)
+    assert np.ptp(want) > 1e-3  # rows differ, so a mix-up of rows or layers would show
     lines = [line for line in map(json.loads, open(d / "ppo" / "metrics.jsonl")) if "objective/scores" in line]
     assert len(lines) == 1 and all(np.isfinite(lines[0][k]) for k in ("objective/scores", "val/vf_loss"))
     for workdir in (d / "sft", d / "ppo"):
