@@ -44,6 +44,9 @@ def get_config(arg=None):
     c.policy.logits_chunk = (
         128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
     )
+    c.policy.mlp_chunk = (
+        0  # the MLP over chunks of this many positions (models/mlp.py: less activation memory); 0 = off
+    )
     c.policy.update(lora_config())  # lora_rank (0 = full), lora_alpha, lora_targets, lora_dropout, quant
     # Reference policy: 'copy' (separate frozen copy) | 'adapters_off' (the policy with its adapters ignored,
     # no second base in memory; needs lora_rank > 0) | 'auto' (adapters_off when lora_rank > 0, else copy).
@@ -65,6 +68,7 @@ def get_config(arg=None):
     c.value.init = "reward"  # 'reward': separate value model initialised from the RM; 'policy_head': head on the policy
     c.value.update(lora_config())  # LoRA / int8 of the separate value model (value.init='reward')
     c.value.scan_layers = False  # scan over the value model's layers (value.init='reward')
+    c.value.mlp_chunk = 0  # the value model's MLP over chunks of this many positions (models/mlp.py); 0 = off
 
     c.data = ml_collections.ConfigDict()
     c.data.prompt_files = ""  # JSONL/JSON/Parquet with `prompt` (string or message list), comma-separated

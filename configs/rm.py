@@ -39,6 +39,7 @@ def get_config(arg=None):
     c.model.attention = (
         "auto"  # attention implementation: auto | xla | chunked (blockwise, O(T) memory) | cudnn (GPU flash)
     )
+    c.model.mlp_chunk = 0  # the MLP over chunks of this many positions (models/mlp.py: less activation memory); 0 = off
     c.model.update(lora_config())  # lora_rank (0 = full fine-tune), lora_alpha, lora_targets, lora_dropout, quant
     c.model.ensemble_size = 1  # K reward models in one run (rm/ensemble_train.py), member k = seed + k; 1 = one
     c.model.ensemble_bootstrap = False  # ensemble members train on bootstrap resamples of the pairs (K > 1)

@@ -47,6 +47,7 @@ def get_config(arg=None):
     c.model.logits_chunk = (
         128  # log-probs/entropy/loss over chunks of this many positions (no [B,T,V] logits); 0 = full
     )
+    c.model.mlp_chunk = 0  # the MLP over chunks of this many positions (models/mlp.py: less activation memory); 0 = off
     c.model.update(lora_config())  # lora_rank (0 = full fine-tune), lora_alpha, lora_targets, lora_dropout, quant
     # Architecture of a from-scratch model (ignored with init_from); defaults are GPT-2 small.
     c.model.family = "gpt2"  # from scratch: gpt2 (LayerNorm, learned positions, tied) | llama (RMSNorm, RoPE, SwiGLU); init_from: any of models.transformer.FAMILIES

@@ -36,6 +36,7 @@ def load_models(config, tokenizer, mesh, rules):
         remat_policy=mc.remat_policy,
         attention=mc.get("attention", "auto"),
         logits_chunk=mc.get("logits_chunk", 128),
+        mlp_chunk=mc.get("mlp_chunk", 0),
         scan_layers=mc.get("scan_layers", False),
     )
     policy_params = match_layout(policy_params, policy_config)  # scan_layers: stacked layers (models/scan.py)

@@ -116,7 +116,7 @@ def train(config, workdir: str) -> dict:
             rng=jax.random.fold_in(rng, 5),
             where="value",
         )
-        value_config = value_config.replace(scan_layers=vc.get("scan_layers", False))
+        value_config = value_config.replace(scan_layers=vc.get("scan_layers", False), mlp_chunk=vc.get("mlp_chunk", 0))
         value_params = match_layout(value_params, value_config)
         value_tree = {"value": value_params}
     specs = ModelSpecs(

@@ -228,6 +228,7 @@ def load_backbone(config, tokenizer, mesh, rules):
         remat=mc.remat,
         remat_policy=mc.remat_policy,
         attention=mc.get("attention", "auto"),
+        mlp_chunk=mc.get("mlp_chunk", 0),
         scan_layers=mc.get("scan_layers", False),
     )
     backbone = match_layout(backbone, model_config)  # scan_layers: layers held stacked (models/scan.py)

@@ -241,6 +241,7 @@ def scratch_model_config(mc, tokenizer) -> TransformerConfig:
         attention=mc.get("attention", "auto"),
         scan_layers=mc.get("scan_layers", False),
         logits_chunk=mc.get("logits_chunk", 128),
+        mlp_chunk=mc.get("mlp_chunk", 0),
         pad_token_id=pad,
         eos_token_id=eos,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
@@ -264,6 +265,7 @@ def build_model(config, tokenizer, mesh, rules, rng):
             remat_policy=mc.remat_policy,
             attention=mc.get("attention", "auto"),
             logits_chunk=mc.get("logits_chunk", 128),
+            mlp_chunk=mc.get("mlp_chunk", 0),
             scan_layers=mc.get("scan_layers", False),
         )
         if model_config.pad_token_id is None:

@@ -267,3 +267,26 @@ def test_exported_folder_keeps_calibrated_probabilities(trained, setup, tmp_path
         source.preference_probability(raw_a, raw_b),
         rtol=1e-6,
     )
+
+
+def test_mlp_chunk_trains_like_the_whole_sequence(trained, setup, tmp_path):
+    """model.mlp_chunk reaches the model (model_config.json) and changes no number beyond float
+    rounding: the chunked run's logged losses and final accuracy follow the reference run's."""
+    workdir = str(tmp_path / "chunked")
+    c = tiny_config(setup)
+    c.model.mlp_chunk = 16  # max_length 64: up to 4 chunks per row
+    summary = train(c, workdir)
+    with open(os.path.join(workdir, "model_config.json")) as f:
+        assert json.load(f)["mlp_chunk"] == 16
+    ref, got = (
+        {
+            line["step"]: line["train/loss"]
+            for line in map(json.loads, open(os.path.join(w, "metrics.jsonl")))
+            if "train/loss" in line
+        }
+        for w in (trained[0], workdir)
+    )
+    assert sorted(got) == sorted(ref) and len(got) >= 10, (sorted(got), sorted(ref))
+    for step, loss in got.items():
+        assert abs(loss - ref[step]) < 1e-4 * max(1.0, abs(ref[step])), (step, loss, ref[step])
+    assert summary["eval/accuracy"] == trained[1]["eval/accuracy"]
