@@ -58,8 +58,9 @@ exit status is 1. Larger batches: --remat and --sizes, or XLA_PYTHON_CLIENT_MEM_
 
 Attention and log-probs: every model uses `--attention` (default auto: cuDNN flash attention on
 a GPU in bf16, see models/attention.py) and `--logits-chunk` (default 128: PPO log-probs and
-entropies over chunks of the hidden states, models/lm_head.py). `--compare` also runs the RM
-and PPO sections with the plain paths (attention='xla', logits_chunk=0) and prints a second
+entropies over chunks of the hidden states, models/lm_head.py); `--mlp-chunk C` runs every MLP over
+chunks of C positions (models/mlp.py). `--compare` also runs the RM
+and PPO sections with the plain paths (attention='xla', logits_chunk=0, mlp_chunk=0) and prints a second
 table, plain vs new, with step times, XLA temp bytes of the RM step and the PPO update and,
 on GPU/TPU, the device's peak memory.
 
@@ -389,6 +390,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="TransformerConfig.logits_chunk (models/lm_head.py); 0 = full [B, T, V] logits",
     )
     parser.add_argument(
+        "--mlp-chunk",
+        type=int,
+        default=0,
+        help="TransformerConfig.mlp_chunk (models/mlp.py): the MLP over chunks of this many positions; 0 = off",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="also run rm and ppo with attention='xla', logits_chunk=0 (the plain paths) and "
@@ -422,7 +429,9 @@ def parse_sizes(text: str, error: Callable[[str], None]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     shape = args.shape or ("tiny" if jax.default_backend() == "cpu" else "1b")
-    config = MODEL_SHAPES[shape].replace(remat=args.remat, attention=args.attention, logits_chunk=args.logits_chunk)
+    config = MODEL_SHAPES[shape].replace(
+        remat=args.remat, attention=args.attention, logits_chunk=args.logits_chunk, mlp_chunk=args.mlp_chunk
+    )
     sizes = dataclasses.replace(SIZES[shape], **args.sizes)
     if sizes.ppo_batch % sizes.ppo_minibatches:
         raise SystemExit(f"ppo_batch={sizes.ppo_batch} must be divisible by ppo_minibatches={sizes.ppo_minibatches}")
@@ -436,7 +445,7 @@ def main(argv=None) -> dict:
         "ppo": lambda: bench_ppo(config, sizes, mesh, reps=args.reps, memory=args.compare),
     }
     if args.compare:  # the plain paths, for the effect of blockwise attention + chunked log-probs
-        plain = config.replace(attention="xla", logits_chunk=0)
+        plain = config.replace(attention="xla", logits_chunk=0, mlp_chunk=0)
         benches.update(
             {
                 "rm_plain": lambda: bench_rm_train(plain, sizes, mesh, reps=args.reps, peak=peak, memory=True),
