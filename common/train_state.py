@@ -17,9 +17,11 @@ import optax
 from jax.sharding import Mesh
 
 from common.mesh import make_mesh
+from models.hf import load_hf_checkpoint
+from models.scan import match_layout
 from models.sharding import DEFAULT_RULES, REPLICATED_RULES, shard_params, tree_shardings
 
-__all__ = ["TrainState", "mesh_and_rules", "lora_settings", "build_train_state"]
+__all__ = ["TrainState", "mesh_and_rules", "lora_settings", "load_pretrained", "build_train_state"]
 
 
 @dataclasses.dataclass
@@ -51,6 +53,34 @@ def lora_settings(section) -> dict:
         lora_dropout=section.lora_dropout,
         quant=section.quant,
     )
+
+
+def load_pretrained(section, *, mesh: Mesh, rules: dict, pad_token_id: int) -> tuple[Any, dict]:
+    """(TransformerConfig, params) of section.init_from (a Hugging Face folder) for a trainer's config
+    section (model, policy): every tensor read straight onto its sharding on `mesh` by `rules`, those
+    of the train state, so building it moves nothing (scan_layers: stacked per shard on load,
+    models/hf.py); the section's run settings (remat, attention, logits_chunk, mlp_chunk,
+    scan_layers) applied, and `pad_token_id` where the checkpoint's config names none."""
+    scan = section.get("scan_layers", False)
+    config, params = load_hf_checkpoint(
+        section.init_from,
+        dtype=section.dtype,
+        param_dtype=section.param_dtype,
+        scan_layers=scan,
+        mesh=mesh,
+        rules=rules,
+    )
+    config = config.replace(
+        remat=section.remat,
+        remat_policy=section.remat_policy,
+        attention=section.get("attention", "auto"),
+        logits_chunk=section.get("logits_chunk", 128),
+        mlp_chunk=section.get("mlp_chunk", 0),
+        scan_layers=scan,
+    )
+    if config.pad_token_id is None:
+        config = config.replace(pad_token_id=pad_token_id)
+    return config, match_layout(params, config)  # scan_layers: layers held stacked (models/scan.py)
 
 
 def build_train_state(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from common import data_io
-from models.hf import load_hf_checkpoint
+from common.train_state import load_pretrained
 from models.lora import merge_lora, strip_lora
 from models.quant import quantize_params
 from models.scan import match_layout
@@ -22,26 +22,9 @@ def load_models(config, tokenizer, mesh, rules):
     Every tensor is read straight onto its sharding on `mesh` by `rules`, those the train state and
     the frozen reference / reward trees use (an ensemble's K members are then stacked [K, ...] and
     replicated, as they are scored)."""
-    mc = config.policy
-    policy_config, policy_params = load_hf_checkpoint(  # scan_layers: stacked per shard on load (models/hf.py)
-        mc.init_from,
-        dtype=mc.dtype,
-        param_dtype=mc.param_dtype,
-        scan_layers=mc.get("scan_layers", False),
-        mesh=mesh,
-        rules=rules,
+    policy_config, policy_params = load_pretrained(
+        config.policy, mesh=mesh, rules=rules, pad_token_id=tokenizer.pad_token_id
     )
-    policy_config = policy_config.replace(
-        remat=mc.remat,
-        remat_policy=mc.remat_policy,
-        attention=mc.get("attention", "auto"),
-        logits_chunk=mc.get("logits_chunk", 128),
-        mlp_chunk=mc.get("mlp_chunk", 0),
-        scan_layers=mc.get("scan_layers", False),
-    )
-    policy_params = match_layout(policy_params, policy_config)  # scan_layers: stacked layers (models/scan.py)
-    if policy_config.pad_token_id is None:
-        policy_config = policy_config.replace(pad_token_id=tokenizer.pad_token_id)
     if bool(config.reward.workdir) == bool(config.reward.init_from):
         raise ValueError(
             "set exactly one of config.reward.workdir (an RM workdir) and config.reward.init_from "

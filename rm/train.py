@@ -30,12 +30,10 @@ from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start
 from common.mesh import batch_sharding, data_axis_size, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
-from common.train_state import build_train_state, lora_settings, mesh_and_rules
+from common.train_state import build_train_state, load_pretrained, lora_settings, mesh_and_rules
 from common.workdir import save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
-from models.hf import load_hf_checkpoint
 from models.lora import combine_params
-from models.scan import match_layout
 from models.sharding import with_layer_sharding
 from rm import data as rm_data
 from rm.calibration import write_calibration
@@ -215,26 +213,7 @@ def load_backbone(config, tokenizer, mesh, rules):
     """(TransformerConfig, backbone params) of config.model.init_from, each tensor placed straight onto
     its sharding on `mesh` by `rules` (the train state's own, so building it moves no loaded array);
     scan_layers: stacked per shard on load (models/hf.py)."""
-    mc = config.model
-    model_config, backbone = load_hf_checkpoint(
-        mc.init_from,
-        dtype=mc.dtype,
-        param_dtype=mc.param_dtype,
-        scan_layers=mc.get("scan_layers", False),
-        mesh=mesh,
-        rules=rules,
-    )
-    model_config = model_config.replace(
-        remat=mc.remat,
-        remat_policy=mc.remat_policy,
-        attention=mc.get("attention", "auto"),
-        mlp_chunk=mc.get("mlp_chunk", 0),
-        scan_layers=mc.get("scan_layers", False),
-    )
-    backbone = match_layout(backbone, model_config)  # scan_layers: layers held stacked (models/scan.py)
-    if model_config.pad_token_id is None:
-        model_config = model_config.replace(pad_token_id=tokenizer.pad_token_id)
-    return model_config, backbone
+    return load_pretrained(config.model, mesh=mesh, rules=rules, pad_token_id=tokenizer.pad_token_id)
 
 
 def train(config, workdir: str) -> dict:

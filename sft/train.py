@@ -36,13 +36,11 @@ from common.loop import flat_data_stats, open_checkpoints, run_train_loop, start
 from common.mesh import batch_sharding, data_axis_size, local_rows, replicated, shard_batch
 from common.optim import accumulate_gradients, optimizer_from_config
 from common.tracking import open_metrics, plot_training_curves, report_start
-from common.train_state import build_train_state, lora_settings, mesh_and_rules
+from common.train_state import build_train_state, load_pretrained, lora_settings, mesh_and_rules
 from common.workdir import save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
-from models.hf import load_hf_checkpoint
 from models.lm_head import next_token_nll_from_hidden
 from models.lora import combine_params, merge_lora
-from models.scan import match_layout
 from models.sharding import abstract_sharded, shard_params, with_layer_sharding
 from models.transformer import Transformer, TransformerConfig, init_params
 from sft import data as sft_data
@@ -252,25 +250,9 @@ def build_model(config, tokenizer, mesh, rules, rng):
     """(TransformerConfig, params placed on the mesh): from init_from, or random from the config."""
     mc = config.model
     if mc.init_from:
-        model_config, params = load_hf_checkpoint(  # each tensor straight onto its shard; scan_layers: stacked
-            mc.init_from,
-            dtype=mc.dtype,
-            param_dtype=mc.param_dtype,
-            scan_layers=mc.get("scan_layers", False),
-            mesh=mesh,
-            rules=rules,
+        model_config, params = load_pretrained(  # each tensor straight onto its shard; scan_layers: stacked
+            mc, mesh=mesh, rules=rules, pad_token_id=data_io.special_ids(tokenizer)[1]
         )
-        model_config = model_config.replace(
-            remat=mc.remat,
-            remat_policy=mc.remat_policy,
-            attention=mc.get("attention", "auto"),
-            logits_chunk=mc.get("logits_chunk", 128),
-            mlp_chunk=mc.get("mlp_chunk", 0),
-            scan_layers=mc.get("scan_layers", False),
-        )
-        if model_config.pad_token_id is None:
-            model_config = model_config.replace(pad_token_id=data_io.special_ids(tokenizer)[1])
-        params = match_layout(params, model_config)  # scan_layers: layers held stacked (models/scan.py)
         if not model_config.tie_embeddings and "lm_head" not in params:
             raise ValueError(
                 f"{mc.init_from} has no lm_head weights: not a causal LM (a sequence-classification "
