@@ -46,11 +46,11 @@ def get_config(arg=None):
     c.proxy.objective = "mean"  # how an ensemble proxy scores, in best-of-n and PPO: mean | wco | uwo
     c.proxy.uwo_lambda = 1.0  # uwo = mean - uwo_lambda * variance over members
     c.proxy.epochs = 2.0  # > 0: each proxy trains this many passes over its labels (else rm.train.steps)
-    # With proxy.epochs: the fewest steps a proxy trains. 0: 2 epochs for every budget (7, 63 and 625 steps).
-    # A floor of 50 steps (16 epochs over 100 labels) made the 100-label proxy a near-random, overfit one whose
-    # best-of-n peak wandered (0.8-2.5 across seeds) and did not order against 1,000 labels (0.48 of bootstrap
-    # replicates); at 7 steps it peaks at d = 0.78-0.85 in every seed, ordered in 1.000 (pilot of 2026-12-02).
-    c.proxy.min_steps = 0
+    # With proxy.epochs: the fewest steps a proxy trains (50: 16 epochs over 100 labels). At 0 (2 epochs for every
+    # budget: 7, 63 and 625 steps) the 100-label proxy's best-of-n peak came out at d = 0.78-0.85 in every seed,
+    # ordered against 1,000 labels in 1.000 of bootstrap replicates (0.48 at 50 steps), but PPO against it
+    # collapsed the gold at d ~ 1.5-2.8 (R^2 0.78); a documented trade-off, run of 2026-12-02 in the README.
+    c.proxy.min_steps = 50
 
     c.rl = ml_collections.ConfigDict()
     c.rl.beta = 0.002  # small fixed KL coefficient, so the policy travels far from the SFT policy

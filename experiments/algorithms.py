@@ -197,7 +197,7 @@ def run(config, workdir):
             for kind in ("gold", "proxy")
         }
         g = fitted[name]["gold"]
-        peak = fits.peak_d_rl(g["alpha"], g["beta"]) if np.isfinite(g["alpha"]) else float("nan")
+        peak = fits.peak_d_rl(g["alpha"], g["beta"], d_max=float(d.max())) if np.isfinite(g["alpha"]) else float("nan")
         fitted[name]["gold_peak_d"] = float(peak)
         gold_gain = np.asarray(pts["gold"]) - pts["gold"][0]
         best = int(np.argmax(gold_gain))

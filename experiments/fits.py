@@ -132,25 +132,41 @@ def rl_curve(d, alpha: float, beta: float) -> np.ndarray:
     return alpha * d - beta * _d_log_d(d)
 
 
-def peak_d_bon(alpha: float, beta: float) -> float:
-    """argmax over d >= 0 of d (alpha - beta d): alpha / (2 beta) for beta > 0.
+def _no_maximum_peak(value_at_d_max: float | None, alpha: float, beta: float) -> float:
+    """The peak of a fitted curve with no interior maximum (beta <= 0: linear or convex, R(0) = 0).
 
-    inf when the curve never turns over (beta < 0, or beta = 0 < alpha); 0 when it
-    only falls (alpha <= 0 <= beta).
+    Over d >= 0 it rises for ever (inf) unless it is a line that never rises (beta = 0 >= alpha: 0). A
+    convex curve (beta < 0) that starts by falling rises again only past its minimum, so over the range
+    measured, [0, d_max], its maximum is at an end: d = 0 when R(d_max) <= 0 (the gold only fell; the upturn
+    is an extrapolation), else inf (still rising where the measurements stop). Without d_max: inf."""
+    if beta == 0:
+        return math.inf if alpha > 0 else 0.0
+    if value_at_d_max is not None and value_at_d_max <= 0:
+        return 0.0
+    return math.inf
+
+
+def peak_d_bon(alpha: float, beta: float, d_max: float | None = None) -> float:
+    """argmax over d >= 0 of d (alpha - beta d): alpha / (2 beta) for beta > 0 (0 when alpha <= 0).
+
+    beta <= 0 (no turn-over): inf, or 0 when the curve only falls over the range measured, [0, d_max]
+    (`_no_maximum_peak`).
     """
     if beta > 0:
         return max(alpha / (2.0 * beta), 0.0)
-    return math.inf if (beta < 0 or alpha > 0) else 0.0
+    return _no_maximum_peak(None if d_max is None else float(bon_curve(d_max, alpha, beta)), alpha, beta)
 
 
-def peak_d_rl(alpha: float, beta: float) -> float:
+def peak_d_rl(alpha: float, beta: float, d_max: float | None = None) -> float:
     """argmax over d > 0 of d (alpha - beta log d): exp(alpha / beta - 1) for beta > 0.
 
-    (dR/dd = alpha - beta (log d + 1) = 0.) inf when beta < 0 or beta = 0 < alpha.
+    (dR/dd = alpha - beta (log d + 1) = 0.) beta <= 0: inf, or 0 when the curve only falls over the range
+    measured, [0, d_max] (`_no_maximum_peak`: e.g. alpha < 0 and beta < 0, a curve that falls and whose fitted
+    upturn lies past d_max).
     """
     if beta > 0:
         return math.exp(alpha / beta - 1.0)
-    return math.inf if (beta < 0 or alpha > 0) else 0.0
+    return _no_maximum_peak(None if d_max is None else float(rl_curve(d_max, alpha, beta)), alpha, beta)
 
 
 # ----------------------------------------------------------------------------- best-of-n

@@ -289,7 +289,7 @@ def fit_points(points: dict) -> dict:
             }
             g = fit_results[method][label]["gold"]
             peak = (
-                (fits.peak_d_bon if method == "bon" else fits.peak_d_rl)(g["alpha"], g["beta"])
+                (fits.peak_d_bon if method == "bon" else fits.peak_d_rl)(g["alpha"], g["beta"], d_max=float(d.max()))
                 if np.isfinite(g["alpha"])
                 else float("nan")
             )

@@ -20,12 +20,12 @@ _FITS = {"bon": (fits.fit_bon, fits.peak_d_bon), "rl": (fits.fit_rl, fits.peak_d
 def fitted_peak(method: str, d, gold) -> float:
     """Gold peak d of the Gao fit to gold relative to its first point (as fit_points); nan when unfittable."""
     fit, peak = _FITS[method]
-    gold = np.asarray(gold, np.float64)
+    gold, d = np.asarray(gold, np.float64), np.asarray(d, np.float64)
     try:
-        g = fit(np.asarray(d, np.float64), gold - gold[0])
+        g = fit(d, gold - gold[0])
     except ValueError:
         return float("nan")
-    return float(peak(g["alpha"], g["beta"]))
+    return float(peak(g["alpha"], g["beta"], d_max=float(d.max())))
 
 
 def percentile_inf_last(values, q: float) -> float:

@@ -77,6 +77,25 @@ def test_peaks_match_grid_argmax():
     assert fits.peak_d_bon(-1.0, 0.5) == 0.0
 
 
+def test_peak_of_a_curve_without_maximum_over_the_range_measured():
+    """beta < 0: the fitted curve is convex. One that falls over all of [0, d_max] peaks at 0 there (its
+    upturn lies past the data); one still above 0 at d_max is rising where the data stop (inf). Hand values:
+    RL alpha -1.08, beta -0.36 (a PPO gold curve that collapsed): minimum at exp(alpha / beta - 1) = e^2."""
+    alpha, beta = -1.08, -0.36
+    assert math.exp(alpha / beta - 1.0) == pytest.approx(math.e**2)
+    grid = np.linspace(0.0, 6.76, 100_001)  # the range measured; R(6.76) = 6.76 (-1.08 + 0.36 log 6.76) < 0
+    assert fits.rl_curve(6.76, alpha, beta) < 0
+    assert fits.peak_d_rl(alpha, beta, d_max=6.76) == 0.0 == grid[np.argmax(fits.rl_curve(grid, alpha, beta))]
+    assert fits.peak_d_rl(alpha, beta) == math.inf  # no range given: the form's supremum
+    assert fits.rl_curve(30.0, alpha, beta) > 0  # measured out to d = 30 the curve has risen above 0 again
+    assert fits.peak_d_rl(alpha, beta, d_max=30.0) == math.inf
+    # best-of-n: d (alpha - beta d) with alpha -0.5, beta -0.2 is below 0 until d = alpha / beta = 2.5
+    assert fits.peak_d_bon(-0.5, -0.2, d_max=2.0) == 0.0
+    assert fits.peak_d_bon(-0.5, -0.2, d_max=3.0) == math.inf
+    assert fits.peak_d_bon(0.5, -0.2, d_max=1.0) == math.inf  # rising from the start
+    assert fits.peak_d_rl(0.0, 0.0, d_max=5.0) == 0.0 and fits.peak_d_rl(0.3, 0.0, d_max=5.0) == math.inf
+
+
 def _brute_force_best_of_n(proxy, gold, n):
     """Mean over prompts of the average, over all n-subsets, of the proxy-argmax sample."""
     proxy_means, gold_means = [], []

@@ -118,12 +118,13 @@ def test_proxy_steps_scale_with_labels_at_fixed_epochs():
     from experiments.overoptimization import _proxy_config, proxy_steps
 
     c = oo_config.get_config()
-    assert (c.proxy.epochs, c.proxy.min_steps) == (2.0, 0)
+    assert (c.proxy.epochs, c.proxy.min_steps) == (2.0, 50)
+    assert [proxy_steps(c, n, 32, 300) for n in (100, 1000, 10000)] == [50, 63, 625]
+    c.proxy.min_steps = 0  # no floor: 2 epochs for every budget
     assert [proxy_steps(c, n, 32, 300) for n in (100, 1000, 10000)] == [7, 63, 625]
     r = _proxy_config(c, c.rm, "train.jsonl", "eval.jsonl", 100)
     assert (r.train.steps, r.train.warmup_steps, r.train.save_every, r.train.eval_every) == (7, 0, 7, 7)
-    c.proxy.min_steps = 50  # a floor for small budgets
-    assert [proxy_steps(c, n, 32, 300) for n in (100, 1000, 10000)] == [50, 63, 625]
+    c.proxy.min_steps = 50
     r = _proxy_config(c, c.rm, "train.jsonl", "eval.jsonl", 1000)
     assert (r.train.steps, r.train.warmup_steps, r.train.save_every, r.train.eval_every) == (63, 6, 63, 63)
     assert r.data.train_files == "train.jsonl" and c.rm.train.steps == 300  # the base config is not changed
