@@ -22,9 +22,6 @@ def load_models(config, tokenizer, mesh, rules):
     Every tensor is read straight onto its sharding on `mesh` by `rules`, those the train state and
     the frozen reference / reward trees use (an ensemble's K members are then stacked [K, ...] and
     replicated, as they are scored)."""
-    policy_config, policy_params = load_pretrained(
-        config.policy, mesh=mesh, rules=rules, pad_token_id=tokenizer.pad_token_id
-    )
     if bool(config.reward.workdir) == bool(config.reward.init_from):
         raise ValueError(
             "set exactly one of config.reward.workdir (an RM workdir) and config.reward.init_from "
@@ -35,6 +32,10 @@ def load_models(config, tokenizer, mesh, rules):
         raise ValueError(f"config.reward.objective={objective!r}; expected one of {OBJECTIVES}")
     if not config.reward.get("uwo_lambda", 1.0) >= 0:
         raise ValueError(f"config.reward.uwo_lambda={config.reward.uwo_lambda}; expected >= 0")
+    # (the reward settings are checked first: a bad one fails before a large policy is read)
+    policy_config, policy_params = load_pretrained(
+        config.policy, mesh=mesh, rules=rules, pad_token_id=tokenizer.pad_token_id
+    )
     # An ensemble run's workdir (rm/ensemble_train.py) stands for its K members; member 0 leads (value init).
     rm_scan = config.reward.get("scan_layers", False)  # loads stacked: folders per shard, workdirs per layer
     members = load_members(  # each member by `rules`; an ensemble's stack is replicated later (ppo/train.py)
