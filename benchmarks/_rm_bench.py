@@ -14,6 +14,11 @@ SHAPES = {
     "small": dict(layers=4, d_model=256, heads=4, seq=128, pairs=16, steps=5),
     # GPT-2 small (124M with GPT-2's vocabulary; 86M here with the benchmark's 1024-token vocabulary).
     "gpt2-small": dict(layers=12, d_model=768, heads=12, seq=256, pairs=4, steps=2),
+    # A released Llama-family shape the issue measured first: SmolLM-135M (30 layers, d 576, 9 query and 3 KV
+    # heads, SwiGLU 1536, tied embeddings over its 49,152-token vocabulary; 134.5M parameters).
+    "smollm-135m": dict(
+        family="llama", layers=30, d_model=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, seq=256, pairs=4, steps=2
+    ),
 }
 VOCAB = 1024
 WARMUP_STEPS = 2  # steps run before timing (the first includes jit compilation for ours)
@@ -40,13 +45,14 @@ def sequence_lengths(rng: np.random.Generator, n: int, seq: int, lengths: str) -
     raise ValueError(f"--lengths must be one of {LENGTHS}, got {lengths!r}")
 
 
-def make_pairs(seq: int, *, lengths: str, pairs_per_batch: int, seed: int = 0) -> dict:
-    """N_DISTINCT_BATCHES * B right-padded pairs: ids/mask [N, T] int32 for chosen and rejected."""
+def make_pairs(seq: int, *, lengths: str, pairs_per_batch: int, seed: int = 0, vocab: int = VOCAB) -> dict:
+    """N_DISTINCT_BATCHES * B right-padded pairs: ids/mask [N, T] int32 for chosen and rejected, ids uniform
+    in [1, vocab)."""
     rng = np.random.default_rng(seed)
     n = N_DISTINCT_BATCHES * pairs_per_batch
     out = {}
     for side in ("chosen", "rejected"):
-        ids = rng.integers(1, VOCAB, size=(n, seq)).astype(np.int32)  # [N, T], never the pad id 0
+        ids = rng.integers(1, vocab, size=(n, seq)).astype(np.int32)  # [N, T], never the pad id 0
         lens = sequence_lengths(rng, n, seq, lengths)
         if lengths == "variable" and side == "chosen":
             lens[::pairs_per_batch] = seq  # one full row per batch keeps the padded width at T
@@ -88,11 +94,30 @@ def load_pairs(directory: str) -> dict:
 
 
 def worker_prepare(shape: dict, directory: str, lengths: str) -> dict:
-    """Random-weight GPT2ForSequenceClassification (safetensors) + the token pairs (npz)."""
+    """Random-weight GPT2ForSequenceClassification or LlamaForSequenceClassification (shape["family"];
+    safetensors) + the token pairs (npz)."""
     import torch
     import transformers
 
     torch.manual_seed(0)
+    if shape.get("family") == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=shape_vocab(shape),
+            hidden_size=shape["d_model"],
+            intermediate_size=shape["ffn"],
+            num_hidden_layers=shape["layers"],
+            num_attention_heads=shape["heads"],
+            num_key_value_heads=shape["kv_heads"],
+            max_position_embeddings=max(128, shape["seq"]),
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            num_labels=1,
+        )
+        return _save_prepared(
+            transformers.AutoModelForSequenceClassification.from_config(cfg), shape, directory, lengths
+        )
     cfg = transformers.GPT2Config(
         vocab_size=VOCAB,
         n_positions=max(128, shape["seq"]),
@@ -107,12 +132,22 @@ def worker_prepare(shape: dict, directory: str, lengths: str) -> dict:
         pad_token_id=0,
         num_labels=1,
     )
-    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    return _save_prepared(transformers.AutoModelForSequenceClassification.from_config(cfg), shape, directory, lengths)
+
+
+def shape_vocab(shape: dict) -> int:
+    """The shape's vocabulary (token ids are drawn uniformly below it); VOCAB unless the shape names one."""
+    return int(shape.get("vocab", VOCAB))
+
+
+def _save_prepared(model, shape: dict, directory: str, lengths: str) -> dict:
+    import torch
+
     with torch.no_grad():  # non-trivial biases and norms, as tests/hf_fixtures.py does
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln_" in name:
+            if name.endswith("bias") or "ln_" in name or "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
-    pairs = make_pairs(shape["seq"], lengths=lengths, pairs_per_batch=shape["pairs"])
+    pairs = make_pairs(shape["seq"], lengths=lengths, pairs_per_batch=shape["pairs"], vocab=shape_vocab(shape))
     np.savez(os.path.join(directory, "pairs.npz"), **pairs)
     return {"params": sum(p.numel() for p in model.parameters())}

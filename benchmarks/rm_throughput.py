@@ -21,6 +21,9 @@ What is measured
               the trainer's log_every does). Run twice: with the process's XLA_FLAGS
               ("xla-default") and with `--xla_cpu_experimental_ynn_fusion_type=` appended
               ("ynn-off"). The faster median is the headline "ours"; both are reported.
+  ours-bf16   `model.dtype = "bfloat16"`: bf16 compute (activations and the matmuls' operands) with float32
+              parameters, AdamW state and loss, XLA_FLAGS as given. Not a candidate for the headline
+              "ours" (which is fp32); reported beside it with its own ratios.
   ours-packed `data.packing` batches (common/packing.py pack_pairs: first-fit-decreasing rows of
               max_length with segment ids, one group, the layout planned over the benchmark's
               batches) with `data.pack_row_buckets` = PACK_ROW_BUCKETS (4): each step takes the
@@ -50,6 +53,9 @@ Model and data
   the same computation is being timed (they agree to ~1e-7).
     tiny:  2 layers, d_model 64, 4 heads, seq 64
     small: 4 layers, d_model 256, 4 heads, seq 128
+    gpt2-small: 12 layers, d_model 768, 12 heads, seq 256, 4 pairs
+    smollm-135m: a released Llama-family shape (LlamaForSequenceClassification: 30 layers, d_model 576,
+           9 query / 3 KV heads, SwiGLU 1536, tied embeddings, its own 49,152-token vocabulary), seq 256, 4 pairs
   Batch: 16 pairs (so 32 sequences a step). Token ids are uniform in [1, 1024) (pad id 0
   never appears inside a sequence). --lengths full (default): every sequence is T tokens long,
   so each step has exactly 2*B*T non-pad tokens and nobody pays for padding. --lengths
@@ -97,12 +103,12 @@ from benchmarks._rm_bench import (
     LENGTHS,
     N_DISTINCT_BATCHES,
     SHAPES,
-    VOCAB,
     WARMUP_STEPS,
     batch_at,
     load_pairs,
     now,
     pairs_per_batch,
+    shape_vocab,
     tokens_in,
     worker_prepare,
 )
@@ -110,16 +116,26 @@ from benchmarks._rm_bench import (
 BUCKET = 64  # rm/configs default data.bucket
 LOG_EVERY = 10  # rm/configs default train.log_every: ours fetches metrics this often
 YNN_OFF_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
-VARIANTS = ("ours", "ours-ynn-off", "ours-packed", "ours-packed-static", "trl-default", "trl-no-gc", "torch")
+VARIANTS = (
+    "ours",
+    "ours-ynn-off",
+    "ours-bf16",
+    "ours-packed",
+    "ours-packed-static",
+    "trl-default",
+    "trl-no-gc",
+    "torch",
+)
 PACK_ROW_BUCKETS = 4  # ours-packed: data.pack_row_buckets (ours-packed-static: 1, one worst-case shape)
-QUICK = dict(reps=3, steps={"tiny": 10, "small": 2, "gpt2-small": 1})
+QUICK = dict(reps=3, steps={"tiny": 10, "small": 2, "gpt2-small": 1, "smollm-135m": 1})
 
 
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_ours(directory: str, steps: int, packed: bool = False, row_buckets: int = 1) -> dict:
-    """rm.train.train_step, jitted with donation as rm/train.py builds it; packed: data.packing's
+def worker_ours(directory: str, steps: int, packed: bool = False, row_buckets: int = 1, dtype: str = "float32") -> dict:
+    """rm.train.train_step, jitted with donation as rm/train.py builds it; dtype: the compute dtype
+    (`model.dtype`; parameters, optimizer state and the loss stay float32); packed: data.packing's
     batches (common/packing.py, one group, rows of max_length, layout planned over all batches,
     `row_buckets` row counts, each compiled during warm-up)."""
     import functools
@@ -139,7 +155,7 @@ def worker_ours(directory: str, steps: int, packed: bool = False, row_buckets: i
 
     pairs = load_pairs(directory)
     model_config, backbone, leftovers = load_hf_checkpoint(directory, with_leftovers=True)
-    model_config = model_config.replace(remat=False, remat_policy="nothing_saveable")
+    model_config = model_config.replace(remat=False, remat_policy="nothing_saveable", dtype=dtype)
     rng = jax.random.key(0)
     params = rm_params_from_backbone(model_config, backbone, jax.random.fold_in(rng, 1))
     # Same head as the torch runs (HF GPT-2's score layer has no bias).
@@ -223,6 +239,7 @@ def worker_ours(directory: str, steps: int, packed: bool = False, row_buckets: i
         "first_loss": first_loss,
         "compile_plus_first_step_s": first_step_s,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compute_dtype": dtype,
         "jax": jax.__version__,
         "packed_rows": layout.rows if packed else None,
         "packed_row_buckets": list(layout.row_buckets) if packed else None,
@@ -246,6 +263,8 @@ def run_worker(kind: str, directory: str, steps: int, shape: dict, lengths: str)
         return worker_prepare(shape, directory, lengths)
     if kind in ("ours", "ours-ynn-off"):
         return worker_ours(directory, steps)
+    if kind == "ours-bf16":
+        return worker_ours(directory, steps, dtype="bfloat16")
     if kind in ("ours-packed", "ours-packed-static"):
         return worker_ours(directory, steps, packed=True, row_buckets=PACK_ROW_BUCKETS if kind == "ours-packed" else 1)
     from benchmarks import _torch_rm
@@ -364,7 +383,7 @@ def benchmark_shape(
         "shape": dict(
             shape,
             steps=steps,
-            vocab=VOCAB,
+            vocab=shape_vocab(shape),
             lengths=lengths,
             warmup_steps=WARMUP_STEPS,
             params=info["params"],
