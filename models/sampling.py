@@ -189,8 +189,12 @@ def make_generate_fn(
     eos_token_id: Optional[int] = None,
     stop_token_ids: Sequence[int] = (),
     greedy: bool = False,
+    nested: bool = False,
 ):
     """Jitted `fn(params, prompt_ids [B, P], prompt_mask [B, P], rng) -> SampleOutput`.
+
+    nested: the function is called inside another jit (PPO's generation stage), so it carries no compile
+    options of its own (jax refuses them there); give the outer jit `decode_compiler_options()`.
 
     Settings are compile-time constants; the function is cached per (config, settings), and
     jax.jit caches one program per prompt shape. eos_token_id None -> config.eos_token_id;
@@ -210,6 +214,7 @@ def make_generate_fn(
         float(top_p),
         tuple(sorted(stops)),
         bool(greedy or temperature == 0),
+        bool(nested),
     )
 
 
@@ -232,8 +237,10 @@ def _ynn_fusions_off() -> bool:
     return any(f.split("=", 1) == ["--xla_cpu_experimental_ynn_fusion_type", ""] for f in flags)
 
 
-def _decode_compiler_options() -> dict | None:
-    """CPU_DECODE_COMPILER_OPTIONS on XLA:CPU, None (the backend's defaults) elsewhere. Not with YNN fusions
+def decode_compiler_options() -> dict | None:
+    """The compile options of a top-level jit that samples (make_generate_fn's own, or that of the jit a nested
+    one sits in, as PPO's generation stage): CPU_DECODE_COMPILER_OPTIONS on XLA:CPU, None (the backend's
+    defaults) elsewhere. Not with YNN fusions
     off: jaxlib 0.10.2 then fails to compile the decode program of every RoPE family (std::bad_alloc; GPT-2's
     compiles), so those runs keep the multi-threaded dots."""
     if jax.default_backend() != "cpu" or _ynn_fusions_off():
@@ -242,7 +249,7 @@ def _decode_compiler_options() -> dict | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_ids, greedy):
+def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_ids, greedy, nested):
     model = Transformer(config)
     n = max_new_tokens
     pad_id = config.pad_token_id
@@ -345,7 +352,8 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
             logprobs=final["logprobs"],
         )
 
-    return jax.jit(run, compiler_options=_decode_compiler_options())
+    # jax takes compile options on a top-level jit only; a nested one compiles inside its caller's program.
+    return jax.jit(run) if nested else jax.jit(run, compiler_options=decode_compiler_options())
 
 
 def _check_prompts(config, prompt_ids, prompt_mask, max_new_tokens):

@@ -281,19 +281,19 @@ def test_decode_compiler_options(tiny, monkeypatch):
     from models import sampling
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    assert sampling._decode_compiler_options() == {"xla_cpu_multi_thread_eigen": False}
+    assert sampling.decode_compiler_options() == {"xla_cpu_multi_thread_eigen": False}
     for flags in ("--xla_cpu_experimental_ynn_fusion_type=", "--foo=1 --xla_cpu_experimental_ynn_fusion_type= --bar"):
         monkeypatch.setenv("XLA_FLAGS", flags)
-        assert sampling._decode_compiler_options() is None, flags
+        assert sampling.decode_compiler_options() is None, flags
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    assert sampling._decode_compiler_options() == {"xla_cpu_multi_thread_eigen": False}
+    assert sampling.decode_compiler_options() == {"xla_cpu_multi_thread_eigen": False}
 
     family, model, config, params = tiny
     ids, mask = left_padded_prompts()
     kw = dict(max_new_tokens=N, temperature=0.7, eos_token_id=NO_EOS)
     runs = []
     for options in ({"xla_cpu_multi_thread_eigen": False}, None):
-        monkeypatch.setattr(sampling, "_decode_compiler_options", lambda options=options: options)
+        monkeypatch.setattr(sampling, "decode_compiler_options", lambda options=options: options)
         sampling._build_generate_fn.cache_clear()
         try:
             runs.append(generate(params, config, ids, mask, jax.random.key(3), **kw))
