@@ -29,7 +29,6 @@ draw, with key `fold_in(rng, t)` at step t, so a fixed rng gives fixed samples (
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Optional
 
@@ -189,12 +188,8 @@ def make_generate_fn(
     eos_token_id: Optional[int] = None,
     stop_token_ids: Sequence[int] = (),
     greedy: bool = False,
-    nested: bool = False,
 ):
     """Jitted `fn(params, prompt_ids [B, P], prompt_mask [B, P], rng) -> SampleOutput`.
-
-    nested: the function is called inside another jit (PPO's generation stage), so it carries no compile
-    options of its own (jax refuses them there); give the outer jit `decode_compiler_options()`.
 
     Settings are compile-time constants; the function is cached per (config, settings), and
     jax.jit caches one program per prompt shape. eos_token_id None -> config.eos_token_id;
@@ -214,7 +209,6 @@ def make_generate_fn(
         float(top_p),
         tuple(sorted(stops)),
         bool(greedy or temperature == 0),
-        bool(nested),
     )
 
 
@@ -223,33 +217,8 @@ def _lay_out_tied_head() -> bool:
     return jax.default_backend() == "cpu"
 
 
-# XLA:CPU compile options of the sampling program. Decode's dots have as many rows as the batch (16-64), and
-# splitting each across the intra-op pool costs more in synchronisation than it buys. With single-threaded
-# dots (XLA still runs independent thunks side by side), at batch 16 on 2 cores, 2026-12-02
-# (benchmarks/generation.py): small-12L 3,736 against 3,388 new tokens/s, GPT-2 small 561 against 492.
-# Per program, so training steps in the same process keep their multi-threaded dots.
-CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_multi_thread_eigen": False}
-
-
-def _ynn_fusions_off() -> bool:
-    """Whether this process runs XLA:CPU with YNNPACK fusions off (`--xla_cpu_experimental_ynn_fusion_type=`)."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    return any(f.split("=", 1) == ["--xla_cpu_experimental_ynn_fusion_type", ""] for f in flags)
-
-
-def decode_compiler_options() -> dict | None:
-    """The compile options of a top-level jit that samples (make_generate_fn's own, or that of the jit a nested
-    one sits in, as PPO's generation stage): CPU_DECODE_COMPILER_OPTIONS on XLA:CPU, None (the backend's
-    defaults) elsewhere. Not with YNN fusions
-    off: jaxlib 0.10.2 then fails to compile the decode program of every RoPE family (std::bad_alloc; GPT-2's
-    compiles), so those runs keep the multi-threaded dots."""
-    if jax.default_backend() != "cpu" or _ynn_fusions_off():
-        return None
-    return dict(CPU_DECODE_COMPILER_OPTIONS)
-
-
 @functools.lru_cache(maxsize=64)
-def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_ids, greedy, nested):
+def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_ids, greedy):
     model = Transformer(config)
     n = max_new_tokens
     pad_id = config.pad_token_id
@@ -352,8 +321,7 @@ def _build_generate_fn(config, max_new_tokens, temperature, top_k, top_p, stop_i
             logprobs=final["logprobs"],
         )
 
-    # jax takes compile options on a top-level jit only; a nested one compiles inside its caller's program.
-    return jax.jit(run) if nested else jax.jit(run, compiler_options=decode_compiler_options())
+    return jax.jit(run)
 
 
 def _check_prompts(config, prompt_ids, prompt_mask, max_new_tokens):

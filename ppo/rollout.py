@@ -224,7 +224,6 @@ def make_rollout_fn(specs: ModelSpecs, settings):
         top_p=s["top_p"],
         eos_token_id=s["eos_token_id"],
         stop_token_ids=tuple(s["stop_token_ids"]),
-        nested=True,  # inside generate_stage's jit (ppo/train.py gives it the decode compile options)
     )
 
     def generate_stage(params, query_ids, query_mask, rng):

@@ -44,7 +44,6 @@ from common.workdir import append_jsonl, save_model_files, write_json
 from models.adapters import add_lora_and_quant, split_trainable
 from models.heads import ScalarHead
 from models.lora import combine_params
-from models.sampling import decode_compiler_options
 from models.scan import match_layout
 from models.sharding import shard_params, with_layer_sharding
 from ppo import algorithms as algos
@@ -217,9 +216,7 @@ def train(config, workdir: str) -> dict:
         kl_in_loss=algo.kl_in_loss,
     )
     rollout_stages = make_rollout_fn(specs, settings)
-    # Timed apart; generation with the sampler's XLA:CPU compile options (models/sampling.py).
-    generate_fn = jax.jit(rollout_stages.generate, compiler_options=decode_compiler_options())
-    score_fn = jax.jit(rollout_stages.score)
+    generate_fn, score_fn = jax.jit(rollout_stages.generate), jax.jit(rollout_stages.score)  # timed apart
     peak, peak_source = throughput.peak_flops(float(config.logging.get("peak_flops", 0.0)))
     print(f"throughput: MFU against {'no peak' if peak is None else f'{peak:.3g} FLOP/s'} ({peak_source})", flush=True)
     loss_fn = functools.partial(

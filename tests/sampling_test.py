@@ -272,32 +272,3 @@ def test_tied_head_unlaid_path_matches(tiny, monkeypatch):
         sampling._build_generate_fn.cache_clear()
     np.testing.assert_array_equal(np.asarray(unlaid.response_ids), np.asarray(laid_out.response_ids))
     np.testing.assert_allclose(np.asarray(unlaid.logprobs), np.asarray(laid_out.logprobs), atol=1e-5)
-
-
-def test_decode_compiler_options(tiny, monkeypatch):
-    """The sampler's XLA:CPU compile options: single-threaded dots unless YNN fusions are off in XLA_FLAGS
-    (that combination does not compile RoPE families on jaxlib 0.10.2); the tokens and log-probs equal those
-    of a program compiled with the backend's defaults."""
-    from models import sampling
-
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    assert sampling.decode_compiler_options() == {"xla_cpu_multi_thread_eigen": False}
-    for flags in ("--xla_cpu_experimental_ynn_fusion_type=", "--foo=1 --xla_cpu_experimental_ynn_fusion_type= --bar"):
-        monkeypatch.setenv("XLA_FLAGS", flags)
-        assert sampling.decode_compiler_options() is None, flags
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    assert sampling.decode_compiler_options() == {"xla_cpu_multi_thread_eigen": False}
-
-    family, model, config, params = tiny
-    ids, mask = left_padded_prompts()
-    kw = dict(max_new_tokens=N, temperature=0.7, eos_token_id=NO_EOS)
-    runs = []
-    for options in ({"xla_cpu_multi_thread_eigen": False}, None):
-        monkeypatch.setattr(sampling, "decode_compiler_options", lambda options=options: options)
-        sampling._build_generate_fn.cache_clear()
-        try:
-            runs.append(generate(params, config, ids, mask, jax.random.key(3), **kw))
-        finally:
-            sampling._build_generate_fn.cache_clear()
-    np.testing.assert_array_equal(np.asarray(runs[0].response_ids), np.asarray(runs[1].response_ids))
-    np.testing.assert_allclose(np.asarray(runs[0].logprobs), np.asarray(runs[1].logprobs), atol=1e-5)
