@@ -101,25 +101,11 @@ def worker_prepare(shape: dict, directory: str, lengths: str) -> dict:
 
     torch.manual_seed(0)
     if shape.get("family") == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=shape_vocab(shape),
-            hidden_size=shape["d_model"],
-            intermediate_size=shape["ffn"],
-            num_hidden_layers=shape["layers"],
-            num_attention_heads=shape["heads"],
-            num_key_value_heads=shape["kv_heads"],
-            max_position_embeddings=max(128, shape["seq"]),
-            tie_word_embeddings=True,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-            num_labels=1,
-        )
         return _save_prepared(
-            transformers.AutoModelForSequenceClassification.from_config(cfg), shape, directory, lengths
+            transformers.AutoModelForSequenceClassification.from_config(llama_config(shape)), shape, directory, lengths
         )
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
+        vocab_size=shape_vocab(shape),
         n_positions=max(128, shape["seq"]),
         n_embd=shape["d_model"],
         n_layer=shape["layers"],
@@ -133,6 +119,26 @@ def worker_prepare(shape: dict, directory: str, lengths: str) -> dict:
         num_labels=1,
     )
     return _save_prepared(transformers.AutoModelForSequenceClassification.from_config(cfg), shape, directory, lengths)
+
+
+def llama_config(shape: dict):
+    """transformers.LlamaConfig of a family="llama" shape (one scalar head, pad/bos/eos id 0, tied embeddings)."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=shape_vocab(shape),
+        hidden_size=shape["d_model"],
+        intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=max(128, shape["seq"]),
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        num_labels=1,
+    )
 
 
 def shape_vocab(shape: dict) -> int:

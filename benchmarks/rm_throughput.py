@@ -158,7 +158,7 @@ def worker_ours(directory: str, steps: int, packed: bool = False, row_buckets: i
     model_config = model_config.replace(remat=False, remat_policy="nothing_saveable", dtype=dtype)
     rng = jax.random.key(0)
     params = rm_params_from_backbone(model_config, backbone, jax.random.fold_in(rng, 1))
-    # Same head as the torch runs (HF GPT-2's score layer has no bias).
+    # Same head as the torch runs (HF's GPT-2 and Llama score layers have no bias).
     params["head"] = {
         "kernel": jnp.asarray(leftovers["score.weight"], jnp.float32).T,
         "bias": jnp.zeros((1,), jnp.float32),

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks._rm_bench import SHAPES, batch_at, load_pairs, shape_vocab, worker_prepare
+from benchmarks._rm_bench import SHAPES, batch_at, llama_config, load_pairs, shape_vocab, worker_prepare
 from models.hf import load_hf_checkpoint
 from rm.model import compute_rewards, rm_params_from_backbone
 
@@ -17,11 +17,16 @@ TINY_LLAMA = dict(
 )
 
 
-def test_released_llama_shape_is_smollm_135m():
-    s = SHAPES["smollm-135m"]
-    assert (s["family"], s["layers"], s["d_model"], s["heads"], s["kv_heads"], s["ffn"], s["vocab"]) == (
-        "llama", 30, 576, 9, 3, 1536, 49152
-    )  # fmt: skip
+def test_released_llama_shape_has_smollm_135m_parameter_count():
+    """The benchmark's smollm-135m config, built on the meta device, has SmolLM-135M's parameters, counted by
+    hand: embeddings 49,152 x 576; per layer q/o 576 x 576, k/v 576 x 192, gate/up/down 576 x 1536, two norms;
+    a final norm; plus the scalar head (576)."""
+    per_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    want = 49152 * 576 + 30 * per_layer + 576 + 576
+    assert want - 576 == 134_515_008  # the causal LM's published count (tied embeddings)
+    with torch.device("meta"):
+        model = transformers.AutoModelForSequenceClassification.from_config(llama_config(SHAPES["smollm-135m"]))
+    assert sum(p.numel() for p in model.parameters()) == want
     assert shape_vocab(SHAPES["small"]) == 1024  # the GPT-2 shapes keep the benchmark's vocabulary
 
 
