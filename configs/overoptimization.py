@@ -70,6 +70,9 @@ def get_config(arg=None):
     c.bootstrap = ml_collections.ConfigDict()
     c.bootstrap.resamples = 1000
     c.bootstrap.seed = 0
+    # The observed (model-free) peak beside the fitted one: PPO's gold averaged over this many iterations (odd)
+    # before its highest point is read off; one iteration's 32 rollouts are too noisy for a raw argmax.
+    c.bootstrap.rl_window = 11
     if args["size"] == "tiny":
         c.seeds, c.workers = (), 0
         c.label_counts = (16, 32, 64)

@@ -4,6 +4,11 @@ resampled with replacement within each seed, curves re-averaged over seeds and r
 Best-of-n: one prompt resample per seed and replicate, shared by every proxy of that seed (they score the same
 samples), so the proxies' replicates are paired. PPO: rollouts resampled within each (seed, iteration),
 independently per proxy; d (from the KL metric) is not resampled. Pure NumPy, float64.
+
+Beside the fitted peak, the observed one (`observed_peak`): the d at which the averaged gold curve itself is
+highest (PPO: after a centred running mean over `rl_window` iterations), with the same replicates. It needs no
+functional form, so it stays meaningful where Gao's form misfits (PPO here: R^2 0.86-0.92), but it cannot lie
+beyond the largest d measured: there it is a lower bound (`at_end` counts such replicates).
 """
 
 from __future__ import annotations
@@ -26,6 +31,39 @@ def fitted_peak(method: str, d, gold) -> float:
     except ValueError:
         return float("nan")
     return float(peak(g["alpha"], g["beta"], d_max=float(d.max())))
+
+
+def running_mean(values, window: int) -> np.ndarray:
+    """Centred running mean over `window` (odd) points; near the ends the window shrinks to the points that
+    exist (no padding, so the first and last points are not pulled towards a repeated edge value)."""
+    values = np.asarray(values, np.float64)
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"running_mean: window must be odd and >= 1, got {window}")
+    half = window // 2
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    idx = np.arange(len(values))
+    lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(values))
+    return (sums[hi] - sums[lo]) / (hi - lo)
+
+
+def observed_peak(method: str, d, gold, rl_window: int = 11) -> float:
+    """d of the highest point of the gold curve (best-of-n: as measured; PPO: its running mean over rl_window
+    iterations, since one iteration's rollouts are noisy); the first such point on ties."""
+    gold = np.asarray(gold, np.float64)
+    curve = running_mean(gold, rl_window) if method == "rl" else gold
+    return float(np.asarray(d, np.float64)[int(np.argmax(curve))])
+
+
+def _order(peaks: dict, labels: list[str]) -> dict:
+    """{'<a> < <b>': fraction of replicates whose peak of b (the next label) lies further out than a's (ties
+    1/2; replicates where either is nan left out)}."""
+    out = {}
+    for a, b in zip(labels, labels[1:]):
+        pa, pb = peaks[a], peaks[b]
+        valid = ~(np.isnan(pa) | np.isnan(pb))
+        further = (pb[valid] > pa[valid]) + 0.5 * (pb[valid] == pa[valid])  # inf > finite counts as further out
+        out[f"{a} < {b}"] = float(np.mean(further)) if valid.any() else float("nan")
+    return out
 
 
 def percentile_inf_last(values, q: float) -> float:
@@ -68,7 +106,9 @@ def _replicate_curves(per_seed: list[dict], method: str, labels: list[str], rng,
     return out
 
 
-def bootstrap_peaks(per_seed: list[dict], method: str, *, resamples: int = 1000, seed: int = 0) -> dict:
+def bootstrap_peaks(
+    per_seed: list[dict], method: str, *, resamples: int = 1000, seed: int = 0, rl_window: int = 11
+) -> dict:
     """Percentile bootstrap of the seed-averaged curve's fitted gold peak d, per proxy label.
 
     Args:
@@ -76,11 +116,14 @@ def bootstrap_peaks(per_seed: list[dict], method: str, *, resamples: int = 1000,
       method: 'bon' or 'rl'.
       resamples: B replicates.
       seed: the resampling rng's seed.
+      rl_window: PPO iterations in the running mean of the observed peak (`observed_peak`).
 
     Returns:
       {label: {'peak' (un-resampled), 'low', 'high' (2.5 / 97.5 percentiles over all B, inf/nan sorted last),
-      'median', 'n_inf', 'n_nan', 'resamples'}, 'order': {'<a> < <b>': fraction of replicates whose peak of b
-      (the next label) lies further out than a's (ties 1/2; replicates where either is nan left out)}}.
+      'median', 'n_inf', 'n_nan', 'resamples', 'observed': {'peak', 'low', 'high', 'at_end'} (the observed
+      peak, its percentile interval and how many replicates peak at the largest d)}, 'order': {'<a> < <b>':
+      fraction of replicates whose fitted peak of b (the next label) lies further out than a's (ties 1/2;
+      replicates where either is nan left out)}, 'order_observed': the same for the observed peaks}.
     """
     if method not in _FITS:
         raise ValueError(f"bootstrap_peaks: method must be 'bon' or 'rl', got {method!r}")
@@ -90,7 +133,7 @@ def bootstrap_peaks(per_seed: list[dict], method: str, *, resamples: int = 1000,
     rng = np.random.default_rng(seed)
     full = _replicate_curves(per_seed, method, labels, rng, 0)
     reps = _replicate_curves(per_seed, method, labels, rng, resamples)
-    out, peaks = {}, {}
+    out, peaks, observed = {}, {}, {}
     for label in labels:
         length = min(len(p[method][label]["d"]) for p in per_seed)  # common length, as mean_curve
         d = np.mean([np.asarray(p[method][label]["d"], np.float64)[:length] for p in per_seed], axis=0)  # [K]
@@ -98,6 +141,7 @@ def bootstrap_peaks(per_seed: list[dict], method: str, *, resamples: int = 1000,
         gold_reps = np.mean([c[label][:, :length] for c in reps], axis=0)  # [B, K]
         peaks[label] = np.array([fitted_peak(method, d, g) for g in gold_reps])  # [B]
         finite = peaks[label][np.isfinite(peaks[label])]
+        observed[label] = np.array([observed_peak(method, d, g, rl_window) for g in gold_reps])  # [B]
         out[label] = {
             "peak": fitted_peak(method, d, gold_full),
             "low": percentile_inf_last(peaks[label], 2.5),
@@ -107,13 +151,15 @@ def bootstrap_peaks(per_seed: list[dict], method: str, *, resamples: int = 1000,
             "n_nan": int(np.sum(np.isnan(peaks[label]))),
             "n_finite": int(finite.size),
             "resamples": int(resamples),
+            "observed": {
+                "peak": observed_peak(method, d, gold_full, rl_window),
+                "low": float(np.percentile(observed[label], 2.5)),
+                "high": float(np.percentile(observed[label], 97.5)),
+                "at_end": int(np.sum(observed[label] == d.max())),
+            },
         }
-    out["order"] = {}
-    for a, b in zip(labels, labels[1:]):
-        pa, pb = peaks[a], peaks[b]
-        valid = ~(np.isnan(pa) | np.isnan(pb))
-        further = (pb[valid] > pa[valid]) + 0.5 * (pb[valid] == pa[valid])  # inf > finite counts as further out
-        out["order"][f"{a} < {b}"] = float(np.mean(further)) if valid.any() else float("nan")
+    out["order"] = _order(peaks, labels)
+    out["order_observed"] = _order(observed, labels)
     return out
 
 
@@ -122,3 +168,10 @@ def format_ci(record: dict, digits: int = 2) -> str:
     text = f"({record['low']:.{digits}f}, {record['high']:.{digits}f})"
     extra = [f"{record[k]} {k[2:]}" for k in ("n_inf", "n_nan") if record[k]]
     return text + (f" [{', '.join(extra)} of {record['resamples']}]" if extra else "")
+
+
+def format_observed(record: dict, digits: int = 2) -> str:
+    """'2.34 (1.81, 2.34)' for record['observed'], plus ' [k at the largest d of B]' (lower bounds) when some are."""
+    o = record["observed"]
+    text = f"{o['peak']:.{digits}f} ({o['low']:.{digits}f}, {o['high']:.{digits}f})"
+    return text + (f" [{o['at_end']} at the largest d of {record['resamples']}]" if o["at_end"] else "")

@@ -109,3 +109,32 @@ def test_percentile_sorts_inf_and_nan_last():
     assert percentile_inf_last(values, 2.5) == 0.5 and percentile_inf_last(values, 50.0) == 0.5
     assert percentile_inf_last(values, 88.5) == pytest.approx(0.5 + 0.615 * 0.5, abs=1e-9)  # pos 87.615: 0.5 -> 1.0
     assert math.isinf(percentile_inf_last(values, 97.5))  # pos 96.525 lands among the inf/nan replicates
+
+
+def test_running_mean_against_a_loop_and_observed_peak_by_hand():
+    from experiments.peak_bootstrap import observed_peak, running_mean
+
+    x = np.array([3.0, -1.0, 4.0, 1.0, -5.0, 9.0, 2.0])
+    ref = [np.mean(x[max(i - 2, 0) : i + 3]) for i in range(len(x))]  # window 5, shrinking at the ends
+    np.testing.assert_allclose(running_mean(x, 5), ref, atol=1e-12)
+    np.testing.assert_allclose(running_mean(x, 1), x)
+    with pytest.raises(ValueError, match="odd"):
+        running_mean(x, 4)
+    d = np.arange(7) * 0.5
+    assert observed_peak("bon", d, x) == 2.5  # the raw maximum (9.0) for best-of-n
+    # PPO, window 3: means 1, 2, 1.33, 0, 1.67, 2, 5.5 (the last two points only) -> the last d.
+    assert observed_peak("rl", d, x, rl_window=3) == 3.0
+    assert observed_peak("rl", d, [0.0, 1.0, 5.0, 1.0, 0.0, 0.0, 0.0], rl_window=3) == 1.0  # 2.33 at index 2
+
+
+def test_observed_peaks_order_and_count_replicates_at_the_range_end():
+    # Noise-free: every replicate equals the full curve, so the interval collapses onto the grid point of the
+    # true maximum (rl_curve peaks at exp(alpha / beta - 1)), and a curve still rising counts as at_end.
+    specs = {"near": (0.5, 0.5), "far": (1.0, 0.5), "rising": (3.0, 0.5)}  # peaks 1.0, 2.72, beyond 3.0
+    boot = bootstrap_peaks(_seeds("rl", specs, 8, 0.0), "rl", resamples=20, seed=0, rl_window=1)
+    for label, true_peak in (("near", 1.0), ("far", math.e)):
+        o = boot[label]["observed"]
+        grid = RL_D[np.argmin(np.abs(RL_D - true_peak))]
+        assert o["peak"] == o["low"] == o["high"] == pytest.approx(grid) and o["at_end"] == 0
+    assert boot["rising"]["observed"]["peak"] == 3.0 and boot["rising"]["observed"]["at_end"] == 20
+    assert boot["order_observed"] == {"near < far": 1.0, "far < rising": 1.0}
