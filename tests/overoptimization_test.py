@@ -150,3 +150,26 @@ def test_bon_score_cache_is_keyed_on_the_samples(tmp_path):
     np.testing.assert_array_equal(again, first)
     np.testing.assert_array_equal(other, [2.0, 3.0])
     assert calls == [[0.5, -1.25], [2.0, 3.0]] and again.dtype == np.float64
+
+
+def test_resumed_held_out_labels_leave_the_annotator_where_a_fresh_run_would(tmp_path):
+    """A workdir whose labels/eval.jsonl exists: _eval_pairs takes the annotator's held-out draws (one uniform per
+    pair, as labelling them does) once, however often it is called, so the training labels drawn next are a fresh
+    run's (before, 5-6% of them differed on resume)."""
+    from experiments.overoptimization import _eval_pairs
+    from tasks.gold import SimulatedAnnotator
+
+    c = oo_config.get_config("size=tiny")
+    n_eval = c.labels.n_eval_pairs
+    gold_a, gold_b = np.random.default_rng(1).normal(size=(2, 200))
+    fresh = SimulatedAnnotator(len, temperature=0.3, seed=4)
+    fresh.label_scores(np.zeros(n_eval), np.ones(n_eval))  # a fresh run labels the held-out pairs first
+    expected = fresh.label_scores(gold_a, gold_b)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "eval.jsonl").write_text("")
+    resumed = SimulatedAnnotator(len, temperature=0.3, seed=4)
+    for _ in range(2):  # the worker and _seed_points both call it
+        assert _eval_pairs(c, str(tmp_path), resumed, world=None, tokenizer=None, sft_hf=None).endswith("eval.jsonl")
+    np.testing.assert_array_equal(resumed.label_scores(gold_a, gold_b), expected)
+    not_forwarded = SimulatedAnnotator(len, temperature=0.3, seed=4).label_scores(gold_a, gold_b)
+    assert not np.array_equal(not_forwarded, expected)  # the draws matter: the test can fail
