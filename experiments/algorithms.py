@@ -165,8 +165,8 @@ def run(config, workdir):
     ):
         if not os.path.exists(path):
             _label_file(world, annotator, tokenizer, sft_hf, config, path, n, seed=seed)
-        else:  # resumed: take the draws (one per pair) labelling it took, so the next file gets a fresh run's labels
-            annotator.rng.random(n)
+        else:  # resumed: skip its draws, so that the next file gets a fresh run's labels
+            annotator.skip_labels(n)
     rm_dir = os.path.join(workdir, "rm")
     if not P.stage_done(rm_dir):
         P.log(f"proxy RM on {config.labels.n_pairs} labels")

@@ -135,11 +135,10 @@ def _eval_pairs(config, workdir, annotator, *, world, tokenizer, sft_hf):
         n_eval = config.labels.n_eval_pairs
         _label_file(world, annotator, tokenizer, sft_hf, config, eval_pairs, n_eval, seed=101 + shift)
     elif not getattr(annotator, "held_out_drawn", False):
-        # A resumed workdir whose held-out labels exist: take (and drop) the one uniform per held-out pair that
-        # labelling them took from the annotator, so that training labels written next equal a fresh run's. Without
-        # it 5-6% of them differed, and a resumed run's 1500-label best-of-n peak was 1.87 where a fresh run's is
-        # 2.71 (2026-12-03, README).
-        annotator.rng.random(config.labels.n_eval_pairs)
+        # A resumed workdir whose held-out labels exist: skip the annotator's draws for them, so that training labels
+        # written next equal a fresh run's. Without it 5-6% of them differed, and a resumed run's 1500-label best-of-n
+        # peak was 1.87 where a fresh run's is 2.71 (2026-12-03, README).
+        annotator.skip_labels(config.labels.n_eval_pairs)
     annotator.held_out_drawn = True  # the draws are taken once per annotator, however often this is called
     return eval_pairs
 

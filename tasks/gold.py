@@ -178,6 +178,11 @@ class SimulatedAnnotator:
         p = self.preference_probability(gold_a, gold_b)
         return self.rng.random(p.shape) < p
 
+    def skip_labels(self, n_pairs: int) -> None:
+        """Advance the rng as labelling n_pairs pairs would (one uniform each, see label_scores): a driver that
+        finds a label file already written calls this, so that the files it labels next get a fresh run's labels."""
+        self.rng.random(int(n_pairs))
+
     def label(self, texts_a, texts_b):
         """Labels [N] bool (True: a preferred) for two equally long lists of texts."""
         texts_a, texts_b = _texts(texts_a, "texts_a"), _texts(texts_b, "texts_b")
