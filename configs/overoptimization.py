@@ -35,6 +35,9 @@ def get_config(arg=None):
     # 3.32 at 3000, 2.39 at 10000); at 0.1 it did (0.92 / 1.53 / 3.52 at 100 / 1000 / 10000, accuracy
     # 0.54 / 0.62 / 0.71), pilot of 2026-12-01.
     c.labels.temperature = 0.1
+    # > 0: each labelled response is replaced with this probability by a degenerate variant (tasks/gold.py
+    # PERTURBATIONS), so that a proxy's share of what an optimised policy writes grows with its label count.
+    c.labels.perturb_prob = 0.0
 
     c.gold = ml_collections.ConfigDict()
     c.gold.kind = "scorer"  # 'scorer' (VADER + exact grammar fluency) or 'rm' (gold RM trained on gold labels)

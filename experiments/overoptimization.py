@@ -32,7 +32,7 @@ from experiments import fits, parallel, peak_bootstrap
 from experiments import pipeline as P
 from experiments.quickstart import _sub_configs
 from experiments.seeds import format_interval, interval, mean_curve, seed_configs
-from tasks.gold import SentimentFluencyGold, SimulatedAnnotator
+from tasks.gold import SentimentFluencyGold, SimulatedAnnotator, perturb_responses
 
 
 def _label_file(world, annotator, tokenizer, sft_hf, config, out_path, n_pairs, seed):
@@ -48,10 +48,20 @@ def _label_file(world, annotator, tokenizer, sft_hf, config, out_path, n_pairs, 
         seed=seed,
         max_prompt_length=config.sampling.max_prompt_length,
     )
+    perturb_prob = float(config.labels.get("perturb_prob", 0.0))
+    perturbed = ""
+    if perturb_prob > 0:
+        # Degenerate variants among the labelled responses (tasks/gold.py PERTURBATIONS), drawn from their own rng so
+        # that the annotator's draws stay those of an unperturbed run: the more labels, the more of each kind a proxy
+        # sees, where SFT samples alone rarely show what an optimised policy writes.
+        rng = np.random.default_rng([int(seed), 5])
+        flat, kinds = perturb_responses(world, [r for g in grouped for r in g[:2]], perturb_prob, rng)
+        grouped = [flat[2 * i : 2 * i + 2] for i in range(len(grouped))]
+        perturbed = f", {sum(k != 'clean' for k in kinds)} of {len(kinds)} responses perturbed"
     result = P.label_pairs(annotator, prompts, grouped, out_path)
     # Pairs whose two responses are identical carry no preference and are not written: say how many.
     P.log(
-        f"{out_path}: {result['written']} labelled pairs of {n_pairs}, {result['skipped_identical']} skipped (identical responses)"
+        f"{out_path}: {result['written']} labelled pairs of {n_pairs}, {result['skipped_identical']} skipped (identical responses){perturbed}"
     )
     return result
 

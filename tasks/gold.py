@@ -255,6 +255,24 @@ def perturb(words, kind, rng):
     raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
 
 
+def perturb_responses(world, responses, perturb_prob, rng):
+    """Each response replaced with probability perturb_prob by a degenerate variant (`perturb`, a kind drawn
+    uniformly from PERTURBATIONS) -> (responses, kinds), kinds 'clean' where it was kept. Responses start with
+    a space, as sampled ones do."""
+    if not 0.0 <= perturb_prob <= 1.0:
+        raise ValueError(f"perturb_prob must be a probability in [0, 1], got {perturb_prob}")
+    out, kinds = [], []
+    for text in _texts(responses, "responses"):
+        kind = "clean"
+        if rng.random() < perturb_prob:
+            kind = PERTURBATIONS[int(rng.integers(len(PERTURBATIONS)))]
+            words = perturb(world.words(_clean(text)) or ["."], kind, rng) or ["."]
+            text = " " + " ".join(words)
+        out.append(text)
+        kinds.append(kind)
+    return out, kinds
+
+
 def _response(world, prompt, rng, perturb_prob):
     text = world.sample_continuation(prompt, rng)
     kind = "clean"

@@ -319,3 +319,30 @@ def test_pairs_files(world, scorer, tmp_path):
         == 60
     )
     assert open(tmp_path / "again.jsonl").read() == open(tmp_path / "gold.jsonl").read()
+
+
+def test_perturbed_responses_are_the_degenerate_kinds_they_name(world, scorer):
+    prompts = world.prompts(400, seed=5)
+    rng = np.random.default_rng(0)
+    clean = [world.sample_continuation(p, rng) for p in prompts]
+    kept, kinds = gold_lib.perturb_responses(world, clean, 0.0, np.random.default_rng(1))
+    assert kept == clean and set(kinds) == {"clean"}
+    out, kinds = gold_lib.perturb_responses(world, clean, 0.3, np.random.default_rng(1))
+    again, _ = gold_lib.perturb_responses(world, clean, 0.3, np.random.default_rng(1))
+    assert out == again  # deterministic given the rng
+    n_perturbed = sum(k != "clean" for k in kinds)
+    assert abs(n_perturbed - 0.3 * 400) < 4 * math.sqrt(400 * 0.3 * 0.7)  # binomial(400, 0.3), 4 sigma
+    assert all(r == c for r, c, k in zip(out, clean, kinds) if k == "clean")
+    assert all(r.startswith(" ") for r in out)
+    parts = scorer.components([p + r for p, r in zip(prompts, out)])
+    for i, kind in enumerate(kinds):
+        words = world.words(out[i])
+        if kind == "repeat_word":  # a word back to back: degenerate by the gold's rule
+            assert any(a == b for a, b in zip(words, words[1:])) and parts["degenerate"][i]
+        if kind == "duplicate_sentence" and "." in world.words(clean[i]):  # else the words are doubled
+            # Counted on the response alone: its first sentence, completing the prompt's, is not repeated in the full text.
+            assert scorer.components([out[i]])["duplicate_sentences"][0] >= 1
+        if kind == "drop_period" and world.words(clean[i])[-1] == ".":
+            assert words == world.words(clean[i])[:-1] and not parts["grammatical"][i]
+    with pytest.raises(ValueError, match="perturb_prob"):
+        gold_lib.perturb_responses(world, clean, 1.5, rng)
