@@ -43,6 +43,11 @@ def get_config(arg=None):
     c.gold.kind = "scorer"  # 'scorer' (VADER + exact grammar fluency) or 'rm' (gold RM trained on gold labels)
     c.gold.n_pairs = 20000  # labels for the gold RM (gold.kind='rm')
     c.gold.steps = 1500  # gold RM training steps
+    # Who labels the proxies' pairs: 'scorer' (the annotator over the scorer) or 'gold' (with kind='rm': over the
+    # gold RM's normalised scores, as in Gao et al.; labels.temperature is then on that scale). gold.temperature:
+    # the annotator of the gold RM's own labels when they differ (scorer scale; std of SFT samples' gold 1.55).
+    c.gold.labels = "scorer"
+    c.gold.temperature = 0.1
 
     c.proxy = ml_collections.ConfigDict()
     c.proxy.ensemble_size = 1  # K > 1: each proxy is K reward models trained in one run (rm/ensemble_train.py)

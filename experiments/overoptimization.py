@@ -94,7 +94,10 @@ def _gold_fn(config, workdir, *, world, scorer, tokenizer, sft_hf, r_base, eval_
     gold_dir = os.path.join(workdir, "gold_rm")
     gold_pairs = os.path.join(workdir, "labels", "gold_train.jsonl")
     if not os.path.exists(gold_pairs):
-        annotator = SimulatedAnnotator(scorer, temperature=config.labels.temperature, seed=config.seed + 1)
+        # With gold.labels='gold', labels.temperature is the proxies' annotator's (on the gold RM's normalised
+        # scale); the gold RM's own labels keep the scorer's scale, gold.temperature.
+        temperature = config.gold.get("temperature", 0.1) if _labels_from_gold(config) else config.labels.temperature
+        annotator = SimulatedAnnotator(scorer, temperature=temperature, seed=config.seed + 1)
         _label_file(world, annotator, tokenizer, sft_hf, config, gold_pairs, config.gold.n_pairs, seed=103)
     if not P.stage_done(gold_dir):
         g = copy.deepcopy(r_base)
@@ -105,6 +108,33 @@ def _gold_fn(config, workdir, *, world, scorer, tokenizer, sft_hf, r_base, eval_
         P.mark_done(gold_dir)
     gold_rm = P.ProxyScorer(gold_dir, max_length=r_base.data.max_length)
     return lambda prompts, responses: np.asarray(gold_rm(prompts, responses))
+
+
+class _PairGold:
+    """gold_of(prompts, responses) as an annotator's scorer (SimulatedAnnotator.pair_gold asks score_pairs)."""
+
+    def __init__(self, gold_of):
+        self.score_pairs = gold_of
+
+
+def _labels_from_gold(config) -> bool:
+    """gold.labels = 'gold': the proxies' labels come from the gold itself (with gold.kind='rm', the gold reward
+    model, as in Gao et al., where a gold RM labels the proxies' data); 'scorer': from the scorer (default)."""
+    source = config.gold.get("labels", "scorer")
+    if source not in ("scorer", "gold"):
+        raise ValueError(f"gold.labels={source!r}; expected 'scorer' or 'gold'")
+    return source == "gold" and config.gold.kind == "rm"
+
+
+def _gold_rm_eval_pairs(config, workdir, scorer, *, world, tokenizer, sft_hf):
+    """The gold RM's own held-out pairs (labels/gold_eval.jsonl, scorer labels) when the seeds' labels come from
+    the gold RM: their held-out pairs are then labelled by it, so cannot also be what it is evaluated on."""
+    path = os.path.join(workdir, "labels", "gold_eval.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        annotator = SimulatedAnnotator(scorer, temperature=config.gold.get("temperature", 0.1), seed=config.seed + 2)
+        _label_file(world, annotator, tokenizer, sft_hf, config, path, config.labels.n_eval_pairs, seed=104)
+    return path
 
 
 def proxy_steps(config, n_labels: int, batch_size: int, base_steps: int) -> int:
@@ -255,6 +285,15 @@ def _seed_worker(config, workdir, seed, annotator_state=None):
     )
     [(_, seed_config, seed_dir)] = [r for r in seed_configs(config, workdir) if r[0] == seed]
     _, r_seed, p_seed = _sub_configs(seed_config, paths, seed_dir, sft_dir=os.path.join(workdir, "sft"))
+    if _labels_from_gold(config):  # the gold RM (trained by the main process) labels this seed's pairs
+        gold_eval = _gold_rm_eval_pairs(config, workdir, scorer, **shared)
+        gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=gold_eval, **shared)
+        annotator = _seed_annotator(seed_config, _PairGold(gold_of))
+        eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
+        return _seed_points(
+            seed_config, seed_dir, annotator=annotator, paths=paths, r_base=r_seed, p_base=p_seed, gold_of=gold_of,
+            **shared,
+        )  # fmt: skip
     annotator = _seed_annotator(seed_config, scorer)
     if annotator_state is not None:
         annotator.rng.bit_generator.state = annotator_state  # after the held-out pairs' draws
@@ -272,7 +311,13 @@ def _parallel_seed_points(config, workdir, runs, workers, *, scorer, paths, worl
     goes to <seed dir>/stages.log. A gold RM is trained here first, on the first seed's held-out pairs, as in
     the sequential loop; that seed's worker continues the annotator's rng from where labelling them left it."""
     states = [None] * len(runs)
-    if config.gold.kind == "rm":
+    if _labels_from_gold(config):
+        _, first_config, first_dir = runs[0]
+        _, r_first, _ = _sub_configs(first_config, paths, first_dir, sft_dir=os.path.join(workdir, "sft"))
+        shared = dict(world=world, tokenizer=tokenizer, sft_hf=sft_hf)
+        gold_eval = _gold_rm_eval_pairs(config, workdir, scorer, **shared)
+        _gold_fn(config, workdir, scorer=scorer, r_base=r_first, eval_pairs=gold_eval, **shared)
+    elif config.gold.kind == "rm":
         _, first_config, first_dir = runs[0]
         _, r_first, _ = _sub_configs(first_config, paths, first_dir, sft_dir=os.path.join(workdir, "sft"))
         annotator = _seed_annotator(first_config, scorer)
@@ -365,7 +410,10 @@ def run(config, workdir):
         per_seed = {}
         for seed, seed_config, seed_dir in runs:
             _, r_seed, p_seed = _sub_configs(seed_config, paths, seed_dir, sft_dir=os.path.join(workdir, "sft"))
-            annotator = _seed_annotator(seed_config, scorer)
+            if _labels_from_gold(config) and gold_of is None:  # the gold RM first: it labels every seed's pairs
+                gold_eval = _gold_rm_eval_pairs(config, workdir, scorer, **shared)
+                gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=gold_eval, **shared)
+            annotator = _seed_annotator(seed_config, _PairGold(gold_of) if _labels_from_gold(config) else scorer)
             eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
             if gold_of is None:  # one gold for every seed; a gold RM is evaluated on the first seed's held-out pairs
                 gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=eval_pairs, **shared)

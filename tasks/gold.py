@@ -147,7 +147,8 @@ class SimulatedAnnotator:
     then flips the label with probability `noise`. temperature=0 gives argmax labels (ties
     broken by a coin). Deterministic given `seed` and the sequence of calls.
 
-    scorer: an object with `score(texts) -> [N]` or a callable texts -> [N].
+    scorer: an object with `score(texts) -> [N]` or a callable texts -> [N]; one with `score_pairs(prompts,
+    responses) -> [N]` (e.g. a gold reward model) is asked that way when pairs are labelled (make_pairs_file).
     """
 
     def __init__(self, scorer, *, temperature=1.0, noise=0.0, seed=0):
@@ -163,6 +164,13 @@ class SimulatedAnnotator:
     def gold(self, texts):
         score = getattr(self.scorer, "score", self.scorer)
         return np.asarray(score(_texts(texts)), np.float64)
+
+    def pair_gold(self, prompts, responses):
+        """Gold scores [N] of (prompt, response) pairs: the scorer's `score_pairs(prompts, responses)` where it has
+        one (a reward model, which tokenises the two apart), else its score of prompt + response."""
+        if hasattr(self.scorer, "score_pairs"):
+            return np.asarray(self.scorer.score_pairs(list(prompts), list(responses)), np.float64)
+        return self.gold([p + r for p, r in zip(prompts, responses)])
 
     def preference_probability(self, gold_a, gold_b):
         """P(label says a is preferred) [N], noise included."""
@@ -202,8 +210,7 @@ class SimulatedAnnotator:
                 f"prompts, responses_a, responses_b must be equally long, got "
                 f"{len(prompts)}, {len(responses_a)}, {len(responses_b)}"
             )
-        gold_a = self.gold([p + r for p, r in zip(prompts, responses_a)])
-        gold_b = self.gold([p + r for p, r in zip(prompts, responses_b)])
+        gold_a, gold_b = self.pair_gold(prompts, responses_a), self.pair_gold(prompts, responses_b)
         labels = self.label_scores(gold_a, gold_b)
         rows = [
             {"prompt": p, "chosen": a if lab else b, "rejected": b if lab else a}

@@ -1,6 +1,7 @@
-"""The over-optimisation driver's tiny variant, with a gold reward model (gold.kind='rm'), end to end:
-points, fits and plots are written, the best-of-n points follow the KL formula and the unbiased
-estimator, and gold is the gold RM's score (checked through `rm.score`, not the driver's scorer)."""
+"""The over-optimisation driver's tiny variant, with a gold reward model (gold.kind='rm') that labels the proxies'
+pairs (gold.labels='gold'), end to end: points, fits and plots are written, the best-of-n points follow the KL
+formula and the unbiased estimator, gold is the gold RM's score and every label its preference (both checked
+through `rm.score`, not the driver's scorer)."""
 
 import json
 import os
@@ -17,10 +18,14 @@ from tasks.reviews import ReviewWorld
 
 def test_overoptimization_tiny_with_gold_rm(tmp_path):
     c = oo_config.get_config("size=tiny")
-    c.gold.kind = "rm"
+    # Gao et al.'s setup: the gold RM, trained first on the scorer's labels of its own pairs, labels every proxy's
+    # pairs (gold.labels='gold'); at annotator temperature 0, so that the labels can be checked against it below.
+    c.gold.kind, c.gold.labels = "rm", "gold"
+    c.labels.temperature = 0.0
     c.label_counts = (16, 64)  # two proxies test every per-proxy path; a third costs ~25 s of CPU
     # The seed's stages in a worker process, as the documented 3-seed run does them; the gold RM is trained in
-    # this process first, and the worker continues the annotator's rng (tests/parallel_test.py).
+    # this process first (tests/parallel_test.py checks the annotator state a worker continues from when the
+    # scorer labels).
     c.workers = 1
     workdir = str(tmp_path / "oo")
     summary = train(c, workdir)
@@ -98,6 +103,18 @@ def test_overoptimization_tiny_with_gold_rm(tmp_path):
     scorer = SentimentFluencyGold(ReviewWorld(seed=c.world.seed))
     vader = np.asarray(scorer([p + r for p, g in zip(bon["prompts"], bon["responses"]) for r in g]))
     assert abs(vader.mean() - gold.mean()) > 1e-3
+    # Every labelled pair (training and held-out): chosen has the higher gold-RM score; the scorer disagrees on some.
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "labels", "train_64.jsonl"))]
+    rows += [json.loads(line) for line in open(os.path.join(workdir, "labels", "eval.jsonl"))]
+    flat = [{"prompt": r["prompt"], "response": r[k]} for r in rows for k in ("chosen", "rejected")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in flat))
+    score_main(["--workdir", os.path.join(workdir, "gold_rm"), "--data", str(data), "--out", str(out),
+                "--max_length", max_length])  # fmt: skip
+    pair_scores = np.array([json.loads(line)["score"] for line in open(out)]).reshape(-1, 2)
+    assert (pair_scores[:, 0] >= pair_scores[:, 1] - 1e-5).all(), pair_scores
+    pair_vader = np.asarray(scorer([r["prompt"] + r[k] for r in rows for k in ("chosen", "rejected")])).reshape(-1, 2)
+    assert (pair_vader[:, 0] < pair_vader[:, 1]).any()
+    assert os.path.exists(os.path.join(workdir, "labels", "gold_eval.jsonl"))  # the gold RM's own held-out pairs
     # The fitted gold peak is where the fitted form says it is.
     f = fitted["bon"][labels[-1]]
     assert abs(f["gold_peak_d"] - fits.peak_d_bon(f["gold"]["alpha"], f["gold"]["beta"])) < 1e-9
