@@ -165,7 +165,9 @@ def peak_d_rl(alpha: float, beta: float, d_max: float | None = None) -> float:
     upturn lies past d_max).
     """
     if beta > 0:
-        return math.exp(alpha / beta - 1.0)
+        # A tiny beta puts the peak past any float (a curve still rising where it was measured): inf, not a crash.
+        exponent = alpha / beta - 1.0
+        return math.exp(exponent) if exponent < 700.0 else math.inf
     return _no_maximum_peak(None if d_max is None else float(rl_curve(d_max, alpha, beta)), alpha, beta)
 
 

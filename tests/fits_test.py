@@ -74,6 +74,7 @@ def test_peaks_match_grid_argmax():
         assert abs(peak - grid[np.argmax(fits.rl_curve(grid, alpha, beta))]) <= step
     assert fits.peak_d_bon(1.0, -0.1) == math.inf
     assert fits.peak_d_rl(1.0, 0.0) == math.inf
+    assert fits.peak_d_rl(0.5, 1e-4) == math.inf  # exp(4999): past any float, a fit still rising (no overflow)
     assert fits.peak_d_bon(-1.0, 0.5) == 0.0
 
 
