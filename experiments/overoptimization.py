@@ -13,7 +13,8 @@ points.json holds every point.
 
 Gold: config.gold.kind = 'scorer' (VADER + exact grammar fluency, tasks/gold.py) or 'rm' (a
 gold reward model trained from the SFT checkpoint on gold.n_pairs labels, as in Gao et al.;
-slower). All stages resume.
+slower). With 'rm', gold.labels = 'gold' has the gold RM label the proxies' pairs too (Gao et al.'s
+setup; 'scorer', the default: the scorer labels them). All stages resume.
 """
 
 from __future__ import annotations

@@ -281,12 +281,7 @@ def perturb_responses(world, responses, perturb_prob, rng):
 
 
 def _response(world, prompt, rng, perturb_prob):
-    text = world.sample_continuation(prompt, rng)
-    kind = "clean"
-    if rng.random() < perturb_prob:
-        kind = PERTURBATIONS[int(rng.integers(len(PERTURBATIONS)))]
-        words = perturb(world.words(text) or ["."], kind, rng) or ["."]
-        text = " " + " ".join(words)
+    [text], [kind] = perturb_responses(world, [world.sample_continuation(prompt, rng)], perturb_prob, rng)
     return text if text.strip() else " .", kind
 
 
