@@ -127,15 +127,17 @@ def _labels_from_gold(config) -> bool:
     return source == "gold" and config.gold.kind == "rm"
 
 
-def _gold_rm_eval_pairs(config, workdir, scorer, *, world, tokenizer, sft_hf):
-    """The gold RM's own held-out pairs (labels/gold_eval.jsonl, scorer labels) when the seeds' labels come from
-    the gold RM: their held-out pairs are then labelled by it, so cannot also be what it is evaluated on."""
+def _labelling_gold_rm(config, workdir, scorer, r_base, *, world, tokenizer, sft_hf):
+    """gold_of of the gold RM that labels the seeds' pairs (gold.labels='gold'), trained if not yet, and evaluated
+    on its own held-out pairs (labels/gold_eval.jsonl, scorer labels): the seeds' held-out pairs are labelled by it,
+    so cannot also be what it is evaluated on."""
     path = os.path.join(workdir, "labels", "gold_eval.jsonl")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         annotator = SimulatedAnnotator(scorer, temperature=config.gold.get("temperature", 0.1), seed=config.seed + 2)
         _label_file(world, annotator, tokenizer, sft_hf, config, path, config.labels.n_eval_pairs, seed=104)
-    return path
+    shared = dict(world=world, tokenizer=tokenizer, sft_hf=sft_hf)
+    return _gold_fn(config, workdir, scorer=scorer, r_base=r_base, eval_pairs=path, **shared)
 
 
 def proxy_steps(config, n_labels: int, batch_size: int, base_steps: int) -> int:
@@ -287,20 +289,15 @@ def _seed_worker(config, workdir, seed, annotator_state=None):
     [(_, seed_config, seed_dir)] = [r for r in seed_configs(config, workdir) if r[0] == seed]
     _, r_seed, p_seed = _sub_configs(seed_config, paths, seed_dir, sft_dir=os.path.join(workdir, "sft"))
     if _labels_from_gold(config):  # the gold RM (trained by the main process) labels this seed's pairs
-        gold_eval = _gold_rm_eval_pairs(config, workdir, scorer, **shared)
-        gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=gold_eval, **shared)
-        annotator = _seed_annotator(seed_config, _PairGold(gold_of))
+        gold_of = _labelling_gold_rm(config, workdir, scorer, r_seed, **shared)
+        annotator = _seed_annotator(seed_config, _PairGold(gold_of))  # _seed_points labels the held-out pairs first
+    else:
+        annotator = _seed_annotator(seed_config, scorer)
+        if annotator_state is not None:
+            annotator.rng.bit_generator.state = annotator_state  # after the held-out pairs' draws
+            annotator.held_out_drawn = True
         eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
-        return _seed_points(
-            seed_config, seed_dir, annotator=annotator, paths=paths, r_base=r_seed, p_base=p_seed, gold_of=gold_of,
-            **shared,
-        )  # fmt: skip
-    annotator = _seed_annotator(seed_config, scorer)
-    if annotator_state is not None:
-        annotator.rng.bit_generator.state = annotator_state  # after the held-out pairs' draws
-        annotator.held_out_drawn = True
-    eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
-    gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=eval_pairs, **shared)
+        gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=eval_pairs, **shared)
     return _seed_points(
         seed_config, seed_dir, annotator=annotator, paths=paths, r_base=r_seed, p_base=p_seed, gold_of=gold_of,
         **shared,
@@ -315,9 +312,7 @@ def _parallel_seed_points(config, workdir, runs, workers, *, scorer, paths, worl
     if _labels_from_gold(config):
         _, first_config, first_dir = runs[0]
         _, r_first, _ = _sub_configs(first_config, paths, first_dir, sft_dir=os.path.join(workdir, "sft"))
-        shared = dict(world=world, tokenizer=tokenizer, sft_hf=sft_hf)
-        gold_eval = _gold_rm_eval_pairs(config, workdir, scorer, **shared)
-        _gold_fn(config, workdir, scorer=scorer, r_base=r_first, eval_pairs=gold_eval, **shared)
+        _labelling_gold_rm(config, workdir, scorer, r_first, world=world, tokenizer=tokenizer, sft_hf=sft_hf)
     elif config.gold.kind == "rm":
         _, first_config, first_dir = runs[0]
         _, r_first, _ = _sub_configs(first_config, paths, first_dir, sft_dir=os.path.join(workdir, "sft"))
@@ -412,8 +407,7 @@ def run(config, workdir):
         for seed, seed_config, seed_dir in runs:
             _, r_seed, p_seed = _sub_configs(seed_config, paths, seed_dir, sft_dir=os.path.join(workdir, "sft"))
             if _labels_from_gold(config) and gold_of is None:  # the gold RM first: it labels every seed's pairs
-                gold_eval = _gold_rm_eval_pairs(config, workdir, scorer, **shared)
-                gold_of = _gold_fn(config, workdir, scorer=scorer, r_base=r_seed, eval_pairs=gold_eval, **shared)
+                gold_of = _labelling_gold_rm(config, workdir, scorer, r_seed, **shared)
             annotator = _seed_annotator(seed_config, _PairGold(gold_of) if _labels_from_gold(config) else scorer)
             eval_pairs = _eval_pairs(seed_config, seed_dir, annotator, **shared)
             if gold_of is None:  # one gold for every seed; a gold RM is evaluated on the first seed's held-out pairs
