@@ -59,6 +59,10 @@ def get_config(arg=None):
     # ordered against 1,000 labels in 1.000 of bootstrap replicates (0.48 at 50 steps), but PPO against it
     # collapsed the gold at d ~ 1.5-2.8 (R^2 0.78); a documented trade-off, run of 2026-12-02 in the README.
     c.proxy.min_steps = 50
+    # > 0: the proxies (not the gold RM) are LoRA of this rank on the SFT base, at proxy.learning_rate (> 0; else
+    # rm.train.learning_rate): a function class other than the gold RM's full fine-tune (gold.kind='rm').
+    c.proxy.lora_rank = 0
+    c.proxy.learning_rate = 0.0
 
     c.rl = ml_collections.ConfigDict()
     c.rl.beta = 0.002  # small fixed KL coefficient, so the policy travels far from the SFT policy

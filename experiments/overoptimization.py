@@ -155,6 +155,12 @@ def _proxy_config(config, r_base, train_file, eval_pairs, n_labels):
     r = copy.deepcopy(r_base)
     r.data.train_files, r.data.eval_files = train_file, eval_pairs
     r.model.ensemble_size = int(config.proxy.ensemble_size)
+    # Proxies of another function class than the gold RM (which keeps r_base's full fine-tune), as Gao et al.'s
+    # proxies are smaller than their gold: LoRA of this rank, at its own learning rate.
+    if int(config.proxy.get("lora_rank", 0)) > 0:
+        r.model.lora_rank = int(config.proxy.lora_rank)
+    if float(config.proxy.get("learning_rate", 0.0)) > 0:
+        r.train.learning_rate = float(config.proxy.learning_rate)
     steps = proxy_steps(config, n_labels, r.train.batch_size, r.train.steps)
     if steps != r.train.steps:
         r.train.steps = steps

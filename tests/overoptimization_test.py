@@ -147,6 +147,10 @@ def test_proxy_steps_scale_with_labels_at_fixed_epochs():
     assert r.data.train_files == "train.jsonl" and c.rm.train.steps == 300  # the base config is not changed
     c.proxy.epochs = 0.0
     assert proxy_steps(c, 10000, 32, 300) == 300
+    assert (r.model.lora_rank, r.train.learning_rate) == (c.rm.model.lora_rank, c.rm.train.learning_rate) == (0, 3e-4)
+    c.proxy.lora_rank, c.proxy.learning_rate = 8, 1e-3  # LoRA proxies; the base (the gold RM's) stays full
+    r = _proxy_config(c, c.rm, "train.jsonl", "eval.jsonl", 1000)
+    assert (r.model.lora_rank, r.train.learning_rate, c.rm.model.lora_rank) == (8, 1e-3, 0)
 
 
 def test_bon_score_cache_is_keyed_on_the_samples(tmp_path):
