@@ -480,6 +480,16 @@ def run(config, workdir):
     return summary
 
 
+def _seed_peaks_cell(record: dict, far: float = 1e3) -> str:
+    """Per-seed gold peaks, mean (95% t-interval); the seeds' own values instead when one lies beyond `far` or is
+    inf (a fit with beta near 0 puts its peak at exp(alpha / beta - 1), e.g. 1e80, where a mean means nothing)."""
+    values = [float(v) for v in record["values"]]
+    if all(math.isfinite(v) and v <= far for v in values):
+        return format_interval(record, 2)
+    shown = [f"> {far:g}" if v > far else ("nan" if math.isnan(v) else f"{v:.2f}") for v in values]
+    return "per seed " + " / ".join(shown)
+
+
 def seed_table_markdown(summary: dict) -> str:
     """Markdown: per method and proxy, the fit on the seed-averaged curve (+- SE), the bootstrap interval of
     its peak, the per-seed peaks' interval; then per method how often the peak moves out with more labels."""
@@ -502,7 +512,7 @@ def seed_table_markdown(summary: dict) -> str:
             seen = peak_bootstrap.format_observed(boot[method][label]) if method in boot else "n/a"
             lines.append(
                 f"| {method} | {label} | {g['alpha']:.3f} +- {g['alpha_se']:.3f} | {g['beta']:.3f} +- "
-                f"{g['beta_se']:.3f} | {g['r2']:.2f} | {f['gold_peak_d']:.2f} | {ci} | {format_interval(seeds, 2)} | {seen} |"
+                f"{g['beta_se']:.3f} | {g['r2']:.2f} | {f['gold_peak_d']:.2f} | {ci} | {_seed_peaks_cell(seeds)} | {seen} |"
             )
     lines.append("")
     for method in boot:

@@ -194,3 +194,15 @@ def test_resumed_held_out_labels_leave_the_annotator_where_a_fresh_run_would(tmp
     np.testing.assert_array_equal(resumed.label_scores(gold_a, gold_b), expected)
     not_forwarded = SimulatedAnnotator(len, temperature=0.3, seed=4).label_scores(gold_a, gold_b)
     assert not np.array_equal(not_forwarded, expected)  # the draws matter: the test can fail
+
+
+def test_seed_peak_cell_shows_the_seeds_when_a_peak_is_far_beyond_the_range():
+    """The across-seeds peak column: mean (t-interval) for finite peaks (hand values), the seeds' own values when
+    one is inf or beyond 1e3 (a beta-near-0 fit's exp(alpha / beta - 1) printed a mean of 1e80 before)."""
+    from experiments.overoptimization import _seed_peaks_cell
+    from experiments.seeds import interval
+
+    # mean 2, sample sd 1, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3) = 2.484
+    assert _seed_peaks_cell(interval([1.0, 2.0, 3.0])) == "2.00 (-0.48, 4.48)"
+    assert _seed_peaks_cell(interval([1.5, 1e80, 2.25])) == "per seed 1.50 / > 1000 / 2.25"
+    assert _seed_peaks_cell(interval([1.5, float("inf"), 0.0])) == "per seed 1.50 / > 1000 / 0.00"
