@@ -67,6 +67,11 @@ def get_config(arg=None):
     c.rl = ml_collections.ConfigDict()
     c.rl.beta = 0.002  # small fixed KL coefficient, so the policy travels far from the SFT policy
     c.rl.steps = 150  # PPO iterations per proxy
+    # PPO iterations per fitted point after the first (d = 0): 1 fits every iteration's 32 rollouts per seed; k > 1
+    # their means over k iterations, a checkpoint's measurement (fits.json keeps the per-iteration R^2 beside it).
+    # Against the gold RM one iteration's gold has a standard error of ~0.1 over 3 seeds, which alone caps the
+    # per-iteration R^2 near 0.9 (runs/gl2, README).
+    c.rl.fit_block = 1
     # The quickstart's PPO learning rate (1e-4) takes the policy to d = 2-2.8 within 10 iterations, where
     # the gold peak already lies, and spends the other 140 on a plateau at d = 5-15: 5x slower spreads
     # the RL curve over the rise and the fall (measured on 2026-12-01, seeds 0 and 2).

@@ -338,19 +338,27 @@ def _parallel_seed_points(config, workdir, runs, workers, *, scorer, paths, worl
     return {seed: points for (seed, _, _), points in zip(runs, results)}
 
 
-def fit_points(points: dict) -> dict:
-    """Gao fits of gold and proxy gains (relative to the first point) per method and proxy, with the gold peak."""
+def fit_points(points: dict, rl_block: int = 1) -> dict:
+    """Gao fits of gold and proxy gains (relative to the first point) per method and proxy, with the gold peak.
+    PPO is fitted on points of rl_block iterations each after the first (peak_bootstrap.block_points); with
+    rl_block > 1 the per-iteration fit's R^2 is kept beside it ("r2_per_iteration")."""
     fit_results = {"bon": {}, "rl": {}}
     for method, fit in (("bon", fits.fit_bon), ("rl", fits.fit_rl)):
+        block = rl_block if method == "rl" else 1
         for label, pts in points[method].items():
-            d = np.asarray(pts["d"])
             base_gold, base_proxy = pts["gold"][0], pts["proxy"][0]  # reward relative to the start (d ~ 0)
+            d, gold = peak_bootstrap.block_points(pts["d"], np.asarray(pts["gold"]) - base_gold, block)
+            _, proxy = peak_bootstrap.block_points(pts["d"], np.asarray(pts["proxy"]) - base_proxy, block)
             fit_results[method][label] = {
-                "gold": _fit(fit, d, np.asarray(pts["gold"]) - base_gold, f"{method} {label} gold"),
-                "proxy": _fit(fit, d, np.asarray(pts["proxy"]) - base_proxy, f"{method} {label} proxy"),
+                "gold": _fit(fit, d, gold, f"{method} {label} gold"),
+                "proxy": _fit(fit, d, proxy, f"{method} {label} proxy"),
                 "gold_offset": base_gold,
                 "proxy_offset": base_proxy,
             }
+            if block > 1:
+                raw_d, raw_gold = np.asarray(pts["d"]), np.asarray(pts["gold"]) - base_gold
+                fit_results[method][label]["gold"]["r2_per_iteration"] = _fit(fit, raw_d, raw_gold, label).get("r2")
+                fit_results[method][label]["block"] = int(block)
             g = fit_results[method][label]["gold"]
             peak = (
                 (fits.peak_d_bon if method == "bon" else fits.peak_d_rl)(g["alpha"], g["beta"], d_max=float(d.max()))
@@ -423,20 +431,21 @@ def run(config, workdir):
                 gold_of=gold_of, **shared,
             )  # fmt: skip
     points = per_seed[runs[0][0]] if len(runs) == 1 else average_points(list(per_seed.values()))
-    fit_results = fit_points(points)
+    rl_block = int(config.rl.get("fit_block", 1))
+    fit_results = fit_points(points, rl_block)
     b_cfg = config.get("bootstrap") or {}
     resamples, b_seed = int(b_cfg.get("resamples", 1000)), int(b_cfg.get("seed", 0))
     rl_window = int(b_cfg.get("rl_window", 11))
     P.log(f"bootstrap of the gold peaks ({resamples} resamples)")
     bootstrap = {
         m: peak_bootstrap.bootstrap_peaks(
-            list(per_seed.values()), m, resamples=resamples, seed=b_seed, rl_window=rl_window
+            list(per_seed.values()), m, resamples=resamples, seed=b_seed, rl_window=rl_window, rl_block=rl_block
         )
         for m in ("bon", "rl")
     }
     summary_extra = {}
     if len(runs) > 1:
-        seed_fits = {seed: fit_points(p) for seed, p in per_seed.items()}
+        seed_fits = {seed: fit_points(p, rl_block) for seed, p in per_seed.items()}
         summary_extra = {"seeds": list(per_seed), "across_seeds": across_seeds(list(seed_fits.values()))}
         with open(os.path.join(workdir, "points_per_seed.json"), "w") as f:
             json.dump({str(k): v for k, v in per_seed.items()}, f, indent=2)
@@ -510,9 +519,11 @@ def seed_table_markdown(summary: dict) -> str:
             seeds = summary["across_seeds"][method][label]["gold_peak_d"]
             ci = peak_bootstrap.format_ci(boot[method][label]) if method in boot else "n/a"
             seen = peak_bootstrap.format_observed(boot[method][label]) if method in boot else "n/a"
+            raw = g.get("r2_per_iteration")
+            per_iteration = f" ({raw:.2f} per iteration, {f['block']} per point)" if raw is not None else ""
             lines.append(
                 f"| {method} | {label} | {g['alpha']:.3f} +- {g['alpha_se']:.3f} | {g['beta']:.3f} +- "
-                f"{g['beta_se']:.3f} | {g['r2']:.2f} | {f['gold_peak_d']:.2f} | {ci} | {_seed_peaks_cell(seeds)} | {seen} |"
+                f"{g['beta_se']:.3f} | {g['r2']:.2f}{per_iteration} | {f['gold_peak_d']:.2f} | {ci} | {_seed_peaks_cell(seeds)} | {seen} |"
             )
     lines.append("")
     for method in boot:
@@ -541,6 +552,8 @@ def train(config, workdir):
             P.log(
                 f"{method} {label}: gold alpha={g['alpha']:.3f}+-{g['alpha_se']:.3f} "
                 f"beta={g['beta']:.3f}+-{g['beta_se']:.3f} "
-                f"R2={f['gold']['r2']:.3f} peak d={f['gold_peak_d']:.2f}; proxy alpha={f['proxy']['alpha']:.3f}"
+                f"R2={f['gold']['r2']:.3f}"
+                + (f" (per iteration {g['r2_per_iteration']:.3f})" if "r2_per_iteration" in g else "")
+                + f" peak d={f['gold_peak_d']:.2f}; proxy alpha={f['proxy']['alpha']:.3f}"
             )
     return summary

@@ -22,10 +22,30 @@ from experiments import fits
 _FITS = {"bon": (fits.fit_bon, fits.peak_d_bon), "rl": (fits.fit_rl, fits.peak_d_rl)}
 
 
-def fitted_peak(method: str, d, gold) -> float:
-    """Gold peak d of the Gao fit to gold relative to its first point (as fit_points); nan when unfittable."""
+def block_points(d, values, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """PPO points for a fit, `block` iterations per point: the first point (d = 0, the SFT policy: the baseline) kept
+    as it is, the rest averaged over consecutive runs of `block` iterations (d and values alike; the last run may be
+    shorter). block = 1 returns the points unchanged. One iteration's 32 rollouts per seed are a noisy measurement of
+    the policy's gold; a block of them is the measurement at a checkpoint."""
+    d, values = np.asarray(d, np.float64), np.asarray(values, np.float64)
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"block_points: block must be >= 1, got {block}")
+    if block == 1 or len(d) <= 2:
+        return d, values
+    starts = range(1, len(d), block)
+    d_b = np.array([d[0]] + [d[i : i + block].mean() for i in starts])
+    v_b = np.array([values[0]] + [values[i : i + block].mean() for i in starts])
+    return d_b, v_b
+
+
+def fitted_peak(method: str, d, gold, rl_block: int = 1) -> float:
+    """Gold peak d of the Gao fit to gold relative to its first point (as fit_points; PPO on block_points with
+    rl_block); nan when unfittable."""
     fit, peak = _FITS[method]
     gold, d = np.asarray(gold, np.float64), np.asarray(d, np.float64)
+    if method == "rl":
+        d, gold = block_points(d, gold, rl_block)
     try:
         g = fit(d, gold - gold[0])
     except ValueError:
@@ -107,7 +127,7 @@ def _replicate_curves(per_seed: list[dict], method: str, labels: list[str], rng,
 
 
 def bootstrap_peaks(
-    per_seed: list[dict], method: str, *, resamples: int = 1000, seed: int = 0, rl_window: int = 11
+    per_seed: list[dict], method: str, *, resamples: int = 1000, seed: int = 0, rl_window: int = 11, rl_block: int = 1
 ) -> dict:
     """Percentile bootstrap of the seed-averaged curve's fitted gold peak d, per proxy label.
 
@@ -117,6 +137,7 @@ def bootstrap_peaks(
       resamples: B replicates.
       seed: the resampling rng's seed.
       rl_window: PPO iterations in the running mean of the observed peak (`observed_peak`).
+      rl_block: PPO iterations per fitted point (`block_points`), as fit_points' rl_block.
 
     Returns:
       {label: {'peak' (un-resampled), 'low', 'high' (2.5 / 97.5 percentiles over all B, inf/nan sorted last),
@@ -139,11 +160,11 @@ def bootstrap_peaks(
         d = np.mean([np.asarray(p[method][label]["d"], np.float64)[:length] for p in per_seed], axis=0)  # [K]
         gold_full = np.mean([c[label][0, :length] for c in full], axis=0)  # [K]
         gold_reps = np.mean([c[label][:, :length] for c in reps], axis=0)  # [B, K]
-        peaks[label] = np.array([fitted_peak(method, d, g) for g in gold_reps])  # [B]
+        peaks[label] = np.array([fitted_peak(method, d, g, rl_block) for g in gold_reps])  # [B]
         finite = peaks[label][np.isfinite(peaks[label])]
         observed[label] = np.array([observed_peak(method, d, g, rl_window) for g in gold_reps])  # [B]
         out[label] = {
-            "peak": fitted_peak(method, d, gold_full),
+            "peak": fitted_peak(method, d, gold_full, rl_block),
             "low": percentile_inf_last(peaks[label], 2.5),
             "high": percentile_inf_last(peaks[label], 97.5),
             "median": percentile_inf_last(peaks[label], 50.0),

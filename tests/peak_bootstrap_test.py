@@ -138,3 +138,40 @@ def test_observed_peaks_order_and_count_replicates_at_the_range_end():
         assert o["peak"] == o["low"] == o["high"] == pytest.approx(grid) and o["at_end"] == 0
     assert boot["rising"]["observed"]["peak"] == 3.0 and boot["rising"]["observed"]["at_end"] == 20
     assert boot["order_observed"] == {"near < far": 1.0, "far < rising": 1.0}
+
+
+def test_block_points_keeps_the_first_point_and_averages_runs_of_iterations():
+    """Hand values: d = 0 kept, then means over 3 iterations (and a shorter last run with 4)."""
+    from experiments.peak_bootstrap import block_points
+
+    d, v = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 9.0]
+    d3, v3 = block_points(d, v, 3)
+    np.testing.assert_allclose(d3, [0.0, 2.0, 5.0])
+    np.testing.assert_allclose(v3, [0.0, 4.0 / 3.0, 14.0 / 3.0])
+    d4, v4 = block_points(d, v, 4)
+    np.testing.assert_allclose(d4, [0.0, 2.5, 5.5])
+    np.testing.assert_allclose(v4, [0.0, 1.5, 6.0])
+    np.testing.assert_array_equal(block_points(d, v, 1)[1], v)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        block_points(d, v, 0)
+
+
+def test_blocked_rl_fit_is_the_fit_of_the_block_means_in_fit_points_and_the_bootstrap():
+    """fit_points(rl_block=5) fits fits.fit_rl on the hand-averaged points (gold relative to the first), keeps the
+    per-iteration R^2 beside it, and the bootstrap's point estimate of the peak is that fit's."""
+    bon, rl = _seeds("bon", {"a": (1.0, 0.4)}, 8, 0.5), _seeds("rl", {"a": (1.0, 0.8)}, 16, 0.5, seed=4)
+    per_seed = [{"bon": b["bon"], "rl": r["rl"]} for b, r in zip(bon, rl)]
+    avg = average_points(per_seed)
+    d, gold = np.asarray(avg["rl"]["a"]["d"]), np.asarray(avg["rl"]["a"]["gold"]) - avg["rl"]["a"]["gold"][0]
+    d_b = np.r_[d[0], [d[i : i + 5].mean() for i in range(1, len(d), 5)]]  # 31 points -> 1 + 6
+    g_b = np.r_[gold[0], [gold[i : i + 5].mean() for i in range(1, len(d), 5)]]
+    expected, raw = fits.fit_rl(d_b, g_b), fits.fit_rl(d, gold)
+    blocked = fit_points({"bon": {}, "rl": avg["rl"]}, rl_block=5)["rl"]["a"]
+    assert len(d_b) == 7 and blocked["block"] == 5
+    for key in ("alpha", "beta", "r2"):
+        assert blocked["gold"][key] == pytest.approx(expected[key], rel=1e-12)
+    assert blocked["gold"]["r2_per_iteration"] == pytest.approx(raw["r2"], rel=1e-12)
+    assert blocked["gold"]["r2"] > raw["r2"]  # the block means are less noisy than single iterations
+    boot = bootstrap_peaks(per_seed, "rl", resamples=5, seed=0, rl_block=5)
+    assert boot["a"]["peak"] == pytest.approx(blocked["gold_peak_d"], rel=1e-9)
+    assert "block" not in fit_points({"bon": {}, "rl": avg["rl"]})["rl"]["a"]
