@@ -3,7 +3,8 @@
   python -m experiments.run --config configs/overoptimization.py --workdir runs/overopt
 
 Writes points.json, fits.json (alpha, beta, R^2 per proxy and method), bon.png, rl.png and
-summary.json. Variant `:size=tiny` for tests. Shares the quickstart's world/policy settings.
+summary.json. Variant `:size=tiny` for tests; `:gold=rm` for Gao et al.'s setup (a gold reward model labels and
+judges LoRA proxies; `configs/overoptimization.py:gold=rm`). Shares the quickstart's world/policy settings.
 
 The documented size runs three seeds (labels, proxies, best-of-n samples and PPO per seed; one world and
 SFT policy), fits on the seed-averaged curves and each seed's gold peak with its 95% interval (fits.json,
@@ -17,7 +18,7 @@ from configs.common import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, size="default")
+    args = parse_arg(arg, size="default", gold="scorer")
     c = quickstart.get_config("size=tiny" if args["size"] == "tiny" else None)
     c.trainer = "overoptimization"
     c.seeds = (0, 1, 2)
@@ -90,6 +91,17 @@ def get_config(arg=None):
     # The observed (model-free) peak beside the fitted one: PPO's gold averaged over this many iterations (odd)
     # before its highest point is read off; one iteration's 32 rollouts are too noisy for a raw argmax.
     c.bootstrap.rl_window = 11
+    if args["gold"] not in ("scorer", "rm"):
+        raise ValueError(f"configs/overoptimization.py: gold={args['gold']!r}; expected 'scorer' or 'rm'")
+    if args["gold"] == "rm":
+        # Gao et al.'s own setup (README, "LoRA proxies against the gold RM"): a gold RM labels the proxies' pairs
+        # (at 0.065 on its normalised scale, about the scorer's 0.1 / 1.55) and judges them; the proxies are rank-8
+        # LoRA, a smaller function class than the gold's full fine-tune; PPO warms up over 10 of 200 iterations and
+        # is fitted on means over 5 iterations (one iteration's gold is too noisy against the gold RM).
+        c.gold.kind, c.gold.labels = "rm", "gold"
+        c.labels.temperature = 0.065
+        c.proxy.lora_rank, c.proxy.learning_rate = 8, 1e-3
+        c.ppo.train.warmup_steps, c.rl.steps, c.rl.fit_block = 80, 200, 5
     if args["size"] == "tiny":
         c.seeds, c.workers = (), 0
         c.label_counts = (16, 32, 64)
