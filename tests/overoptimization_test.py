@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 import configs.overoptimization as oo_config
 from experiments import fits
@@ -206,3 +207,20 @@ def test_seed_peak_cell_shows_the_seeds_when_a_peak_is_far_beyond_the_range():
     assert _seed_peaks_cell(interval([1.0, 2.0, 3.0])) == "2.00 (-0.48, 4.48)"
     assert _seed_peaks_cell(interval([1.5, 1e80, 2.25])) == "per seed 1.50 / > 1000 / 2.25"
     assert _seed_peaks_cell(interval([1.5, float("inf"), 0.0])) == "per seed 1.50 / > 1000 / 0.00"
+
+
+def test_gold_rm_variant_is_gao_et_al_s_setup_and_leaves_the_default_alone():
+    """configs/overoptimization.py:gold=rm sets the documented gold-RM design; the default stays the scorer world."""
+    default, gao = oo_config.get_config(), oo_config.get_config("gold=rm")
+    assert (default.gold.kind, default.gold.labels, default.proxy.lora_rank, default.rl.fit_block) == (
+        "scorer",
+        "scorer",
+        0,
+        1,
+    )
+    assert (gao.gold.kind, gao.gold.labels, gao.labels.temperature) == ("rm", "gold", 0.065)
+    assert (gao.proxy.lora_rank, gao.proxy.learning_rate) == (8, 1e-3)
+    assert (gao.ppo.train.warmup_steps, gao.rl.steps, gao.rl.fit_block) == (80, 200, 5)
+    assert gao.label_counts == default.label_counts == (100, 1000, 10000)
+    with pytest.raises(ValueError, match="gold='human'"):
+        oo_config.get_config("gold=human")
