@@ -22,6 +22,7 @@ lora_alpha, lora_targets and quant; the checkpoint holds the adapters and the he
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Optional
@@ -243,9 +244,16 @@ def _load_from_hf(path, *, dtype, param_dtype, scan_layers=False, mesh=None, rul
 # ----------------------------------------------------------------------------- scoring
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_rewards(config: TransformerConfig):
+    # One jitted function per (frozen, hashable) config, so that repeated calls (a PPO run's rollouts scored one
+    # iteration at a time) reuse its compiled shapes; a fresh jax.jit per call recompiled every time.
+    return jax.jit(functools.partial(compute_rewards, config))
+
+
 def score_arrays(model: LoadedRewardModel, ids, mask, *, batch_size=32, bucket=32):
     """Raw rewards of [N, L] right-padded arrays, in fixed-shape batches."""
-    fn = jax.jit(lambda p, i, m: compute_rewards(model.config, p, i, m))
+    fn = _jitted_rewards(model.config)
     out = np.zeros(len(ids), np.float32)
     for start in range(0, len(ids), batch_size):
         b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
